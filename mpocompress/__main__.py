@@ -1,0 +1,3 @@
+from mpocompress.cli import main
+
+main()

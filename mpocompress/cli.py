@@ -1,0 +1,254 @@
+"""The ``mpocompress`` command line: parse, call one library function, render.
+
+Heavy imports (torch, rich) happen inside the commands so that ``--help`` is instant. Data (tables,
+``--json``) goes to stdout; messages and progress go to stderr. Known errors print one line and exit
+with the code documented in :mod:`mpocompress.errors`; set ``MPOCOMPRESS_DEBUG=1`` for the traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from mpocompress import __version__
+from mpocompress.errors import EXIT_INTERNAL, MPOCompressError
+
+DEBUG_ENV = "MPOCOMPRESS_DEBUG"
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"mpocompress: error: {message}", err=True)
+    sys.exit(code)
+
+
+def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn exceptions into one line on stderr and a documented exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit):
+            raise
+        except MPOCompressError as e:
+            if os.environ.get(DEBUG_ENV):
+                raise
+            _fail(str(e), e.exit_code)
+        except KeyboardInterrupt:
+            _fail("interrupted (no output was written)", 130)
+        except Exception as e:  # a bug: still one line unless debugging
+            if os.environ.get(DEBUG_ENV):
+                raise
+            _fail(f"internal error: {type(e).__name__}: {e} (set {DEBUG_ENV}=1 for the traceback)", EXIT_INTERNAL)
+
+    return wrapper
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _stdout_console():
+    from rich.console import Console
+
+    # wide enough that a table piped to a file is not squeezed into 80 columns
+    return Console(width=None if sys.stdout.isatty() else 200)
+
+
+def _show_progress() -> bool:
+    return sys.stderr.isatty() and not os.environ.get("CI")
+
+
+class _Progress:
+    """A rich progress bar on stderr, or nothing when stderr is not a terminal or CI is set."""
+
+    def __init__(self, label: str):
+        self.label = label
+        self.bar = None
+        self.task = None
+
+    def __enter__(self) -> _Progress:
+        if _show_progress():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bar = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                console=_stderr_console(), transient=True,
+            )  # fmt: skip
+            self.bar.__enter__()
+        return self
+
+    def __call__(self, name: str, index: int, total: int) -> None:
+        if self.bar is None:
+            return
+        if self.task is None:
+            self.task = self.bar.add_task(self.label, total=total)
+        self.bar.update(self.task, completed=index, description=f"{self.label} {name}")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+
+def _cores(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        raise click.BadParameter(f"expected an integer >= 2 or 'auto', got {value!r}") from None
+    if n < 2:
+        raise click.BadParameter(f"expected an integer >= 2 or 'auto', got {n}")
+    return n
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="mpocompress")
+@click.option("-v", "--verbose", count=True, help="More messages on stderr (-v info, -vv debug).")
+def main(verbose: int) -> None:
+    """Make trained PyTorch checkpoints small with MPO (tensor-train matrix) cores.
+
+    \b
+    Exit codes: 0 ok, 1 internal error, 2 bad usage, 3 bad input,
+    4 bad output path, 5 quality gate (--max-error/--min-ratio) failed.
+    """
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="mpocompress: %(levelname)s: %(message)s", stream=sys.stderr)
+
+
+@main.command()
+@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "output_path", required=True, type=click.Path(path_type=Path),
+              help="Output .safetensors file, or a folder (sharded, with model.safetensors.index.json).")
+@click.option("--bond-dim", type=click.IntRange(min=1), help="Maximum bond dimension D (>= 1).")
+@click.option("--tol", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="Relative Frobenius error target per layer, split over the bonds.")
+@click.option("--ratio", type=click.FloatRange(1, min_open=True), help="Target compression ratio per layer (dense/compressed params).")
+@click.option("--cores", default="auto", show_default=True, callback=lambda c, p, v: _cores(v),
+              help="Cores per MPO (2 = truncated SVD), or 'auto' to pick per layer the least error at the budget.")
+@click.option("--svd", type=click.Choice(["auto", "full", "randomized"]), default="auto", show_default=True,
+              help="SVD used by the TT-SVD (randomized only applies with a known bond).")
+@click.option("--include", multiple=True, metavar="PATTERN", help="Compress only matching tensors (glob or re:REGEX; repeatable).")
+@click.option("--exclude", multiple=True, metavar="PATTERN", help="Leave matching tensors untouched (glob or re:REGEX; repeatable).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the randomized SVD.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Also write the JSON report to this file.")
+@click.option("--force", is_flag=True, help="Replace an existing output (never the input).")
+@click.option("--max-error", type=click.FloatRange(min=0), help="Exit 5 if any layer's relative error exceeds this.")
+@click.option("--min-ratio", type=click.FloatRange(min=0, min_open=True), help="Exit 5 if the total compression ratio is below this.")
+@click.option("--max-shard-size", default="2GB", show_default=True, help="Shard size of a folder output.")
+@_errors
+def convert(input_path: Path, output_path: Path, bond_dim, tol, ratio, cores, svd, include, exclude, seed,
+            as_json, report_path, force, max_error, min_ratio, max_shard_size) -> None:  # fmt: skip
+    """Compress the weight matrices of INPUT into MPO cores and write a compact checkpoint.
+
+    \b
+    Examples:
+      mpocompress convert model.safetensors -o model.mpo.safetensors --ratio 4
+      mpocompress convert ckpt.pt -o small.safetensors --bond-dim 16 --cores 2 --exclude "*embed*"
+      mpocompress convert big/ -o big-mpo/ --tol 0.2 --json --max-error 0.25 --min-ratio 3
+    """
+    from mpocompress.config import Gates, MPOConfig
+
+    config = MPOConfig(bond_dim=bond_dim, tol=tol, ratio=ratio, cores=cores, svd=svd,
+                       include=include, exclude=exclude, seed=seed)  # fmt: skip
+    gates = Gates(max_error=max_error, min_ratio=min_ratio)
+
+    from mpocompress.errors import GateError
+    from mpocompress.io import write_text
+    from mpocompress.pipeline import check_gates, parse_size
+    from mpocompress.pipeline import convert as run_convert
+
+    shard_bytes = parse_size(max_shard_size)
+    with _Progress("converting") as progress:
+        report = run_convert(input_path, output_path, config, force=force, max_shard_bytes=shard_bytes, progress=progress)
+    gate_error = None
+    try:
+        check_gates(report, gates)
+    except GateError as e:
+        gate_error = e
+    data = report.to_dict()
+    if report_path is not None:
+        write_text(report_path, json.dumps(data, indent=2) + "\n")
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+    else:
+        from mpocompress.render import render_report
+
+        render_report(data, _stdout_console())
+    t = data["totals"]
+    click.echo(f"mpocompress: wrote {output_path} ({t['ratio']:.2f}x smaller tensors)", err=True)
+    if gate_error is not None:
+        raise gate_error
+
+
+@main.command()
+@click.argument("path", metavar="CKPT", type=click.Path(path_type=Path))
+@click.option("--cores", default=3, show_default=True, type=click.IntRange(min=2), help="Cores of the TT-SVD whose spectra are shown.")
+@click.option("--include", multiple=True, metavar="PATTERN", help="Inspect only matching tensors (glob or re:REGEX).")
+@click.option("--exclude", multiple=True, metavar="PATTERN", help="Skip matching tensors.")
+@click.option("--json", "as_json", is_flag=True, help="Print the spectra as JSON on stdout.")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="Write a PNG of the spectra and error curves (needs matplotlib).")
+@_errors
+def inspect(path: Path, cores: int, include, exclude, as_json: bool, plot_path: Path | None) -> None:
+    """Show each layer's bond-dimension spectra (dense CKPT) or the kept bonds (compressed CKPT)."""
+    from mpocompress.errors import ConfigError, OutputError
+    from mpocompress.pipeline import inspect as run_inspect
+
+    if plot_path is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ConfigError("--plot needs matplotlib: pip install 'mpocompress[plot]'") from None
+        if not plot_path.parent.is_dir():
+            raise OutputError(f"{plot_path}: folder {plot_path.parent} does not exist")
+    with _Progress("analysing") as progress:
+        result = run_inspect(path, cores=cores, include=include, exclude=exclude, progress=progress)
+    if plot_path is not None:
+        if result["compressed"]:
+            raise ConfigError("--plot needs a dense checkpoint (a compressed one has no spectra to plot)")
+        from mpocompress.render import plot_inspect
+
+        plot_inspect(result, plot_path)
+        click.echo(f"mpocompress: wrote {plot_path}", err=True)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        from mpocompress.render import render_inspect
+
+        render_inspect(result, _stdout_console())
+
+
+@main.command()
+@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "output_path", required=True, type=click.Path(path_type=Path),
+              help="Dense output: .safetensors, or .pt/.pth/.bin (torch.save).")
+@click.option("--force", is_flag=True, help="Replace an existing output (never the input).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+@_errors
+def decompress(input_path: Path, output_path: Path, force: bool, as_json: bool) -> None:
+    """Rebuild the dense state dict of a compressed checkpoint (loads with strict=True)."""
+    from mpocompress.pipeline import decompress as run_decompress
+
+    summary = run_decompress(input_path, output_path, force=force)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    click.echo(f"mpocompress: wrote {output_path} ({summary['tensors']} tensors)", err=True)
+
+
+@main.command()
+def example() -> None:
+    """Print the path of the bundled example checkpoint (a small trained SE LSTM)."""
+    from mpocompress.data import example_checkpoint
+
+    click.echo(str(example_checkpoint()))

@@ -1,0 +1,110 @@
+"""Frozen configuration objects, stored as JSON in every output checkpoint.
+
+No torch here: the CLI imports this module to validate options before paying for ``import torch``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from mpocompress.errors import ConfigError
+
+#: core counts that ``cores="auto"`` chooses between (2 = plain truncated SVD)
+AUTO_CORES: tuple[int, ...] = (2, 3, 4)
+#: with ``cores="auto"`` and only ``bond_dim`` given, the per-layer parameter budget is what a
+#: ``bond_dim`` MPO with this many cores costs; every candidate then gets that budget.
+AUTO_REFERENCE_CORES = 3
+SVD_METHODS = ("auto", "full", "randomized")
+
+
+@dataclass(frozen=True)
+class MPOConfig:
+    """How weight matrices become MPO cores.
+
+    Exactly one way of choosing bond dimensions must be given: ``bond_dim`` (a maximum bond
+    dimension), ``tol`` (relative Frobenius error per layer, split over the bonds so that the total
+    bound holds) or ``ratio`` (dense/compressed parameters per layer). ``bond_dim`` and ``tol`` may be
+    combined: the bond is then capped at ``bond_dim``.
+
+    Args:
+        bond_dim: maximum bond dimension, >= 1.
+        tol: relative Frobenius error target per layer, in (0, 1).
+        ratio: target compression ratio per layer (dense / compressed parameters), > 1.
+        cores: number of cores (>= 2; 2 is a truncated SVD) or ``"auto"`` to pick per layer the core
+            count in :data:`AUTO_CORES` with the least error at the layer's parameter budget.
+        svd: ``"full"``, ``"randomized"`` (when the bond is known) or ``"auto"`` (randomized where
+            the bond is small next to the matrix).
+        include: name patterns (globs, or ``re:REGEX``) of the tensors to compress; empty = all
+            floating tensors with >= 2 dimensions.
+        exclude: name patterns of tensors to leave untouched.
+        seed: seed of the randomized SVD.
+    """
+
+    bond_dim: int | None = None
+    tol: float | None = None
+    ratio: float | None = None
+    cores: int | str = "auto"
+    svd: str = "auto"
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        # tuples, not lists, so the object stays hashable and immutable
+        object.__setattr__(self, "include", tuple(self.include))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        if self.bond_dim is None and self.tol is None and self.ratio is None:
+            raise ConfigError("give one of bond_dim (--bond-dim), tol (--tol) or ratio (--ratio)")
+        if self.ratio is not None and (self.bond_dim is not None or self.tol is not None):
+            raise ConfigError("ratio (--ratio) cannot be combined with bond_dim or tol")
+        if self.bond_dim is not None and (not isinstance(self.bond_dim, int) or self.bond_dim < 1):
+            raise ConfigError(f"bond dimension must be an integer >= 1, got {self.bond_dim!r}")
+        if self.tol is not None and not (0.0 < self.tol < 1.0):
+            raise ConfigError(f"tol must be in (0, 1), got {self.tol!r}")
+        if self.ratio is not None and not (self.ratio > 1.0):
+            raise ConfigError(f"ratio must be > 1, got {self.ratio!r}")
+        if self.cores != "auto" and (not isinstance(self.cores, int) or self.cores < 2):
+            raise ConfigError(f"cores must be an integer >= 2 or 'auto', got {self.cores!r}")
+        if self.svd not in SVD_METHODS:
+            raise ConfigError(f"svd must be one of {', '.join(SVD_METHODS)}, got {self.svd!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["include"] = list(self.include)
+        d["exclude"] = list(self.exclude)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MPOConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown MPOConfig fields: {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, s: str) -> MPOConfig:
+        return cls.from_dict(json.loads(s))
+
+
+@dataclass(frozen=True)
+class Gates:
+    """Quality gates checked after a conversion (CI fails the job when they are missed)."""
+
+    max_error: float | None = None
+    min_ratio: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_error is not None and self.max_error < 0:
+            raise ConfigError(f"max_error must be >= 0, got {self.max_error!r}")
+        if self.min_ratio is not None and self.min_ratio <= 0:
+            raise ConfigError(f"min_ratio must be > 0, got {self.min_ratio!r}")
+
+
+__all__ = ["AUTO_CORES", "AUTO_REFERENCE_CORES", "Gates", "MPOConfig", "field"]

@@ -1,0 +1,440 @@
+"""The one module that touches files: reading checkpoints, writing outputs atomically.
+
+Reading is lazy where the format allows: a ``.safetensors`` file (or a sharded folder with a
+``model.safetensors.index.json``) is opened with ``safe_open`` and tensors are read one at a time, so a
+checkpoint larger than memory can be converted. ``.pt/.pth/.bin/.ckpt`` files are read with
+``torch.load(weights_only=True, mmap=True)`` -- never unpickling code -- and the usual nesting
+(``state_dict``, ``model``, ``model_state``, Lightning checkpoints) is unwrapped.
+
+Outputs are written to a temporary name beside the target and renamed into place, so a crash never
+leaves a half-written file; the input is never overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import zipfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mpocompress.errors import InputError, OutputError
+
+log = logging.getLogger(__name__)
+
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+INDEX_NAME = "model.safetensors.index.json"
+#: keys under which training scripts nest the state dict, tried in this order
+NESTING_KEYS = ("state_dict", "model_state_dict", "model_state", "model", "module", "net", "network", "weights")
+META_KEY = "mpocompress"
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}  # fmt: skip
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float32`` -> ``"float32"``."""
+    return str(dtype).replace("torch.", "")
+
+
+class Checkpoint:
+    """A read-only view of a checkpoint's tensors: names, shapes and dtypes without reading data.
+
+    Use :func:`open_checkpoint`. Tensors are read one at a time with :meth:`get`.
+    """
+
+    def __init__(self, path: Path, files: list[Path]):
+        self.path = path
+        self.files = files
+
+    def keys(self) -> list[str]:
+        raise NotImplementedError
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def dtype(self, name: str) -> str:
+        """Torch dtype name (``"float32"``)."""
+        raise NotImplementedError
+
+    def get(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def metadata(self) -> dict[str, str]:
+        """String metadata (safetensors ``__metadata__`` or the index's ``metadata``)."""
+        return {}
+
+    @property
+    def nbytes_on_disk(self) -> int:
+        return sum(f.stat().st_size for f in self.files)
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class SafetensorsCheckpoint(Checkpoint):
+    """One ``.safetensors`` file or a sharded folder, read lazily."""
+
+    def __init__(self, path: Path, files: list[Path], index: dict[str, Any] | None = None):
+        from safetensors import safe_open
+
+        super().__init__(path, files)
+        self._handles = {}
+        self._index_metadata = None if index is None else dict(index.get("metadata") or {})
+        for f in files:
+            try:
+                self._handles[f] = safe_open(str(f), framework="pt")
+            except Exception as e:  # safetensors raises its own SafetensorError, or OSError
+                self.close()
+                raise InputError(f"{f}: not a valid safetensors file ({e})") from e
+        self._where: dict[str, Path] = {}
+        for f, h in self._handles.items():
+            for k in h.keys():
+                self._where[k] = f
+        if index is not None:
+            lacking = [k for k, f in index["weight_map"].items() if self._where.get(k) != path / f]
+            if lacking:
+                raise InputError(
+                    f"{path}: the index names {len(lacking)} tensors its shards lack, e.g. {lacking[0]!r}"
+                )
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def _slice(self, name: str):
+        return self._handles[self._where[name]].get_slice(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._slice(name).get_shape())
+
+    def dtype(self, name: str) -> str:
+        st = self._slice(name).get_dtype()
+        return dtype_name(_ST_DTYPES[st]) if st in _ST_DTYPES else st.lower()
+
+    def get(self, name: str) -> torch.Tensor:
+        try:
+            return self._handles[self._where[name]].get_tensor(name)
+        except Exception as e:
+            raise InputError(f"{self._where[name]}: cannot read tensor {name!r} ({e})") from e
+
+    def metadata(self) -> dict[str, str]:
+        if self._index_metadata is not None:
+            return {k: v if isinstance(v, str) else json.dumps(v) for k, v in self._index_metadata.items()}
+        first = self._handles[self.files[0]] if self.files else None
+        return dict(first.metadata() or {}) if first is not None else {}
+
+    def close(self) -> None:
+        # safe_open handles free their mmap when dropped
+        self._handles = {}
+
+
+class StateDictCheckpoint(Checkpoint):
+    """A torch-pickle checkpoint loaded (memory-mapped where possible) into a flat state dict."""
+
+    def __init__(self, path: Path, state: dict[str, torch.Tensor]):
+        super().__init__(path, [path])
+        self._state = state
+
+    def keys(self) -> list[str]:
+        return list(self._state)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._state[name].shape)
+
+    def dtype(self, name: str) -> str:
+        return dtype_name(self._state[name].dtype)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._state[name]
+
+
+def unwrap_state_dict(obj: Any, where: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Find the state dict inside a loaded checkpoint and flatten it to ``{name: tensor}``.
+
+    Nested dicts of tensors are flattened with dots (``{"enc": {"w": t}}`` -> ``"enc.w"``); non-tensor
+    leaves (step counters, hyper-parameters) are dropped with a warning.
+    """
+    if not isinstance(obj, Mapping):
+        raise InputError(f"{where}: holds a {type(obj).__name__}, not a state dict")
+    if obj and not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        for key in NESTING_KEYS:
+            if isinstance(obj.get(key), Mapping):
+                return unwrap_state_dict(obj[key], where)
+    flat: dict[str, torch.Tensor] = {}
+    dropped: list[str] = []
+
+    def walk(prefix: str, m: Mapping) -> None:
+        for k, v in m.items():
+            name = f"{prefix}{k}"
+            if isinstance(v, torch.Tensor):
+                flat[name] = v
+            elif isinstance(v, Mapping):
+                walk(name + ".", v)
+            else:
+                dropped.append(name)
+
+    walk("", obj)
+    if dropped:
+        log.warning("%s: ignoring %d non-tensor entries (%s)", where, len(dropped), ", ".join(dropped[:5]))
+    if not flat:
+        raise InputError(f"{where}: holds no tensors")
+    return flat
+
+
+def _load_torch(path: Path) -> dict[str, torch.Tensor]:
+    import pickle
+
+    def load(mmap: bool) -> Any:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+    try:
+        try:
+            obj = load(mmap=zipfile.is_zipfile(path))
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            obj = load(mmap=False)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise InputError(
+            f"{path}: refused to unpickle code (loaded with weights_only=True); "
+            f"save a plain state dict instead ({first[:160]})"
+        ) from e
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"{path}: not a readable torch checkpoint ({msg[:200]})") from e
+    return unwrap_state_dict(obj, str(path))
+
+
+def _looks_like_safetensors(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{"
+
+
+def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Open a checkpoint for reading.
+
+    Args:
+        path: a ``.safetensors`` file, a folder with ``model.safetensors.index.json`` (or another
+            ``*.safetensors.index.json``), or a ``.pt/.pth/.bin/.ckpt`` torch checkpoint.
+
+    Raises:
+        InputError: missing path, folder without an index, corrupt or unsupported file, pickled code.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{p}: no such file or folder")
+    if p.is_dir():
+        index = p / INDEX_NAME
+        if not index.exists():
+            others = sorted(p.glob("*.safetensors.index.json"))
+            if len(others) != 1:
+                raise InputError(f"{p}: folder has no {INDEX_NAME} (a sharded checkpoint needs its index)")
+            index = others[0]
+        try:
+            data = json.loads(index.read_text())
+            files = sorted({p / v for v in data["weight_map"].values()})
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise InputError(f"{index}: not a valid safetensors index ({e})") from e
+        for f in files:
+            if not f.is_file():
+                raise InputError(f"{index}: names shard {f.name}, which is missing")
+        return SafetensorsCheckpoint(p, files, data)
+    if p.suffix == ".safetensors" or (p.suffix not in TORCH_SUFFIXES and _looks_like_safetensors(p)):
+        return SafetensorsCheckpoint(p, [p])
+    if p.suffix in TORCH_SUFFIXES or zipfile.is_zipfile(p):
+        return StateDictCheckpoint(p, _load_torch(p))
+    raise InputError(f"{p}: unsupported checkpoint format (expected .safetensors, a sharded folder, or .pt/.pth/.bin/.ckpt)")
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+
+def check_output(output: Path, inputs: list[Path], force: bool) -> None:
+    """Refuse outputs that would lose data.
+
+    Raises:
+        OutputError: the output is an input file or a folder holding one, it exists and ``force`` is
+            not set, or its folder does not exist.
+    """
+    out = output.resolve()
+    for i in inputs:
+        ir = i.resolve()
+        if out == ir:
+            raise OutputError(f"{output}: refusing to overwrite the input")
+        if out in ir.parents:
+            raise OutputError(f"{output}: refusing to replace the folder holding the input")
+    if not out.parent.is_dir():
+        raise OutputError(f"{output}: folder {output.parent} does not exist")
+    if out.exists() and not force:
+        raise OutputError(f"{output}: already exists (use --force to replace it)")
+
+
+def _storage_safe(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous tensors that share no storage (safetensors refuses shared or strided ones)."""
+    seen: set[int] = set()
+    out = {}
+    for k, t in tensors.items():
+        t = t.detach().to("cpu").contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        out[k] = t
+    return out
+
+
+def _replace(tmp: Path, final: Path) -> None:
+    """Move ``tmp`` onto ``final``; an existing folder at ``final`` is removed only after that."""
+    if final.is_dir() and not final.is_symlink():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write one safetensors file atomically (temporary file in the same folder, fsync, rename)."""
+    from safetensors.torch import save_file
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(_storage_safe(tensors), tmp, metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        _replace(Path(tmp), path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix or ".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a text file atomically (a report, a JSON dump)."""
+    if not path.parent.is_dir():
+        raise OutputError(f"{path}: folder {path.parent} does not exist")
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def save_torch(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Write a plain state dict with ``torch.save`` atomically."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(dict(tensors), tmp)
+        _replace(Path(tmp), path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class ShardedWriter:
+    """Write a sharded safetensors folder (``model-0000i-of-0000n.safetensors`` + index) atomically.
+
+    Tensors are buffered until a shard reaches ``max_shard_bytes``, then flushed, so memory holds at
+    most one shard. Everything goes to a temporary folder beside the target, renamed at :meth:`commit`.
+    """
+
+    def __init__(self, path: Path, max_shard_bytes: int):
+        self.path = path
+        self.max_shard_bytes = max_shard_bytes
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        self._buffer: dict[str, torch.Tensor] = {}
+        self._buffer_bytes = 0
+        self._shards: list[list[str]] = []
+        self._total = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._buffer and self._buffer_bytes + nbytes > self.max_shard_bytes:
+            self._flush()
+        self._buffer[name] = tensor
+        self._buffer_bytes += nbytes
+        self._total += nbytes
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        i = len(self._shards)
+        save_file(_storage_safe(self._buffer), str(self.tmp / f"shard-{i:05d}.safetensors"), metadata={"format": "pt"})
+        self._shards.append(list(self._buffer))
+        self._buffer, self._buffer_bytes = {}, 0
+
+    def commit(self, metadata: dict[str, str]) -> None:
+        if self._buffer or not self._shards:
+            self._flush()
+        n = len(self._shards)
+        weight_map = {}
+        for i, names in enumerate(self._shards):
+            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(self.tmp / f"shard-{i:05d}.safetensors", self.tmp / final)
+            for name in names:
+                weight_map[name] = final
+        index = {"metadata": {"total_size": self._total, **metadata}, "weight_map": weight_map}
+        (self.tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True))
+        if self.path.exists() and not self.path.is_dir():
+            self.path.unlink()
+        _replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def path_size(path: Path) -> int:
+    """Bytes on disk of a file, or of every file in a folder."""
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return path.stat().st_size
+
+
+def read_meta(ckpt: Checkpoint) -> dict[str, Any] | None:
+    """The mpocompress metadata of a compressed checkpoint, or None for a dense one."""
+    raw = ckpt.metadata().get(META_KEY)
+    if raw is None:
+        return None
+    try:
+        meta = json.loads(raw)
+    except ValueError as e:
+        raise InputError(f"{ckpt.path}: corrupt mpocompress metadata ({e})") from e
+    if not isinstance(meta, dict) or meta.get("format") != "mpocompress":
+        raise InputError(f"{ckpt.path}: metadata key {META_KEY!r} is not mpocompress metadata")
+    return meta
+
+
+def iter_tensors(ckpt: Checkpoint) -> Iterator[tuple[str, torch.Tensor]]:
+    for name in ckpt.keys():
+        yield name, ckpt.get(name)

@@ -1,0 +1,352 @@
+"""Checkpoint-level jobs: convert, load back, decompress, inspect.
+
+Walks a checkpoint one tensor at a time (reading lazily through :mod:`mpocompress.io`), hands each
+selected weight to the numerical core, and collects the report. Output format: docs/format.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mpocompress import __version__
+from mpocompress.compress import compress_matrix
+from mpocompress.config import Gates, MPOConfig
+from mpocompress.errors import ConfigError, GateError, InputError
+from mpocompress.io import (
+    META_KEY,
+    Checkpoint,
+    ShardedWriter,
+    check_output,
+    dtype_name,
+    open_checkpoint,
+    path_size,
+    read_meta,
+    save_safetensors,
+    save_torch,
+)
+from mpocompress.kinds import is_candidate, kind_of, matrix_shape, selected
+from mpocompress.report import LayerRow, Report
+from mpocompress.spectra import analyze_matrix
+from mpocompress.tt import cores_to_matrix
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
+#: called before each layer with (tensor name, index, number of layers)
+Progress = Callable[[str, int, int], None]
+
+
+def core_name(name: str, k: int) -> str:
+    """Name of core ``k`` of tensor ``name`` in the output file."""
+    return f"{name}.cores.{k}"
+
+
+def select_layers(ckpt: Checkpoint, include: tuple[str, ...], exclude: tuple[str, ...]) -> list[str]:
+    """Names of the tensors to compress: floating, >= 2-D, included and not excluded.
+
+    Raises:
+        InputError: when nothing is left to compress.
+    """
+    names = [n for n in ckpt.keys() if is_candidate(ckpt.shape(n), ckpt.dtype(n))]
+    if not names:
+        raise InputError(f"{ckpt.path}: no floating-point tensor with 2 or more dimensions to compress")
+    chosen = [n for n in names if selected(n, include, exclude)]
+    if not chosen:
+        raise InputError(
+            f"{ckpt.path}: no weight matches the --include/--exclude patterns "
+            f"({len(names)} candidates, e.g. {names[0]!r})"
+        )
+    return chosen
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def convert(
+    input_path: str | Path,
+    output_path: str | Path,
+    config: MPOConfig,
+    *,
+    force: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    progress: Progress | None = None,
+) -> Report:
+    """Convert a dense checkpoint into MPO cores and write the compact checkpoint.
+
+    Args:
+        input_path: checkpoint to read (see :func:`mpocompress.io.open_checkpoint`).
+        output_path: a ``.safetensors`` file, or any other path for a sharded folder
+            (``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``).
+        config: how to compress.
+        force: replace an existing output (never the input).
+        max_shard_bytes: shard size of a folder output.
+        progress: called before each selected layer.
+
+    Returns:
+        The :class:`~mpocompress.report.Report` (also stored, without file sizes, in the output).
+    """
+    input_path, output_path = Path(input_path), Path(output_path)
+    with open_checkpoint(input_path) as ckpt:
+        check_output(output_path, [input_path, *ckpt.files], force)
+        layers = select_layers(ckpt, config.include, config.exclude)
+        layer_set = set(layers)
+        names = ckpt.keys()
+        shapes = {n: ckpt.shape(n) for n in names}
+        taken = set(names)
+        for n in layers:
+            clash = next((core_name(n, k) for k in range(8) if core_name(n, k) in taken), None)
+            if clash:
+                raise InputError(f"{input_path}: tensor {clash!r} clashes with the name of a core of {n!r}")
+
+        single = output_path.suffix == ".safetensors"
+        out_tensors: dict[str, torch.Tensor] = {}
+        writer = None if single else ShardedWriter(output_path, max_shard_bytes)
+        add = out_tensors.__setitem__ if writer is None else writer.add
+        rows: list[LayerRow] = []
+        meta_layers: dict[str, Any] = {}
+        pass_n = pass_params = pass_bytes = 0
+        try:
+            for name in names:
+                t = ckpt.get(name)
+                if name not in layer_set:
+                    add(name, t)
+                    pass_n += 1
+                    pass_params += t.numel()
+                    pass_bytes += _nbytes(t)
+                    continue
+                if progress is not None:
+                    progress(name, len(rows), len(layers))
+                row, entry, cores = _compress_tensor(name, t, config, shapes)
+                rows.append(row)
+                if cores is None:
+                    add(name, t)
+                else:
+                    meta_layers[name] = entry
+                    for k, c in enumerate(cores):
+                        add(core_name(name, k), c)
+                del t
+            report = Report(
+                input=str(input_path),
+                output=str(output_path),
+                config=config.to_dict(),
+                rows=rows,
+                passthrough_tensors=pass_n,
+                passthrough_params=pass_params,
+                passthrough_bytes=pass_bytes,
+                input_file_bytes=ckpt.nbytes_on_disk,
+            )
+            meta = {
+                "format": "mpocompress",
+                "format_version": FORMAT_VERSION,
+                "mpocompress_version": __version__,
+                "config": config.to_dict(),
+                "layers": meta_layers,
+                "totals": {k: v for k, v in report.totals().items() if not k.startswith(("output_", "file_"))},
+            }
+            metadata = {"format": "pt", META_KEY: json.dumps(meta, sort_keys=True)}
+            if writer is None:
+                save_safetensors(out_tensors, output_path, metadata)
+            else:
+                writer.commit(metadata)
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            raise
+    report.output_file_bytes = path_size(output_path)
+    return report
+
+
+def _compress_tensor(
+    name: str, t: torch.Tensor, config: MPOConfig, shapes: dict[str, tuple[int, ...]]
+) -> tuple[LayerRow, dict[str, Any], list[torch.Tensor] | None]:
+    shape = list(t.shape)
+    kind = kind_of(name, shape, shapes)
+    out_f, in_f = matrix_shape(shape)
+    res = compress_matrix(t.reshape(out_f, in_f), config)
+    itemsize = t.element_size()
+    row = LayerRow(
+        name=name,
+        kind=kind,
+        shape=shape,
+        dtype=dtype_name(t.dtype),
+        status=res.status,
+        dense_params=res.dense_params,
+        params=res.params,
+        dense_bytes=res.dense_params * itemsize,
+        bytes=res.params * itemsize,
+        rel_error=res.rel_error,
+        svd_rank=res.svd_rank,
+        svd_rel_error=res.svd_rel_error,
+        reason=res.reason,
+        candidates=[c.to_dict() for c in res.candidates],
+    )
+    if res.tt is None:
+        return row, {}, None
+    tt = res.tt
+    row.cores = len(tt.cores)
+    row.out_modes, row.in_modes = list(tt.out_modes), list(tt.in_modes)
+    row.padded_shape = list(tt.padded_shape)
+    row.bond_dims = tt.bond_dims
+    entry = {
+        "kind": kind,
+        "shape": shape,
+        "dtype": row.dtype,
+        "matrix_shape": [out_f, in_f],
+        "padded_shape": row.padded_shape,
+        "out_modes": row.out_modes,
+        "in_modes": row.in_modes,
+        "bond_dims": row.bond_dims,
+        "cores": [core_name(name, k) for k in range(len(tt.cores))],
+        "params": row.params,
+        "dense_params": row.dense_params,
+        "rel_error": row.rel_error,
+        "svd_rank": row.svd_rank,
+        "svd_rel_error": row.svd_rel_error,
+    }
+    return row, entry, tt.cores
+
+
+def check_gates(report: Report, gates: Gates) -> None:
+    """Raise :class:`GateError` when the report misses a gate (records the outcome in ``report.gates``)."""
+    failures = []
+    totals = report.totals()
+    if gates.max_error is not None:
+        bad = [r for r in report.rows if r.rel_error > gates.max_error]
+        report.gates["max_error"] = {"limit": gates.max_error, "failed_layers": [r.name for r in bad]}
+        if bad:
+            worst = max(bad, key=lambda r: r.rel_error)
+            failures.append(
+                f"{len(bad)} layer(s) above --max-error {gates.max_error:g} (worst {worst.name}: {worst.rel_error:.4g})"
+            )
+    if gates.min_ratio is not None:
+        report.gates["min_ratio"] = {"limit": gates.min_ratio, "ratio": totals["ratio"]}
+        if totals["ratio"] < gates.min_ratio:
+            failures.append(f"total ratio {totals['ratio']:.3g}x below --min-ratio {gates.min_ratio:g}")
+    report.gates["passed"] = not failures
+    if failures:
+        raise GateError("quality gate failed: " + "; ".join(failures))
+
+
+def _rebuild(entry: dict[str, Any], cores: list[torch.Tensor], name: str) -> torch.Tensor:
+    expected = [tuple(c.shape[1:3]) for c in cores]
+    if expected != list(zip(entry["out_modes"], entry["in_modes"])):
+        raise InputError(f"layer {name!r}: core shapes {expected} do not match the recorded modes")
+    out_f, in_f = entry["matrix_shape"]
+    m = cores_to_matrix(cores, (out_f, in_f))
+    return m.reshape(entry["shape"]).to(getattr(torch, entry["dtype"]))
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Rebuild the dense state dict from a ``convert`` output (or read a dense checkpoint as is).
+
+    The result has the original names, shapes and dtypes, so the original model loads it with
+    ``model.load_state_dict(sd, strict=True)``.
+
+    Args:
+        path: a file or sharded folder written by :func:`convert`.
+
+    Returns:
+        ``{name: tensor}``.
+    """
+    with open_checkpoint(path) as ckpt:
+        meta = read_meta(ckpt)
+        if meta is None:
+            return {n: ckpt.get(n) for n in ckpt.keys()}
+        if meta.get("format_version", 0) > FORMAT_VERSION:
+            raise InputError(
+                f"{path}: format version {meta['format_version']} is newer than this mpocompress reads ({FORMAT_VERSION})"
+            )
+        layers = meta["layers"]
+        core_names = {c for e in layers.values() for c in e["cores"]}
+        keys = set(ckpt.keys())
+        out: dict[str, torch.Tensor] = {}
+        for name in ckpt.keys():
+            if name not in core_names:
+                out[name] = ckpt.get(name)
+        for name, entry in layers.items():
+            missing = [c for c in entry["cores"] if c not in keys]
+            if missing:
+                raise InputError(f"{path}: layer {name!r} lacks core {missing[0]!r}")
+            out[name] = _rebuild(entry, [ckpt.get(c) for c in entry["cores"]], name)
+        return out
+
+
+def decompress(input_path: str | Path, output_path: str | Path, *, force: bool = False) -> dict[str, Any]:
+    """Write the dense state dict of a compressed checkpoint (``.safetensors``, or ``.pt/.pth``).
+
+    Returns:
+        A small summary: tensors written, bytes on disk.
+    """
+    input_path, output_path = Path(input_path), Path(output_path)
+    check_output(output_path, [input_path], force)
+    sd = load_state_dict(input_path)
+    if output_path.suffix in (".pt", ".pth", ".bin"):
+        save_torch(sd, output_path)
+    elif output_path.suffix == ".safetensors":
+        save_safetensors(sd, output_path, {"format": "pt"})
+    else:
+        raise ConfigError(f"{output_path}: decompress writes .safetensors or .pt/.pth/.bin files")
+    return {"input": str(input_path), "output": str(output_path), "tensors": len(sd), "output_file_bytes": path_size(output_path)}
+
+
+def inspect(
+    path: str | Path,
+    *,
+    cores: int = 3,
+    include: tuple[str, ...] = (),
+    exclude: tuple[str, ...] = (),
+    svd: str = "auto",
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Bond-dimension spectra of a dense checkpoint, or the stored report of a compressed one.
+
+    Returns:
+        ``{"compressed": False, "cores": ..., "layers": [{"name", "kind", "shape", **analysis}]}``
+        for a dense checkpoint (see :func:`mpocompress.spectra.analyze_matrix`), or
+        ``{"compressed": True, "meta": <stored metadata>}`` for a ``convert`` output.
+    """
+    if cores < 2:
+        raise ConfigError(f"cores must be >= 2, got {cores}")
+    with open_checkpoint(path) as ckpt:
+        meta = read_meta(ckpt)
+        if meta is not None:
+            return {"path": str(path), "compressed": True, "meta": meta, "file_bytes": ckpt.nbytes_on_disk}
+        layers = select_layers(ckpt, include, exclude)
+        shapes = {n: ckpt.shape(n) for n in ckpt.keys()}
+        out = []
+        for i, name in enumerate(layers):
+            if progress is not None:
+                progress(name, i, len(layers))
+            t = ckpt.get(name)
+            shape = list(t.shape)
+            m = t.reshape(matrix_shape(shape))
+            if not m.is_floating_point() or m.dtype in (torch.float16, torch.bfloat16):
+                m = m.float()
+            out.append({"name": name, "kind": kind_of(name, shape, shapes), "shape": shape, **analyze_matrix(m, cores, svd=svd)})
+        return {"path": str(path), "compressed": False, "cores": cores, "layers": out}
+
+
+def parse_size(text: str) -> int:
+    """``"2GB"`` -> bytes (K/M/G/T, with or without B, powers of 1024)."""
+    s = text.strip().upper().removesuffix("B").removesuffix("I")
+    mult = 1
+    for unit, m in (("K", 1024), ("M", 1024**2), ("G", 1024**3), ("T", 1024**4)):
+        if s.endswith(unit):
+            s, mult = s[:-1], m
+            break
+    try:
+        value = float(s) * mult
+    except ValueError:
+        raise ConfigError(f"cannot read size {text!r} (expected e.g. 500MB, 2GB)") from None
+    if value < 1 or math.isinf(value):
+        raise ConfigError(f"size must be positive, got {text!r}")
+    return int(value)

@@ -1,0 +1,184 @@
+"""Rendering reports and spectra for people: rich tables, sparklines, a matplotlib figure.
+
+Works on the JSON-ready dicts of :mod:`mpocompress.report` and :func:`mpocompress.pipeline.inspect`,
+so what a person sees and what ``--json`` prints are the same numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+_BLOCKS = "▁▂▃▄▅▆▇█"
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def sparkline(values: list[float], width: int = 24, floor: float = 1e-6) -> str:
+    """Log-scale sparkline of a decreasing spectrum (``floor`` and below map to the lowest block)."""
+    if not values:
+        return ""
+    if len(values) > width:
+        step = len(values) / width
+        values = [values[min(int(i * step), len(values) - 1)] for i in range(width)]
+    top = max(values) or 1.0
+    lo = math.log10(floor)
+    out = []
+    for v in values:
+        x = math.log10(max(v / top, floor))  # in [lo, 0]
+        out.append(_BLOCKS[min(int((x - lo) / -lo * len(_BLOCKS)), len(_BLOCKS) - 1)])
+    return "".join(out)
+
+
+def _modes(out_modes: list[int] | None, in_modes: list[int] | None) -> str:
+    if not out_modes:
+        return "-"
+    return "(" + ",".join(map(str, out_modes)) + ")x(" + ",".join(map(str, in_modes)) + ")"
+
+
+def render_report(report: dict[str, Any], console: Console) -> None:
+    """The size report: one row per selected layer, then the totals."""
+    table = Table(title=f"mpocompress: {report['input']} -> {report['output']}", title_justify="left")
+    for col, just in (
+        ("layer", "left"), ("kind", "left"), ("shape", "left"), ("cores", "right"), ("modes (out)x(in)", "left"),
+        ("bond dims", "left"), ("params", "right"), ("ratio", "right"), ("error", "right"), ("SVD error", "right"),
+    ):  # fmt: skip
+        table.add_column(col, justify=just, no_wrap=col in ("layer",))
+    for r in report["layers"]:
+        if r["status"] == "mpo":
+            table.add_row(
+                r["name"], r["kind"], "x".join(map(str, r["shape"])), str(r["cores"]),
+                _modes(r["out_modes"], r["in_modes"]), ",".join(map(str, r["bond_dims"])),
+                f"{r['dense_params']:,} -> {r['params']:,}", f"{r['ratio']:.1f}x",
+                f"{r['rel_error']:.4f}", f"{r['svd_rel_error']:.4f} (r={r['svd_rank']})",
+            )  # fmt: skip
+        else:
+            table.add_row(
+                r["name"], r["kind"], "x".join(map(str, r["shape"])), "-", "kept dense", "-",
+                f"{r['dense_params']:,}", "1.0x", "0", "-", style="dim",
+            )  # fmt: skip
+    console.print(table)
+    t = report["totals"]
+    console.print(
+        f"[bold]total[/bold]: {t['layers_compressed']} of {t['layers']} layers compressed, "
+        f"{t['layers_kept_dense']} kept dense, {t['passthrough_tensors']} other tensors unchanged"
+    )
+    console.print(
+        f"  tensors {human_bytes(t['dense_bytes'])} -> {human_bytes(t['bytes'])} "
+        f"([bold]{t['ratio']:.2f}x[/bold]; compressed layers {t['compressed_layers_ratio']:.2f}x), "
+        f"params {t['dense_params']:,} -> {t['params']:,}"
+    )
+    if t.get("output_file_bytes"):
+        console.print(
+            f"  files on disk {human_bytes(t['input_file_bytes'])} -> {human_bytes(t['output_file_bytes'])} "
+            f"({t['file_ratio']:.2f}x)"
+        )
+    console.print(f"  relative error: max {t['max_rel_error']:.4f}, mean {t['mean_rel_error']:.4f}")
+    for k in (r for r in report["layers"] if r.get("reason")):
+        console.print(f"  [dim]{k['name']}: {k['reason']}[/dim]")
+
+
+def render_inspect(result: dict[str, Any], console: Console) -> None:
+    """Spectra of a dense checkpoint, or the stored layers of a compressed one."""
+    if result["compressed"]:
+        _render_compressed(result, console)
+        return
+    pct = "/".join(f"{f * 100:g}" for f in (0.9, 0.99, 0.999))
+    table = Table(
+        title=f"bond spectra of {result['path']} ({result['cores']} cores, untruncated TT-SVD)", title_justify="left"
+    )
+    for col in ("layer", "matrix", "modes (out)x(in)", "spectrum per bond (log scale)", f"bond for {pct}% energy", "SVD spectrum", f"SVD rank for {pct}%"):
+        table.add_column(col, no_wrap=col == "layer")
+    for layer in result["layers"]:
+        table.add_row(
+            layer["name"],
+            "x".join(map(str, layer["matrix_shape"])),
+            _modes(layer["out_modes"], layer["in_modes"]),
+            "\n".join(f"{b['bond']}: {sparkline(b['spectrum'])}" for b in layer["bonds"]),
+            "\n".join(f"{b['bond']}: " + "/".join(map(str, b["energy_ranks"])) + f" of {b['full_rank']}" for b in layer["bonds"]),
+            sparkline(layer["svd"]["spectrum"]),
+            "/".join(map(str, layer["svd"]["energy_ranks"])) + f" of {layer['svd']['full_rank']}",
+        )
+    console.print(table)
+    curve = Table(title="error vs compression: max bond -> ratio, MPO error | same-size SVD error", title_justify="left")
+    curve.add_column("layer", no_wrap=True)
+    bonds = sorted({p["max_bond"] for layer in result["layers"] for p in layer["curve"]})[:10]
+    for b in bonds:
+        curve.add_column(f"bond {b}", justify="right")
+    for layer in result["layers"]:
+        by_bond = {p["max_bond"]: p for p in layer["curve"]}
+        cells = []
+        for b in bonds:
+            p = by_bond.get(b)
+            cells.append("-" if p is None else f"{p['ratio']:.1f}x {p['rel_error']:.3f}|{p['svd_rel_error']:.3f}")
+        curve.add_row(layer["name"], *cells)
+    console.print(curve)
+
+
+def _render_compressed(result: dict[str, Any], console: Console) -> None:
+    meta = result["meta"]
+    table = Table(
+        title=f"{result['path']}: mpocompress format v{meta['format_version']} ({human_bytes(result['file_bytes'])})",
+        title_justify="left",
+    )
+    for col in ("layer", "kind", "shape", "modes (out)x(in)", "bond dims", "params", "error", "SVD error"):
+        table.add_column(col, no_wrap=col == "layer")
+    for name, e in meta["layers"].items():
+        table.add_row(
+            name, e["kind"], "x".join(map(str, e["shape"])), _modes(e["out_modes"], e["in_modes"]),
+            ",".join(map(str, e["bond_dims"])), f"{e['dense_params']:,} -> {e['params']:,}",
+            f"{e['rel_error']:.4f}", f"{e['svd_rel_error']:.4f} (r={e['svd_rank']})",
+        )  # fmt: skip
+    console.print(table)
+    cfg = ", ".join(f"{k}={v}" for k, v in meta["config"].items() if v not in (None, [], ()))
+    console.print(f"config: {cfg}")
+    t = meta.get("totals", {})
+    if t:
+        console.print(
+            f"tensors {human_bytes(t['dense_bytes'])} -> {human_bytes(t['bytes'])} ({t['ratio']:.2f}x), "
+            f"max error {t['max_rel_error']:.4f}"
+        )
+
+
+def plot_inspect(result: dict[str, Any], path: Path, max_layers: int = 16) -> None:
+    """Write a PNG: per layer, the bond spectra (left) and error vs compression (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = result["layers"][:max_layers]
+    fig, axes = plt.subplots(len(layers), 2, figsize=(11, 2.6 * len(layers)), squeeze=False)
+    for (ax_s, ax_e), layer in zip(axes, layers):
+        for b in layer["bonds"]:
+            ax_s.semilogy(range(1, len(b["spectrum"]) + 1), b["spectrum"], label=f"bond {b['bond']}")
+        ax_s.semilogy(range(1, len(layer["svd"]["spectrum"]) + 1), layer["svd"]["spectrum"], "k--", label="SVD")
+        ax_s.set_title(f"{layer['name']} {layer['matrix_shape'][0]}x{layer['matrix_shape'][1]}", fontsize=9)
+        ax_s.set_xlabel("index")
+        ax_s.set_ylabel("normalised singular value")
+        ax_s.legend(fontsize=7)
+        ratios = [p["ratio"] for p in layer["curve"]]
+        ax_e.semilogx(ratios, [p["rel_error"] for p in layer["curve"]], "o-", label=f"MPO ({layer['cores']} cores)")
+        ax_e.semilogx(ratios, [p["svd_rel_error"] for p in layer["curve"]], "s--", label="truncated SVD, same size")
+        ax_e.set_xlabel("compression ratio")
+        ax_e.set_ylabel("relative error")
+        ax_e.set_ylim(0, 1.05)
+        ax_e.legend(fontsize=7)
+    fig.tight_layout()
+    from mpocompress.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)

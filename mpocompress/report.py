@@ -1,0 +1,101 @@
+"""The size report: plain data, JSON-ready. Rendering lives in :mod:`mpocompress.render`."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+REPORT_VERSION = 1
+
+
+@dataclass
+class LayerRow:
+    """One selected weight tensor in the report.
+
+    ``rel_error`` is the relative Frobenius error of what is stored; ``svd_rel_error`` is the error of
+    a plain truncated SVD (rank ``svd_rank``) with no more parameters than the cores, shown so that
+    the MPO can be judged against the simplest alternative.
+    """
+
+    name: str
+    kind: str
+    shape: list[int]
+    dtype: str
+    status: str  # "mpo" | "dense"
+    dense_params: int
+    params: int
+    dense_bytes: int
+    bytes: int
+    rel_error: float
+    svd_rank: int
+    svd_rel_error: float
+    cores: int | None = None
+    out_modes: list[int] | None = None
+    in_modes: list[int] | None = None
+    padded_shape: list[int] | None = None
+    bond_dims: list[int] | None = None
+    reason: str | None = None
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def ratio(self) -> float:
+        return self.dense_bytes / self.bytes if self.bytes else float("inf")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["ratio"] = self.ratio
+        return d
+
+
+@dataclass
+class Report:
+    """What a conversion did, per layer and in total."""
+
+    input: str
+    output: str
+    config: dict[str, Any]
+    rows: list[LayerRow]
+    passthrough_tensors: int
+    passthrough_params: int
+    passthrough_bytes: int
+    input_file_bytes: int
+    output_file_bytes: int | None = None
+    gates: dict[str, Any] = field(default_factory=dict)
+
+    def totals(self) -> dict[str, Any]:
+        mpo = [r for r in self.rows if r.status == "mpo"]
+        dense_bytes = sum(r.dense_bytes for r in self.rows) + self.passthrough_bytes
+        stored_bytes = sum(r.bytes for r in self.rows) + self.passthrough_bytes
+        errors = [r.rel_error for r in mpo]
+        return {
+            "layers": len(self.rows),
+            "layers_compressed": len(mpo),
+            "layers_kept_dense": len(self.rows) - len(mpo),
+            "passthrough_tensors": self.passthrough_tensors,
+            "dense_params": sum(r.dense_params for r in self.rows) + self.passthrough_params,
+            "params": sum(r.params for r in self.rows) + self.passthrough_params,
+            "dense_bytes": dense_bytes,
+            "bytes": stored_bytes,
+            "ratio": dense_bytes / stored_bytes if stored_bytes else float("inf"),
+            "compressed_layers_ratio": (
+                sum(r.dense_bytes for r in mpo) / sum(r.bytes for r in mpo) if mpo else 1.0
+            ),
+            "max_rel_error": max(errors, default=0.0),
+            "mean_rel_error": sum(errors) / len(errors) if errors else 0.0,
+            "input_file_bytes": self.input_file_bytes,
+            "output_file_bytes": self.output_file_bytes,
+            "file_ratio": (
+                self.input_file_bytes / self.output_file_bytes if self.output_file_bytes else None
+            ),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "report_version": REPORT_VERSION,
+            "input": self.input,
+            "output": self.output,
+            "config": self.config,
+            "layers": [r.to_dict() for r in self.rows],
+            "totals": self.totals(),
+            "gates": self.gates,
+        }

@@ -1,0 +1,255 @@
+"""TT-SVD of a matrix into MPO cores (tensor-train matrix), and back.
+
+The numerical core: tensors in, tensors out; no files, no terminal.
+
+An (out, in) matrix ``W`` with ``out = prod(out_modes)`` and ``in = prod(in_modes)`` (after
+zero-padding) is viewed as the tensor ``W[o_1..o_d, i_1..i_d]``, its indices interleaved as
+``(o_1 i_1)(o_2 i_2)...(o_d i_d)`` and split by the TT-SVD of Oseledets (2011, "Tensor-train
+decomposition", SIAM J. Sci. Comput. 33(5)): reshape, SVD, truncate, carry ``S V^T`` to the right.
+Core ``k`` has shape ``(r[k-1], out_modes[k], in_modes[k], r[k])`` with ``r[0] = r[d] = 1`` -- the
+layout of TensorLy's ``TTMatrix`` and of the MPO papers (Gao et al. 2020; Sun et al. 2020).
+
+Truncation is by maximum bond dimension, by relative Frobenius error ``eps`` (each of the ``d - 1``
+bonds may discard at most ``eps * ||W|| / sqrt(d - 1)``, so the total error is at most
+``eps * ||W||``: Oseledets 2011, Theorem 2.2), or both.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from mpocompress.shapes import choose_modes
+
+#: randomized SVD is used (``svd="auto"``) when ``bond + oversampling`` is at most this fraction of
+#: the unfolding's smaller side
+RANDOMIZED_FRACTION = 0.25
+OVERSAMPLE = 10
+POWER_ITERATIONS = 4
+
+
+@dataclass
+class TTMatrix:
+    """MPO cores of an ``(out_features, in_features)`` matrix.
+
+    Attributes:
+        cores: ``d`` tensors of shape ``(r[k-1], out_modes[k], in_modes[k], r[k])``.
+        shape: the true (unpadded) ``(out_features, in_features)``.
+        spectra: singular values found at each of the ``d - 1`` bonds before truncation (all of them
+            with a full SVD; the leading ones with a randomized SVD).
+    """
+
+    cores: list[torch.Tensor]
+    shape: tuple[int, int]
+    spectra: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def out_modes(self) -> tuple[int, ...]:
+        return tuple(int(c.shape[1]) for c in self.cores)
+
+    @property
+    def in_modes(self) -> tuple[int, ...]:
+        return tuple(int(c.shape[2]) for c in self.cores)
+
+    @property
+    def bond_dims(self) -> list[int]:
+        """Interior bond dimensions ``r[1..d-1]``."""
+        return [int(c.shape[3]) for c in self.cores[:-1]]
+
+    @property
+    def padded_shape(self) -> tuple[int, int]:
+        return math.prod(self.out_modes), math.prod(self.in_modes)
+
+    @property
+    def num_params(self) -> int:
+        return sum(c.numel() for c in self.cores)
+
+    def to_matrix(self) -> torch.Tensor:
+        """The dense ``(out_features, in_features)`` matrix (padding cropped)."""
+        return cores_to_matrix(self.cores, self.shape)
+
+
+def cores_to_matrix(cores: list[torch.Tensor], shape: tuple[int, int] | None = None) -> torch.Tensor:
+    """Contract MPO cores back into a matrix, cropped to ``shape`` when given.
+
+    Args:
+        cores: tensors of shape ``(r[k-1], out_modes[k], in_modes[k], r[k])``.
+        shape: the true ``(out, in)``; defaults to the padded shape.
+
+    Returns:
+        Tensor of shape ``shape``.
+    """
+    d = len(cores)
+    t = cores[0].reshape(cores[0].shape[1], cores[0].shape[2], cores[0].shape[3])  # (o1, i1, r1)
+    for core in cores[1:]:
+        # (..., r) x (r, o, i, r') -> (..., o, i, r')
+        t = torch.tensordot(t, core, dims=([t.dim() - 1], [0]))
+    t = t.reshape(t.shape[:-1])  # drop r_d = 1: (o1, i1, ..., od, id)
+    perm = [2 * k for k in range(d)] + [2 * k + 1 for k in range(d)]
+    out = math.prod(c.shape[1] for c in cores)
+    inp = math.prod(c.shape[2] for c in cores)
+    m = t.permute(perm).reshape(out, inp)
+    if shape is not None:
+        m = m[: shape[0], : shape[1]]
+    return m
+
+
+def _use_randomized(svd: str, rows: int, cols: int, bond: int | None) -> bool:
+    if svd == "full" or bond is None:
+        return False
+    small = min(rows, cols)
+    if svd == "randomized":
+        return bond + OVERSAMPLE < small
+    return bond + OVERSAMPLE <= RANDOMIZED_FRACTION * small
+
+
+def _svd(
+    a: torch.Tensor, bond: int | None, method: str, generator_seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD ``a = U diag(S) Vh``, randomized (Halko et al. 2011) when the bond is small."""
+    rows, cols = a.shape
+    if _use_randomized(method, rows, cols, bond):
+        q = min(bond + OVERSAMPLE, rows, cols)
+        # torch.svd_lowrank draws from the global RNG: fork it so results are reproducible and the
+        # caller's RNG state is untouched
+        with torch.random.fork_rng(devices=[a.device] if a.device.type == "cuda" else []):
+            torch.manual_seed(generator_seed)
+            u, s, v = torch.svd_lowrank(a, q=q, niter=POWER_ITERATIONS)
+        return u, s, v.mH
+    return torch.linalg.svd(a, full_matrices=False)
+
+
+def _rank_for_tol(s: torch.Tensor, delta: float) -> int:
+    """Smallest r >= 1 whose discarded tail sqrt(sum_{i>=r} s_i^2) is <= delta."""
+    # tail[r] = ||s[r:]||; tail is non-increasing in r
+    energy = torch.flip(torch.cumsum(torch.flip(s.double() ** 2, [0]), 0), [0])
+    tail = torch.cat([energy, energy.new_zeros(1)]).sqrt()
+    ok = torch.nonzero(tail <= delta).flatten()
+    r = int(ok[0]) if ok.numel() else s.numel()
+    return max(r, 1)
+
+
+def tt_svd(
+    matrix: torch.Tensor,
+    out_modes: tuple[int, ...],
+    in_modes: tuple[int, ...],
+    *,
+    max_bond: int | None = None,
+    tol: float | None = None,
+    svd: str = "auto",
+    seed: int = 0,
+) -> TTMatrix:
+    """Decompose a matrix into MPO cores by TT-SVD.
+
+    Args:
+        matrix: ``(out, in)`` floating tensor; ``out <= prod(out_modes)``, ``in <= prod(in_modes)``
+            (the rest is zero padding).
+        out_modes: output mode of each core.
+        in_modes: input mode of each core (same length).
+        max_bond: maximum bond dimension (None = unbounded).
+        tol: relative Frobenius error target, split over the bonds (None = exact up to max_bond).
+        svd: ``"full"``, ``"randomized"`` or ``"auto"``; randomized only applies with ``max_bond``.
+        seed: seed for the randomized SVD.
+
+    Returns:
+        A :class:`TTMatrix` whose cores have ``matrix``'s dtype (computed in at least float32).
+    """
+    if matrix.dim() != 2:
+        raise ValueError(f"tt_svd needs a 2-D matrix, got shape {tuple(matrix.shape)}")
+    if len(out_modes) != len(in_modes) or len(out_modes) < 1:
+        raise ValueError(f"out_modes {out_modes} and in_modes {in_modes} must have the same length >= 1")
+    out_p, in_p = math.prod(out_modes), math.prod(in_modes)
+    rows, cols = matrix.shape
+    if rows > out_p or cols > in_p:
+        raise ValueError(
+            f"matrix {tuple(matrix.shape)} does not fit modes {out_modes} x {in_modes} "
+            f"(padded shape ({out_p}, {in_p}))"
+        )
+    if max_bond is not None and max_bond < 1:
+        raise ValueError(f"max_bond must be >= 1, got {max_bond}")
+    d = len(out_modes)
+    work_dtype = matrix.dtype if matrix.dtype in (torch.float32, torch.float64) else torch.float32
+    w = matrix.to(work_dtype)
+    if (rows, cols) != (out_p, in_p):
+        w = torch.nn.functional.pad(w, (0, in_p - cols, 0, out_p - rows))
+
+    # (o1..od, i1..id) -> (o1, i1, o2, i2, ...) -> (o1*i1, ..., od*id)
+    t = w.reshape(*out_modes, *in_modes)
+    perm = [p for k in range(d) for p in (k, d + k)]
+    sizes = [o * i for o, i in zip(out_modes, in_modes)]
+    c = t.permute(perm).reshape(sizes)
+
+    delta = None
+    if tol is not None and d > 1:
+        delta = tol * float(torch.linalg.vector_norm(w)) / math.sqrt(d - 1)
+
+    cores: list[torch.Tensor] = []
+    spectra: list[torch.Tensor] = []
+    r_prev = 1
+    c = c.reshape(sizes[0], -1)
+    for k in range(d - 1):
+        c = c.reshape(r_prev * sizes[k], -1)
+        # a tolerance needs the whole spectrum, so randomized SVD only serves a pure max_bond
+        u, s, vh = _svd(c, max_bond if delta is None else None, svd, seed + k)
+        spectra.append(s.detach().clone())
+        r = s.numel()
+        if delta is not None:
+            r = min(r, _rank_for_tol(s, delta))
+        if max_bond is not None:
+            r = min(r, max_bond)
+        r = max(r, 1)
+        cores.append(u[:, :r].reshape(r_prev, out_modes[k], in_modes[k], r))
+        c = s[:r, None] * vh[:r]
+        r_prev = r
+    cores.append(c.reshape(r_prev, out_modes[-1], in_modes[-1], 1))
+    cores = [core.to(matrix.dtype).contiguous() for core in cores]
+    return TTMatrix(cores=cores, shape=(rows, cols), spectra=spectra)
+
+
+def tt_svd_auto_modes(
+    matrix: torch.Tensor, cores: int, **kwargs
+) -> TTMatrix:
+    """:func:`tt_svd` with modes from :func:`mpocompress.shapes.choose_modes`."""
+    out_modes, in_modes = choose_modes(matrix.shape[0], matrix.shape[1], cores)
+    return tt_svd(matrix, out_modes, in_modes, **kwargs)
+
+
+def relative_error(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """``||reference - approx||_F / ||reference||_F`` computed in float64 (0 for a zero reference)."""
+    ref = reference.double()
+    norm = float(torch.linalg.vector_norm(ref))
+    diff = float(torch.linalg.vector_norm(ref - approx.double()))
+    if norm == 0.0:
+        return 0.0 if diff == 0.0 else math.inf
+    return diff / norm
+
+
+def snr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-noise ratio ``20 log10(||x|| / ||x - y||)`` in dB (torchao's ``compute_error``)."""
+    err = relative_error(reference, approx)
+    return math.inf if err == 0.0 else -20.0 * math.log10(err)
+
+
+def svd_tail_error(singular_values: torch.Tensor, rank: int) -> float:
+    """Relative error of the best rank-``rank`` approximation, from all singular values (Eckart-Young)."""
+    s2 = singular_values.double() ** 2
+    total = float(s2.sum())
+    if total == 0.0:
+        return 0.0
+    return math.sqrt(max(float(s2[rank:].sum()), 0.0) / total)
+
+
+def energy_ranks(singular_values: torch.Tensor, fractions: tuple[float, ...] = (0.9, 0.99, 0.999)) -> list[int]:
+    """Smallest ranks that keep each fraction of the energy ``sum s_i^2``."""
+    s2 = singular_values.double() ** 2
+    total = float(s2.sum())
+    if total == 0.0:
+        return [1 for _ in fractions]
+    cum = torch.cumsum(s2, 0) / total
+    out = []
+    for f in fractions:
+        idx = torch.nonzero(cum >= f - 1e-12).flatten()
+        out.append(int(idx[0]) + 1 if idx.numel() else s2.numel())
+    return out
