@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import zipfile
@@ -211,10 +212,15 @@ def _load_torch(path: Path) -> dict[str, torch.Tensor]:
                 raise
             obj = load(mmap=False)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        m = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", str(e))
+        if m is None:
+            detail = re.search(r"WeightsUnpickler error: (.+)", str(e).replace("\n\n", " "))
+            raise InputError(
+                f"{path}: not a readable torch checkpoint ({detail.group(1).strip()[:120] if detail else 'corrupt pickle'})"
+            ) from e
         raise InputError(
-            f"{path}: refused to unpickle code (loaded with weights_only=True); "
-            f"save a plain state dict instead ({first[:160]})"
+            f"{path}: refused to unpickle code ({m.group(1)}): mpocompress loads with weights_only=True; "
+            "re-save the checkpoint as a plain state dict"
         ) from e
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -302,8 +308,18 @@ def _storage_safe(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _replace(tmp: Path, final: Path) -> None:
-    """Move ``tmp`` onto ``final``; an existing folder at ``final`` is removed only after that."""
+    """Move ``tmp`` onto ``final``; an existing folder at ``final`` is removed only after that.
+
+    ``mkstemp``/``mkdtemp`` create private (0600/0700) entries: give the result the usual mode.
+    """
+    os.chmod(tmp, (0o777 if tmp.is_dir() else 0o666) & ~_umask())
     if final.is_dir() and not final.is_symlink():
         old = final.with_name(f".{final.name}.old-{os.getpid()}")
         os.replace(final, old)
@@ -336,7 +352,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
-        os.replace(tmp, path)
+        _replace(Path(tmp), path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -26,20 +26,20 @@ def human_bytes(n: float | None) -> str:
     return f"{n:.1f} TB"
 
 
-def sparkline(values: list[float], width: int = 24, floor: float = 1e-6) -> str:
-    """Log-scale sparkline of a decreasing spectrum (``floor`` and below map to the lowest block)."""
+def sparkline(values: list[float], width: int = 24) -> str:
+    """Log-scale sparkline of a spectrum, scaled between its smallest (floored at 1e-8 of the largest)
+    and largest value."""
     if not values:
         return ""
     if len(values) > width:
         step = len(values) / width
         values = [values[min(int(i * step), len(values) - 1)] for i in range(width)]
     top = max(values) or 1.0
-    lo = math.log10(floor)
-    out = []
-    for v in values:
-        x = math.log10(max(v / top, floor))  # in [lo, 0]
-        out.append(_BLOCKS[min(int((x - lo) / -lo * len(_BLOCKS)), len(_BLOCKS) - 1)])
-    return "".join(out)
+    logs = [math.log10(max(v / top, 1e-8)) for v in values]
+    lo = min(logs)
+    if lo == 0.0:
+        return _BLOCKS[-1] * len(values)
+    return "".join(_BLOCKS[min(int((x - lo) / -lo * (len(_BLOCKS) - 1) + 0.5), len(_BLOCKS) - 1)] for x in logs)
 
 
 def _modes(out_modes: list[int] | None, in_modes: list[int] | None) -> str:
