@@ -27,7 +27,7 @@ from mpocompress.shapes import choose_modes
 #: the unfolding's smaller side
 RANDOMIZED_FRACTION = 0.25
 OVERSAMPLE = 10
-POWER_ITERATIONS = 4
+POWER_ITERATIONS = 8
 
 
 @dataclass
