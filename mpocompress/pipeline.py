@@ -46,7 +46,7 @@ Progress = Callable[[str, int, int], None]
 
 def core_name(name: str, k: int) -> str:
     """Name of core ``k`` of tensor ``name`` in the output file."""
-    return f"{name}.cores.{k}"
+    return f"{name}_cores.{k}"
 
 
 def select_layers(ckpt: Checkpoint, include: tuple[str, ...], exclude: tuple[str, ...]) -> list[str]:

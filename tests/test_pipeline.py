@@ -62,14 +62,14 @@ def test_golden_header(tmp_path):
     meta = json.loads(header.pop("__metadata__")["mpocompress"])
     assert header == {
         "fc.bias": {"dtype": "F32", "shape": [6], "data_offsets": [0, 24]},
-        "fc.weight.cores.0": {"dtype": "F32", "shape": [1, 6, 1, 1], "data_offsets": [24, 48]},
-        "fc.weight.cores.1": {"dtype": "F32", "shape": [1, 1, 8, 1], "data_offsets": [48, 80]},
+        "fc.weight_cores.0": {"dtype": "F32", "shape": [1, 6, 1, 1], "data_offsets": [24, 48]},
+        "fc.weight_cores.1": {"dtype": "F32", "shape": [1, 1, 8, 1], "data_offsets": [48, 80]},
     }
     assert meta["format"] == "mpocompress" and meta["format_version"] == 1
     layer = meta["layers"]["fc.weight"]
     assert {k: layer[k] for k in ("kind", "shape", "dtype", "matrix_shape", "padded_shape", "out_modes", "in_modes", "bond_dims", "cores")} == {
         "kind": "linear", "shape": [6, 8], "dtype": "float32", "matrix_shape": [6, 8], "padded_shape": [6, 8],
-        "out_modes": [6, 1], "in_modes": [1, 8], "bond_dims": [1], "cores": ["fc.weight.cores.0", "fc.weight.cores.1"],
+        "out_modes": [6, 1], "in_modes": [1, 8], "bond_dims": [1], "cores": ["fc.weight_cores.0", "fc.weight_cores.1"],
     }  # fmt: skip
     assert len(raw) == 8 + n + 80
 
