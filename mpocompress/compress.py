@@ -49,6 +49,8 @@ class MatrixResult:
         svd_rank: rank of the truncated SVD with at most ``params`` parameters.
         svd_rel_error: that SVD's relative error (Eckart-Young, from the exact spectrum).
         candidates: every structure tried (one unless ``cores="auto"``).
+        best_tt: the chosen cores even when the layer is kept dense (for callers that want an MPO
+            layer regardless, such as ``MPOLinear.from_linear``).
     """
 
     tt: TTMatrix | None
@@ -60,6 +62,7 @@ class MatrixResult:
     svd_rank: int
     svd_rel_error: float
     candidates: list[Candidate] = field(default_factory=list)
+    best_tt: TTMatrix | None = None
 
 
 def singular_values(matrix: torch.Tensor, rank_hint: int | None = None, seed: int = 0) -> tuple[torch.Tensor, bool]:
@@ -144,6 +147,7 @@ def compress_matrix(matrix: torch.Tensor, config: MPOConfig) -> MatrixResult:
             svd_rank=min(out_f, in_f),
             svd_rel_error=0.0,
             candidates=candidates,
+            best_tt=best_tt,
         )
     svd_rank = best.params // (out_f + in_f)
     s, _ = singular_values(matrix, rank_hint=svd_rank, seed=config.seed)
@@ -157,4 +161,5 @@ def compress_matrix(matrix: torch.Tensor, config: MPOConfig) -> MatrixResult:
         svd_rank=svd_rank,
         svd_rel_error=svd_tail_error(s, svd_rank) if svd_rank > 0 else 1.0,
         candidates=candidates,
+        best_tt=best_tt,
     )

@@ -1,0 +1,107 @@
+"""Pure contractions with MPO cores: ``x @ W^T`` and row gathers without building ``W``.
+
+Numerical core (no modules, no I/O). Cores have shape ``(r[k-1], out_modes[k], in_modes[k], r[k])``
+as produced by :func:`mpocompress.tt.tt_svd`; ``W`` is the (cropped) matrix they represent.
+
+Two ways to compute ``y = x W^T`` for ``x`` of shape ``(N, in)``:
+
+* **chain**: contract ``x`` with one core after the other (a matmul per core). Cost
+  ``sum_k N * prod(out_modes[:k]) * prod(in_modes[k+1:]) * r[k-1] in_k * out_k r[k]``: the best order
+  at small batches, where building ``W`` would cost more than using it.
+* **dense**: contract the cores into ``W`` (cost independent of ``N``), then one GEMM. Best at large
+  batches; with ``W`` cached (no-grad inference) it is exactly dense speed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from mpocompress.tt import cores_to_matrix
+
+
+def mpo_chain(x: torch.Tensor, cores: list[torch.Tensor], out_features: int) -> torch.Tensor:
+    """``x @ W^T`` by contracting ``x`` with each core in turn.
+
+    Args:
+        x: ``(N, in_features)`` with ``in_features <= prod(in_modes)`` (zero-padded here).
+        cores: the MPO cores of ``W``.
+        out_features: rows of ``W`` to return (cropping the padding).
+
+    Returns:
+        ``(N, out_features)``.
+    """
+    n = x.shape[0]
+    in_p = math.prod(int(c.shape[2]) for c in cores)
+    if x.shape[1] < in_p:
+        x = F.pad(x, (0, in_p - x.shape[1]))
+    rest = in_p
+    o_prev = 1
+    t = x.reshape(n, 1, 1, in_p)  # (N, O_prev, r, rest)
+    for core in cores:
+        r0, o, i, r1 = (int(s) for s in core.shape)
+        rest //= i
+        # (N, O_prev, r0, i, R) -> (N, O_prev, R, r0, i) -> (N*O_prev*R, r0*i)
+        t = t.reshape(n, o_prev, r0, i, rest).permute(0, 1, 4, 2, 3).reshape(n * o_prev * rest, r0 * i)
+        t = t @ core.permute(0, 2, 1, 3).reshape(r0 * i, o * r1)
+        # (N, O_prev, R, o, r1) -> (N, O_prev, o, r1, R)
+        t = t.reshape(n, o_prev, rest, o, r1).permute(0, 1, 3, 4, 2)
+        o_prev *= o
+        t = t.reshape(n, o_prev, r1, rest)
+    return t.reshape(n, o_prev)[:, :out_features]
+
+
+def mpo_dense(x: torch.Tensor, cores: list[torch.Tensor], out_features: int) -> torch.Tensor:
+    """``x @ W^T`` by building ``W`` first (differentiable; nothing cached)."""
+    w = cores_to_matrix(cores, (out_features, x.shape[1]))
+    return x @ w.T
+
+
+def chain_flops(n: int, cores_shapes: list[tuple[int, int, int, int]]) -> int:
+    """Multiply-adds of :func:`mpo_chain` for a batch of ``n``."""
+    total, o_prev = 0, 1
+    rest = math.prod(s[2] for s in cores_shapes)
+    for r0, o, i, r1 in cores_shapes:
+        rest //= i
+        total += n * o_prev * rest * r0 * i * o * r1
+        o_prev *= o
+    return total
+
+
+def build_flops(cores_shapes: list[tuple[int, int, int, int]]) -> int:
+    """Multiply-adds of contracting the cores into ``W``."""
+    total, left = 0, 1
+    for k, (r0, o, i, r1) in enumerate(cores_shapes):
+        if k:
+            total += left * r0 * o * i * r1
+        left *= o * i
+    return total
+
+
+def mpo_rows(cores: list[torch.Tensor], index: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Rows ``W[index]`` without building ``W`` (an MPO embedding lookup).
+
+    Args:
+        cores: the MPO cores of the ``(num_embeddings, dim)`` table.
+        index: integer tensor of any shape.
+        in_features: the true embedding dimension (cropping the padding).
+
+    Returns:
+        ``index.shape + (in_features,)``.
+    """
+    flat = index.reshape(-1)
+    out_modes = [int(c.shape[1]) for c in cores]
+    digits = []
+    for o in reversed(out_modes):  # o_1 is the most significant digit
+        digits.append(flat % o)
+        flat = torch.div(flat, o, rounding_mode="floor")
+    digits.reverse()
+    n = index.numel()
+    t = cores[0][0].index_select(0, digits[0])  # (N, i1, r1)
+    for core, d in zip(cores[1:], digits[1:]):
+        r0, _, i, r1 = (int(s) for s in core.shape)
+        g = core.index_select(1, d).permute(1, 0, 2, 3).reshape(n, r0, i * r1)  # (N, r0, i*r1)
+        t = torch.bmm(t, g).reshape(n, -1, r1)  # (N, I_prev*i, r1)
+    return t.reshape(*index.shape, -1)[..., :in_features]

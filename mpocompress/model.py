@@ -1,0 +1,167 @@
+"""Walking a model: swap supported modules for MPO ones in place, or load a ``convert`` output.
+
+For users who have the model's code. Users with only a checkpoint use :mod:`mpocompress.pipeline`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mpocompress.compress import compress_matrix
+from mpocompress.config import MPOConfig
+from mpocompress.errors import InputError
+from mpocompress.kinds import selected
+from mpocompress.modules import (
+    MPOConv,
+    MPOEmbedding,
+    MPOGRU,
+    MPOGRUCell,
+    MPOLinear,
+    MPOLSTM,
+    MPOLSTMCell,
+    MPOMatrices,
+)
+from mpocompress.tt import TTMatrix
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_RNN = {nn.LSTM: MPOLSTM, nn.GRU: MPOGRU, nn.LSTMCell: MPOLSTMCell, nn.GRUCell: MPOGRUCell}
+SUPPORTED = (nn.Linear, nn.Embedding, *_CONV, *_RNN)
+
+
+def _weights(module: nn.Module) -> list[str]:
+    if isinstance(module, tuple(_RNN)):
+        return [n for n, _ in module.named_parameters(recurse=False) if n.startswith("weight_")]
+    return ["weight"]
+
+
+def _replacement(module: nn.Module, tts: dict[str, TTMatrix], mode: str) -> nn.Module:
+    """The MPO version of ``module`` holding ``tts`` (weights not in ``tts`` stay dense)."""
+    device = next(module.parameters()).device
+    if isinstance(module, MPOMatrices):
+        for name, tt in tts.items():
+            module._set_matrix(name, tt)
+        return module
+    if type(module) is nn.Linear:
+        new = MPOLinear.from_cores(tts["weight"], module.in_features, module.out_features, module.bias, mode=mode)
+    elif isinstance(module, _CONV):
+        new = MPOConv(module, tts["weight"])
+    elif type(module) is nn.Embedding:
+        if module.max_norm is not None or module.sparse:
+            raise ValueError("MPOEmbedding does not support max_norm or sparse embeddings")
+        new = MPOEmbedding(module.num_embeddings, module.embedding_dim, tts["weight"], module.padding_idx)
+    elif type(module) in (nn.LSTM, nn.GRU):
+        new = _RNN[type(module)](module, tts, mode=mode)
+    elif type(module) in (nn.LSTMCell, nn.GRUCell):
+        new = _RNN[type(module)](module, tts, mode=mode)
+    else:
+        raise TypeError(f"unsupported module type {type(module).__name__}")
+    return new.to(device)
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def compress_(
+    model: nn.Module,
+    config: MPOConfig,
+    *,
+    include: tuple[str, ...] | None = None,
+    exclude: tuple[str, ...] | None = None,
+    mode: str = "auto",
+) -> list[dict[str, Any]]:
+    """Swap supported modules of ``model`` for MPO ones, in place (same names, so state dicts line up).
+
+    Supported: ``nn.Linear``, ``nn.Conv1d/2d/3d``, ``nn.Embedding``, ``nn.LSTM``, ``nn.GRU``,
+    ``nn.LSTMCell``, ``nn.GRUCell``. A weight is compressed when its name (``"fc.weight"``) passes
+    ``include``/``exclude`` (default: the config's) and its MPO is smaller than the dense matrix.
+
+    Returns:
+        One dict per selected weight: ``name``, ``status`` (``"mpo"``/``"dense"``), ``params``,
+        ``dense_params``, ``rel_error``, ``svd_rel_error``, ``bond_dims``.
+    """
+    include = config.include if include is None else tuple(include)
+    exclude = config.exclude if exclude is None else tuple(exclude)
+    rows = []
+    for mod_name, module in list(model.named_modules()):
+        if type(module) not in SUPPORTED:
+            continue
+        tts: dict[str, TTMatrix] = {}
+        for w in _weights(module):
+            full = f"{mod_name}.{w}" if mod_name else w
+            if not selected(full, include, exclude):
+                continue
+            weight = getattr(module, w)
+            res = compress_matrix(weight.detach().reshape(weight.shape[0], -1), config)
+            rows.append({
+                "name": full, "status": res.status, "params": res.params, "dense_params": res.dense_params,
+                "rel_error": res.rel_error, "svd_rel_error": res.svd_rel_error,
+                "bond_dims": res.tt.bond_dims if res.tt is not None else None,
+            })  # fmt: skip
+            if res.tt is not None:
+                tts[w] = res.tt
+        if tts:
+            _set_module(model, mod_name, _replacement(module, tts, mode))
+    return rows
+
+
+def load_compressed_(model: nn.Module, path: str | Path, *, mode: str = "auto") -> nn.Module:
+    """Load a ``mpocompress convert`` output into ``model``, in place, keeping the MPO cores.
+
+    Modules whose weights the file holds as cores become MPO modules with exactly those cores; every
+    other tensor is loaded as usual. The model must have the architecture the checkpoint came from.
+
+    Raises:
+        InputError: not a compressed checkpoint, a layer the model lacks, a shape mismatch, or
+            missing/unexpected tensors (named in the message).
+    """
+    from mpocompress.io import open_checkpoint, read_meta
+
+    with open_checkpoint(path) as ckpt:
+        meta = read_meta(ckpt)
+        if meta is None:
+            raise InputError(f"{path}: not an mpocompress checkpoint (use model.load_state_dict for dense ones)")
+        tensors = {n: ckpt.get(n) for n in ckpt.keys()}
+    groups: dict[str, dict[str, dict[str, Any]]] = {}
+    for full, entry in meta["layers"].items():
+        mod_name, _, w = full.rpartition(".")
+        groups.setdefault(mod_name, {})[w] = entry
+    modules = dict(model.named_modules())
+    for mod_name, entries in groups.items():
+        module = modules.get(mod_name)
+        if module is None:
+            raise InputError(f"{path}: layer {mod_name!r} is not in the model")
+        tts = {}
+        for w, entry in entries.items():
+            full = f"{mod_name}.{w}" if mod_name else w
+            current = _current_shape(module, w)
+            if current is None:
+                raise InputError(f"{path}: {type(module).__name__} {mod_name!r} has no weight {w!r}")
+            if list(current) != list(entry["shape"]):
+                raise InputError(f"{path}: {full} has shape {list(entry['shape'])} in the checkpoint but {list(current)} in the model")
+            cores = [tensors[c] for c in entry["cores"]]
+            tts[w] = TTMatrix(cores, tuple(entry["matrix_shape"]))
+        if not isinstance(module, MPOMatrices) and type(module) not in SUPPORTED:
+            raise InputError(f"{path}: {mod_name!r} is a {type(module).__name__}, which has no MPO form")
+        _set_module(model, mod_name, _replacement(module, tts, mode))
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        raise InputError(f"{path}: does not fit the model: {' '.join(lines[1:3])[:300]}") from e
+    return model
+
+
+def _current_shape(module: nn.Module, w: str) -> tuple[int, ...] | None:
+    if isinstance(module, MPOMatrices) and module.is_mpo(w):
+        if isinstance(module, MPOConv):
+            return module.kernel_shape
+        return module._shapes[w]
+    p = getattr(module, w, None)
+    return tuple(p.shape) if isinstance(p, torch.Tensor) else None
