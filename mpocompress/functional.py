@@ -22,35 +22,42 @@ import torch.nn.functional as F
 from mpocompress.tt import cores_to_matrix
 
 
-def mpo_chain(x: torch.Tensor, cores: list[torch.Tensor], out_features: int) -> torch.Tensor:
-    """``x @ W^T`` by contracting ``x`` with each core in turn.
+def chain_mats(cores: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each core ``(r0, o, i, r1)`` as the ``(i * r1, r0 * o)`` matrix :func:`mpo_chain` multiplies by."""
+    return [c.permute(2, 3, 0, 1).reshape(c.shape[2] * c.shape[3], c.shape[0] * c.shape[1]) for c in cores]
+
+
+def mpo_chain(
+    x: torch.Tensor, cores: list[torch.Tensor], out_features: int, mats: list[torch.Tensor] | None = None
+) -> torch.Tensor:
+    """``x @ W^T`` by contracting ``x`` with each core in turn, last core first.
+
+    One GEMM and one transpose per core (the TT-layer order of Novikov et al. 2015): the state is
+    ``(o_{k+1}..o_d, N, i_1..i_k, r_k)``; contracting ``(i_k, r_k)`` with core ``k`` yields
+    ``(..., r_{k-1}, o_k)``, and ``o_k`` moves to the front.
 
     Args:
         x: ``(N, in_features)`` with ``in_features <= prod(in_modes)`` (zero-padded here).
         cores: the MPO cores of ``W``.
         out_features: rows of ``W`` to return (cropping the padding).
+        mats: :func:`chain_mats` of the cores, if already computed.
 
     Returns:
         ``(N, out_features)``.
     """
     n = x.shape[0]
-    in_p = math.prod(int(c.shape[2]) for c in cores)
+    in_p = math.prod(c.shape[2] for c in cores)
     if x.shape[1] < in_p:
         x = F.pad(x, (0, in_p - x.shape[1]))
-    rest = in_p
-    o_prev = 1
-    t = x.reshape(n, 1, 1, in_p)  # (N, O_prev, r, rest)
-    for core in cores:
-        r0, o, i, r1 = (int(s) for s in core.shape)
-        rest //= i
-        # (N, O_prev, r0, i, R) -> (N, O_prev, R, r0, i) -> (N*O_prev*R, r0*i)
-        t = t.reshape(n, o_prev, r0, i, rest).permute(0, 1, 4, 2, 3).reshape(n * o_prev * rest, r0 * i)
-        t = t @ core.permute(0, 2, 1, 3).reshape(r0 * i, o * r1)
-        # (N, O_prev, R, o, r1) -> (N, O_prev, o, r1, R)
-        t = t.reshape(n, o_prev, rest, o, r1).permute(0, 1, 3, 4, 2)
-        o_prev *= o
-        t = t.reshape(n, o_prev, r1, rest)
-    return t.reshape(n, o_prev)[:, :out_features]
+    if mats is None:
+        mats = chain_mats(cores)
+    t = x
+    for core, mat in zip(reversed(cores), reversed(mats)):
+        o = core.shape[1]
+        t = t.reshape(-1, mat.shape[0]) @ mat  # (..., r0 * o)
+        t = t.reshape(-1, o).t()  # o to the front
+    # (o_1..o_d, N)
+    return t.reshape(-1, n).t()[:, :out_features]
 
 
 def mpo_dense(x: torch.Tensor, cores: list[torch.Tensor], out_features: int) -> torch.Tensor:

@@ -165,3 +165,54 @@ def _current_shape(module: nn.Module, w: str) -> tuple[int, ...] | None:
         return module._shapes[w]
     p = getattr(module, w, None)
     return tuple(p.shape) if isinstance(p, torch.Tensor) else None
+
+
+def save_compressed(model: nn.Module, path: str | Path, *, config: MPOConfig | None = None, force: bool = False) -> None:
+    """Write a model holding MPO modules in the ``convert`` format (docs/format.md).
+
+    The file's tensors are ``model.state_dict()`` (cores under ``..._cores.k``), so
+    :func:`load_compressed_` and :func:`mpocompress.load_state_dict` read it back.
+    """
+    import json
+
+    from mpocompress import __version__
+    from mpocompress.io import check_output, dtype_name, save_safetensors
+    from mpocompress.pipeline import FORMAT_VERSION
+
+    path = Path(path)
+    check_output(path, [], force)
+    layers: dict[str, Any] = {}
+    for mod_name, module in model.named_modules():
+        if not isinstance(module, MPOMatrices):
+            continue
+        for w, (out_f, in_f) in module._shapes.items():
+            full = f"{mod_name}.{w}" if mod_name else w
+            cores = module.cores_of(w)
+            shape = list(module.kernel_shape) if isinstance(module, MPOConv) else [out_f, in_f]
+            out_modes = [int(c.shape[1]) for c in cores]
+            in_modes = [int(c.shape[2]) for c in cores]
+            layers[full] = {
+                "kind": type(module).__name__.removeprefix("MPO").lower(),
+                "shape": shape,
+                "dtype": dtype_name(cores[0].dtype),
+                "matrix_shape": [out_f, in_f],
+                "padded_shape": [int(torch.tensor(out_modes).prod()), int(torch.tensor(in_modes).prod())],
+                "out_modes": out_modes,
+                "in_modes": in_modes,
+                "bond_dims": [int(c.shape[3]) for c in cores[:-1]],
+                "cores": [f"{full}_cores.{k}" for k in range(len(cores))],
+                "params": sum(c.numel() for c in cores),
+                "dense_params": out_f * in_f,
+                "rel_error": None,
+                "svd_rank": None,
+                "svd_rel_error": None,
+            }
+    meta = {
+        "format": "mpocompress",
+        "format_version": FORMAT_VERSION,
+        "mpocompress_version": __version__,
+        "config": config.to_dict() if config is not None else {},
+        "layers": layers,
+        "source": "save_compressed",
+    }
+    save_safetensors(model.state_dict(), path, {"format": "pt", "mpocompress": json.dumps(meta, sort_keys=True)})

@@ -28,8 +28,9 @@ from torch import nn
 
 from mpocompress.compress import compress_matrix
 from mpocompress.config import MPOConfig
-from mpocompress.functional import build_flops, chain_flops, mpo_chain, mpo_rows
-from mpocompress.tt import TTMatrix, cores_to_matrix
+from mpocompress.functional import build_flops, chain_flops, chain_mats, mpo_chain, mpo_rows
+from mpocompress.shapes import choose_modes
+from mpocompress.tt import TTMatrix, cores_to_matrix, tt_svd
 
 MODES = ("auto", "chain", "materialize")
 
@@ -56,7 +57,7 @@ class MPOMatrices(nn.Module):
         self.mode = mode
         self._shapes: dict[str, tuple[int, int]] = {}  # MPO matrices: name -> (out, in)
         self._choice: dict[tuple[str, int, bool], str] = {}
-        self._dense_cache: dict[str, tuple[tuple, torch.Tensor]] = {}
+        self._cache: dict[tuple[str, str], tuple[tuple, Any]] = {}
 
     # -- building ---------------------------------------------------------------------------
     def _set_matrix(self, name: str, value: torch.Tensor | TTMatrix | list[torch.Tensor], shape: tuple[int, int] | None = None) -> None:
@@ -67,7 +68,7 @@ class MPOMatrices(nn.Module):
             if attr in self._modules:
                 del self._modules[attr]
         self._shapes.pop(name, None)
-        self._dense_cache.pop(name, None)
+        self._cache = {k: v for k, v in self._cache.items() if k[1] != name}
         self._choice = {k: v for k, v in self._choice.items() if k[0] != name}
         if isinstance(value, torch.Tensor):
             self.register_parameter(name, nn.Parameter(value))
@@ -87,7 +88,8 @@ class MPOMatrices(nn.Module):
         return name in self._shapes
 
     def cores_of(self, name: str) -> list[torch.Tensor]:
-        return list(getattr(self, name + "_cores"))
+        # straight from the ParameterList's dict: iterating the list object costs microseconds per call
+        return list(self._modules[name + "_cores"]._parameters.values())
 
     def matrix(self, name: str) -> torch.Tensor:
         """The dense ``(out, in)`` matrix ``name`` (built from cores if it is an MPO)."""
@@ -95,78 +97,78 @@ class MPOMatrices(nn.Module):
             return cores_to_matrix(self.cores_of(name), self._shapes[name])
         return getattr(self, name)
 
+    def _apply(self, fn, recurse=True):  # .to(), .half(), .cuda(): cached matrices are stale
+        self._cache.clear()
+        return super()._apply(fn, recurse)
+
     # -- forward ----------------------------------------------------------------------------
-    def _cached_dense(self, name: str, cores: list[torch.Tensor]) -> torch.Tensor:
-        key = tuple((c.data_ptr(), c._version, c.dtype, c.device) for c in cores)
-        hit = self._dense_cache.get(name)
+    def _cached(self, kind: str, name: str, cores: list[torch.Tensor]):
+        """The dense matrix (``kind="dense"``) or the chain matrices (``"mats"``) of ``name``, built
+        once and reused while the cores are unchanged (in-place updates bump ``_version``)."""
+        key = tuple(c._version for c in cores)
+        hit = self._cache.get((kind, name))
         if hit is not None and hit[0] == key:
             return hit[1]
-        w = cores_to_matrix([c.detach() for c in cores], self._shapes[name])
-        self._dense_cache[name] = (key, w)
-        return w
+        with torch.no_grad():
+            value = cores_to_matrix(cores, self._shapes[name]) if kind == "dense" else chain_mats(cores)
+        self._cache[(kind, name)] = (key, value)
+        return value
 
-    def _dense_for(self, name: str, cores: list[torch.Tensor]) -> torch.Tensor:
-        if torch.is_grad_enabled() and any(c.requires_grad for c in cores):
-            return cores_to_matrix(cores, self._shapes[name])
-        if _tracing():
-            return cores_to_matrix(cores, self._shapes[name])
-        return self._cached_dense(name, cores)
+    def _run(self, how: str, name: str, x: torch.Tensor, cores: list[torch.Tensor], bias, grad: bool) -> torch.Tensor:
+        """``x @ W^T + bias`` for a 2-D ``x``, by ``how`` ("chain" or "materialize")."""
+        shape = self._shapes[name]
+        fresh = grad or _tracing()  # build from the cores so gradients / the traced graph see them
+        if how == "materialize":
+            w = cores_to_matrix(cores, shape) if fresh else self._cached("dense", name, cores)
+            return F.linear(x, w, bias)
+        y = mpo_chain(x, cores, shape[0], None if fresh else self._cached("mats", name, cores))
+        return y if bias is None else y + bias
 
-    def _pick(self, name: str, x: torch.Tensor, cores: list[torch.Tensor]) -> str:
-        if self.mode != "auto":
-            return self.mode
-        n = x.shape[0]
-        shapes = [tuple(int(s) for s in c.shape) for c in cores]
-        grad = torch.is_grad_enabled() and any(c.requires_grad for c in cores)
+    def _pick(self, name: str, x: torch.Tensor, cores: list[torch.Tensor], bias, grad: bool) -> str:
         if _tracing():
+            shapes = [tuple(c.shape) for c in cores]
             out_f, in_f = self._shapes[name]
-            dense = n * out_f * in_f + build_flops(shapes)
-            return "chain" if chain_flops(n, shapes) <= dense else "materialize"
-        key = (name, n, grad)
+            dense = x.shape[0] * out_f * in_f + build_flops(shapes)
+            return "chain" if chain_flops(x.shape[0], shapes) <= dense else "materialize"
+        key = (name, x.shape[0], grad)
         choice = self._choice.get(key)
         if choice is None:
-            choice = self._time_choice(name, x, cores, grad)
-            self._choice[key] = choice
+            choice = self._choice[key] = self._time_choice(name, x, cores, bias, grad)
         return choice
 
-    def _time_choice(self, name: str, x: torch.Tensor, cores: list[torch.Tensor], grad: bool) -> str:
-        """Time both contractions on this input (best of 3) and return the faster.
-
-        In training (``grad``) "materialize" rebuilds the matrix every call, so the rebuild is timed too.
-        """
-        out_f = self._shapes[name][0]
-        detached = [c.detach() for c in cores]
+    def _time_choice(self, name: str, x: torch.Tensor, cores: list[torch.Tensor], bias, grad: bool) -> str:
+        """Time both contractions on this input (2 warm-up and 5 timed calls each, best of) and return
+        the faster. In training (``grad``) "materialize" rebuilds the matrix each call, so that is timed."""
         best: dict[str, float] = {}
+        detached = [c.detach() for c in cores]
         with torch.no_grad():
-            for label in ("chain", "materialize"):
+            for how in ("chain", "materialize"):
                 times = []
-                for _ in range(3):
+                for rep in range(7):
                     t0 = time.perf_counter()
-                    if label == "chain":
-                        mpo_chain(x, detached, out_f)
-                    elif grad:
-                        x @ cores_to_matrix(detached, self._shapes[name]).T
+                    if grad:  # what a training step pays: no caches
+                        if how == "chain":
+                            mpo_chain(x, detached, self._shapes[name][0])
+                        else:
+                            F.linear(x, cores_to_matrix(detached, self._shapes[name]), bias)
                     else:
-                        x @ self._cached_dense(name, cores).T
-                    times.append(time.perf_counter() - t0)
-                best[label] = min(times)
+                        self._run(how, name, x, cores, bias, False)
+                    if rep >= 2:
+                        times.append(time.perf_counter() - t0)
+                best[how] = min(times)
         return min(best, key=best.__getitem__)
 
     def _linear(self, name: str, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``x @ W_name^T (+ bias)`` for ``x`` of shape ``(..., in)``."""
-        if name not in self._shapes:
+        shape = self._shapes.get(name)
+        if shape is None:
             return F.linear(x, getattr(self, name), bias)
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1])
         cores = self.cores_of(name)
-        out_f = self._shapes[name][0]
-        if self._pick(name, x2, cores) == "chain":
-            y = mpo_chain(x2, cores, out_f)
-        else:
-            y = x2 @ self._dense_for(name, cores).T
-        if bias is not None:
-            y = y + bias
-        return y.reshape(*lead, out_f)
+        grad = torch.is_grad_enabled() and cores[0].requires_grad
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        how = self.mode if self.mode != "auto" else self._pick(name, x2, cores, bias, grad)
+        y = self._run(how, name, x2, cores, bias, grad)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], shape[0])
 
     def compression(self) -> dict[str, Any]:
         """Parameters of the MPO matrices vs their dense size."""
@@ -177,9 +179,9 @@ class MPOMatrices(nn.Module):
 
 def _compress(weight: torch.Tensor, config: MPOConfig | None, force: bool) -> TTMatrix | None:
     """Cores for a weight under ``config`` (None = exact); None if not smaller and not ``force``."""
-    if config is None:
-        config = MPOConfig(bond_dim=max(weight.shape[0], 1) ** 2, cores=3)
     m = weight.detach().reshape(weight.shape[0], -1)
+    if config is None:  # exact: 3 cores at full bond
+        return tt_svd(m, *choose_modes(m.shape[0], m.shape[1], 3))
     res = compress_matrix(m, config)
     if res.tt is not None:
         return res.tt
@@ -288,7 +290,9 @@ class MPOConv(MPOMatrices):
     @property
     def weight(self) -> torch.Tensor:
         cores = self.cores_of("weight")
-        return self._dense_for("weight", cores).reshape(self.kernel_shape)
+        fresh = (torch.is_grad_enabled() and cores[0].requires_grad) or _tracing()
+        w = cores_to_matrix(cores, self._shapes["weight"]) if fresh else self._cached("dense", "weight", cores)
+        return w.reshape(self.kernel_shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv = (F.conv1d, F.conv2d, F.conv3d)[self.dims - 1]

@@ -139,7 +139,8 @@ def _render_compressed(result: dict[str, Any], console: Console) -> None:
         table.add_row(
             name, e["kind"], "x".join(map(str, e["shape"])), _modes(e["out_modes"], e["in_modes"]),
             ",".join(map(str, e["bond_dims"])), f"{e['dense_params']:,} -> {e['params']:,}",
-            f"{e['rel_error']:.4f}", f"{e['svd_rel_error']:.4f} (r={e['svd_rank']})",
+            "-" if e.get("rel_error") is None else f"{e['rel_error']:.4f}",
+            "-" if e.get("svd_rel_error") is None else f"{e['svd_rel_error']:.4f} (r={e['svd_rank']})",
         )  # fmt: skip
     console.print(table)
     cfg = ", ".join(f"{k}={v}" for k, v in meta["config"].items() if v not in (None, [], ()))

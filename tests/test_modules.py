@@ -1,0 +1,245 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from mpocompress.config import MPOConfig
+from mpocompress.errors import InputError
+from mpocompress.functional import build_flops, chain_flops, mpo_chain, mpo_rows
+from mpocompress.model import compress_, load_compressed_, save_compressed
+from mpocompress.modules import MPOConv, MPOEmbedding, MPOGRU, MPOGRUCell, MPOLinear, MPOLSTM, MPOLSTMCell
+from mpocompress.pipeline import convert, load_state_dict
+from mpocompress.shapes import choose_modes
+from mpocompress.tt import tt_svd
+
+F64 = torch.float64
+
+
+@settings(max_examples=30, deadline=None)
+@given(o=st.sampled_from([1, 2, 7, 16, 61, 100, 257]), i=st.sampled_from([1, 3, 13, 64, 161, 300]), cores=st.integers(2, 4), n=st.integers(1, 9))
+def test_chain_and_rows_equal_dense(o, i, cores, n):
+    w = torch.randn(o, i, dtype=F64)
+    tt = tt_svd(w, *choose_modes(o, i, cores))
+    x = torch.randn(n, i, dtype=F64)
+    assert torch.allclose(mpo_chain(x, tt.cores, o), x @ w.T, atol=1e-9)
+    idx = torch.randint(o, (n, 2))
+    assert torch.allclose(mpo_rows(tt.cores, idx, i), w[idx], atol=1e-9)
+
+
+def test_flop_counts_match_shapes():
+    shapes = [(1, 4, 4, 8), (8, 4, 4, 8), (8, 4, 4, 1)]
+    assert chain_flops(1, shapes) == 16 * 4 * 32 + 4 * 4 * 32 * 32 + 16 * 32 * 4
+    assert build_flops(shapes) == 16 * 8 * 16 * 8 + 256 * 8 * 16
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (257, 100), (10, 161), (1, 5)])
+@pytest.mark.parametrize("mode", ["auto", "chain", "materialize"])
+def test_mpo_linear_equals_dense_at_full_bond(shape, mode):
+    lin = nn.Linear(shape[1], shape[0]).to(F64)
+    m = MPOLinear.from_linear(lin, mode=mode)
+    for batch in [(1, shape[1]), (33, shape[1]), (2, 3, shape[1])]:
+        x = torch.randn(*batch, dtype=F64)
+        assert torch.allclose(m(x), lin(x), atol=1e-9)
+    with torch.no_grad():
+        assert torch.allclose(m(x), lin(x), atol=1e-9)
+    back = m.to_linear()
+    assert torch.allclose(back.weight, lin.weight, atol=1e-9) and back.weight.dtype == F64
+
+
+def test_from_linear_inherits_dtype_and_compresses():
+    lin = nn.Linear(256, 128)
+    m = MPOLinear.from_linear(lin, MPOConfig(ratio=8, cores=3))
+    assert all(c.dtype == torch.float32 for c in m.weight_cores)
+    assert m.compression()["ratio"] >= 8
+
+
+@pytest.mark.parametrize("num_layers", [1, 2, 3])
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_mpo_rnn_equals_dense(num_layers, bidirectional, batch_first, kind):
+    torch.manual_seed(num_layers)
+    cls, mpo = (nn.LSTM, MPOLSTM) if kind == "lstm" else (nn.GRU, MPOGRU)
+    rnn = cls(13, 11, num_layers=num_layers, bidirectional=bidirectional, batch_first=batch_first).to(F64)
+    m = mpo.from_rnn(rnn)
+    assert all(m.is_mpo(n) for n, _ in rnn.named_parameters() if n.startswith("weight"))
+    x = torch.randn(3, 5, 13, dtype=F64)
+    d = 2 if bidirectional else 1
+    h0 = torch.randn(num_layers * d, 3 if batch_first else 5, 11, dtype=F64)
+    hx = (h0, torch.randn_like(h0)) if kind == "lstm" else h0
+    for args in [(x,), (x, hx)]:
+        ref, got = rnn(*args), m(*args)
+        assert torch.allclose(got[0], ref[0], atol=1e-9)
+        if kind == "lstm":
+            assert torch.allclose(got[1][0], ref[1][0], atol=1e-9) and torch.allclose(got[1][1], ref[1][1], atol=1e-9)
+        else:
+            assert torch.allclose(got[1], ref[1], atol=1e-9)
+    # unbatched input
+    assert torch.allclose(m(x[0])[0], rnn(x[0])[0], atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_cells_stream_like_the_sequence_model(kind):
+    torch.manual_seed(0)
+    cell_cls, mpo_cls = (nn.LSTMCell, MPOLSTMCell) if kind == "lstm" else (nn.GRUCell, MPOGRUCell)
+    cell = cell_cls(9, 7).to(F64)
+    m = mpo_cls.from_cell(cell)
+    x = torch.randn(6, 4, 9, dtype=F64)
+    h_ref = h_got = None
+    for t in range(6):  # frame by frame
+        h_ref = cell(x[t], h_ref)
+        h_got = m(x[t], h_got)
+    ref = h_ref[0] if kind == "lstm" else h_ref
+    got = h_got[0] if kind == "lstm" else h_got
+    assert torch.allclose(got, ref, atol=1e-9)
+    assert torch.allclose((m(x[0, 0])[0] if kind == "lstm" else m(x[0, 0])), (cell(x[0, 0])[0] if kind == "lstm" else cell(x[0, 0])), atol=1e-9)
+
+
+@pytest.mark.parametrize("conv", [nn.Conv1d(4, 12, 3, padding=1), nn.Conv2d(3, 16, (3, 5), stride=2, groups=1), nn.Conv2d(4, 8, 3, groups=2, padding_mode="reflect", padding=1)])
+def test_mpo_conv_equals_dense(conv):
+    conv = conv.to(F64)
+    m = MPOConv.from_conv(conv)
+    x = torch.randn(2, conv.in_channels, *([9] * (conv.weight.dim() - 2)), dtype=F64)
+    assert torch.allclose(m(x), conv(x), atol=1e-9)
+
+
+def test_mpo_embedding_equals_dense():
+    emb = nn.Embedding(30522 // 100, 48).to(F64)
+    m = MPOEmbedding.from_embedding(emb)
+    idx = torch.randint(emb.num_embeddings, (3, 7))
+    assert torch.allclose(m(idx), emb(idx), atol=1e-9)
+
+
+def test_gradients_reach_every_core():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 30), nn.Tanh(), nn.Linear(30, 5))
+    lstm = nn.LSTM(5, 6, num_layers=2)
+    compress_(model, MPOConfig(bond_dim=3, cores=3))
+    m_lstm = MPOLSTM.from_lstm(lstm, MPOConfig(bond_dim=2, cores=3), force=True)
+    for mode in ("chain", "materialize"):
+        for mod in [*model, m_lstm]:
+            if hasattr(mod, "mode"):
+                mod.mode = mode
+        model.zero_grad()
+        m_lstm.zero_grad()
+        y = model(torch.randn(4, 20))
+        out, _ = m_lstm(y.unsqueeze(1))  # 4 time steps, so weight_hh sees a non-zero state
+        out.square().sum().backward()
+        cores = [p for n, p in [*model.named_parameters(), *m_lstm.named_parameters()] if "_cores" in n]
+        assert cores and all(p.grad is not None and p.grad.abs().sum() > 0 for p in cores), mode
+
+
+def test_materialized_cache_follows_core_updates():
+    lin = MPOLinear.from_linear(nn.Linear(64, 64), MPOConfig(bond_dim=4, cores=3), mode="materialize")
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        a = lin(x)
+        lin.weight_cores[0].mul_(2.0)
+        b = lin(x)
+    assert torch.allclose(b - lin.bias, 2 * (a - lin.bias), atol=1e-5)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 32)
+        self.conv = nn.Conv1d(32, 32, 3, padding=1)
+        self.lstm = nn.LSTM(32, 24, batch_first=True, bidirectional=True)
+        self.fc = nn.Linear(48, 257)
+
+    def forward(self, idx):
+        x = self.conv(self.emb(idx).transpose(1, 2)).transpose(1, 2)
+        h, _ = self.lstm(torch.relu(x))
+        return self.fc(h)
+
+
+def test_compress_save_load_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = Net().eval()
+    rows = compress_(model, MPOConfig(ratio=3, cores=3))
+    assert {r["name"] for r in rows if r["status"] == "mpo"} >= {"fc.weight", "lstm.weight_ih_l0"}
+    assert isinstance(model.fc, MPOLinear) and isinstance(model.lstm, MPOLSTM)
+    idx = torch.randint(50, (2, 9))
+    with torch.no_grad():
+        y = model(idx)
+    path = tmp_path / "net.safetensors"
+    save_compressed(model, path)
+    fresh = Net().eval()
+    load_compressed_(fresh, path)
+    with torch.no_grad():
+        assert torch.allclose(fresh(idx), y, atol=1e-6)
+    # the same file rebuilds a dense state dict the original architecture loads strictly
+    dense = Net().eval()
+    dense.load_state_dict(load_state_dict(path), strict=True)
+    with torch.no_grad():
+        assert torch.allclose(dense(idx), y, atol=1e-5)
+
+
+def test_load_convert_output_into_model(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    model = Net().eval()
+    src = tmp_path / "dense.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(src))
+    out = tmp_path / "mpo.safetensors"
+    convert(src, out, MPOConfig(ratio=2, cores="auto"))
+    fresh = Net().eval()
+    load_compressed_(fresh, out)
+    ref = Net().eval()
+    ref.load_state_dict(load_state_dict(out))
+    idx = torch.randint(50, (2, 9))
+    with torch.no_grad():
+        assert torch.allclose(fresh(idx), ref(idx), atol=1e-5)
+    assert isinstance(fresh.fc, MPOLinear)
+
+
+def test_load_compressed_fails_clearly_on_mismatch(tmp_path):
+    torch.manual_seed(0)
+    model = Net()
+    compress_(model, MPOConfig(ratio=3, cores=2))
+    path = tmp_path / "n.safetensors"
+    save_compressed(model, path)
+
+    class Wider(Net):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(48, 300)
+
+    with pytest.raises(InputError, match=r"fc.weight has shape \[257, 48\] in the checkpoint but \[300, 48\]"):
+        load_compressed_(Wider(), path)
+
+    class Other(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(48, 257)
+
+    with pytest.raises(InputError, match="not in the model"):
+        load_compressed_(Other(), path)
+
+
+def test_trace_and_compile():
+    torch.manual_seed(0)
+    model = Net().eval()
+    compress_(model, MPOConfig(ratio=3, cores=3))
+    idx = torch.randint(50, (2, 9))
+    with torch.no_grad():
+        y = model(idx)
+        traced = torch.jit.trace(model, (idx,), check_trace=False)
+        assert torch.allclose(traced(idx), y, atol=1e-5)
+
+
+def test_onnx_parity(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    torch.manual_seed(0)
+    model = Net().eval()
+    compress_(model, MPOConfig(ratio=3, cores=3))
+    idx = torch.randint(50, (2, 9))
+    with torch.no_grad():
+        y = model(idx)
+    path = tmp_path / "net.onnx"
+    torch.onnx.export(model, (idx,), str(path), dynamo=False, input_names=["idx"], output_names=["y"])
+    got = ort.InferenceSession(str(path)).run(None, {"idx": idx.numpy()})[0]
+    assert abs(got - y.numpy()).max() < 1e-4
