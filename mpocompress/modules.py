@@ -137,26 +137,33 @@ class MPOMatrices(nn.Module):
         return choice
 
     def _time_choice(self, name: str, x: torch.Tensor, cores: list[torch.Tensor], bias, grad: bool) -> str:
-        """Time both contractions on this input (2 warm-up and 5 timed calls each, best of) and return
-        the faster. In training (``grad``) "materialize" rebuilds the matrix each call, so that is timed."""
-        best: dict[str, float] = {}
+        """Time both contractions on this input and return the faster.
+
+        The two are timed in alternation (2 warm-up rounds, then 12 rounds, median of each), so drift
+        and cold caches hit both alike. In training (``grad``) "materialize" rebuilds the matrix each
+        call, so that is what is timed.
+        """
         detached = [c.detach() for c in cores]
+        out_f = self._shapes[name][0]
+
+        def call(how: str) -> None:
+            if not grad:
+                self._run(how, name, x, cores, bias, False)
+            elif how == "chain":  # what a training step pays: no caches
+                mpo_chain(x, detached, out_f)
+            else:
+                F.linear(x, cores_to_matrix(detached, self._shapes[name]), bias)
+
+        times: dict[str, list[float]] = {"chain": [], "materialize": []}
         with torch.no_grad():
-            for how in ("chain", "materialize"):
-                times = []
-                for rep in range(7):
+            for rnd in range(14):
+                for how in times:
                     t0 = time.perf_counter()
-                    if grad:  # what a training step pays: no caches
-                        if how == "chain":
-                            mpo_chain(x, detached, self._shapes[name][0])
-                        else:
-                            F.linear(x, cores_to_matrix(detached, self._shapes[name]), bias)
-                    else:
-                        self._run(how, name, x, cores, bias, False)
-                    if rep >= 2:
-                        times.append(time.perf_counter() - t0)
-                best[how] = min(times)
-        return min(best, key=best.__getitem__)
+                    call(how)
+                    if rnd >= 2:
+                        times[how].append(time.perf_counter() - t0)
+        med = {how: sorted(ts)[len(ts) // 2] for how, ts in times.items()}
+        return min(med, key=med.__getitem__)
 
     def _linear(self, name: str, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``x @ W_name^T (+ bias)`` for ``x`` of shape ``(..., in)``."""
