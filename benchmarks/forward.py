@@ -4,7 +4,7 @@
     python benchmarks/forward.py --quick      # n = 1024 only
 
 Grid: n x n layers (n = 1024, 4096), 4 cores with the same modes for both libraries ((4, 8, 8, 4), (8, 8, 8, 8)), max bond
-8/32/128, batch 1 and 64; no-grad inference. For each point the median of repeated calls:
+8/32/128, batch 1 and 64; no-grad inference. For each point the median of repeated calls, the contenders timed in alternation:
 
 * ``dense``           ``nn.Linear``
 * ``tltorch``         ``tltorch.FactorizedLinear(factorization="blocktt", implementation="factorized")``
@@ -40,16 +40,22 @@ from mpocompress.tt import tt_svd  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def median_time(fn, min_time: float = 0.3, max_reps: int = 2000) -> float:
-    for _ in range(3):
-        fn()
-    times: list[float] = []
+def interleaved_medians(fns: dict, min_time: float = 0.5, max_rounds: int = 2000) -> dict[str, float]:
+    """Median seconds per call of each function, timed in alternation (round-robin) so that drift
+    on a shared machine hits every contender alike."""
+    for fn in fns.values():
+        for _ in range(3):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
     start = time.perf_counter()
-    while (time.perf_counter() - start < min_time or len(times) < 5) and len(times) < max_reps:
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    rounds = 0
+    while (time.perf_counter() - start < min_time or rounds < 5) and rounds < max_rounds:
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+        rounds += 1
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def linear_point(n: int, bond: int, batch: int) -> dict:
@@ -67,8 +73,8 @@ def linear_point(n: int, bond: int, batch: int) -> dict:
     row = {"n": n, "bond": bond, "batch": batch, "bond_dims": tt.bond_dims, "tltorch_ranks": ranks,
            "params_mpo": tt.num_params, "params_tltorch": sum(f.numel() for f in fact.weight.factors)}  # fmt: skip
     with torch.no_grad():
-        for label, mod in (("dense", dense), ("tltorch", fact), ("mpo-chain", chain), ("mpo-auto", auto)):
-            row[label] = median_time(lambda mod=mod: mod(x))
+        mods = {"dense": dense, "tltorch": fact, "mpo-chain": chain, "mpo-auto": auto}
+        row.update(interleaved_medians({k: (lambda m=m: m(x)) for k, m in mods.items()}, min_time=min(2.0, 0.3 + n * n * batch / 4e8)))
         row["auto_choice"] = auto._choice.get(("weight", batch, False))
     return row
 
@@ -87,8 +93,8 @@ def lstm_point(bond: int, frames: int = 200) -> dict:
             _, state = model(xs[t], state)
 
     with torch.no_grad():
-        dense_t = median_time(lambda: stream(lstm), min_time=1.0) / frames
-        mpo_t = median_time(lambda: stream(mpo), min_time=1.0) / frames
+        t = interleaved_medians({"dense": lambda: stream(lstm), "mpo": lambda: stream(mpo)}, min_time=2.0)
+        dense_t, mpo_t = t["dense"] / frames, t["mpo"] / frames
     return {"bond": bond, "hidden": 512, "input": 257, "dense_per_frame": dense_t, "mpo_per_frame": mpo_t,
             "params_dense": sum(p.numel() for n, p in lstm.named_parameters() if n.startswith("weight")),
             "params_mpo": sum(p.numel() for n, p in mpo.named_parameters() if "_cores" in n)}  # fmt: skip

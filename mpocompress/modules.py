@@ -36,12 +36,9 @@ MODES = ("auto", "chain", "materialize")
 
 
 def _tracing() -> bool:
-    return (
-        torch.jit.is_tracing()
-        or torch.jit.is_scripting()
-        or torch.onnx.is_in_onnx_export()
-        or torch.compiler.is_compiling()
-    )
+    """True under torch.jit.trace (and so the legacy ONNX exporter), torch.compile and torch.export
+    (and so the dynamo ONNX exporter). Called on every forward: keep it cheap."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling()
 
 
 class MPOMatrices(nn.Module):

@@ -243,3 +243,15 @@ def test_onnx_parity(tmp_path):
     torch.onnx.export(model, (idx,), str(path), dynamo=False, input_names=["idx"], output_names=["y"])
     got = ort.InferenceSession(str(path)).run(None, {"idx": idx.numpy()})[0]
     assert abs(got - y.numpy()).max() < 1e-4
+
+
+@pytest.mark.slow
+def test_compile():
+    torch.manual_seed(0)
+    model = Net().eval()
+    compress_(model, MPOConfig(ratio=3, cores=3))
+    idx = torch.randint(50, (2, 9))
+    with torch.no_grad():
+        y = model(idx)
+        compiled = torch.compile(model)
+        assert torch.allclose(compiled(idx), y, atol=1e-5)
