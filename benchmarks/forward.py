@@ -33,7 +33,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from mpocompress.modules import MPOLinear, MPOLSTM  # noqa: E402
+from mpocompress.modules import MPOLSTM, MPOLinear  # noqa: E402
 from mpocompress.shapes import choose_modes  # noqa: E402
 from mpocompress.tt import tt_svd  # noqa: E402
 

@@ -16,12 +16,12 @@ from mpocompress.config import MPOConfig
 from mpocompress.errors import InputError
 from mpocompress.kinds import selected
 from mpocompress.modules import (
+    MPOGRU,
+    MPOLSTM,
     MPOConv,
     MPOEmbedding,
-    MPOGRU,
     MPOGRUCell,
     MPOLinear,
-    MPOLSTM,
     MPOLSTMCell,
     MPOMatrices,
 )

@@ -8,7 +8,15 @@ from mpocompress.config import MPOConfig
 from mpocompress.errors import InputError
 from mpocompress.functional import build_flops, chain_flops, mpo_chain, mpo_rows
 from mpocompress.model import compress_, load_compressed_, save_compressed
-from mpocompress.modules import MPOConv, MPOEmbedding, MPOGRU, MPOGRUCell, MPOLinear, MPOLSTM, MPOLSTMCell
+from mpocompress.modules import (
+    MPOGRU,
+    MPOLSTM,
+    MPOConv,
+    MPOEmbedding,
+    MPOGRUCell,
+    MPOLinear,
+    MPOLSTMCell,
+)
 from mpocompress.pipeline import convert, load_state_dict
 from mpocompress.shapes import choose_modes
 from mpocompress.tt import tt_svd
