@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import time
 from pathlib import Path
 
@@ -32,6 +31,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import tensorly as tl  # noqa: E402
 import torch  # noqa: E402
+from _docs import write_block  # noqa: E402
 from tensorly.decomposition import tensor_train_matrix  # noqa: E402
 
 from mpocompress.shapes import choose_modes  # noqa: E402
@@ -87,17 +87,6 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def update_docs(table: str, meta: str) -> None:
-    doc = ROOT / "docs" / "benchmarks.md"
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    block = f"<!-- convert:start -->\n{meta}\n\n{table}\n<!-- convert:end -->"
-    if "<!-- convert:start -->" in text:
-        text = re.sub(r"<!-- convert:start -->.*?<!-- convert:end -->", lambda _: block, text, flags=re.S)
-    else:
-        text += "\n" + block + "\n"
-    doc.write_text(text)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description="TT-SVD: mpocompress vs tensorly")
     ap.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096])
@@ -134,7 +123,7 @@ def main() -> None:
         f"{env['threads']} thread, {env['machine']}). Matrices with power-law spectrum s_i = i^-0.7."
     )
     if not args.no_docs:
-        update_docs(markdown(rows), meta)
+        write_block("convert", f"{meta}\n\n{markdown(rows)}")
     print(markdown(rows))
 
 

@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import statistics
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
+from _docs import write_block  # noqa: E402
 from torch import nn  # noqa: E402
 
 from mpocompress.modules import MPOLSTM, MPOLinear  # noqa: E402
@@ -146,15 +146,8 @@ def main() -> None:
     text = tables(rows, lstm_rows)
     print(text)
     if not args.no_docs:
-        doc = ROOT / "docs" / "benchmarks.md"
-        body = doc.read_text() if doc.exists() else "# Benchmarks\n"
-        block = (f"<!-- forward:start -->\nCommand: `python benchmarks/forward.py` (torch {env['torch']}, tltorch {env['tltorch']}, "
-                 f"1 thread, {env['machine']}; no-grad, median per call).\n\n{text}\n<!-- forward:end -->")  # fmt: skip
-        if "<!-- forward:start -->" in body:
-            body = re.sub(r"<!-- forward:start -->.*?<!-- forward:end -->", lambda _: block, body, flags=re.S)
-        else:
-            body += "\n" + block + "\n"
-        doc.write_text(body)
+        write_block("forward", f"Command: `python benchmarks/forward.py` (torch {env['torch']}, tltorch {env['tltorch']}, "
+                    f"1 thread, {env['machine']}; no-grad, median per call).\n\n{text}")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
+from _docs import write_block  # noqa: E402
 
 from mpocompress.config import MPOConfig  # noqa: E402
 from mpocompress.pipeline import convert, load_state_dict  # noqa: E402
@@ -118,14 +118,7 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if not args.no_docs:
-        doc = ROOT / "docs" / "benchmarks.md"
-        text = doc.read_text() if doc.exists() else "# Benchmarks\n"
-        block = f"<!-- minilm:start -->\nCommand: `python benchmarks/real_checkpoint.py` (1 thread).\n\n{table}\n<!-- minilm:end -->"
-        if "<!-- minilm:start -->" in text:
-            text = re.sub(r"<!-- minilm:start -->.*?<!-- minilm:end -->", lambda _: block, text, flags=re.S)
-        else:
-            text += "\n" + block + "\n"
-        doc.write_text(text)
+        write_block("minilm", f"Command: `python benchmarks/real_checkpoint.py` (1 thread).\n\n{table}")
 
 
 if __name__ == "__main__":
