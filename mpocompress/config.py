@@ -18,6 +18,48 @@ AUTO_CORES: tuple[int, ...] = (2, 3, 4)
 #: ``bond_dim`` MPO with this many cores costs; every candidate then gets that budget.
 AUTO_REFERENCE_CORES = 3
 SVD_METHODS = ("auto", "full", "randomized")
+PRUNERS = ("magnitude", "channel")
+QUANTIZERS = ("kmeans", "int8", "seofp", "fp16", "bf16")
+
+
+@dataclass(frozen=True)
+class Codec:
+    """One codec and its parameter, parsed from ``"kmeans:16"``-style text."""
+
+    name: str
+    param: float | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Codec:
+        name, _, arg = text.strip().partition(":")
+        name = name.lower()
+        if name not in PRUNERS + QUANTIZERS:
+            raise ValueError(f"unknown codec {name!r} (known: {', '.join(PRUNERS + QUANTIZERS)})")
+        needs = {"magnitude": "SPARSITY", "channel": "THETA", "kmeans": "K", "seofp": "E"}
+        if name in needs and not arg:
+            raise ValueError(f"{name} needs a parameter: {name}:{needs[name]}")
+        if name not in needs and arg:
+            raise ValueError(f"{name} takes no parameter, got {text!r}")
+        param = float(arg) if arg else None
+        if name == "magnitude" and not (0.0 <= param < 1.0):
+            raise ValueError(f"magnitude sparsity must be in [0, 1), got {arg}")
+        if name == "channel" and not (0.0 <= param <= 1.0):
+            raise ValueError(f"channel theta must be in [0, 1], got {arg}")
+        if name == "kmeans" and not (param == int(param) and 2 <= param <= 256):
+            raise ValueError(f"kmeans K must be an integer in 2..256, got {arg}")
+        if name == "seofp" and not (param == int(param) and 2 <= param <= 8):
+            raise ValueError(f"seofp E must be an integer in 2..8, got {arg}")
+        return cls(name, param)
+
+    @property
+    def is_pruner(self) -> bool:
+        return self.name in PRUNERS
+
+    def __str__(self) -> str:
+        if self.param is None:
+            return self.name
+        p = int(self.param) if self.param == int(self.param) and self.name != "magnitude" else self.param
+        return f"{self.name}:{p}"
 
 
 @dataclass(frozen=True)
@@ -37,6 +79,12 @@ class MPOConfig:
             count in :data:`AUTO_CORES` with the least error at the layer's parameter budget.
         svd: ``"full"``, ``"randomized"`` (when the bond is known) or ``"auto"`` (randomized where
             the bond is small next to the matrix).
+        prune: a pruning codec, ``"magnitude:SPARSITY"`` or ``"channel:THETA"`` (see
+            :mod:`mpocompress.codecs`), applied to what is stored (the dense weight, or the cores).
+        quantize: a quantization codec, ``"kmeans:K"``, ``"int8"``, ``"seofp:E"``, ``"fp16"``, ``"bf16"``,
+            applied after pruning.
+        prune_scope: ``"layer"`` (each tensor to the sparsity) or ``"global"`` (one magnitude threshold
+            over all selected tensors, reaching the sparsity overall).
         include: name patterns (globs, or ``re:REGEX``) of the tensors to compress; empty = all
             floating tensors with >= 2 dimensions.
         exclude: name patterns of tensors to leave untouched.
@@ -48,6 +96,9 @@ class MPOConfig:
     ratio: float | None = None
     cores: int | str = "auto"
     svd: str = "auto"
+    prune: str | None = None
+    quantize: str | None = None
+    prune_scope: str = "layer"
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     seed: int = 0
@@ -56,8 +107,25 @@ class MPOConfig:
         # tuples, not lists, so the object stays hashable and immutable
         object.__setattr__(self, "include", tuple(self.include))
         object.__setattr__(self, "exclude", tuple(self.exclude))
-        if self.bond_dim is None and self.tol is None and self.ratio is None:
-            raise ConfigError("give one of bond_dim (--bond-dim), tol (--tol) or ratio (--ratio)")
+        if not self.mpo and self.prune is None and self.quantize is None:
+            raise ConfigError(
+                "give one of bond_dim (--bond-dim), tol (--tol) or ratio (--ratio), or a codec (--prune/--quantize)"
+            )
+        for kind, text in (("prune", self.prune), ("quantize", self.quantize)):
+            if text is None:
+                continue
+            try:
+                codec = Codec.parse(text)
+            except ValueError as e:
+                raise ConfigError(f"--{kind}: {e}") from None
+            if codec.is_pruner != (kind == "prune"):
+                raise ConfigError(f"--{kind}: {codec.name} is a {'pruning' if codec.is_pruner else 'quantization'} codec")
+        if self.prune_scope not in ("layer", "global"):
+            raise ConfigError(f"prune_scope must be 'layer' or 'global', got {self.prune_scope!r}")
+        if self.mpo and self.prune is not None and self.prune.startswith("channel"):
+            raise ConfigError("channel pruning applies to dense weights; combine it with --quantize, not with MPO")
+        if self.prune_scope == "global" and (self.mpo or self.prune is None or not self.prune.startswith("magnitude")):
+            raise ConfigError("prune_scope 'global' needs --prune magnitude:S without MPO")
         if self.ratio is not None and (self.bond_dim is not None or self.tol is not None):
             raise ConfigError("ratio (--ratio) cannot be combined with bond_dim or tol")
         if self.bond_dim is not None and (not isinstance(self.bond_dim, int) or self.bond_dim < 1):
@@ -70,6 +138,16 @@ class MPOConfig:
             raise ConfigError(f"cores must be an integer >= 2 or 'auto', got {self.cores!r}")
         if self.svd not in SVD_METHODS:
             raise ConfigError(f"svd must be one of {', '.join(SVD_METHODS)}, got {self.svd!r}")
+
+    @property
+    def mpo(self) -> bool:
+        """MPO is applied when a bond dimension, tolerance or ratio is given."""
+        return self.bond_dim is not None or self.tol is not None or self.ratio is not None
+
+    @property
+    def chain(self) -> list:
+        """The codecs applied to each stored tensor, in order (pruner, then quantizer)."""
+        return [Codec.parse(t) for t in (self.prune, self.quantize) if t is not None]
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
