@@ -122,14 +122,17 @@ def load_compressed_(model: nn.Module, path: str | Path, *, mode: str = "auto") 
             missing/unexpected tensors (named in the message).
     """
     from mpocompress.io import open_checkpoint, read_meta
+    from mpocompress.pipeline import stored_tensors
 
     with open_checkpoint(path) as ckpt:
         meta = read_meta(ckpt)
         if meta is None:
             raise InputError(f"{path}: not an mpocompress checkpoint (use model.load_state_dict for dense ones)")
-        tensors = {n: ckpt.get(n) for n in ckpt.keys()}
+        tensors = stored_tensors(ckpt, meta)  # codec parts decoded; MPO cores stay cores
     groups: dict[str, dict[str, dict[str, Any]]] = {}
     for full, entry in meta["layers"].items():
+        if entry.get("method", "mpo") != "mpo":
+            continue  # a pruned/quantized dense weight: decoded above, loaded as a plain tensor
         mod_name, _, w = full.rpartition(".")
         groups.setdefault(mod_name, {})[w] = entry
     modules = dict(model.named_modules())

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from mpocompress import __version__
-from mpocompress.compress import compress_matrix
+from mpocompress.codecs import decode, encode
+from mpocompress.compress import compress_matrix, singular_values
 from mpocompress.config import Gates, MPOConfig
 from mpocompress.errors import ConfigError, GateError, InputError
 from mpocompress.io import (
@@ -34,7 +35,7 @@ from mpocompress.io import (
 from mpocompress.kinds import is_candidate, kind_of, matrix_shape, selected
 from mpocompress.report import LayerRow, Report
 from mpocompress.spectra import analyze_matrix
-from mpocompress.tt import cores_to_matrix
+from mpocompress.tt import cores_to_matrix, relative_error, svd_tail_error
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,21 @@ def select_layers(ckpt: Checkpoint, include: tuple[str, ...], exclude: tuple[str
             f"({len(names)} candidates, e.g. {names[0]!r})"
         )
     return chosen
+
+
+#: suffixes of codec parts (``fc.weight.codes``...), checked for clashes with input names
+PART_SUFFIXES = (".mask", ".indices", ".values", ".codebook", ".codes", ".scale", ".zero_point")
+
+
+def global_threshold(ckpt: Checkpoint, layers: list[str], sparsity: float) -> float:
+    """The magnitude below which ``sparsity`` of all selected weights lie (global magnitude pruning).
+
+    Holds every selected weight's magnitudes (float32) at once: fine up to a few hundred million
+    parameters; streaming quantiles would lift that limit.
+    """
+    mags = torch.cat([ckpt.get(n).detach().abs().float().reshape(-1) for n in layers])
+    k = int(round(sparsity * mags.numel()))
+    return float(torch.kthvalue(mags, k).values) if k >= 1 else -1.0
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -103,9 +119,13 @@ def convert(
         shapes = {n: ckpt.shape(n) for n in names}
         taken = set(names)
         for n in layers:
-            clash = next((core_name(n, k) for k in range(8) if core_name(n, k) in taken), None)
+            ours = [core_name(n, k) for k in range(8)] + [f"{n}{sfx}" for sfx in PART_SUFFIXES]
+            clash = next((c for c in ours if c in taken), None)
             if clash:
-                raise InputError(f"{input_path}: tensor {clash!r} clashes with the name of a core of {n!r}")
+                raise InputError(f"{input_path}: tensor {clash!r} clashes with a name mpocompress writes for {n!r}")
+        threshold = None
+        if config.prune_scope == "global":
+            threshold = global_threshold(ckpt, layers, config.chain[0].param)
 
         single = output_path.suffix == ".safetensors"
         out_tensors: dict[str, torch.Tensor] = {}
@@ -125,14 +145,12 @@ def convert(
                     continue
                 if progress is not None:
                     progress(name, len(rows), len(layers))
-                row, entry, cores = _compress_tensor(name, t, config, shapes)
+                row, entry, stored = _compress_tensor(name, t, config, shapes, threshold)
                 rows.append(row)
-                if cores is None:
-                    add(name, t)
-                else:
+                if entry:
                     meta_layers[name] = entry
-                    for k, c in enumerate(cores):
-                        add(core_name(name, k), c)
+                for sname, v in stored.items():
+                    add(sname, v)
                 del t
             report = Report(
                 input=str(input_path),
@@ -166,53 +184,91 @@ def convert(
 
 
 def _compress_tensor(
-    name: str, t: torch.Tensor, config: MPOConfig, shapes: dict[str, tuple[int, ...]]
-) -> tuple[LayerRow, dict[str, Any], list[torch.Tensor] | None]:
+    name: str,
+    t: torch.Tensor,
+    config: MPOConfig,
+    shapes: dict[str, tuple[int, ...]],
+    threshold: float | None = None,
+) -> tuple[LayerRow, dict[str, Any], dict[str, torch.Tensor]]:
+    """Compress one weight: MPO (if configured), then the codec chain on each stored tensor.
+
+    Returns:
+        ``(row, entry, stored)``: the report row, the metadata entry (empty when the weight is kept
+        as it is) and the tensors to write for this weight.
+    """
     shape = list(t.shape)
     kind = kind_of(name, shape, shapes)
     out_f, in_f = matrix_shape(shape)
-    res = compress_matrix(t.reshape(out_f, in_f), config)
     itemsize = t.element_size()
+    numel = t.numel()
     row = LayerRow(
-        name=name,
-        kind=kind,
-        shape=shape,
-        dtype=dtype_name(t.dtype),
-        status=res.status,
-        dense_params=res.dense_params,
-        params=res.params,
-        dense_bytes=res.dense_params * itemsize,
-        bytes=res.params * itemsize,
-        rel_error=res.rel_error,
-        svd_rank=res.svd_rank,
-        svd_rel_error=res.svd_rel_error,
-        reason=res.reason,
-        candidates=[c.to_dict() for c in res.candidates],
-    )
-    if res.tt is None:
-        return row, {}, None
-    tt = res.tt
-    row.cores = len(tt.cores)
-    row.out_modes, row.in_modes = list(tt.out_modes), list(tt.in_modes)
-    row.padded_shape = list(tt.padded_shape)
-    row.bond_dims = tt.bond_dims
-    entry = {
-        "kind": kind,
-        "shape": shape,
-        "dtype": row.dtype,
-        "matrix_shape": [out_f, in_f],
-        "padded_shape": row.padded_shape,
-        "out_modes": row.out_modes,
-        "in_modes": row.in_modes,
-        "bond_dims": row.bond_dims,
-        "cores": [core_name(name, k) for k in range(len(tt.cores))],
-        "params": row.params,
-        "dense_params": row.dense_params,
-        "rel_error": row.rel_error,
-        "svd_rank": row.svd_rank,
-        "svd_rel_error": row.svd_rel_error,
-    }
-    return row, entry, tt.cores
+        name=name, kind=kind, shape=shape, dtype=dtype_name(t.dtype), status="dense",
+        dense_params=numel, params=numel, dense_bytes=numel * itemsize, bytes=numel * itemsize,
+        rel_error=0.0, svd_rank=min(out_f, in_f), svd_rel_error=0.0,
+    )  # fmt: skip
+    entry: dict[str, Any] = {"kind": kind, "shape": shape, "dtype": row.dtype, "matrix_shape": [out_f, in_f], "method": "dense"}
+    stored: dict[str, torch.Tensor] = {name: t}
+    if config.mpo:
+        res = compress_matrix(t.reshape(out_f, in_f), config)
+        row.candidates = [c.to_dict() for c in res.candidates]
+        row.reason = res.reason
+        if res.tt is not None:
+            tt = res.tt
+            row.status = "mpo"
+            row.cores, row.bond_dims = len(tt.cores), tt.bond_dims
+            row.out_modes, row.in_modes, row.padded_shape = list(tt.out_modes), list(tt.in_modes), list(tt.padded_shape)
+            stored = {core_name(name, k): c for k, c in enumerate(tt.cores)}
+            entry.update(
+                method="mpo", padded_shape=row.padded_shape, out_modes=row.out_modes, in_modes=row.in_modes,
+                bond_dims=row.bond_dims, cores=list(stored),
+            )  # fmt: skip
+    chain = config.chain
+    if chain:
+        encoded: dict[str, Any] = {}
+        parts_out: dict[str, torch.Tensor] = {}
+        for sname, st in stored.items():
+            parts, meta = encode(st, chain, threshold=threshold)
+            meta["parts"] = {part: f"{sname}.{part}" for part in parts}
+            encoded[sname] = meta
+            parts_out.update({f"{sname}.{part}": v for part, v in parts.items()})
+        if sum(_nbytes(v) for v in parts_out.values()) < sum(_nbytes(v) for v in stored.values()):
+            entry["encoded"] = encoded
+            row.codecs = [str(c) for c in chain]
+            stored = parts_out
+            if row.status == "dense":
+                row.status = "codec"
+        elif row.status == "dense":
+            row.reason = f"the codecs ({' '.join(map(str, chain))}) would not make it smaller"
+    if row.status == "dense":
+        return row, {}, {name: t}
+    row.bytes = sum(_nbytes(v) for v in stored.values())
+    decoded = _decode_entry(entry, stored.__getitem__)
+    recon = _rebuild(entry, [decoded[c] for c in entry["cores"]], name) if entry["method"] == "mpo" else decoded[name]
+    row.rel_error = relative_error(t, recon)
+    row.params = sum(
+        m.get("nnz", math.prod(m["shape"])) for m in entry.get("encoded", {}).values()
+    ) or sum(v.numel() for v in stored.values())
+    # the truncated SVD holding as many bytes as what is stored, in the weight's own dtype
+    row.svd_rank = (row.bytes // itemsize) // (out_f + in_f)
+    s, _ = singular_values(t.reshape(out_f, in_f), rank_hint=row.svd_rank, seed=config.seed)
+    row.svd_rel_error = svd_tail_error(s, row.svd_rank) if row.svd_rank > 0 else 1.0
+    entry.update(params=row.params, dense_params=numel, bytes=row.bytes, rel_error=row.rel_error,
+                 svd_rank=row.svd_rank, svd_rel_error=row.svd_rel_error)  # fmt: skip
+    return row, entry, stored
+
+
+def _decode_entry(entry: dict[str, Any], get: Callable[[str], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The plain tensors (cores, or the weight) a layer entry stores, decoding any codec parts."""
+    names = entry["cores"] if entry.get("method", "mpo") == "mpo" else []
+    encoded = entry.get("encoded", {})
+    out = {}
+    for sname in names or list(encoded):
+        if sname in encoded:
+            meta = encoded[sname]
+            out[sname] = decode({p: get(full) for p, full in meta["parts"].items()}, meta)
+        else:
+            out[sname] = get(sname)
+    return out
 
 
 def check_gates(report: Report, gates: Gates) -> None:
@@ -245,6 +301,26 @@ def _rebuild(entry: dict[str, Any], cores: list[torch.Tensor], name: str) -> tor
     return m.reshape(entry["shape"]).to(getattr(torch, entry["dtype"]))
 
 
+def stored_tensors(ckpt: Checkpoint, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Every tensor of a compressed checkpoint with codec parts decoded: MPO cores as float cores,
+    codec-only weights as dense weights, all else as stored.
+
+    Raises:
+        InputError: a tensor the metadata names is missing.
+    """
+    keys = set(ckpt.keys())
+    parts = {full for e in meta["layers"].values() for m in e.get("encoded", {}).values() for full in m["parts"].values()}
+    needed = parts | {c for e in meta["layers"].values() if e.get("method", "mpo") == "mpo" for c in e["cores"]}
+    missing = sorted((needed - keys) - {s for e in meta["layers"].values() for s in e.get("encoded", {})})
+    if missing:
+        raise InputError(f"{ckpt.path}: metadata names tensor {missing[0]!r}, which the file lacks")
+    out = {n: ckpt.get(n) for n in ckpt.keys() if n not in parts}
+    for entry in meta["layers"].values():
+        if entry.get("encoded"):
+            out.update(_decode_entry(entry, ckpt.get))
+    return out
+
+
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Rebuild the dense state dict from a ``convert`` output (or read a dense checkpoint as is).
 
@@ -265,18 +341,10 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             raise InputError(
                 f"{path}: format version {meta['format_version']} is newer than this mpocompress reads ({FORMAT_VERSION})"
             )
-        layers = meta["layers"]
-        core_names = {c for e in layers.values() for c in e["cores"]}
-        keys = set(ckpt.keys())
-        out: dict[str, torch.Tensor] = {}
-        for name in ckpt.keys():
-            if name not in core_names:
-                out[name] = ckpt.get(name)
-        for name, entry in layers.items():
-            missing = [c for c in entry["cores"] if c not in keys]
-            if missing:
-                raise InputError(f"{path}: layer {name!r} lacks core {missing[0]!r}")
-            out[name] = _rebuild(entry, [ckpt.get(c) for c in entry["cores"]], name)
+        out = stored_tensors(ckpt, meta)
+        for name, entry in meta["layers"].items():
+            if entry.get("method", "mpo") == "mpo":
+                out[name] = _rebuild(entry, [out.pop(c) for c in entry["cores"]], name)
         return out
 
 

@@ -53,20 +53,22 @@ def render_report(report: dict[str, Any], console: Console) -> None:
     table = Table(title=f"mpocompress: {report['input']} -> {report['output']}", title_justify="left")
     for col, just in (
         ("layer", "left"), ("kind", "left"), ("shape", "left"), ("cores", "right"), ("modes (out)x(in)", "left"),
-        ("bond dims", "left"), ("params", "right"), ("ratio", "right"), ("error", "right"), ("SVD error", "right"),
+        ("bond dims", "left"), ("codecs", "left"), ("params", "right"), ("ratio", "right"), ("error", "right"), ("SVD error", "right"),
     ):  # fmt: skip
         table.add_column(col, justify=just, no_wrap=col in ("layer",))
     for r in report["layers"]:
-        if r["status"] == "mpo":
+        if r["status"] != "dense":
+            mpo = r["status"] == "mpo"
             table.add_row(
-                r["name"], r["kind"], "x".join(map(str, r["shape"])), str(r["cores"]),
-                _modes(r["out_modes"], r["in_modes"]), ",".join(map(str, r["bond_dims"])),
+                r["name"], r["kind"], "x".join(map(str, r["shape"])), str(r["cores"]) if mpo else "-",
+                _modes(r["out_modes"], r["in_modes"]), ",".join(map(str, r["bond_dims"])) if mpo else "-",
+                " ".join(r.get("codecs") or []) or "-",
                 f"{r['dense_params']:,} -> {r['params']:,}", f"{r['ratio']:.1f}x",
                 f"{r['rel_error']:.4f}", f"{r['svd_rel_error']:.4f} (r={r['svd_rank']})",
             )  # fmt: skip
         else:
             table.add_row(
-                r["name"], r["kind"], "x".join(map(str, r["shape"])), "-", "kept dense", "-",
+                r["name"], r["kind"], "x".join(map(str, r["shape"])), "-", "kept dense", "-", "-",
                 f"{r['dense_params']:,}", "1.0x", "0", "-", style="dim",
             )  # fmt: skip
     console.print(table)
@@ -133,12 +135,13 @@ def _render_compressed(result: dict[str, Any], console: Console) -> None:
         title=f"{result['path']}: mpocompress format v{meta['format_version']} ({human_bytes(result['file_bytes'])})",
         title_justify="left",
     )
-    for col in ("layer", "kind", "shape", "modes (out)x(in)", "bond dims", "params", "error", "SVD error"):
+    for col in ("layer", "kind", "shape", "modes (out)x(in)", "bond dims", "codecs", "params", "error", "SVD error"):
         table.add_column(col, no_wrap=col == "layer")
     for name, e in meta["layers"].items():
+        codecs = sorted({c for m in e.get("encoded", {}).values() for c in m["chain"]}, key=lambda c: c.split(":")[0] not in ("magnitude", "channel"))
         table.add_row(
-            name, e["kind"], "x".join(map(str, e["shape"])), _modes(e["out_modes"], e["in_modes"]),
-            ",".join(map(str, e["bond_dims"])), f"{e['dense_params']:,} -> {e['params']:,}",
+            name, e["kind"], "x".join(map(str, e["shape"])), _modes(e.get("out_modes"), e.get("in_modes")),
+            ",".join(map(str, e.get("bond_dims") or [])) or "-", " ".join(codecs) or "-", f"{e['dense_params']:,} -> {e['params']:,}",
             "-" if e.get("rel_error") is None else f"{e['rel_error']:.4f}",
             "-" if e.get("svd_rel_error") is None else f"{e['svd_rel_error']:.4f} (r={e['svd_rank']})",
         )  # fmt: skip

@@ -21,7 +21,7 @@ class LayerRow:
     kind: str
     shape: list[int]
     dtype: str
-    status: str  # "mpo" | "dense"
+    status: str  # "mpo" (cores, maybe encoded) | "codec" (pruned/quantized weight) | "dense" (kept as is)
     dense_params: int
     params: int
     dense_bytes: int
@@ -35,6 +35,7 @@ class LayerRow:
     padded_shape: list[int] | None = None
     bond_dims: list[int] | None = None
     reason: str | None = None
+    codecs: list[str] = field(default_factory=list)
     candidates: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -63,7 +64,7 @@ class Report:
     gates: dict[str, Any] = field(default_factory=dict)
 
     def totals(self) -> dict[str, Any]:
-        mpo = [r for r in self.rows if r.status == "mpo"]
+        mpo = [r for r in self.rows if r.status != "dense"]
         dense_bytes = sum(r.dense_bytes for r in self.rows) + self.passthrough_bytes
         stored_bytes = sum(r.bytes for r in self.rows) + self.passthrough_bytes
         errors = [r.rel_error for r in mpo]
