@@ -144,6 +144,10 @@ def main(verbose: int) -> None:
               help="Cores per MPO (2 = truncated SVD), or 'auto' to pick per layer the least error at the budget.")
 @click.option("--svd", type=click.Choice(["auto", "full", "randomized"]), default="auto", show_default=True,
               help="SVD used by the TT-SVD (randomized only applies with a known bond).")
+@click.option("--prune", metavar="magnitude:S|channel:THETA", help="Prune what is stored (magnitude to sparsity S, or PP channel pruning at THETA).")
+@click.option("--quantize", metavar="kmeans:K|int8|seofp:E|fp16|bf16", help="Quantize what is stored (after pruning).")
+@click.option("--prune-scope", type=click.Choice(["layer", "global"]), default="layer", show_default=True,
+              help="Magnitude pruning per tensor, or one threshold over all selected tensors.")
 @click.option("--include", multiple=True, metavar="PATTERN", help="Compress only matching tensors (glob or re:REGEX; repeatable).")
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="Leave matching tensors untouched (glob or re:REGEX; repeatable).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the randomized SVD.")
@@ -154,7 +158,7 @@ def main(verbose: int) -> None:
 @click.option("--min-ratio", type=click.FloatRange(min=0, min_open=True), help="Exit 5 if the total compression ratio is below this.")
 @click.option("--max-shard-size", default="2GB", show_default=True, help="Shard size of a folder output.")
 @_errors
-def convert(input_path: Path, output_path: Path, bond_dim, tol, ratio, cores, svd, include, exclude, seed,
+def convert(input_path: Path, output_path: Path, bond_dim, tol, ratio, cores, svd, prune, quantize, prune_scope, include, exclude, seed,
             as_json, report_path, force, max_error, min_ratio, max_shard_size) -> None:  # fmt: skip
     """Compress the weight matrices of INPUT into MPO cores and write a compact checkpoint.
 
@@ -163,11 +167,16 @@ def convert(input_path: Path, output_path: Path, bond_dim, tol, ratio, cores, sv
       mpocompress convert model.safetensors -o model.mpo.safetensors --ratio 4
       mpocompress convert ckpt.pt -o small.safetensors --bond-dim 16 --cores 2 --exclude "*embed*"
       mpocompress convert big/ -o big-mpo/ --tol 0.2 --json --max-error 0.25 --min-ratio 3
+      mpocompress convert se.pt -o se.pq.safetensors --prune channel:0.65 --quantize kmeans:16
+
+    \b
+    MPO is applied when --bond-dim, --tol or --ratio is given; --prune/--quantize
+    alone apply only themselves, and with MPO they apply to the cores.
     """
     from mpocompress.config import Gates, MPOConfig
 
-    config = MPOConfig(bond_dim=bond_dim, tol=tol, ratio=ratio, cores=cores, svd=svd,
-                       include=include, exclude=exclude, seed=seed)  # fmt: skip
+    config = MPOConfig(bond_dim=bond_dim, tol=tol, ratio=ratio, cores=cores, svd=svd, prune=prune, quantize=quantize,
+                       prune_scope=prune_scope, include=include, exclude=exclude, seed=seed)  # fmt: skip
     gates = Gates(max_error=max_error, min_ratio=min_ratio)
 
     from mpocompress.errors import GateError

@@ -1,0 +1,223 @@
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors import safe_open
+
+from mpocompress.cli import main
+from mpocompress.codecs import (
+    Codec,
+    channel_mask,
+    channel_scores,
+    decode,
+    encode,
+    nbytes,
+    pack_bits,
+    seofp_codes,
+    seofp_decode,
+    unpack_bits,
+)
+from mpocompress.config import MPOConfig
+from mpocompress.errors import ConfigError
+from mpocompress.pipeline import convert, load_state_dict
+from mpocompress.tt import snr_db
+
+
+def chain(text):
+    return [Codec.parse(t) for t in text.split()]
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=st.integers(1, 8), n=st.integers(0, 200), seed=st.integers(0, 1000))
+def test_pack_bits_round_trip(bits, n, seed):
+    codes = torch.randint(2**bits, (n,), generator=torch.Generator().manual_seed(seed))
+    packed = pack_bits(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.numel() == (n * bits + 7) // 8
+    assert torch.equal(unpack_bits(packed, bits, n), codes)
+
+
+@pytest.mark.parametrize(
+    "text, floor_db, max_bits_per_weight",
+    [("int8", 40, 8.3), ("kmeans:256", 30, 8.5), ("kmeans:16", 18, 4.1), ("fp16", 60, 16), ("bf16", 45, 16), ("seofp:5", 12, 6)],
+)
+def test_lossy_codecs_meet_their_snr_floor(text, floor_db, max_bits_per_weight):
+    w = torch.randn(96, 200, generator=torch.Generator().manual_seed(0))
+    parts, meta = encode(w, chain(text))
+    back = decode(parts, meta)
+    assert back.shape == w.shape and back.dtype == w.dtype
+    assert snr_db(w, back) >= floor_db
+    assert nbytes(parts) * 8 / w.numel() <= max_bits_per_weight
+
+
+def test_pruning_alone_is_exact_on_what_it_keeps():
+    w = torch.randn(64, 48, generator=torch.Generator().manual_seed(1))
+    for sparsity in (0.0, 0.5, 0.99):
+        parts, meta = encode(w, chain(f"magnitude:{sparsity}"))
+        back = decode(parts, meta)
+        kept = back != 0
+        assert torch.equal(back[kept], w[kept])  # lossless where kept (atol=0)
+        assert abs((~kept).float().mean().item() - sparsity) < 1e-3
+        if sparsity:
+            assert w[~kept].abs().max() <= w[kept].abs().min()
+    assert meta["layout"] == "indices"  # 99 % sparse: int32 indices beat a bitmask above 1 - 1/32
+
+
+def test_channel_pruning_scores_slices_as_in_pp_pq():
+    w = torch.ones(2, 3, 2, 2)
+    w[0, 1] = 0.01  # a whole input-channel slice of filter 0 below the filter's mean magnitude
+    scores = channel_scores(w)
+    assert scores[0, 1] == 1.0 and scores[0, 0] == 0.0 and scores[1].max() == 0.0
+    mask = channel_mask(w, 0.65)
+    assert not mask[0, 1].any() and mask[0, 0].all() and mask[1].all()
+
+
+def test_seofp_multiplication_is_an_integer_add_on_the_float_bits():
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(500, generator=g, dtype=torch.float64)
+    codes, offset = seofp_codes(w, 5)
+    pw = seofp_decode(codes, 5, offset).float()
+    nz = pw != 0
+    assert bool(nz.any())
+    x = torch.randn(500, generator=g)[nz]
+    pw = pw[nz]
+    exponent = torch.log2(pw.abs()).round().to(torch.int32)
+    assert torch.equal(torch.exp2(exponent.float()), pw.abs())  # weights are signed powers of two
+    # x * (+-2^e): add e to the 8-bit exponent field and flip the sign bit -- no multiplier needed
+    bits = x.view(torch.int32) + (exponent << 23)
+    bits = bits ^ ((pw < 0).to(torch.int32) << 31)
+    assert torch.equal(bits.view(torch.float32), x * pw)
+
+
+@pytest.mark.parametrize("bad", ["kmeans:1", "kmeans:300", "magnitude:1.5", "seofp", "int8:3", "zip:2"])
+def test_bad_codec_text(bad):
+    with pytest.raises(ValueError):
+        Codec.parse(bad)
+
+
+def test_config_rules():
+    with pytest.raises(ConfigError, match="quantization codec"):
+        MPOConfig(prune="kmeans:4")
+    with pytest.raises(ConfigError, match="dense weights"):
+        MPOConfig(ratio=4, prune="channel:0.6")
+    with pytest.raises(ConfigError, match="global"):
+        MPOConfig(quantize="int8", prune_scope="global")
+    assert not MPOConfig(quantize="int8").mpo
+
+
+CHAINS = [
+    {"prune": "magnitude:0.8"},
+    {"prune": "channel:0.65"},
+    {"quantize": "kmeans:16"},
+    {"quantize": "int8"},
+    {"quantize": "seofp:5"},
+    {"quantize": "fp16"},
+    {"quantize": "bf16"},
+    {"prune": "magnitude:0.6", "quantize": "kmeans:16"},
+    {"prune": "channel:0.65", "quantize": "kmeans:32"},
+    {"prune": "magnitude:0.5", "quantize": "seofp:5"},
+    {"ratio": 3, "cores": 3, "quantize": "kmeans:32"},
+    {"bond_dim": 4, "cores": 2, "quantize": "seofp:5"},
+    {"ratio": 2, "quantize": "int8"},
+]
+
+
+class BigZoo(torch.nn.Module):
+    """Every layer kind, large enough (~175k parameters) that file headers are a small part."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.embed = nn.Embedding(500, 64)
+        self.fc = nn.Linear(64, 257)
+        self.conv1 = nn.Conv1d(16, 48, 3)
+        self.conv2 = nn.Conv2d(8, 32, (3, 5))
+        self.lstm = nn.LSTM(64, 48, num_layers=2, bidirectional=True)
+        self.gru = nn.GRU(64, 40)
+        self.cell = nn.LSTMCell(32, 32)
+
+
+@pytest.fixture(scope="module")
+def big_zoo(tmp_path_factory):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = BigZoo()
+    path = tmp_path_factory.mktemp("zoo") / "big_zoo.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return model, path
+
+
+@pytest.mark.parametrize("kw", CHAINS, ids=lambda kw: "+".join(f"{k}={v}" for k, v in kw.items()))
+def test_report_bytes_are_the_file_bytes(tmp_path, big_zoo, kw):
+    _, zoo_file = big_zoo
+    out = tmp_path / "o.safetensors"
+    report = convert(zoo_file, out, MPOConfig(**kw))
+    t = report.totals()
+    with safe_open(str(out), "pt") as f:
+        stored = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys())
+    assert stored == t["bytes"]
+    assert t["ratio"] > 1.05
+    # every byte of the file is accounted for: the 8-byte length, the JSON header, the tensors
+    raw = out.read_bytes()
+    header_len = int.from_bytes(raw[:8], "little")
+    assert len(raw) == 8 + header_len + stored == t["output_file_bytes"]
+    assert header_len < 48 * 1024 and t["output_file_bytes"] < t["input_file_bytes"]
+    # LSTM/GRU weights are compressed like any other
+    kinds = {r.kind for r in report.rows if r.status != "dense"}
+    assert {"lstm", "gru", "linear", "conv", "embedding"} <= kinds
+    # decoding gives back exactly the errors the report states, and the original model loads it
+    sd = load_state_dict(out)
+    ref = load_state_dict(zoo_file)
+    for r in report.rows:
+        err = float((sd[r.name].double() - ref[r.name].double()).norm() / ref[r.name].double().norm())
+        assert err == pytest.approx(r.rel_error, rel=1e-3, abs=1e-6), r.name
+    BigZoo().load_state_dict(sd, strict=True)
+
+
+def test_global_magnitude_reaches_overall_sparsity(tmp_path, zoo_file):
+    report = convert(zoo_file, tmp_path / "o.safetensors", MPOConfig(prune="magnitude:0.7", prune_scope="global"))
+    kept = sum(r.params for r in report.rows)
+    total = sum(r.dense_params for r in report.rows)
+    assert abs(1 - kept / total - 0.7) < 0.01
+    sparsities = [1 - r.params / r.dense_params for r in report.rows]
+    assert max(sparsities) - min(sparsities) > 0.05  # one threshold, not one sparsity per layer
+
+
+def test_cli_prune_quantize_and_inspect(tmp_path, trained_like):
+    out = tmp_path / "o.safetensors"
+    res = CliRunner().invoke(main, ["convert", str(trained_like), "-o", str(out), "--prune", "magnitude:0.5", "--quantize", "kmeans:16", "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert all(r["codecs"] == ["magnitude:0.5", "kmeans:16"] for r in data["layers"])
+    assert data["totals"]["ratio"] > 8
+    res = CliRunner().invoke(main, ["inspect", str(out)])
+    assert res.exit_code == 0 and "kmeans:16" in res.stdout
+    res = CliRunner().invoke(main, ["convert", str(trained_like), "-o", str(out), "--quantize", "kmeans:999", "--force"])
+    assert res.exit_code == 2 and "kmeans K" in res.stderr
+
+
+def test_load_compressed_with_quantized_cores(tmp_path):
+    from torch import nn
+
+    from mpocompress.model import load_compressed_
+    from mpocompress.modules import MPOLinear
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 10))
+    src = tmp_path / "d.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(src))
+    out = tmp_path / "q.safetensors"
+    convert(src, out, MPOConfig(ratio=3, cores=3, quantize="kmeans:64"))
+    fresh = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 10))
+    load_compressed_(fresh, out)
+    assert isinstance(fresh[0], MPOLinear)
+    ref = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 10))
+    ref.load_state_dict(load_state_dict(out))
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        assert torch.allclose(fresh(x), ref(x), atol=1e-5)
