@@ -148,6 +148,7 @@ def main(verbose: int) -> None:
 @click.option("--quantize", metavar="kmeans:K|int8|seofp:E|fp16|bf16", help="Quantize what is stored (after pruning).")
 @click.option("--prune-scope", type=click.Choice(["layer", "global"]), default="layer", show_default=True,
               help="Magnitude pruning per tensor, or one threshold over all selected tensors.")
+@click.option("--recipe", "recipe_path", type=click.Path(path_type=Path), help="TOML file of per-layer choices ([default], [[layers]] match=...).")
 @click.option("--include", multiple=True, metavar="PATTERN", help="Compress only matching tensors (glob or re:REGEX; repeatable).")
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="Leave matching tensors untouched (glob or re:REGEX; repeatable).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the randomized SVD.")
@@ -158,7 +159,8 @@ def main(verbose: int) -> None:
 @click.option("--min-ratio", type=click.FloatRange(min=0, min_open=True), help="Exit 5 if the total compression ratio is below this.")
 @click.option("--max-shard-size", default="2GB", show_default=True, help="Shard size of a folder output.")
 @_errors
-def convert(input_path: Path, output_path: Path, bond_dim, tol, ratio, cores, svd, prune, quantize, prune_scope, include, exclude, seed,
+@click.pass_context
+def convert(ctx: click.Context, input_path: Path, output_path: Path, bond_dim, tol, ratio, cores, svd, prune, quantize, prune_scope, recipe_path, include, exclude, seed,
             as_json, report_path, force, max_error, min_ratio, max_shard_size) -> None:  # fmt: skip
     """Compress the weight matrices of INPUT into MPO cores and write a compact checkpoint.
 
@@ -173,10 +175,22 @@ def convert(input_path: Path, output_path: Path, bond_dim, tol, ratio, cores, sv
     MPO is applied when --bond-dim, --tol or --ratio is given; --prune/--quantize
     alone apply only themselves, and with MPO they apply to the cores.
     """
-    from mpocompress.config import Gates, MPOConfig
+    from mpocompress.config import Gates, MPOConfig, Recipe
 
-    config = MPOConfig(bond_dim=bond_dim, tol=tol, ratio=ratio, cores=cores, svd=svd, prune=prune, quantize=quantize,
-                       prune_scope=prune_scope, include=include, exclude=exclude, seed=seed)  # fmt: skip
+    given = {k: v for k, v in dict(bond_dim=bond_dim, tol=tol, ratio=ratio, prune=prune, quantize=quantize).items() if v is not None}
+    for k, v in dict(cores=cores, svd=svd, prune_scope=prune_scope, seed=seed).items():
+        if ctx.get_parameter_source(k) is not click.core.ParameterSource.DEFAULT:
+            given[k] = v
+    recipe = None
+    if recipe_path is not None:
+        from mpocompress.io import read_toml
+
+        default, recipe = Recipe.from_dict(read_toml(recipe_path))
+        # explicit command-line options win over the recipe's [default]
+        if any(k in given for k in ("bond_dim", "tol", "ratio")):
+            default = {k: v for k, v in default.items() if k not in ("bond_dim", "tol", "ratio")}
+        given = {**default, **given}
+    config = MPOConfig(**given, include=include, exclude=exclude)
     gates = Gates(max_error=max_error, min_ratio=min_ratio)
 
     from mpocompress.errors import GateError
@@ -186,7 +200,8 @@ def convert(input_path: Path, output_path: Path, bond_dim, tol, ratio, cores, sv
 
     shard_bytes = parse_size(max_shard_size)
     with _Progress("converting") as progress:
-        report = run_convert(input_path, output_path, config, force=force, max_shard_bytes=shard_bytes, progress=progress)
+        report = run_convert(input_path, output_path, config, force=force, max_shard_bytes=shard_bytes,
+                             progress=progress, recipe=recipe)  # fmt: skip
     gate_error = None
     try:
         check_gates(report, gates)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from mpocompress.errors import ConfigError
@@ -185,4 +185,73 @@ class Gates:
             raise ConfigError(f"min_ratio must be > 0, got {self.min_ratio!r}")
 
 
-__all__ = ["AUTO_CORES", "AUTO_REFERENCE_CORES", "Gates", "MPOConfig", "field"]
+
+
+_BOND_CHOICES = ("bond_dim", "tol", "ratio")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Per-layer choices: the first rule whose pattern matches a tensor name overrides the base config.
+
+    Each rule is ``(patterns, overrides)``; ``overrides`` holds :class:`MPOConfig` fields, ``"none"``
+    clears a codec, and ``skip = true`` leaves the tensor untouched. Setting one of ``bond_dim``, ``tol``
+    or ``ratio`` clears the base config's other two.
+    """
+
+    rules: tuple[tuple[tuple[str, ...], tuple[tuple[str, Any], ...]], ...] = ()
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> tuple[dict[str, Any], Recipe]:
+        """``({default overrides}, Recipe)`` from a parsed TOML document (``[default]``, ``[[layers]]``)."""
+        unknown = set(data) - {"default", "layers"}
+        if unknown:
+            raise ConfigError(f"recipe: unknown tables {', '.join(sorted(unknown))} (expected [default] and [[layers]])")
+        default = dict(data.get("default", {}))
+        rules = []
+        fields = {f.name for f in dataclasses.fields(MPOConfig)} - {"include", "exclude"}
+        for i, rule in enumerate(data.get("layers", [])):
+            rule = dict(rule)
+            match = rule.pop("match", None)
+            if not match:
+                raise ConfigError(f"recipe: [[layers]] rule {i + 1} has no 'match'")
+            patterns = (match,) if isinstance(match, str) else tuple(match)
+            bad = set(rule) - fields - {"skip"}
+            if bad:
+                raise ConfigError(f"recipe: [[layers]] rule {i + 1} has unknown keys {', '.join(sorted(bad))}")
+            rules.append((patterns, tuple(sorted(rule.items()))))
+        bad = set(default) - fields
+        if bad:
+            raise ConfigError(f"recipe: [default] has unknown keys {', '.join(sorted(bad))}")
+        return default, cls(tuple(rules))
+
+    def config_for(self, name: str, base: MPOConfig) -> MPOConfig | None:
+        """The config for tensor ``name`` (None: skip it)."""
+        from mpocompress.kinds import match
+
+        for patterns, overrides in self.rules:
+            if any(match(name, p) for p in patterns):
+                return apply_overrides(base, dict(overrides), where=f"recipe rule for {name!r}")
+        return base
+
+    def to_list(self) -> list[dict[str, Any]]:
+        return [{"match": list(p), **dict(o)} for p, o in self.rules]
+
+
+def apply_overrides(base: MPOConfig, overrides: dict[str, Any], where: str = "recipe") -> MPOConfig | None:
+    """``base`` with ``overrides`` applied (see :class:`Recipe`); None when ``skip`` is set."""
+    overrides = dict(overrides)
+    if overrides.pop("skip", False):
+        return None
+    if any(k in overrides for k in _BOND_CHOICES):
+        overrides = {**{k: None for k in _BOND_CHOICES}, **overrides}
+    for k in ("prune", "quantize"):
+        if overrides.get(k) == "none":
+            overrides[k] = None
+    try:
+        return dataclasses.replace(base, **overrides)
+    except (ConfigError, TypeError) as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+__all__ = ["AUTO_CORES", "AUTO_REFERENCE_CORES", "Codec", "Gates", "MPOConfig", "Recipe", "apply_overrides"]

@@ -430,6 +430,20 @@ class ShardedWriter:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
+def read_toml(path: Path) -> dict[str, Any]:
+    """Parse a TOML file (a recipe)."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    try:
+        return tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: not valid TOML ({e})") from e
+
+
 def path_size(path: Path) -> int:
     """Bytes on disk of a file, or of every file in a folder."""
     if path.is_dir():

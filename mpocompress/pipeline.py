@@ -18,7 +18,7 @@ import torch
 from mpocompress import __version__
 from mpocompress.codecs import decode, encode
 from mpocompress.compress import compress_matrix, singular_values
-from mpocompress.config import Gates, MPOConfig
+from mpocompress.config import Gates, MPOConfig, Recipe
 from mpocompress.errors import ConfigError, GateError, InputError
 from mpocompress.io import (
     META_KEY,
@@ -95,6 +95,7 @@ def convert(
     force: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     progress: Progress | None = None,
+    recipe: Recipe | None = None,
 ) -> Report:
     """Convert a dense checkpoint into MPO cores and write the compact checkpoint.
 
@@ -106,6 +107,7 @@ def convert(
         force: replace an existing output (never the input).
         max_shard_bytes: shard size of a folder output.
         progress: called before each selected layer.
+        recipe: per-layer overrides of ``config`` by name pattern (a rule may also skip a tensor).
 
     Returns:
         The :class:`~mpocompress.report.Report` (also stored, without file sizes, in the output).
@@ -145,7 +147,16 @@ def convert(
                     continue
                 if progress is not None:
                     progress(name, len(rows), len(layers))
-                row, entry, stored = _compress_tensor(name, t, config, shapes, threshold)
+                cfg = config if recipe is None else recipe.config_for(name, config)
+                if cfg is None:  # the recipe skips it
+                    add(name, t)
+                    pass_n += 1
+                    pass_params += t.numel()
+                    pass_bytes += _nbytes(t)
+                    continue
+                row, entry, stored = _compress_tensor(name, t, cfg, shapes, threshold if cfg.prune == config.prune else None)
+                if entry and cfg != config:
+                    entry["config"] = cfg.to_dict()
                 rows.append(row)
                 if entry:
                     meta_layers[name] = entry
@@ -155,7 +166,7 @@ def convert(
             report = Report(
                 input=str(input_path),
                 output=str(output_path),
-                config=config.to_dict(),
+                config={**config.to_dict(), "recipe": recipe.to_list() if recipe is not None else []},
                 rows=rows,
                 passthrough_tensors=pass_n,
                 passthrough_params=pass_params,
@@ -167,6 +178,7 @@ def convert(
                 "format_version": FORMAT_VERSION,
                 "mpocompress_version": __version__,
                 "config": config.to_dict(),
+                "recipe": recipe.to_list() if recipe is not None else [],
                 "layers": meta_layers,
                 "totals": {k: v for k, v in report.totals().items() if not k.startswith(("output_", "file_"))},
             }

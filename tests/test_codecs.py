@@ -221,3 +221,27 @@ def test_load_compressed_with_quantized_cores(tmp_path):
     x = torch.randn(3, 64)
     with torch.no_grad():
         assert torch.allclose(fresh(x), ref(x), atol=1e-5)
+
+
+def test_recipe_per_layer_choices(tmp_path, trained_like):
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(
+        '[default]\nratio = 3\n\n[[layers]]\nmatch = "a.*"\nquantize = "kmeans:16"\nbond_dim = 4\n\n'
+        '[[layers]]\nmatch = ["re:^c\\\\."]\nskip = true\n'
+    )
+    out = tmp_path / "o.safetensors"
+    res = CliRunner().invoke(main, ["convert", str(trained_like), "-o", str(out), "--recipe", str(recipe), "--cores", "2", "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    rows = {r["name"]: r for r in data["layers"]}
+    assert set(rows) == {"a.weight", "b.weight"}  # c.weight skipped by the recipe
+    assert rows["a.weight"]["codecs"] == ["kmeans:16"] and rows["a.weight"]["bond_dims"] == [4]
+    assert rows["b.weight"]["codecs"] == [] and rows["b.weight"]["ratio"] >= 2.9
+    assert all(r["cores"] == 2 for r in rows.values())  # --cores on the command line applies to every rule
+    assert set(load_state_dict(out)) == set(load_state_dict(trained_like))
+    recipe.write_text('[[layers]]\nmatch = "a.*"\nwhatever = 3\n')
+    res = CliRunner().invoke(main, ["convert", str(trained_like), "-o", str(out), "--recipe", str(recipe), "--ratio", "2", "--force"])
+    assert res.exit_code == 2 and "unknown keys whatever" in res.stderr
+    recipe.write_text("[[layers]\nbroken")
+    res = CliRunner().invoke(main, ["convert", str(trained_like), "-o", str(out), "--recipe", str(recipe), "--ratio", "2", "--force"])
+    assert res.exit_code == 3 and "not valid TOML" in res.stderr
