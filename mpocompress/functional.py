@@ -19,8 +19,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-from mpocompress.tt import cores_to_matrix
-
 
 def chain_mats(cores: list[torch.Tensor]) -> list[torch.Tensor]:
     """Each core ``(r0, o, i, r1)`` as the ``(i * r1, r0 * o)`` matrix :func:`mpo_chain` multiplies by."""
@@ -58,12 +56,6 @@ def mpo_chain(
         t = t.reshape(-1, o).t()  # o to the front
     # (o_1..o_d, N)
     return t.reshape(-1, n).t()[:, :out_features]
-
-
-def mpo_dense(x: torch.Tensor, cores: list[torch.Tensor], out_features: int) -> torch.Tensor:
-    """``x @ W^T`` by building ``W`` first (differentiable; nothing cached)."""
-    w = cores_to_matrix(cores, (out_features, x.shape[1]))
-    return x @ w.T
 
 
 def chain_flops(n: int, cores_shapes: list[tuple[int, int, int, int]]) -> int:

@@ -463,8 +463,3 @@ def read_meta(ckpt: Checkpoint) -> dict[str, Any] | None:
     if not isinstance(meta, dict) or meta.get("format") != "mpocompress":
         raise InputError(f"{ckpt.path}: metadata key {META_KEY!r} is not mpocompress metadata")
     return meta
-
-
-def iter_tensors(ckpt: Checkpoint) -> Iterator[tuple[str, torch.Tensor]]:
-    for name in ckpt.keys():
-        yield name, ckpt.get(name)

@@ -21,8 +21,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mpocompress.shapes import choose_modes
-
 #: randomized SVD is used (``svd="auto"``) when ``bond + oversampling`` is at most this fraction of
 #: the unfolding's smaller side
 RANDOMIZED_FRACTION = 0.25
@@ -227,14 +225,6 @@ def tt_svd(
     cores.append(c.reshape(r_prev, out_modes[-1], in_modes[-1], 1))
     cores = [core.to(matrix.dtype).contiguous() for core in cores]
     return TTMatrix(cores=cores, shape=(rows, cols), spectra=spectra)
-
-
-def tt_svd_auto_modes(
-    matrix: torch.Tensor, cores: int, **kwargs
-) -> TTMatrix:
-    """:func:`tt_svd` with modes from :func:`mpocompress.shapes.choose_modes`."""
-    out_modes, in_modes = choose_modes(matrix.shape[0], matrix.shape[1], cores)
-    return tt_svd(matrix, out_modes, in_modes, **kwargs)
 
 
 def relative_error(reference: torch.Tensor, approx: torch.Tensor) -> float:
