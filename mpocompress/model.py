@@ -53,9 +53,7 @@ def _replacement(module: nn.Module, tts: dict[str, TTMatrix], mode: str) -> nn.M
         if module.max_norm is not None or module.sparse:
             raise ValueError("MPOEmbedding does not support max_norm or sparse embeddings")
         new = MPOEmbedding(module.num_embeddings, module.embedding_dim, tts["weight"], module.padding_idx)
-    elif type(module) in (nn.LSTM, nn.GRU):
-        new = _RNN[type(module)](module, tts, mode=mode)
-    elif type(module) in (nn.LSTMCell, nn.GRUCell):
+    elif type(module) in _RNN:
         new = _RNN[type(module)](module, tts, mode=mode)
     else:
         raise TypeError(f"unsupported module type {type(module).__name__}")

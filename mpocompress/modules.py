@@ -192,6 +192,15 @@ def _compress(weight: torch.Tensor, config: MPOConfig | None, force: bool) -> TT
     return res.best_tt if force else None
 
 
+def _compress_weights(module: nn.Module, config: MPOConfig | None, names: list[str] | None, force: bool) -> dict[str, TTMatrix | None]:
+    """Cores for each ``weight_*`` of an RNN or cell (all, or those in ``names``)."""
+    return {
+        name: _compress(p, config, force=force or config is None)
+        for name, p in module.named_parameters()
+        if name.startswith("weight_") and (names is None or name in names)
+    }
+
+
 def _random_cores(out_f: int, in_f: int, out_modes, in_modes, bond_dims, device=None, dtype=None) -> list[torch.Tensor]:
     """Cores whose product has the variance of ``nn.Linear``'s default init (1 / (3 in))."""
     r = [1, *bond_dims, 1]
@@ -359,11 +368,7 @@ class _MPORNNBase(MPOMatrices):
                  mode: str = "auto", force: bool = False) -> _MPORNNBase:  # fmt: skip
         """Compress the weights of ``rnn`` (all, or those in ``names``); a weight whose MPO would not be
         smaller stays dense unless ``force``."""
-        tts = {}
-        for name, p in rnn.named_parameters():
-            if name.startswith("weight_") and (names is None or name in names):
-                tts[name] = _compress(p, config, force=force or config is None)
-        return cls(rnn, tts, mode=mode)
+        return cls(rnn, _compress_weights(rnn, config, names, force), mode=mode)
 
     def _cell(self, gi: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None, whh: str, bhh: torch.Tensor | None):
         raise NotImplementedError
@@ -477,11 +482,7 @@ class _MPOCellBase(MPOMatrices):
     @classmethod
     def from_cell(cls, cell, config: MPOConfig | None = None, *, names: list[str] | None = None,
                   mode: str = "auto", force: bool = False):  # fmt: skip
-        tts = {}
-        for name, p in cell.named_parameters():
-            if name.startswith("weight_") and (names is None or name in names):
-                tts[name] = _compress(p, config, force=force or config is None)
-        return cls(cell, tts, mode=mode)
+        return cls(cell, _compress_weights(cell, config, names, force), mode=mode)
 
     def forward(self, input: torch.Tensor, hx: Any = None):
         unbatched = input.dim() == 1
