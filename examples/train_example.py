@@ -14,79 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-SR = 16000
-N_FFT = 512
-HOP = 256
-BINS = N_FFT // 2 + 1  # 257
-
-
-class SELSTM(nn.Module):
-    """Causal LSTM mask estimator: (batch, frames, 257) log-power -> (batch, frames, 257) mask."""
-
-    def __init__(self, bins: int = BINS, hidden: int = 128):
-        super().__init__()
-        self.inp = nn.Linear(bins, hidden)
-        self.lstm = nn.LSTM(hidden, hidden, batch_first=True)
-        self.out = nn.Linear(hidden, bins)
-
-    def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        h, _ = self.lstm(torch.relu(self.inp(feats)))
-        return torch.sigmoid(self.out(h))
-
-
-def _voiced(n: int, g: torch.Generator) -> torch.Tensor:
-    t = torch.arange(n) / SR
-    f0 = 90 + 160 * torch.rand(1, generator=g)
-    glide = 1 + 0.2 * torch.sin(2 * math.pi * torch.rand(1, generator=g) * 3 * t)
-    phase = 2 * math.pi * torch.cumsum(f0 * glide, 0) / SR
-    formants = 300 + 2500 * torch.rand(3, generator=g)
-    sig = torch.zeros(n)
-    for h in range(1, 40):
-        fh = f0 * h
-        if fh > SR / 2 - 200:
-            break
-        amp = sum(torch.exp(-((fh - f) / 250) ** 2) for f in formants) + 0.02
-        sig += amp * torch.sin(h * phase)
-    # syllable-like on/off envelope
-    env = (torch.sin(2 * math.pi * (2 + 3 * torch.rand(1, generator=g)) * t + 6 * torch.rand(1, generator=g)) > -0.3).float()
-    env = torch.nn.functional.avg_pool1d(env[None, None], 161, 1, 80)[0, 0]
-    return sig * env
-
-
-def _noise(n: int, g: torch.Generator) -> torch.Tensor:
-    white = torch.randn(n, generator=g)
-    kind = int(torch.randint(3, (1,), generator=g))
-    if kind == 0:
-        return white
-    spec = torch.fft.rfft(white)
-    f = torch.arange(spec.numel()).clamp(min=1).float()
-    spec = spec / f ** (0.5 if kind == 1 else 1.0)  # pink or brown
-    return torch.fft.irfft(spec, n)
-
-
-def make_batch(batch: int, seconds: float, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-power features, IRM targets), each (batch, frames, 257)."""
-    n = int(SR * seconds)
-    feats, masks = [], []
-    win = torch.hann_window(N_FFT)
-    for _ in range(batch):
-        clean = _voiced(n, g)
-        noise = _noise(n, g)
-        snr = -5 + 20 * float(torch.rand(1, generator=g))
-        noise = noise * (clean.norm() / (noise.norm() * 10 ** (snr / 20) + 1e-8))
-        c = torch.stft(clean, N_FFT, HOP, window=win, return_complex=True).abs() ** 2
-        v = torch.stft(noise, N_FFT, HOP, window=win, return_complex=True).abs() ** 2
-        x = torch.stft(clean + noise, N_FFT, HOP, window=win, return_complex=True).abs() ** 2
-        feats.append(torch.log10(x + 1e-8).T)
-        masks.append(torch.sqrt(c / (c + v + 1e-8)).T)
-    return torch.stack(feats), torch.stack(masks)
+from mpocompress.data.se import BINS, SELSTM, make_batch
 
 
 def main() -> None:
@@ -107,25 +41,25 @@ def main() -> None:
     val_x, val_y = make_batch(32, args.seconds, torch.Generator().manual_seed(10_000 + args.seed))
     with torch.no_grad():
         mu, sd = val_x.mean(), val_x.std()
+        model.feature_mean.fill_(float(mu))
+        model.feature_std.fill_(float(sd))
     start = time.time()
     for step in range(1, args.steps + 1):
         x, y = make_batch(args.batch, args.seconds, g)
-        loss = nn.functional.mse_loss(model((x - mu) / sd), y)
+        loss = nn.functional.mse_loss(model(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
         if step % 50 == 0:
             with torch.no_grad():
-                val = nn.functional.mse_loss(model((val_x - mu) / sd), val_y).item()
+                val = nn.functional.mse_loss(model(val_x), val_y).item()
             print(f"step {step} train {loss.item():.4f} val {val:.4f} ({time.time() - start:.0f}s)")
     with torch.no_grad():
-        val = nn.functional.mse_loss(model((val_x - mu) / sd), val_y).item()
+        val = nn.functional.mse_loss(model(val_x), val_y).item()
         base = nn.functional.mse_loss(torch.full_like(val_y, float(val_y.mean())), val_y).item()
     from safetensors.torch import save_file
 
     sd_ = {k: v.contiguous() for k, v in model.state_dict().items()}
-    sd_["feature_mean"] = mu.reshape(1)
-    sd_["feature_std"] = sd.reshape(1)
     meta = {
         "made_by": "examples/train_example.py",
         "model": f"SELSTM(bins={BINS}, hidden={args.hidden})",

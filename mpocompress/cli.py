@@ -106,6 +106,22 @@ class _Progress:
             self.bar.__exit__(*exc)
 
 
+class _TuneProgress(_Progress):
+    """Fine-tuning steps on the progress bar, with the running and best held-out losses."""
+
+    def __init__(self) -> None:
+        super().__init__("fine-tuning")
+
+    def __call__(self, step: int, total: int, info: dict[str, Any]) -> None:  # type: ignore[override]
+        if self.bar is None:
+            return
+        if self.task is None:
+            self.task = self.bar.add_task(self.label, total=total)
+        rnd = f" round {info['round']}" if "round" in info else ""
+        self.bar.update(self.task, completed=step, total=total,
+                        description=f"{self.label}{rnd} loss {info['loss']:.4g} best val {info['best_val_loss']:.4g}")  # fmt: skip
+
+
 def _cores(value: str) -> int | str:
     if value == "auto":
         return value
@@ -158,10 +174,28 @@ def main(verbose: int) -> None:
 @click.option("--max-error", type=click.FloatRange(min=0), help="Exit 5 if any layer's relative error exceeds this.")
 @click.option("--min-ratio", type=click.FloatRange(min=0, min_open=True), help="Exit 5 if the total compression ratio is below this.")
 @click.option("--max-shard-size", default="2GB", show_default=True, help="Shard size of a folder output.")
+@click.option("--als", "als_sweeps", default=0, show_default=True, type=click.IntRange(min=0),
+              help="ALS sweeps refining the cores after TT-SVD (data-free); with a lossy codec, also refit the cores while quantizing.")
+@click.option("--activations", "activations_path", type=click.Path(path_type=Path),
+              help="safetensors of recorded layer inputs by weight name: refit those cores to the output error.")
+@click.option("--model", "model_spec", metavar="MODULE:FACTORY", help="Fine-tune: a callable (pkg.mod:fn or file.py:fn) returning the nn.Module.")
+@click.option("--data", "data_spec", metavar="PATH|MODULE:FACTORY", help="Fine-tuning batches: safetensors file/folder ('inputs'[, 'targets']) or a factory.")
+@click.option("--val-data", "val_spec", metavar="PATH|MODULE:FACTORY", help="Held-out batches (default: the last 10%% of --data).")
+@click.option("--steps", type=click.IntRange(min=0), default=200, show_default=True, help="Fine-tuning steps at most.")
+@click.option("--time", "time_limit", type=click.FloatRange(min=0, min_open=True), help="Fine-tuning seconds at most (whichever of --steps/--time comes first).")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True, help="Fine-tuning learning rate (Adam).")
+@click.option("--train", "train_sel", type=click.Choice(["all", "central", "outer"]), default="all", show_default=True,
+              help="What trains: all parameters, only each MPO's central core, or only its outer cores.")
+@click.option("--kd-weight", type=click.FloatRange(0, 1), default=1.0, show_default=True,
+              help="Weight of the distillation loss; the task loss (batches with targets) gets 1 - W.")
+@click.option("--task-loss", type=click.Choice(["mse", "cross_entropy"]), default="mse", show_default=True, help="Task loss against targets.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Rows per batch when a data file holds one 'inputs' tensor.")
+@click.option("--ipkd", "ipkd_rounds", type=click.IntRange(min=1), help="Iterative pruning with distillation in N rounds (with --prune magnitude:S).")
 @_errors
 @click.pass_context
 def convert(ctx: click.Context, input_path: Path, output_path: Path, bond_dim, tol, ratio, cores, svd, prune, quantize, prune_scope, recipe_path, include, exclude, seed,
-            as_json, report_path, force, max_error, min_ratio, max_shard_size) -> None:  # fmt: skip
+            as_json, report_path, force, max_error, min_ratio, max_shard_size, als_sweeps, activations_path, model_spec, data_spec,
+            val_spec, steps, time_limit, lr, train_sel, kd_weight, task_loss, batch_size, ipkd_rounds) -> None:  # fmt: skip
     """Compress the weight matrices of INPUT into MPO cores and write a compact checkpoint.
 
     \b
@@ -170,15 +204,26 @@ def convert(ctx: click.Context, input_path: Path, output_path: Path, bond_dim, t
       mpocompress convert ckpt.pt -o small.safetensors --bond-dim 16 --cores 2 --exclude "*embed*"
       mpocompress convert big/ -o big-mpo/ --tol 0.2 --json --max-error 0.25 --min-ratio 3
       mpocompress convert se.pt -o se.pq.safetensors --prune channel:0.65 --quantize kmeans:16
+      mpocompress convert se.pt -o se.mpo.safetensors --ratio 10 --model mymodels:build --data batches/ --steps 300
 
     \b
     MPO is applied when --bond-dim, --tol or --ratio is given; --prune/--quantize
     alone apply only themselves, and with MPO they apply to the cores.
+    With --model and --data the compressed model is fine-tuned against the dense one.
     """
-    from mpocompress.config import Gates, MPOConfig, Recipe
+    from mpocompress.config import Gates, MPOConfig, Recipe, TuneConfig
+
+    tune_opts = {"steps": "--steps", "time_limit": "--time", "lr": "--lr", "train_sel": "--train", "kd_weight": "--kd-weight",
+                 "task_loss": "--task-loss", "batch_size": "--batch-size", "ipkd_rounds": "--ipkd", "val_spec": "--val-data"}  # fmt: skip
+    if model_spec is None or data_spec is None:
+        if model_spec is not None or data_spec is not None:
+            raise click.UsageError("fine-tuning needs both --model and --data")
+        used = [flag for o, flag in tune_opts.items() if ctx.get_parameter_source(o) is not click.core.ParameterSource.DEFAULT]
+        if used:
+            raise click.UsageError(f"{used[0]} needs --model and --data (fine-tuning)")
 
     given = {k: v for k, v in dict(bond_dim=bond_dim, tol=tol, ratio=ratio, prune=prune, quantize=quantize).items() if v is not None}
-    for k, v in dict(cores=cores, svd=svd, prune_scope=prune_scope, seed=seed).items():
+    for k, v in dict(cores=cores, svd=svd, prune_scope=prune_scope, seed=seed, als_sweeps=als_sweeps).items():
         if ctx.get_parameter_source(k) is not click.core.ParameterSource.DEFAULT:
             given[k] = v
     recipe = None
@@ -199,9 +244,29 @@ def convert(ctx: click.Context, input_path: Path, output_path: Path, bond_dim, t
     from mpocompress.pipeline import convert as run_convert
 
     shard_bytes = parse_size(max_shard_size)
-    with _Progress("converting") as progress:
+    extra: dict[str, Any] = {}
+    if activations_path is not None:
+        from mpocompress.io import read_activations
+
+        extra["activations"] = read_activations(activations_path)
+    if model_spec is not None:
+        from mpocompress.io import import_object, read_batches
+
+        tune = TuneConfig(steps=steps, time=time_limit, lr=lr, train=train_sel, kd_weight=kd_weight, task_loss=task_loss,
+                          batch_size=batch_size, ipkd=ipkd_rounds or 0, seed=seed)  # fmt: skip
+        if tune.ipkd and (prune is None or not prune.startswith("magnitude")):
+            raise click.UsageError("--ipkd needs --prune magnitude:SPARSITY")
+        factory = import_object(model_spec, "--model")
+        if not callable(factory):
+            raise click.UsageError(f"--model {model_spec!r} is not callable")
+        import torch
+
+        torch.manual_seed(seed)
+        extra.update(tune=tune, model=factory(), train_batches=read_batches(data_spec, batch_size),
+                     val_batches=read_batches(val_spec, batch_size) if val_spec else None)  # fmt: skip
+    with _Progress("converting") as progress, _TuneProgress() as tune_progress:
         report = run_convert(input_path, output_path, config, force=force, max_shard_bytes=shard_bytes,
-                             progress=progress, recipe=recipe)  # fmt: skip
+                             progress=progress, recipe=recipe, tune_progress=tune_progress, **extra)  # fmt: skip
     gate_error = None
     try:
         check_gates(report, gates)
@@ -217,6 +282,11 @@ def convert(ctx: click.Context, input_path: Path, output_path: Path, bond_dim, t
 
         render_report(data, _stdout_console())
     t = data["totals"]
+    ft = data.get("finetune")
+    if ft is not None:
+        kd = ft["val_kd_loss"]
+        click.echo(f"mpocompress: fine-tuned {ft['steps']} steps in {ft['seconds']:.1f}s: held-out distillation loss "
+                   f"{kd['compressed']:.4g} -> {kd['finetuned']:.4g}", err=True)  # fmt: skip
     click.echo(f"mpocompress: wrote {output_path} ({t['ratio']:.2f}x smaller tensors)", err=True)
     if gate_error is not None:
         raise gate_error

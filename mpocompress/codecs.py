@@ -111,6 +111,15 @@ def channel_mask(x: torch.Tensor, theta: float) -> torch.Tensor:
     return keep_slices.repeat_interleave(LINEAR_BLOCK, 1)[:, :cols]
 
 
+def pruner_mask(x: torch.Tensor, codec: Codec, threshold: float | None = None) -> torch.Tensor:
+    """The keep-mask of a pruning codec (``magnitude:S`` or ``channel:THETA``) on ``x``."""
+    if codec.name == "magnitude":
+        return magnitude_mask(x, codec.param, threshold)
+    if codec.name == "channel":
+        return channel_mask(x, codec.param)
+    raise ValueError(f"{codec} is not a pruner")
+
+
 # ---------------------------------------------------------------------------------------------
 # quantizers: float vector -> parts
 
@@ -224,8 +233,17 @@ def dequantize(parts: dict[str, torch.Tensor], codec: Codec, meta: dict[str, Any
 # chains: tensor -> parts
 
 
-def encode(x: torch.Tensor, chain: list[Codec], *, threshold: float | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def encode(
+    x: torch.Tensor, chain: list[Codec], *, threshold: float | None = None, mask: torch.Tensor | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Encode ``x`` with at most one pruner followed by at most one quantizer.
+
+    Args:
+        x: the tensor.
+        chain: codecs, a pruner first.
+        threshold: a global magnitude threshold for a ``magnitude`` pruner.
+        mask: the keep-mask to use instead of the pruner's own (a model pruned and fine-tuned
+            with this mask keeps exactly its zeros).
 
     Returns:
         ``(parts, meta)``: packed tensors by part name, and JSON-ready metadata (the chain, shapes,
@@ -240,7 +258,11 @@ def encode(x: torch.Tensor, chain: list[Codec], *, threshold: float | None = Non
     values = x.detach().reshape(-1)
     if pruners:
         p = pruners[0]
-        mask = (magnitude_mask(x, p.param, threshold) if p.name == "magnitude" else channel_mask(x, p.param)).reshape(-1)
+        if mask is None:
+            mask = pruner_mask(x, p, threshold)
+        elif mask.shape != x.shape:
+            raise ValueError(f"mask shape {tuple(mask.shape)} does not match the tensor's {tuple(x.shape)}")
+        mask = mask.reshape(-1).bool()
         nnz = int(mask.sum())
         n = mask.numel()
         # store positions as a bitmask (n/8 bytes) or as int32 indices (4 nnz bytes), whichever is smaller

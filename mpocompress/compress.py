@@ -126,6 +126,10 @@ def compress_matrix(matrix: torch.Tensor, config: MPOConfig) -> MatrixResult:
     tried: list[tuple[Candidate, TTMatrix]] = []
     for d in core_counts:
         tt = _run(matrix, d, config, budget)
+        if config.als_sweeps and d > 2:  # 2 cores: TT-SVD is already the optimal truncated SVD
+            from mpocompress.refine import als_refine
+
+            tt = als_refine(matrix, tt, sweeps=config.als_sweeps).tt
         err = relative_error(matrix, tt.to_matrix())
         tried.append((Candidate(d, tt.num_params, err, tt.bond_dims), tt))
 

@@ -89,6 +89,10 @@ class MPOConfig:
             floating tensors with >= 2 dimensions.
         exclude: name patterns of tensors to leave untouched.
         seed: seed of the randomized SVD.
+        als_sweeps: alternating-least-squares sweeps refining the cores after TT-SVD (data-free;
+            lowers the weight error at the same bond dimensions, see :mod:`mpocompress.refine`).
+            With a lossy ``quantize``/``prune`` on the cores, the cores are then quantized one at a
+            time with an ALS refit of the others after each.
     """
 
     bond_dim: int | None = None
@@ -102,6 +106,7 @@ class MPOConfig:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     seed: int = 0
+    als_sweeps: int = 0
 
     def __post_init__(self) -> None:
         # tuples, not lists, so the object stays hashable and immutable
@@ -138,6 +143,10 @@ class MPOConfig:
             raise ConfigError(f"cores must be an integer >= 2 or 'auto', got {self.cores!r}")
         if self.svd not in SVD_METHODS:
             raise ConfigError(f"svd must be one of {', '.join(SVD_METHODS)}, got {self.svd!r}")
+        if not isinstance(self.als_sweeps, int) or self.als_sweeps < 0:
+            raise ConfigError(f"als_sweeps must be an integer >= 0, got {self.als_sweeps!r}")
+        if self.als_sweeps and not self.mpo:
+            raise ConfigError("ALS refinement (--als) refines MPO cores: give --bond-dim, --tol or --ratio too")
 
     @property
     def mpo(self) -> bool:
@@ -185,6 +194,71 @@ class Gates:
             raise ConfigError(f"min_ratio must be > 0, got {self.min_ratio!r}")
 
 
+
+
+TRAIN_CHOICES = ("all", "central", "outer")
+TASK_LOSSES = ("mse", "cross_entropy")
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """Brief fine-tuning of the compressed model against the dense one (knowledge distillation).
+
+    Args:
+        steps: optimizer steps at most.
+        time: wall-clock seconds at most (None: no limit); whichever of ``steps``/``time`` comes first.
+        lr: Adam learning rate.
+        train: ``"all"`` parameters, only the ``"central"`` core of each MPO matrix (its largest core),
+            or only the ``"outer"`` cores (the MPO papers' auxiliary tensors); with ``central``/``outer``
+            everything else is frozen.
+        kd_weight: weight of the distillation loss (MSE between student and teacher outputs); the task
+            loss against the batch's targets, when it has them, gets ``1 - kd_weight``.
+        task_loss: ``"mse"`` or ``"cross_entropy"`` (targets as class indices).
+        eval_every: steps between held-out evaluations (the best checkpoint by held-out loss is kept).
+        batch_size: batch size when a data file holds one ``inputs`` tensor to split.
+        val_fraction: share of the batches held out when no separate held-out data is given.
+        ipkd: rounds of iterative pruning with distillation (needs ``prune="magnitude:S"``); each round
+            prunes to the next sparsity of the schedule and trains with the model from before that
+            round's pruning as the teacher. 0: prune once, then fine-tune.
+        seed: seed of parameter init order, batch order and dropout.
+    """
+
+    steps: int = 200
+    time: float | None = None
+    lr: float = 1e-3
+    train: str = "all"
+    kd_weight: float = 1.0
+    task_loss: str = "mse"
+    eval_every: int = 20
+    batch_size: int = 16
+    val_fraction: float = 0.1
+    ipkd: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.steps, int) or self.steps < 0:
+            raise ConfigError(f"steps must be an integer >= 0, got {self.steps!r}")
+        if self.time is not None and not self.time > 0:
+            raise ConfigError(f"time must be > 0 seconds, got {self.time!r}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr!r}")
+        if self.train not in TRAIN_CHOICES:
+            raise ConfigError(f"train must be one of {', '.join(TRAIN_CHOICES)}, got {self.train!r}")
+        if not 0.0 <= self.kd_weight <= 1.0:
+            raise ConfigError(f"kd_weight must be in [0, 1], got {self.kd_weight!r}")
+        if self.task_loss not in TASK_LOSSES:
+            raise ConfigError(f"task_loss must be one of {', '.join(TASK_LOSSES)}, got {self.task_loss!r}")
+        if not isinstance(self.eval_every, int) or self.eval_every < 1:
+            raise ConfigError(f"eval_every must be an integer >= 1, got {self.eval_every!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ConfigError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction!r}")
+        if not isinstance(self.ipkd, int) or self.ipkd < 0:
+            raise ConfigError(f"ipkd must be an integer >= 0 (rounds), got {self.ipkd!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 _BOND_CHOICES = ("bond_dim", "tol", "ratio")
@@ -254,4 +328,4 @@ def apply_overrides(base: MPOConfig, overrides: dict[str, Any], where: str = "re
         raise ConfigError(f"{where}: {e}") from None
 
 
-__all__ = ["AUTO_CORES", "AUTO_REFERENCE_CORES", "Codec", "Gates", "MPOConfig", "Recipe", "apply_overrides"]
+__all__ = ["AUTO_CORES", "AUTO_REFERENCE_CORES", "Codec", "Gates", "MPOConfig", "Recipe", "TuneConfig", "apply_overrides"]

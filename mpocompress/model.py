@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from mpocompress.compress import compress_matrix
-from mpocompress.config import MPOConfig
+from mpocompress.config import MPOConfig, Recipe
 from mpocompress.errors import InputError
 from mpocompress.kinds import selected
 from mpocompress.modules import (
@@ -73,6 +73,8 @@ def compress_(
     include: tuple[str, ...] | None = None,
     exclude: tuple[str, ...] | None = None,
     mode: str = "auto",
+    recipe: Recipe | None = None,
+    names: set[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Swap supported modules of ``model`` for MPO ones, in place (same names, so state dicts line up).
 
@@ -80,9 +82,14 @@ def compress_(
     ``nn.LSTMCell``, ``nn.GRUCell``. A weight is compressed when its name (``"fc.weight"``) passes
     ``include``/``exclude`` (default: the config's) and its MPO is smaller than the dense matrix.
 
+    Args:
+        recipe: per-weight overrides of ``config`` (a rule may skip a weight, or leave it without MPO).
+        names: compress only these weight names (on top of ``include``/``exclude``).
+
     Returns:
         One dict per selected weight: ``name``, ``status`` (``"mpo"``/``"dense"``), ``params``,
-        ``dense_params``, ``rel_error``, ``svd_rel_error``, ``bond_dims``.
+        ``dense_params``, ``rel_error``, ``svd_rel_error``, ``bond_dims``, ``candidates``, ``reason``,
+        ``config`` (the weight's config).
     """
     include = config.include if include is None else tuple(include)
     exclude = config.exclude if exclude is None else tuple(exclude)
@@ -93,14 +100,18 @@ def compress_(
         tts: dict[str, TTMatrix] = {}
         for w in _weights(module):
             full = f"{mod_name}.{w}" if mod_name else w
-            if not selected(full, include, exclude):
+            if not selected(full, include, exclude) or (names is not None and full not in names):
+                continue
+            cfg = config if recipe is None else recipe.config_for(full, config)
+            if cfg is None or not cfg.mpo:
                 continue
             weight = getattr(module, w)
-            res = compress_matrix(weight.detach().reshape(weight.shape[0], -1), config)
+            res = compress_matrix(weight.detach().reshape(weight.shape[0], -1), cfg)
             rows.append({
                 "name": full, "status": res.status, "params": res.params, "dense_params": res.dense_params,
                 "rel_error": res.rel_error, "svd_rel_error": res.svd_rel_error,
                 "bond_dims": res.tt.bond_dims if res.tt is not None else None,
+                "candidates": [c.to_dict() for c in res.candidates], "reason": res.reason, "config": cfg.to_dict(),
             })  # fmt: skip
             if res.tt is not None:
                 tts[w] = res.tt

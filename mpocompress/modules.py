@@ -168,7 +168,7 @@ class MPOMatrices(nn.Module):
         if shape is None:
             return F.linear(x, getattr(self, name), bias)
         cores = self.cores_of(name)
-        grad = torch.is_grad_enabled() and cores[0].requires_grad
+        grad = torch.is_grad_enabled() and any(c.requires_grad for c in cores)
         x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         how = self.mode if self.mode != "auto" else self._pick(name, x2, cores, bias, grad)
         y = self._run(how, name, x2, cores, bias, grad)
@@ -303,7 +303,7 @@ class MPOConv(MPOMatrices):
     @property
     def weight(self) -> torch.Tensor:
         cores = self.cores_of("weight")
-        fresh = (torch.is_grad_enabled() and cores[0].requires_grad) or _tracing()
+        fresh = (torch.is_grad_enabled() and any(c.requires_grad for c in cores)) or _tracing()
         w = cores_to_matrix(cores, self._shapes["weight"]) if fresh else self._cached("dense", "weight", cores)
         return w.reshape(self.kernel_shape)
 

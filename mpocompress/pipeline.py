@@ -6,10 +6,12 @@ selected weight to the numerical core, and collects the report. Output format: d
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,7 @@ import torch
 from mpocompress import __version__
 from mpocompress.codecs import decode, encode
 from mpocompress.compress import compress_matrix, singular_values
-from mpocompress.config import Gates, MPOConfig, Recipe
+from mpocompress.config import Codec, Gates, MPOConfig, Recipe, TuneConfig
 from mpocompress.errors import ConfigError, GateError, InputError
 from mpocompress.io import (
     META_KEY,
@@ -35,7 +37,7 @@ from mpocompress.io import (
 from mpocompress.kinds import is_candidate, kind_of, matrix_shape, selected
 from mpocompress.report import LayerRow, Report
 from mpocompress.spectra import analyze_matrix
-from mpocompress.tt import cores_to_matrix, relative_error, svd_tail_error
+from mpocompress.tt import TTMatrix, cores_to_matrix, relative_error, svd_tail_error
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +98,12 @@ def convert(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     progress: Progress | None = None,
     recipe: Recipe | None = None,
+    activations: dict[str, torch.Tensor] | None = None,
+    tune: TuneConfig | None = None,
+    model: Any = None,
+    train_batches: list[Any] | None = None,
+    val_batches: list[Any] | None = None,
+    tune_progress: Any = None,
 ) -> Report:
     """Convert a dense checkpoint into MPO cores and write the compact checkpoint.
 
@@ -108,6 +116,17 @@ def convert(
         max_shard_bytes: shard size of a folder output.
         progress: called before each selected layer.
         recipe: per-layer overrides of ``config`` by name pattern (a rule may also skip a tensor).
+        activations: Gram matrices ``X^T X`` of recorded layer inputs by weight name; the MPO cores of
+            those weights are refit to minimise the output error on them
+            (:func:`mpocompress.refine.activation_refit`).
+        tune: fine-tune the compressed model (needs ``model`` and ``train_batches``): the model is
+            loaded with the checkpoint, compressed in memory, trained against the dense one as
+            teacher (:mod:`mpocompress.finetune`), and what it learnt is written.
+        model: an ``nn.Module`` with the checkpoint's architecture (its state dict keys must be in
+            the checkpoint).
+        train_batches: fine-tuning batches.
+        val_batches: held-out batches (default: a ``tune.val_fraction`` share of ``train_batches``).
+        tune_progress: called after each fine-tuning step (see :data:`mpocompress.finetune.TuneProgress`).
 
     Returns:
         The :class:`~mpocompress.report.Report` (also stored, without file sizes, in the output).
@@ -128,6 +147,15 @@ def convert(
         threshold = None
         if config.prune_scope == "global":
             threshold = global_threshold(ckpt, layers, config.chain[0].param)
+        tuned: dict[str, torch.Tensor] = {}
+        plans: dict[str, LayerPlan] = {}
+        tune_summary = None
+        if tune is not None:
+            if model is None or not train_batches:
+                raise ConfigError("fine-tuning needs the model (--model) and data (--data)")
+            tuned, plans, tune_summary = _tune(
+                ckpt, layers, config, recipe, tune, model, train_batches, val_batches, tune_progress
+            )
 
         single = output_path.suffix == ".safetensors"
         out_tensors: dict[str, torch.Tensor] = {}
@@ -138,7 +166,8 @@ def convert(
         pass_n = pass_params = pass_bytes = 0
         try:
             for name in names:
-                t = ckpt.get(name)
+                reference = ckpt.get(name)
+                t = tuned.get(name, reference)
                 if name not in layer_set:
                     add(name, t)
                     pass_n += 1
@@ -154,7 +183,10 @@ def convert(
                     pass_params += t.numel()
                     pass_bytes += _nbytes(t)
                     continue
-                row, entry, stored = _compress_tensor(name, t, cfg, shapes, threshold if cfg.prune == config.prune else None)
+                row, entry, stored = _compress_tensor(
+                    name, t, cfg, shapes, threshold if cfg.prune == config.prune else None,
+                    plan=plans.get(name), reference=reference, gram=(activations or {}).get(name),
+                )  # fmt: skip
                 if entry and cfg != config:
                     entry["config"] = cfg.to_dict()
                 rows.append(row)
@@ -162,7 +194,7 @@ def convert(
                     meta_layers[name] = entry
                 for sname, v in stored.items():
                     add(sname, v)
-                del t
+                del t, reference
             report = Report(
                 input=str(input_path),
                 output=str(output_path),
@@ -172,6 +204,7 @@ def convert(
                 passthrough_params=pass_params,
                 passthrough_bytes=pass_bytes,
                 input_file_bytes=ckpt.nbytes_on_disk,
+                finetune=tune_summary,
             )
             meta = {
                 "format": "mpocompress",
@@ -182,6 +215,8 @@ def convert(
                 "layers": meta_layers,
                 "totals": {k: v for k, v in report.totals().items() if not k.startswith(("output_", "file_"))},
             }
+            if tune_summary is not None:
+                meta["finetune"] = {k: v for k, v in tune_summary.items() if k != "history"}
             metadata = {"format": "pt", META_KEY: json.dumps(meta, sort_keys=True)}
             if writer is None:
                 save_safetensors(out_tensors, output_path, metadata)
@@ -195,19 +230,52 @@ def convert(
     return report
 
 
+@dataclass
+class LayerPlan:
+    """What fine-tuning settled for one weight before it is written.
+
+    Attributes:
+        tt: the trained MPO cores, or None when the weight stays a (possibly trained) dense tensor.
+        decided: True when the MPO decision was made (``compress_`` saw this weight).
+        candidates, reason: ``compress_``'s structure candidates and its reason for keeping dense.
+        masks: keep-masks of the stored tensors (weight or cores) the model was pruned with.
+    """
+
+    tt: TTMatrix | None = None
+    decided: bool = False
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+    reason: str | None = None
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _lossy(chain: list[Codec]) -> bool:
+    return any(c.is_pruner or c.name in ("kmeans", "int8", "seofp", "fp16", "bf16") for c in chain)
+
+
 def _compress_tensor(
     name: str,
     t: torch.Tensor,
     config: MPOConfig,
     shapes: dict[str, tuple[int, ...]],
     threshold: float | None = None,
+    *,
+    plan: LayerPlan | None = None,
+    reference: torch.Tensor | None = None,
+    gram: torch.Tensor | None = None,
 ) -> tuple[LayerRow, dict[str, Any], dict[str, torch.Tensor]]:
     """Compress one weight: MPO (if configured), then the codec chain on each stored tensor.
+
+    Args:
+        plan: the decisions and trained cores of a fine-tuned model (else: TT-SVD here).
+        reference: the original weight, against which errors are reported (default ``t``).
+        gram: Gram matrix of recorded inputs: refit the cores to the output error on them.
 
     Returns:
         ``(row, entry, stored)``: the report row, the metadata entry (empty when the weight is kept
         as it is) and the tensors to write for this weight.
     """
+    reference = t if reference is None else reference
+    masks = plan.masks if plan is not None else {}
     shape = list(t.shape)
     kind = kind_of(name, shape, shapes)
     out_f, in_f = matrix_shape(shape)
@@ -220,12 +288,24 @@ def _compress_tensor(
     )  # fmt: skip
     entry: dict[str, Any] = {"kind": kind, "shape": shape, "dtype": row.dtype, "matrix_shape": [out_f, in_f], "method": "dense"}
     stored: dict[str, torch.Tensor] = {name: t}
+    tt = None
     if config.mpo:
-        res = compress_matrix(t.reshape(out_f, in_f), config)
-        row.candidates = [c.to_dict() for c in res.candidates]
-        row.reason = res.reason
-        if res.tt is not None:
+        if plan is not None and plan.decided:
+            tt = plan.tt
+            if tt is not None:
+                tt = TTMatrix([c.detach().to(t.dtype) for c in tt.cores], tt.shape)
+                row.refine["finetuned"] = True
+            row.candidates, row.reason = plan.candidates, plan.reason
+        else:
+            res = compress_matrix(t.reshape(out_f, in_f), config)
+            row.candidates = [c.to_dict() for c in res.candidates]
+            row.reason = res.reason
             tt = res.tt
+            if tt is not None and config.als_sweeps and len(tt.cores) > 2:
+                row.refine["als_sweeps"] = config.als_sweeps
+            if tt is not None and gram is not None:
+                tt = _activation_refit(row, t.reshape(out_f, in_f), tt, gram)
+        if tt is not None:
             row.status = "mpo"
             row.cores, row.bond_dims = len(tt.cores), tt.bond_dims
             row.out_modes, row.in_modes, row.padded_shape = list(tt.out_modes), list(tt.in_modes), list(tt.padded_shape)
@@ -238,8 +318,10 @@ def _compress_tensor(
     if chain:
         encoded: dict[str, Any] = {}
         parts_out: dict[str, torch.Tensor] = {}
-        for sname, st in stored.items():
-            parts, meta = encode(st, chain, threshold=threshold)
+        coded = {sname: encode(st, chain, threshold=threshold, mask=masks.get(sname)) for sname, st in stored.items()}
+        if tt is not None and config.als_sweeps and _lossy(chain):
+            coded = _refit_codes(row, name, tt, chain, threshold, masks, coded, config.als_sweeps)
+        for sname, (parts, meta) in coded.items():
             meta["parts"] = {part: f"{sname}.{part}" for part in parts}
             encoded[sname] = meta
             parts_out.update({f"{sname}.{part}": v for part, v in parts.items()})
@@ -256,17 +338,199 @@ def _compress_tensor(
     row.bytes = sum(_nbytes(v) for v in stored.values())
     decoded = _decode_entry(entry, stored.__getitem__)
     recon = _rebuild(entry, [decoded[c] for c in entry["cores"]], name) if entry["method"] == "mpo" else decoded[name]
-    row.rel_error = relative_error(t, recon)
+    row.rel_error = relative_error(reference, recon)
     row.params = sum(
         m.get("nnz", math.prod(m["shape"])) for m in entry.get("encoded", {}).values()
     ) or sum(v.numel() for v in stored.values())
     # the truncated SVD holding as many bytes as what is stored, in the weight's own dtype
     row.svd_rank = (row.bytes // itemsize) // (out_f + in_f)
-    s, _ = singular_values(t.reshape(out_f, in_f), rank_hint=row.svd_rank, seed=config.seed)
+    s, _ = singular_values(reference.reshape(out_f, in_f), rank_hint=row.svd_rank, seed=config.seed)
     row.svd_rel_error = svd_tail_error(s, row.svd_rank) if row.svd_rank > 0 else 1.0
     entry.update(params=row.params, dense_params=numel, bytes=row.bytes, rel_error=row.rel_error,
                  svd_rank=row.svd_rank, svd_rel_error=row.svd_rel_error)  # fmt: skip
+    if row.refine:
+        entry["refine"] = row.refine
     return row, entry, stored
+
+
+def _tune(
+    ckpt: Checkpoint,
+    layers: list[str],
+    config: MPOConfig,
+    recipe: Recipe | None,
+    tune: TuneConfig,
+    model: Any,
+    train: list[Any],
+    val: list[Any] | None,
+    progress: Any,
+) -> tuple[dict[str, torch.Tensor], dict[str, LayerPlan], dict[str, Any]]:
+    """Load the checkpoint into ``model``, compress/prune it in memory, fine-tune it against the
+    dense model, and return what to write: ``(trained tensors by name, plans by weight, summary)``."""
+    import copy
+
+    from torch import nn
+
+    from mpocompress.codecs import pruner_mask
+    from mpocompress.finetune import (
+        apply_masks,
+        evaluate,
+        finetune,
+        ipkd,
+        magnitude_masks,
+        split_batch,
+    )
+    from mpocompress.model import compress_
+
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"--model must give an nn.Module, got {type(model).__name__}")
+    if val is None:
+        if len(train) < 2:
+            raise ConfigError(f"fine-tuning needs at least 2 batches (one is held out), got {len(train)}")
+        n_val = max(1, round(tune.val_fraction * len(train)))
+        train, val = train[:-n_val], train[-n_val:]
+    dense = {n: ckpt.get(n) for n in ckpt.keys()}
+    own = model.state_dict()
+    missing = [k for k in own if k not in dense]
+    if missing:
+        raise InputError(f"{ckpt.path}: lacks {len(missing)} tensor(s) the --model has, e.g. {missing[0]!r}")
+    for k, v in own.items():
+        if tuple(v.shape) != tuple(dense[k].shape):
+            raise InputError(f"{ckpt.path}: {k} has shape {list(dense[k].shape)} but the --model's is {list(v.shape)}")
+    extra = [k for k in dense if k not in own]
+    if extra:
+        log.warning("%d checkpoint tensor(s) are not in the --model and are written unchanged, e.g. %r", len(extra), extra[0])
+    model.load_state_dict({k: dense[k] for k in own}, strict=True)
+    teacher = copy.deepcopy(model).eval()
+    student = copy.deepcopy(model)
+    rows = {r["name"]: r for r in compress_(student, config, recipe=recipe, names=set(layers), include=(), exclude=())}
+
+    # what gets pruned: the weight, or its cores when it became an MPO
+    params = dict(student.named_parameters())
+    pruned: dict[str, tuple[str, Codec]] = {}  # parameter -> (weight name, pruner)
+    for name in layers:
+        cfg = config if recipe is None else recipe.config_for(name, config)
+        pruners = [c for c in (cfg.chain if cfg is not None else []) if c.is_pruner]
+        if not pruners:
+            continue
+        row = rows.get(name)
+        stored = [core_name(name, k) for k in range(len(row["bond_dims"]) + 1)] if row and row["status"] == "mpo" else [name]
+        pruned.update({s: (name, pruners[0]) for s in stored if s in params})
+    kd_only = dataclasses.replace(tune, kd_weight=1.0)
+    has_targets = any(split_batch(b)[1] is not None for b in val)
+    task_only = dataclasses.replace(tune, kd_weight=0.0)
+
+    def losses(m: nn.Module) -> dict[str, float]:
+        out = {"kd": evaluate(m, teacher, val, kd_only)}
+        if has_targets:
+            out["task"] = evaluate(m, None, val, task_only)
+        return out
+
+    if tune.ipkd:
+        codecs = {c for _, c in pruned.values()}
+        if not pruned or any(c.name != "magnitude" for c in codecs) or len(codecs) > 1:
+            raise ConfigError("--ipkd needs one --prune magnitude:SPARSITY for every pruned weight")
+        sparsity = next(iter(codecs)).param
+        one_shot = copy.deepcopy(student)
+        apply_masks(one_shot, magnitude_masks(one_shot, list(pruned), sparsity, config.prune_scope))
+        before = losses(one_shot)
+        del one_shot
+        masks, rounds = ipkd(student, list(pruned), sparsity, tune.ipkd, train, val_batches=val, config=tune,
+                             scope=config.prune_scope, progress=progress)  # fmt: skip
+        result: dict[str, Any] = {"rounds": [r.to_dict() for r in rounds]}
+        steps = sum(r.tune.steps for r in rounds)
+        seconds = sum(r.tune.seconds for r in rounds)
+    else:
+        threshold = None
+        if config.prune_scope == "global" and pruned:
+            mags = torch.cat([params[p].detach().abs().float().reshape(-1) for p in pruned])
+            k = int(round(next(iter(pruned.values()))[1].param * mags.numel()))
+            threshold = float(torch.kthvalue(mags, k).values) if k >= 1 else -1.0
+        masks = {p: pruner_mask(params[p].detach(), codec, threshold) for p, (_, codec) in pruned.items()}
+        apply_masks(student, masks)
+        before = losses(student)
+        res = finetune(student, teacher, train, val_batches=val, config=tune, masks=masks, progress=progress)
+        result = res.to_dict()
+        steps, seconds = res.steps, res.seconds
+    after = losses(student)
+    summary: dict[str, Any] = {
+        "config": tune.to_dict(),
+        "train_batches": len(train),
+        "val_batches": len(val),
+        "steps": steps,
+        "seconds": round(seconds, 3),
+        "val_kd_loss": {"compressed": before["kd"], "finetuned": after["kd"]},
+        **({"val_task_loss": {"dense": losses(teacher)["task"], "compressed": before["task"], "finetuned": after["task"]}}
+           if has_targets else {}),
+        **result,
+    }  # fmt: skip
+
+    sd = student.state_dict()
+    tensors = {n: sd[n].detach().to(dense[n].dtype) for n in dense if n in sd}
+    plans: dict[str, LayerPlan] = {}
+    modules = dict(student.named_modules())
+    for name in layers:
+        row = rows.get(name)
+        plan = LayerPlan(decided=row is not None)
+        if row is not None:
+            plan.candidates, plan.reason = row["candidates"], row["reason"]
+            if row["status"] == "mpo":
+                mod_name, _, w = name.rpartition(".")
+                module = modules[mod_name]
+                plan.tt = TTMatrix([c.detach().clone() for c in module.cores_of(w)], module._shapes[w])
+        prefix = f"{name}_cores." if plan.tt is not None else None
+        plan.masks = {p: m for p, m in masks.items() if p == name or (prefix and p.startswith(prefix))}
+        plans[name] = plan
+    return tensors, plans, summary
+
+
+def _activation_refit(row: LayerRow, matrix: torch.Tensor, tt: TTMatrix, gram: torch.Tensor) -> TTMatrix:
+    from mpocompress.refine import activation_refit, output_error
+
+    if tuple(gram.shape) != (matrix.shape[1], matrix.shape[1]):
+        raise InputError(
+            f"--activations: {row.name} takes {matrix.shape[1]} inputs but its recorded activations have "
+            f"{gram.shape[0]} features"
+        )
+    before = output_error(matrix, tt.to_matrix(), gram)
+    res = activation_refit(matrix, tt, gram)
+    row.refine["activation_refit"] = {
+        "output_error_before": before,
+        "output_error_after": output_error(matrix, res.tt.to_matrix(), gram),
+        "weight_error_before": relative_error(matrix, tt.to_matrix()),
+    }
+    return res.tt
+
+
+def _refit_codes(
+    row: LayerRow,
+    name: str,
+    tt: TTMatrix,
+    chain: list[Codec],
+    threshold: float | None,
+    masks: dict[str, torch.Tensor],
+    direct: dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]],
+    sweeps: int,
+) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]]:
+    """Quantize the cores one at a time with an ALS refit of the rest after each
+    (:func:`mpocompress.refine.refit_quantized`); keep it when it beats quantizing them directly."""
+    from mpocompress.refine import refit_quantized
+
+    target = tt.to_matrix()  # the function the (possibly fine-tuned) cores compute
+    coded: dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]] = {}
+
+    def roundtrip(k: int, core: torch.Tensor) -> torch.Tensor:
+        sname = core_name(name, k)
+        parts, meta = encode(core, chain, threshold=threshold, mask=masks.get(sname))
+        coded[sname] = (parts, meta)
+        return decode(parts, meta)
+
+    refit = refit_quantized(target, tt, roundtrip, sweeps=sweeps)
+    coded = {core_name(name, k): coded[core_name(name, k)] for k in range(len(tt.cores))}
+    direct_cores = [decode(*direct[core_name(name, k)]) for k in range(len(tt.cores))]
+    err_direct = relative_error(target, cores_to_matrix(direct_cores, tt.shape))
+    err_refit = relative_error(target, refit.to_matrix())
+    row.refine["quant_refit"] = {"error_direct": err_direct, "error_refit": err_refit, "kept": err_refit < err_direct}
+    return coded if err_refit < err_direct else direct
 
 
 def _decode_entry(entry: dict[str, Any], get: Callable[[str], torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -75,7 +75,8 @@ def render_report(report: dict[str, Any], console: Console) -> None:
     t = report["totals"]
     console.print(
         f"[bold]total[/bold]: {t['layers_compressed']} of {t['layers']} layers compressed, "
-        f"{t['layers_kept_dense']} kept dense, {t['passthrough_tensors']} other tensors unchanged"
+        f"{t['layers_kept_dense']} kept dense, {t['passthrough_tensors']} other tensors "
+        + ("stored as they are (fine-tuned where trained)" if report.get("finetune") else "unchanged")
     )
     console.print(
         f"  tensors {human_bytes(t['dense_bytes'])} -> {human_bytes(t['bytes'])} "
@@ -87,7 +88,24 @@ def render_report(report: dict[str, Any], console: Console) -> None:
             f"  files on disk {human_bytes(t['input_file_bytes'])} -> {human_bytes(t['output_file_bytes'])} "
             f"({t['file_ratio']:.2f}x)"
         )
-    console.print(f"  relative error: max {t['max_rel_error']:.4f}, mean {t['mean_rel_error']:.4f}")
+    ft = report.get("finetune")
+    what = "weight error vs the original (after fine-tuning)" if ft else "relative error"
+    console.print(f"  {what}: max {t['max_rel_error']:.4f}, mean {t['mean_rel_error']:.4f}")
+    if ft:
+        kd = ft["val_kd_loss"]
+        line = (
+            f"  fine-tuned {ft['steps']} steps ({ft['seconds']:.1f} s, train={ft['config']['train']}"
+            + (f", IPKD {len(ft['rounds'])} rounds" if "rounds" in ft else "")
+            + f"): held-out distillation loss {kd['compressed']:.4g} -> [bold]{kd['finetuned']:.4g}[/bold]"
+        )
+        if "val_task_loss" in ft:
+            tl = ft["val_task_loss"]
+            line += f"; task loss dense {tl['dense']:.4g}, compressed {tl['compressed']:.4g}, fine-tuned {tl['finetuned']:.4g}"
+        console.print(line)
+    refits = [r for r in report["layers"] if r.get("refine", {}).get("activation_refit")]
+    for r in refits:
+        a = r["refine"]["activation_refit"]
+        console.print(f"  [dim]{r['name']}: output error on recorded inputs {a['output_error_before']:.4f} -> {a['output_error_after']:.4f}[/dim]")
     for k in (r for r in report["layers"] if r.get("reason")):
         console.print(f"  [dim]{k['name']}: {k['reason']}[/dim]")
 

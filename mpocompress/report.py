@@ -37,6 +37,8 @@ class LayerRow:
     reason: str | None = None
     codecs: list[str] = field(default_factory=list)
     candidates: list[dict[str, Any]] = field(default_factory=list)
+    #: what refined the stored values after TT-SVD/encoding: ALS, activation refit, fine-tuning
+    refine: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ratio(self) -> float:
@@ -62,6 +64,8 @@ class Report:
     input_file_bytes: int
     output_file_bytes: int | None = None
     gates: dict[str, Any] = field(default_factory=dict)
+    #: fine-tuning summary (held-out losses before/after, steps, time), when the model was trained
+    finetune: dict[str, Any] | None = None
 
     def totals(self) -> dict[str, Any]:
         mpo = [r for r in self.rows if r.status != "dense"]
@@ -99,4 +103,5 @@ class Report:
             "layers": [r.to_dict() for r in self.rows],
             "totals": self.totals(),
             "gates": self.gates,
+            **({"finetune": self.finetune} if self.finetune is not None else {}),
         }

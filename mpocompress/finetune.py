@@ -1,0 +1,380 @@
+"""Brief fine-tuning with knowledge distillation, and iterative pruning with distillation (IPKD).
+
+No file I/O: batches come in as Python objects (see :mod:`mpocompress.io` for reading them).
+
+A *batch* is an input tensor, or a pair ``(inputs, targets)`` where ``inputs`` is a tensor or a
+tuple of tensors (passed as positional arguments to the model). A model's output is its first tensor
+when it returns a tuple or list (``nn.LSTM`` style).
+
+The loss of a batch is ``kd_weight * MSE(student(x), teacher(x)) + (1 - kd_weight) * task(student(x), y)``,
+the task term only when the batch has targets. Training uses Adam, a fixed seed, a fixed batch order
+(cycling over the training batches), and keeps the parameters with the lowest held-out loss seen
+(the starting point included, so fine-tuning never returns a model worse on the held-out batches
+than the one it was given).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from mpocompress.config import TuneConfig
+from mpocompress.errors import ConfigError
+from mpocompress.modules import MPOMatrices
+
+#: called as progress(step, total_steps, info) with info = {"loss", "val_loss", "best_val_loss", "round"}
+TuneProgress = Callable[[int, int, dict[str, Any]], None]
+
+
+@dataclass
+class TuneResult:
+    """What a fine-tuning run did.
+
+    Attributes:
+        steps: optimizer steps taken.
+        seconds: wall-clock seconds.
+        stopped_by: ``"steps"`` or ``"time"``.
+        val_before: held-out loss before training.
+        val_best: best held-out loss (the returned parameters have it).
+        best_step: step at which ``val_best`` was reached (0: the starting point).
+        history: ``[(step, train_loss, val_loss)]`` at each evaluation.
+        trained_params: number of trainable parameters.
+    """
+
+    steps: int = 0
+    seconds: float = 0.0
+    stopped_by: str = "steps"
+    val_before: float = math.nan
+    val_best: float = math.nan
+    best_step: int = 0
+    history: list[tuple[int, float, float]] = field(default_factory=list)
+    trained_params: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps, "seconds": round(self.seconds, 3), "stopped_by": self.stopped_by,
+            "val_before": self.val_before, "val_best": self.val_best, "best_step": self.best_step,
+            "trained_params": self.trained_params, "history": [list(h) for h in self.history],
+        }  # fmt: skip
+
+
+def split_batch(batch: Any) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
+    """``(positional inputs, targets or None)`` of a batch."""
+    if isinstance(batch, torch.Tensor):
+        return (batch,), None
+    if isinstance(batch, (tuple, list)) and len(batch) in (1, 2):
+        x = batch[0]
+        y = batch[1] if len(batch) == 2 else None
+        xs = (x,) if isinstance(x, torch.Tensor) else tuple(x)
+        if not all(isinstance(t, torch.Tensor) for t in xs) or (y is not None and not isinstance(y, torch.Tensor)):
+            raise ConfigError("a batch is a tensor or (inputs, targets) of tensors")
+        return xs, y
+    raise ConfigError(f"a batch is a tensor or (inputs, targets), got {type(batch).__name__}")
+
+
+def first_tensor(out: Any) -> torch.Tensor:
+    """The first tensor of a model output (tensor, or tuple/list/dict holding tensors first)."""
+    while not isinstance(out, torch.Tensor):
+        if isinstance(out, dict) and out:
+            out = next(iter(out.values()))
+        elif isinstance(out, (tuple, list)) and out:
+            out = out[0]
+        else:
+            raise ConfigError(f"the model returned {type(out).__name__}, not a tensor")
+    return out
+
+
+def batch_loss(student: nn.Module, teacher: nn.Module | None, batch: Any, config: TuneConfig) -> torch.Tensor:
+    """The training loss of one batch (see the module docstring)."""
+    xs, y = split_batch(batch)
+    out = first_tensor(student(*xs))
+    loss = out.new_zeros(())
+    kd_w = config.kd_weight if y is not None else 1.0
+    if kd_w > 0 and teacher is not None:
+        with torch.no_grad():
+            ref = first_tensor(teacher(*xs))
+        loss = loss + kd_w * F.mse_loss(out, ref)
+    if y is not None and kd_w < 1.0:
+        if config.task_loss == "cross_entropy":
+            task = F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1).long())
+        else:
+            task = F.mse_loss(out, y.to(out.dtype))
+        loss = loss + (1.0 - kd_w) * task
+    return loss
+
+
+@torch.no_grad()
+def evaluate(student: nn.Module, teacher: nn.Module | None, batches: Sequence[Any], config: TuneConfig | None = None) -> float:
+    """Mean :func:`batch_loss` over ``batches`` in eval mode."""
+    config = config or TuneConfig()
+    was = student.training
+    student.eval()
+    try:
+        losses = [float(batch_loss(student, teacher, b, config)) for b in batches]
+    finally:
+        student.train(was)
+    return sum(losses) / max(len(losses), 1)
+
+
+def trainable(model: nn.Module, train: str = "all") -> list[tuple[str, nn.Parameter]]:
+    """The parameters that ``train`` selects (see :class:`~mpocompress.config.TuneConfig`).
+
+    ``central``: the largest core of each MPO matrix (the middle one for balanced modes; for
+    2 cores the bigger factor); ``outer``: its other cores. Raises :class:`ConfigError` when the
+    choice selects nothing (``central``/``outer`` on a model without MPO layers).
+    """
+    if train == "all":
+        return [(n, p) for n, p in model.named_parameters()]
+    chosen = []
+    for mod_name, module in model.named_modules():
+        if not isinstance(module, MPOMatrices):
+            continue
+        for w in module._shapes:
+            cores = module.cores_of(w)
+            centre = max(range(len(cores)), key=lambda k: (cores[k].numel(), -abs(k - (len(cores) - 1) / 2)))
+            for k, c in enumerate(cores):
+                if (k == centre) == (train == "central"):
+                    prefix = f"{mod_name}." if mod_name else ""
+                    chosen.append((f"{prefix}{w}_cores.{k}", c))
+    if not chosen:
+        raise ConfigError(f"--train {train} trains MPO cores, but the model has no MPO layer")
+    return chosen
+
+
+def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    """Zero the pruned entries (``masks[name]`` False) of the named parameters, in place."""
+    if not masks:
+        return
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, mask in masks.items():
+            params[name].mul_(mask.to(params[name].dtype))
+
+
+def finetune(
+    student: nn.Module,
+    teacher: nn.Module | None,
+    batches: Sequence[Any],
+    *,
+    val_batches: Sequence[Any] | None = None,
+    config: TuneConfig | None = None,
+    masks: dict[str, torch.Tensor] | None = None,
+    progress: TuneProgress | None = None,
+    **overrides: Any,
+) -> TuneResult:
+    """Train ``student`` for a bounded number of steps/seconds against ``teacher``, in place.
+
+    Args:
+        student: the compressed model (any ``nn.Module``; MPO layers train their cores).
+        teacher: the reference model (frozen; None: task loss only, which needs targets).
+        batches: training batches, cycled in order.
+        val_batches: held-out batches for picking the best checkpoint (default: the training batches).
+        config: a :class:`~mpocompress.config.TuneConfig`; keyword ``overrides`` replace its fields
+            (``finetune(s, t, b, steps=100, lr=3e-4)``).
+        masks: ``{parameter name: bool mask}``; masked-out entries stay exactly zero (pruned models).
+        progress: called after each step.
+
+    Returns:
+        A :class:`TuneResult`. ``student`` ends with the best held-out parameters.
+    """
+    import dataclasses
+
+    config = dataclasses.replace(config or TuneConfig(), **overrides)
+    batches = list(batches)
+    if not batches:
+        raise ConfigError("fine-tuning needs at least one batch")
+    val = list(val_batches) if val_batches is not None else batches
+    if teacher is None and all(split_batch(b)[1] is None for b in batches):
+        raise ConfigError("without a teacher, fine-tuning needs batches with targets")
+    if teacher is not None:
+        teacher.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    masks = masks or {}
+    selected = trainable(student, config.train)
+    names = {n for n, _ in selected}
+    grad_was = {n: p.requires_grad for n, p in student.named_parameters()}
+    for n, p in student.named_parameters():
+        p.requires_grad_(n in names)
+    params = [p for _, p in selected]
+    apply_masks(student, masks)
+    named = dict(student.named_parameters())
+    mask_of = [(named[n], m.to(named[n].dtype)) for n, m in masks.items() if n in names]
+
+    torch.manual_seed(config.seed)
+    opt = torch.optim.Adam(params, lr=config.lr)
+    result = TuneResult(trained_params=sum(p.numel() for p in params))
+    result.val_before = result.val_best = evaluate(student, teacher, val, config)
+    best_state = copy.deepcopy(student.state_dict())
+    start = time.perf_counter()
+    student.train()
+    running = math.nan
+    step = 0
+    for step in range(1, config.steps + 1):
+        loss = batch_loss(student, teacher, batches[(step - 1) % len(batches)], config)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for p, m in mask_of:  # pruned weights get no update (Adam would move them through momentum)
+            if p.grad is not None:
+                p.grad.mul_(m)
+        opt.step()
+        if mask_of:
+            with torch.no_grad():
+                for p, m in mask_of:
+                    p.mul_(m)
+        lv = float(loss.detach())
+        running = lv if math.isnan(running) else 0.9 * running + 0.1 * lv
+        out_of_time = config.time is not None and time.perf_counter() - start >= config.time
+        info: dict[str, Any] = {"loss": running}
+        if step % config.eval_every == 0 or step == config.steps or out_of_time:
+            v = evaluate(student, teacher, val, config)
+            result.history.append((step, running, v))
+            info["val_loss"] = v
+            if v < result.val_best:
+                result.val_best, result.best_step = v, step
+                best_state = copy.deepcopy(student.state_dict())
+        info["best_val_loss"] = result.val_best
+        if progress is not None:
+            progress(step, config.steps, info)
+        if out_of_time:
+            result.stopped_by = "time"
+            break
+    result.steps = step
+    result.seconds = time.perf_counter() - start
+    student.load_state_dict(best_state)
+    for n, p in student.named_parameters():
+        p.requires_grad_(grad_was[n])
+    student.eval()
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# iterative pruning with knowledge distillation (IPKD)
+
+
+def ipkd_schedule(sparsity: float, rounds: int) -> list[float]:
+    """Sparsity after each round: every round removes the same share of the weights still there,
+    ``s_r = 1 - (1 - sparsity) ** (r / rounds)`` (our choice; the paper's schedule is not public)."""
+    if rounds < 1:
+        raise ConfigError(f"IPKD needs >= 1 round, got {rounds}")
+    return [1.0 - (1.0 - sparsity) ** (r / rounds) for r in range(1, rounds + 1)]
+
+
+def magnitude_masks(model: nn.Module, names: Sequence[str], sparsity: float, scope: str = "layer") -> dict[str, torch.Tensor]:
+    """Masks keeping the ``1 - sparsity`` largest magnitudes of each named parameter (``scope="layer"``)
+    or over all of them at once (``"global"``). Zeros are the smallest magnitudes, so a mask computed
+    on an already-pruned model keeps what was pruned pruned."""
+    from mpocompress.codecs import magnitude_mask
+
+    params = dict(model.named_parameters())
+    threshold = None
+    if scope == "global":
+        mags = torch.cat([params[n].detach().abs().float().reshape(-1) for n in names])
+        k = int(round(sparsity * mags.numel()))
+        threshold = float(torch.kthvalue(mags, k).values) if k >= 1 else -1.0
+    return {n: magnitude_mask(params[n].detach(), sparsity, threshold) for n in names}
+
+
+@dataclass
+class IPKDRound:
+    sparsity: float
+    teacher_fingerprint: float
+    tune: TuneResult
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"sparsity": self.sparsity, "teacher_fingerprint": self.teacher_fingerprint, **self.tune.to_dict()}
+
+
+def _fingerprint(model: nn.Module) -> float:
+    """A number that changes when any parameter does (sum of |p| weighted by position)."""
+    with torch.no_grad():
+        return float(sum((p.detach().double().abs().reshape(-1) * (1 + i)).sum() for i, p in enumerate(model.parameters())))
+
+
+def ipkd(
+    model: nn.Module,
+    names: Sequence[str],
+    sparsity: float,
+    rounds: int,
+    batches: Sequence[Any],
+    *,
+    val_batches: Sequence[Any] | None = None,
+    config: TuneConfig | None = None,
+    scope: str = "layer",
+    progress: TuneProgress | None = None,
+) -> tuple[dict[str, torch.Tensor], list[IPKDRound]]:
+    """Iterative pruning with knowledge distillation (Interspeech 2022), in place.
+
+    Round ``r`` copies the current model as the teacher, prunes the named weights by magnitude to
+    :func:`ipkd_schedule`'s ``r``-th sparsity, and fine-tunes the pruned model against that teacher
+    (the model *before* this round's pruning) for ``config.steps / rounds`` steps (and
+    ``config.time / rounds`` seconds).
+
+    Returns:
+        ``(masks, rounds)``: the final masks (``sparsity`` reached) and what each round did.
+    """
+    import dataclasses
+
+    config = config or TuneConfig()
+    per_round = dataclasses.replace(
+        config,
+        steps=max(1, config.steps // rounds) if config.steps else 0,
+        time=None if config.time is None else config.time / rounds,
+        ipkd=0,
+    )
+    history = []
+    masks: dict[str, torch.Tensor] = {}
+    for r, s in enumerate(ipkd_schedule(sparsity, rounds), start=1):
+        teacher = copy.deepcopy(model).eval()
+        masks = magnitude_masks(model, names, s, scope)
+        apply_masks(model, masks)
+
+        def report(step: int, total: int, info: dict[str, Any], r: int = r) -> None:
+            if progress is not None:
+                progress(step + (r - 1) * total, total * rounds, {**info, "round": r})
+
+        res = finetune(model, teacher, batches, val_batches=val_batches, config=per_round, masks=masks, progress=report)
+        history.append(IPKDRound(s, _fingerprint(teacher), res))
+    return masks, history
+
+
+def record_inputs(model: nn.Module, batches: Sequence[Any], names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    """Gram matrices ``X^T X`` of the inputs each ``nn.Linear`` (or ``MPOLinear``) sees over ``batches``.
+
+    Keys are weight names (``"fc.weight"``), the format :func:`mpocompress.refine.activation_refit`
+    and ``convert --activations`` take. ``names``: module names to record (default: every Linear).
+    """
+    from mpocompress.modules import MPOLinear
+
+    grams: dict[str, torch.Tensor] = {}
+    hooks = []
+    for mod_name, module in model.named_modules():
+        if not isinstance(module, (nn.Linear, MPOLinear)) or (names is not None and mod_name not in names):
+            continue
+
+        def hook(mod: nn.Module, args: tuple, out: Any, key: str = f"{mod_name}.weight") -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            g = x.T @ x
+            grams[key] = grams[key] + g if key in grams else g
+
+        hooks.append(module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            was = model.training
+            model.eval()
+            for b in batches:
+                xs, _ = split_batch(b)
+                model(*xs)
+            model.train(was)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {k: v.float() for k, v in grams.items()}

@@ -1,0 +1,253 @@
+"""Data-free and activation-based refinement of MPO cores after TT-SVD (no I/O).
+
+* :func:`als_refine` - alternating least squares: one core at a time is replaced by the exact
+  least-squares solution given the others, lowering ``||W - MPO||_F`` at fixed bond dimensions.
+* :func:`refit_quantized` - quantize the cores one at a time and refit the not-yet-quantized ones
+  to absorb the quantization error.
+* :func:`activation_refit` - minimise the *output* error ``||X W^T - X W_mpo^T||_F`` over recorded
+  inputs ``X`` of the layer (through their Gram matrix ``X^T X``) instead of the weight error.
+
+A TT-matrix with cores ``G_k`` of shape ``(r_{k-1}, o_k, i_k, r_k)`` is, after interleaving the row
+and column modes of ``W``, a plain tensor train with mode sizes ``n_k = o_k * i_k``; ALS works on
+that view. Padding (``TTMatrix.padded_shape`` larger than the matrix) is handled by imputation: the
+padded target carries the current approximation outside the real matrix, so every sweep can only
+lower the error on the real entries (the classic EM argument). Each routine also keeps the best
+cores it has seen, so none ever returns cores worse than the ones it was given.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from mpocompress.tt import TTMatrix, cores_to_matrix, relative_error
+
+#: relative rcond of the pseudo-inverses of the interface Gram matrices
+_RCOND = 1e-12
+
+
+@dataclass
+class RefineResult:
+    """Refined cores and the error history (relative Frobenius error after each sweep/step,
+    ``history[0]`` being the error of the cores given)."""
+
+    tt: TTMatrix
+    history: list[float] = field(default_factory=list)
+
+    @property
+    def rel_error(self) -> float:
+        return min(self.history)
+
+
+def _interleaved(weight: torch.Tensor, tt: TTMatrix) -> torch.Tensor:
+    """``weight`` zero-padded to the TT's padded shape, as a tensor of modes ``(o_1 i_1, ..., o_d i_d)``."""
+    out_modes, in_modes = tt.out_modes, tt.in_modes
+    d = len(out_modes)
+    rows, cols = tt.padded_shape
+    w = torch.zeros(rows, cols, dtype=torch.float64)
+    w[: weight.shape[0], : weight.shape[1]] = weight.double()
+    perm = [p for k in range(d) for p in (k, d + k)]
+    return w.reshape(*out_modes, *in_modes).permute(perm).reshape([o * i for o, i in zip(out_modes, in_modes)])
+
+
+def _full(cores3: list[torch.Tensor]) -> torch.Tensor:
+    """Contract 3-D cores ``(r, n, r')`` into the full tensor of shape ``(n_1, ..., n_d)``."""
+    acc = cores3[0].reshape(-1, cores3[0].shape[-1])
+    for c in cores3[1:]:
+        acc = (acc @ c.reshape(c.shape[0], -1)).reshape(-1, c.shape[-1])
+    return acc.reshape([c.shape[1] for c in cores3])
+
+
+def _real_error(weight: torch.Tensor, cores4: list[torch.Tensor]) -> float:
+    return relative_error(weight.double(), cores_to_matrix(cores4, tuple(weight.shape)))
+
+
+def _pinv(a: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.pinv(a, rtol=_RCOND, hermitian=True)
+
+
+def _sweep(target: torch.Tensor, cores3: list[torch.Tensor], frozen: set[int], order: list[int]) -> None:
+    """Replace each non-frozen core in ``order`` by its least-squares optimum, in place."""
+    d = len(cores3)
+    dims = list(target.shape)
+    for k in order:
+        if k in frozen:
+            continue
+        # left interface L: (N_<k, r_{k-1}); right interface R: (r_k, N_>k)
+        left = torch.ones(1, 1, dtype=torch.float64)
+        for j in range(k):
+            c = cores3[j]
+            left = (left @ c.reshape(c.shape[0], -1)).reshape(-1, c.shape[-1])
+        right = torch.ones(1, 1, dtype=torch.float64)
+        for j in range(d - 1, k, -1):
+            c = cores3[j]
+            right = (c.reshape(-1, c.shape[-1]) @ right).reshape(c.shape[0], -1)
+        t = target.reshape(left.shape[0], dims[k], right.shape[1])
+        rhs = torch.einsum("ar,anb,sb->rns", left, t, right)
+        g = torch.einsum("rq,qns,st->rnt", _pinv(left.T @ left), rhs, _pinv(right @ right.T))
+        cores3[k] = g
+
+
+def _to3(tt: TTMatrix) -> list[torch.Tensor]:
+    return [c.double().reshape(c.shape[0], c.shape[1] * c.shape[2], c.shape[3]) for c in tt.cores]
+
+
+def _to4(cores3: list[torch.Tensor], tt: TTMatrix, dtype: torch.dtype) -> list[torch.Tensor]:
+    return [c.reshape(ref.shape).to(dtype).contiguous() for c, ref in zip(cores3, tt.cores)]
+
+
+def _impute(weight: torch.Tensor, tt: TTMatrix, cores3: list[torch.Tensor]) -> torch.Tensor:
+    """The ALS target: ``weight`` on the real entries, the current approximation on the padding."""
+    target = _interleaved(weight, tt)
+    if tuple(weight.shape) == tt.padded_shape:
+        return target
+    current = _full(cores3)
+    real = _interleaved(torch.ones_like(weight), tt).bool()
+    return torch.where(real, target, current)
+
+
+def als_refine(
+    weight: torch.Tensor,
+    tt: TTMatrix,
+    *,
+    sweeps: int = 2,
+    frozen: set[int] | frozenset[int] = frozenset(),
+    min_gain: float = 0.0,
+) -> RefineResult:
+    """Lower ``||weight - MPO||_F`` by alternating least squares over the cores, bonds fixed.
+
+    A sweep visits every core once, left to right then right to left on the next sweep; each visit
+    replaces the core by the exact least-squares solution given the other cores (normal equations
+    with pseudo-inverted interface Gram matrices, in float64).
+
+    Args:
+        weight: the ``(out, in)`` matrix ``tt`` approximates.
+        tt: starting cores (e.g. from :func:`mpocompress.tt.tt_svd`).
+        sweeps: number of sweeps.
+        frozen: indices of cores to keep as they are.
+        min_gain: stop early when a sweep lowers the relative error by less than this.
+
+    Returns:
+        The best cores seen (never worse than ``tt``) and the error after each sweep.
+    """
+    if tuple(weight.shape) != tuple(tt.shape):
+        raise ValueError(f"weight shape {tuple(weight.shape)} does not match the TT's {tuple(tt.shape)}")
+    dtype = tt.cores[0].dtype
+    cores3 = _to3(tt)
+    best = list(tt.cores)
+    history = [_real_error(weight, [c.double() for c in tt.cores])]
+    d = len(cores3)
+    for s in range(sweeps):
+        target = _impute(weight, tt, cores3)
+        order = list(range(d)) if s % 2 == 0 else list(range(d - 1, -1, -1))
+        _sweep(target, cores3, set(frozen), order)
+        cores4 = _to4(cores3, tt, torch.float64)
+        err = _real_error(weight, cores4)
+        history.append(err)
+        if err < min(history[:-1]):
+            best = [c.to(dtype) for c in cores4]
+        if history[-2] - err < min_gain:
+            break
+    return RefineResult(TTMatrix(best, tt.shape), history)
+
+
+def refit_quantized(
+    weight: torch.Tensor,
+    tt: TTMatrix,
+    quantize: Callable[[int, torch.Tensor], torch.Tensor],
+    *,
+    sweeps: int = 1,
+) -> TTMatrix:
+    """Quantize the cores one at a time, refitting the not-yet-quantized ones by ALS after each.
+
+    ``quantize(k, core)`` is called once per core, largest core first, with the core as it is at
+    that moment; it must return the core as it will be stored (encode + decode), and may keep the
+    encoded parts. The refit between calls lets the remaining cores absorb the quantization error,
+    so the result is never worse than quantizing the TT-SVD cores directly *when measured in the
+    same order* (the ALS step only lowers the error it is given).
+
+    Returns:
+        The quantized cores (each exactly what ``quantize`` returned).
+    """
+    d = len(tt.cores)
+    order = sorted(range(d), key=lambda k: -tt.cores[k].numel())
+    dtype = tt.cores[0].dtype
+    cores = [c.clone() for c in tt.cores]
+    done: set[int] = set()
+    for k in order:
+        cores[k] = quantize(k, cores[k]).to(dtype)
+        done.add(k)
+        if len(done) < d and sweeps > 0:
+            res = als_refine(weight, TTMatrix(cores, tt.shape), sweeps=sweeps, frozen=done)
+            cores = [cores[j] if j in done else res.tt.cores[j] for j in range(d)]
+    return TTMatrix(cores, tt.shape)
+
+
+def activation_refit(
+    weight: torch.Tensor,
+    tt: TTMatrix,
+    gram: torch.Tensor,
+    *,
+    steps: int = 50,
+) -> RefineResult:
+    """Refit the cores to minimise the output error on recorded inputs instead of the weight error.
+
+    With inputs ``X`` (rows) of the layer and ``C = X^T X``, the output error of a weight ``V`` is
+    ``||X W^T - X V^T||_F^2 = tr((W - V) C (W - V)^T)``. The cores are optimised by L-BFGS (strong
+    Wolfe line search) on that objective, from the given cores. ``history`` holds the *relative
+    output error* ``sqrt(tr(E C E^T) / tr(W C W^T))`` after each L-BFGS iteration; the best cores
+    seen are returned (never worse than ``tt`` on this objective).
+
+    Args:
+        weight: ``(out, in)`` matrix.
+        tt: starting cores.
+        gram: ``(in, in)`` Gram matrix ``X^T X`` of the recorded inputs.
+        steps: L-BFGS iterations.
+    """
+    out_f, in_f = weight.shape
+    if tuple(gram.shape) != (in_f, in_f):
+        raise ValueError(f"Gram matrix must be ({in_f}, {in_f}) for a weight with {in_f} inputs, got {tuple(gram.shape)}")
+    w = weight.double()
+    c = gram.double()
+    c = (c + c.T) / 2
+    denom = float(torch.einsum("oi,ij,oj->", w, c, w))
+    if denom <= 0:
+        raise ValueError("the recorded inputs are all zero: nothing to fit")
+    dtype = tt.cores[0].dtype
+    params = [p.detach().double().clone().requires_grad_(True) for p in tt.cores]
+
+    def objective() -> torch.Tensor:
+        e = w - cores_to_matrix(params, (out_f, in_f))
+        return torch.einsum("oi,ij,oj->", e, c, e) / denom
+
+    with torch.no_grad():
+        start = float(objective())
+    history = [math.sqrt(max(start, 0.0))]
+    best_loss, best = start, [p.detach().clone() for p in params]
+    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=1, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = objective()
+        loss.backward()
+        return loss
+
+    for _ in range(steps):
+        opt.step(closure)
+        with torch.no_grad():
+            loss = float(objective())
+        if not math.isfinite(loss):
+            break
+        history.append(math.sqrt(max(loss, 0.0)))
+        if loss < best_loss:
+            best_loss, best = loss, [p.detach().clone() for p in params]
+    return RefineResult(TTMatrix([b.to(dtype) for b in best], tt.shape), history)
+
+
+def output_error(weight: torch.Tensor, approx: torch.Tensor, gram: torch.Tensor) -> float:
+    """Relative output error ``sqrt(tr(E C E^T) / tr(W C W^T))`` of ``approx`` on inputs with Gram ``C``."""
+    w, e, c = weight.double(), (weight - approx).double(), gram.double()
+    return math.sqrt(float(torch.einsum("oi,ij,oj->", e, c, e)) / float(torch.einsum("oi,ij,oj->", w, c, w)))
