@@ -191,21 +191,25 @@ def activation_refit(
     tt: TTMatrix,
     gram: torch.Tensor,
     *,
-    steps: int = 50,
+    sweeps: int = 4,
+    cg_iters: int = 30,
 ) -> RefineResult:
     """Refit the cores to minimise the output error on recorded inputs instead of the weight error.
 
     With inputs ``X`` (rows) of the layer and ``C = X^T X``, the output error of a weight ``V`` is
-    ``||X W^T - X V^T||_F^2 = tr((W - V) C (W - V)^T)``. The cores are optimised by L-BFGS (strong
-    Wolfe line search) on that objective, from the given cores. ``history`` holds the *relative
-    output error* ``sqrt(tr(E C E^T) / tr(W C W^T))`` after each L-BFGS iteration; the best cores
-    seen are returned (never worse than ``tt`` on this objective).
+    ``||X W^T - X V^T||_F^2 = tr((W - V) C (W - V)^T)``. That is a convex quadratic in each core
+    with the others fixed, so the cores are visited in ALS sweeps and each is moved to the
+    minimiser of its quadratic by conjugate gradients (Hessian-vector products are differences of
+    autograd gradients, exact for a quadratic). ``history`` holds the *relative output error*
+    ``sqrt(tr(E C E^T) / tr(W C W^T))`` at the start and after each sweep; the best cores seen are
+    returned (never worse than ``tt`` on this objective).
 
     Args:
         weight: ``(out, in)`` matrix.
         tt: starting cores.
         gram: ``(in, in)`` Gram matrix ``X^T X`` of the recorded inputs.
-        steps: L-BFGS iterations.
+        sweeps: ALS sweeps (left to right, then right to left, ...).
+        cg_iters: conjugate-gradient iterations per core visit at most.
     """
     out_f, in_f = weight.shape
     if tuple(gram.shape) != (in_f, in_f):
@@ -217,33 +221,49 @@ def activation_refit(
     if denom <= 0:
         raise ValueError("the recorded inputs are all zero: nothing to fit")
     dtype = tt.cores[0].dtype
-    params = [p.detach().double().clone().requires_grad_(True) for p in tt.cores]
+    cores = [p.detach().double().clone() for p in tt.cores]
 
-    def objective() -> torch.Tensor:
-        e = w - cores_to_matrix(params, (out_f, in_f))
+    def loss(cs: list[torch.Tensor]) -> torch.Tensor:
+        e = w - cores_to_matrix(cs, (out_f, in_f))
         return torch.einsum("oi,ij,oj->", e, c, e) / denom
 
+    def grad_at(k: int, gk: torch.Tensor) -> torch.Tensor:
+        gk = gk.detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(loss([gk if j == k else cores[j] for j in range(len(cores))]), gk)
+        return g
+
     with torch.no_grad():
-        start = float(objective())
+        start = float(loss(cores))
     history = [math.sqrt(max(start, 0.0))]
-    best_loss, best = start, [p.detach().clone() for p in params]
-    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=1, history_size=20, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = objective()
-        loss.backward()
-        return loss
-
-    for _ in range(steps):
-        opt.step(closure)
+    best_loss, best = start, [p.clone() for p in cores]
+    d = len(cores)
+    for s in range(sweeps):
+        for k in range(d) if s % 2 == 0 else range(d - 1, -1, -1):
+            g0 = grad_at(k, torch.zeros_like(cores[k]))  # = -b of f(g) = g'Hg/2 - b'g
+            x = cores[k]
+            r = -(grad_at(k, x))
+            p = r.clone()
+            rs = float((r * r).sum())
+            tol = 1e-20 * max(rs, 1e-300)
+            for _ in range(cg_iters):
+                if rs <= tol:
+                    break
+                hp = grad_at(k, p) - g0
+                curv = float((p * hp).sum())
+                if curv <= 0:
+                    break
+                alpha = rs / curv
+                x = x + alpha * p
+                r = r - alpha * hp
+                rs_new = float((r * r).sum())
+                p = r + (rs_new / rs) * p
+                rs = rs_new
+            cores[k] = x.detach()
         with torch.no_grad():
-            loss = float(objective())
-        if not math.isfinite(loss):
-            break
-        history.append(math.sqrt(max(loss, 0.0)))
-        if loss < best_loss:
-            best_loss, best = loss, [p.detach().clone() for p in params]
+            current = float(loss(cores))
+        history.append(math.sqrt(max(current, 0.0)))
+        if current < best_loss:
+            best_loss, best = current, [p.clone() for p in cores]
     return RefineResult(TTMatrix([b.to(dtype) for b in best], tt.shape), history)
 
 

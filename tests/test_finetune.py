@@ -1,0 +1,286 @@
+"""Fine-tuning with distillation, IPKD, and their use through convert (API and CLI)."""
+
+import copy
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from mpocompress import MPOConfig, load_state_dict
+from mpocompress.cli import main
+from mpocompress.config import TuneConfig
+from mpocompress.data import example_checkpoint
+from mpocompress.data.se import batches, se_lstm
+from mpocompress.finetune import (
+    evaluate,
+    finetune,
+    ipkd,
+    ipkd_schedule,
+    magnitude_masks,
+    record_inputs,
+    trainable,
+)
+from mpocompress.model import compress_, load_compressed_
+
+WEIGHTS = ["inp.weight", "lstm.weight_ih_l0", "lstm.weight_hh_l0", "out.weight"]
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    m = se_lstm()
+    m.load_state_dict(load_state_dict(example_checkpoint()))
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def data():
+    b = batches(n=8, batch=4, seconds=0.5, seed=7)
+    return b[:6], b[6:]
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_finetune_lowers_the_held_out_distillation_loss(teacher, data):
+    train, val = data
+    student = copy.deepcopy(teacher)
+    compress_(student, MPOConfig(ratio=10, cores=3))
+    res = finetune(student, teacher, train, val_batches=val, steps=30, eval_every=10)
+    assert res.steps == 30 and res.stopped_by == "steps"
+    assert res.val_best < 0.5 * res.val_before
+    assert evaluate(student, teacher, val) == pytest.approx(res.val_best, rel=1e-5)  # best kept
+    assert [h[0] for h in res.history] == [10, 20, 30]
+    assert all(p.requires_grad for p in student.parameters())  # restored
+
+
+def test_finetune_never_returns_a_worse_model(teacher, data):
+    train, val = data
+    student = copy.deepcopy(teacher)
+    compress_(student, MPOConfig(ratio=4))
+    res = finetune(student, teacher, train, val_batches=val, steps=4, lr=1.0, eval_every=1)  # absurd lr
+    assert res.val_best <= res.val_before
+    assert evaluate(student, teacher, val) == pytest.approx(res.val_best, rel=1e-5)
+
+
+@pytest.mark.parametrize("train_sel", ["central", "outer"])
+def test_central_and_outer_training_freeze_the_rest(teacher, data, train_sel):
+    train, val = data
+    student = copy.deepcopy(teacher)
+    compress_(student, MPOConfig(ratio=6, cores=3))
+    chosen = {n for n, _ in trainable(student, train_sel)}
+    assert chosen and all("_cores." in n for n in chosen)
+    cores_per_weight = {n.rsplit("_cores.", 1)[0] for n in chosen}
+    assert len(cores_per_weight) == 4
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    finetune(student, teacher, train, val_batches=train[:1], steps=5, train=train_sel, eval_every=100)
+    for n, p in student.named_parameters():
+        assert torch.equal(p, before[n]) != (n in chosen), n
+    # the central core is each MPO's largest one
+    for name in cores_per_weight:
+        sizes = {n: before[n].numel() for n in before if n.startswith(name + "_cores.")}
+        central = max(sizes, key=sizes.get)
+        assert (central in chosen) == (train_sel == "central")
+    with pytest.raises(Exception, match="no MPO layer"):
+        trainable(copy.deepcopy(teacher), train_sel)
+
+
+def test_masks_hold_and_time_limit_stops(teacher, data):
+    train, val = data
+    student = copy.deepcopy(teacher)
+    masks = magnitude_masks(student, WEIGHTS, 0.5)
+    res = finetune(student, teacher, train, val_batches=val, steps=50, time=1e-9, masks=masks)
+    assert res.stopped_by == "time" and res.steps == 1
+    params = dict(student.named_parameters())
+    for n, m in masks.items():
+        assert (params[n][~m] == 0).all()
+        assert (params[n][m] != 0).float().mean() > 0.99
+
+
+def test_task_loss_without_teacher_needs_targets(teacher, data):
+    train, _ = data
+    student = copy.deepcopy(teacher)
+    with pytest.raises(Exception, match="targets"):
+        finetune(student, None, [x for x, _ in train], steps=1)
+    res = finetune(student, None, train, steps=2, kd_weight=0.0)
+    assert res.steps == 2
+
+
+def test_ipkd_reaches_the_sparsity_with_a_new_teacher_each_round(teacher, data):
+    train, val = data
+    model = copy.deepcopy(teacher)
+    sched = ipkd_schedule(0.8, 3)
+    assert sched[-1] == pytest.approx(0.8) and sched == sorted(sched)
+    masks, rounds = ipkd(model, WEIGHTS, 0.8, 3, train, val_batches=val, config=TuneConfig(steps=6, eval_every=1))
+    assert [r.sparsity for r in rounds] == pytest.approx(sched)
+    prints = [r.teacher_fingerprint for r in rounds]
+    assert len(set(prints)) == 3  # the teacher changed every round
+    from mpocompress.finetune import _fingerprint
+
+    assert prints[0] == pytest.approx(_fingerprint(teacher))  # round 1 is taught by the dense model
+    params = dict(model.named_parameters())
+    for n in WEIGHTS:
+        zeros = int((params[n] == 0).sum())
+        assert zeros == round(0.8 * params[n].numel())
+        assert torch.equal(params[n] == 0, ~masks[n])
+    # each round's pruning keeps what was pruned before: the masks only shrink
+    assert all(r.tune.steps == 2 for r in rounds)
+
+
+def test_record_inputs_is_the_gram_of_the_inputs(teacher, data):
+    train, _ = data
+    grams = record_inputs(teacher, train[:2])
+    assert set(grams) == {"inp.weight", "out.weight"}
+    x = torch.cat([(b[0] - teacher.feature_mean) / teacher.feature_std for b in train[:2]]).reshape(-1, 257)
+    assert torch.allclose(grams["inp.weight"], (x.T @ x).float(), rtol=1e-4, atol=1e-2)
+
+
+# ---------------------------------------------------------------------------------------------
+# through convert
+
+
+@pytest.fixture
+def factory_file(tmp_path):
+    path = tmp_path / "mymodel.py"
+    path.write_text("from mpocompress.data.se import SELSTM\n\n\ndef build():\n    return SELSTM()\n")
+    return path
+
+
+@pytest.fixture
+def data_file(tmp_path, data):
+    train, val = data
+    x = torch.cat([b[0] for b in train + val])
+    y = torch.cat([b[1] for b in train + val])
+    path = tmp_path / "batches.safetensors"
+    save_file({"inputs": x.contiguous(), "targets": y.contiguous()}, str(path))
+    return path
+
+
+def test_convert_fine_tunes_and_the_output_loads_and_runs(tmp_path, factory_file, data_file, teacher, data):
+    out = tmp_path / "ft.safetensors"
+    res = run("convert", example_checkpoint(), "-o", out, "--ratio", "10", "--cores", "3",
+              "--model", f"{factory_file}:build", "--data", data_file, "--batch-size", "4",
+              "--steps", "20", "--kd-weight", "0.5", "--json")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.stdout)
+    ft = rep["finetune"]
+    assert ft["train_batches"] == 7 and ft["val_batches"] == 1  # 32 rows / 4, last 10 % held out
+    assert ft["val_kd_loss"]["finetuned"] < ft["val_kd_loss"]["compressed"]
+    assert ft["val_task_loss"]["finetuned"] < ft["val_task_loss"]["compressed"]
+    assert ft["config"]["kd_weight"] == 0.5
+    assert "fine-tuned" in res.stderr
+    assert all(r["refine"].get("finetuned") for r in rep["layers"])
+    model = load_compressed_(se_lstm(), out)
+    _, val = data
+    kd = evaluate(model, teacher, val)
+    assert kd < ft["val_kd_loss"]["compressed"]
+    # the stored metadata records the fine-tuning too
+    from safetensors import safe_open
+
+    with safe_open(str(out), "pt") as f:
+        meta = json.loads(f.metadata()["mpocompress"])
+    assert meta["finetune"]["steps"] == ft["steps"]
+    # the same result from the package's own factories
+    res2 = run("convert", example_checkpoint(), "-o", tmp_path / "ft2.safetensors", "--ratio", "10",
+               "--model", "mpocompress.data.se:se_lstm", "--data", "mpocompress.data.se:batches", "--steps", "2")  # fmt: skip
+    assert res2.exit_code == 0, res2.output
+
+
+def test_convert_ipkd(tmp_path, factory_file, data_file):
+    out = tmp_path / "ipkd.safetensors"
+    res = run("convert", example_checkpoint(), "-o", out, "--prune", "magnitude:0.75", "--ipkd", "3",
+              "--model", f"{factory_file}:build", "--data", data_file, "--batch-size", "8", "--steps", "6", "--json")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    ft = json.loads(res.stdout)["finetune"]
+    assert len(ft["rounds"]) == 3
+    assert len({r["teacher_fingerprint"] for r in ft["rounds"]}) == 3
+    sd = load_state_dict(out)
+    for n in WEIGHTS:
+        assert int((sd[n] == 0).sum()) == round(0.75 * sd[n].numel())
+    # the file holds the pruned weights sparse
+    assert out.stat().st_size < 0.5 * example_checkpoint().stat().st_size
+
+
+def test_convert_prune_and_quantize_after_fine_tuning_keep_the_trained_zeros(tmp_path, factory_file, data_file):
+    out = tmp_path / "pq.safetensors"
+    res = run("convert", example_checkpoint(), "-o", out, "--prune", "channel:0.6", "--quantize", "kmeans:16",
+              "--model", f"{factory_file}:build", "--data", data_file, "--steps", "3", "--json")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    sd = load_state_dict(out)
+    dense = load_state_dict(example_checkpoint())
+    from mpocompress.codecs import channel_mask
+
+    for n in WEIGHTS:
+        keep = channel_mask(dense[n], 0.6)
+        assert (sd[n][~keep] == 0).all()
+
+
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (["--steps", "5"], 2, "--steps needs --model"),
+        (["--model", "x:y"], 2, "both --model and --data"),
+        (["--model", "no_such_module_xyz:build", "--data", "mpocompress.data.se:batches"], 2, "cannot import"),
+        (["--model", "mpocompress.data.se:nothing", "--data", "mpocompress.data.se:batches"], 2, "no attribute"),
+        (["--model", "mpocompress.data.se:se_lstm", "--data", "missing.safetensors"], 3, "no such file"),
+        (["--model", "mpocompress.data.se:se_lstm", "--data", "mpocompress.data.se:batches", "--ipkd", "2"], 2, "--ipkd needs --prune"),
+    ],
+)
+def test_fine_tuning_errors(tmp_path, args, code, message):
+    out = tmp_path / "o.safetensors"
+    res = run("convert", example_checkpoint(), "-o", out, "--ratio", "4", *args)
+    assert res.exit_code == code, res.output
+    assert message in res.stderr
+    assert "Traceback" not in res.stderr
+    assert not out.exists()
+
+
+def test_model_that_does_not_fit_the_checkpoint(tmp_path, data_file):
+    path = tmp_path / "wrong.py"
+    path.write_text("from mpocompress.data.se import SELSTM\n\n\ndef build():\n    return SELSTM(hidden=64)\n")
+    res = run("convert", example_checkpoint(), "-o", tmp_path / "o.safetensors", "--ratio", "4",
+              "--model", f"{path}:build", "--data", data_file)  # fmt: skip
+    assert res.exit_code == 3, res.output
+    assert "has shape" in res.stderr
+
+
+def test_als_and_quantization_refit_through_convert(tmp_path):
+    out = tmp_path / "als.safetensors"
+    res = run("convert", example_checkpoint(), "-o", out, "--ratio", "6", "--cores", "3", "--als", "3", "--json")
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.stdout)
+    assert rep["config"]["als_sweeps"] == 3
+    base = json.loads(run("convert", example_checkpoint(), "-o", tmp_path / "b.safetensors", "--ratio", "6",
+                          "--cores", "3", "--json").stdout)  # fmt: skip
+    for r, b in zip(rep["layers"], base["layers"]):
+        assert r["refine"]["als_sweeps"] == 3
+        assert r["rel_error"] <= b["rel_error"] + 1e-6
+    assert sum(r["rel_error"] for r in rep["layers"]) < sum(b["rel_error"] for b in base["layers"])
+    res = run("convert", example_checkpoint(), "-o", tmp_path / "q.safetensors", "--ratio", "6", "--cores", "3",
+              "--als", "2", "--quantize", "kmeans:8", "--json")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    for r in json.loads(res.stdout)["layers"]:
+        q = r["refine"]["quant_refit"]
+        assert q["kept"] == (q["error_refit"] < q["error_direct"])
+    sd = load_state_dict(tmp_path / "q.safetensors")
+    assert set(sd) == set(load_file(str(example_checkpoint())))
+
+
+def test_activation_refit_through_convert(tmp_path, teacher, data):
+    train, _ = data
+    grams = record_inputs(teacher, train)
+    acts = tmp_path / "acts.safetensors"
+    save_file({f"{k}.gram": v.contiguous() for k, v in grams.items()}, str(acts))
+    res = run("convert", example_checkpoint(), "-o", tmp_path / "a.safetensors", "--ratio", "8", "--cores", "3",
+              "--activations", acts, "--json")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    rows = {r["name"]: r for r in json.loads(res.stdout)["layers"]}
+    for name in grams:
+        a = rows[name]["refine"]["activation_refit"]
+        assert a["output_error_after"] < 0.9 * a["output_error_before"]
+    bad = tmp_path / "bad.safetensors"
+    save_file({"inp.weight.gram": torch.eye(5)}, str(bad))
+    res = run("convert", example_checkpoint(), "-o", tmp_path / "c.safetensors", "--ratio", "8", "--activations", bad)
+    assert res.exit_code == 3 and "features" in res.stderr
