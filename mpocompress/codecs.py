@@ -117,7 +117,17 @@ def pruner_mask(x: torch.Tensor, codec: Codec, threshold: float | None = None) -
         return magnitude_mask(x, codec.param, threshold)
     if codec.name == "channel":
         return channel_mask(x, codec.param)
+    if codec.name == "units":
+        raise ValueError("unit pruning needs the model's code to find the units (--model, --data)")
     raise ValueError(f"{codec} is not a pruner")
+
+
+def _rowcol(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(rows, cols)`` when a 2-D mask keeps exactly a sub-grid (whole rows and columns removed)."""
+    rows, cols = mask.any(1), mask.any(0)
+    if torch.equal(mask, rows[:, None] & cols[None, :]):
+        return rows, cols
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,16 +272,24 @@ def encode(
             mask = pruner_mask(x, p, threshold)
         elif mask.shape != x.shape:
             raise ValueError(f"mask shape {tuple(mask.shape)} does not match the tensor's {tuple(x.shape)}")
+        grid = _rowcol(mask.bool().reshape(x.shape[0], -1)) if x.dim() >= 2 else None
         mask = mask.reshape(-1).bool()
         nnz = int(mask.sum())
         n = mask.numel()
-        # store positions as a bitmask (n/8 bytes) or as int32 indices (4 nnz bytes), whichever is smaller
-        if n / 8 <= 4 * nnz:
+        # positions: kept rows + columns (whole units removed), a bitmask (n/8 bytes) or int32
+        # indices (4 nnz bytes), whichever is smallest
+        sizes = {"bitmask": math.ceil(n / 8), "indices": 4 * nnz}
+        if grid is not None:
+            sizes["rowcol"] = math.ceil(grid[0].numel() / 8) + math.ceil(grid[1].numel() / 8)
+        layout = min(sizes, key=lambda k: (sizes[k], k != "rowcol"))
+        if layout == "rowcol":
+            parts["rows"] = pack_bits(grid[0].to(torch.int64), 1)
+            parts["cols"] = pack_bits(grid[1].to(torch.int64), 1)
+        elif layout == "bitmask":
             parts["mask"] = pack_bits(mask.to(torch.int64), 1)
-            meta["layout"] = "bitmask"
         else:
             parts["indices"] = torch.nonzero(mask).reshape(-1).to(torch.int32)
-            meta["layout"] = "indices"
+        meta["layout"] = layout
         meta["nnz"] = nnz
         values = values[mask]
     if quants:
@@ -299,6 +317,10 @@ def decode(parts: dict[str, torch.Tensor], meta: dict[str, Any]) -> torch.Tensor
         if meta["layout"] == "bitmask":
             mask = unpack_bits(parts["mask"], 1, n).bool()
             out[mask] = values
+        elif meta["layout"] == "rowcol":
+            rows = unpack_bits(parts["rows"], 1, shape[0]).bool()
+            cols = unpack_bits(parts["cols"], 1, n // shape[0]).bool()
+            out[(rows[:, None] & cols[None, :]).reshape(-1)] = values
         else:
             out[parts["indices"].long()] = values
         return out.reshape(shape)

@@ -18,7 +18,7 @@ AUTO_CORES: tuple[int, ...] = (2, 3, 4)
 #: ``bond_dim`` MPO with this many cores costs; every candidate then gets that budget.
 AUTO_REFERENCE_CORES = 3
 SVD_METHODS = ("auto", "full", "randomized")
-PRUNERS = ("magnitude", "channel")
+PRUNERS = ("magnitude", "channel", "units")
 QUANTIZERS = ("kmeans", "int8", "seofp", "fp16", "bf16")
 
 
@@ -35,7 +35,7 @@ class Codec:
         name = name.lower()
         if name not in PRUNERS + QUANTIZERS:
             raise ValueError(f"unknown codec {name!r} (known: {', '.join(PRUNERS + QUANTIZERS)})")
-        needs = {"magnitude": "SPARSITY", "channel": "THETA", "kmeans": "K", "seofp": "E"}
+        needs = {"magnitude": "SPARSITY", "channel": "THETA", "units": "FRACTION", "kmeans": "K", "seofp": "E"}
         if name in needs and not arg:
             raise ValueError(f"{name} needs a parameter: {name}:{needs[name]}")
         if name not in needs and arg:
@@ -43,6 +43,8 @@ class Codec:
         param = float(arg) if arg else None
         if name == "magnitude" and not (0.0 <= param < 1.0):
             raise ValueError(f"magnitude sparsity must be in [0, 1), got {arg}")
+        if name == "units" and not (0.0 <= param < 1.0):
+            raise ValueError(f"units fraction must be in [0, 1), got {arg}")
         if name == "channel" and not (0.0 <= param <= 1.0):
             raise ValueError(f"channel theta must be in [0, 1], got {arg}")
         if name == "kmeans" and not (param == int(param) and 2 <= param <= 256):
@@ -58,7 +60,7 @@ class Codec:
     def __str__(self) -> str:
         if self.param is None:
             return self.name
-        p = int(self.param) if self.param == int(self.param) and self.name != "magnitude" else self.param
+        p = int(self.param) if self.param == int(self.param) and self.name not in ("magnitude", "units") else self.param
         return f"{self.name}:{p}"
 
 
@@ -79,8 +81,10 @@ class MPOConfig:
             count in :data:`AUTO_CORES` with the least error at the layer's parameter budget.
         svd: ``"full"``, ``"randomized"`` (when the bond is known) or ``"auto"`` (randomized where
             the bond is small next to the matrix).
-        prune: a pruning codec, ``"magnitude:SPARSITY"`` or ``"channel:THETA"`` (see
-            :mod:`mpocompress.codecs`), applied to what is stored (the dense weight, or the cores).
+        prune: a pruning codec, ``"magnitude:SPARSITY"``, ``"channel:THETA"`` (see
+            :mod:`mpocompress.codecs`) or ``"units:FRACTION"`` (whole hidden units, found from the
+            model's code: :mod:`mpocompress.units`), applied to what is stored (the dense weight, or
+            the cores).
         quantize: a quantization codec, ``"kmeans:K"``, ``"int8"``, ``"seofp:E"``, ``"fp16"``, ``"bf16"``,
             applied after pruning.
         prune_scope: ``"layer"`` (each tensor to the sparsity) or ``"global"`` (one magnitude threshold
@@ -127,8 +131,8 @@ class MPOConfig:
                 raise ConfigError(f"--{kind}: {codec.name} is a {'pruning' if codec.is_pruner else 'quantization'} codec")
         if self.prune_scope not in ("layer", "global"):
             raise ConfigError(f"prune_scope must be 'layer' or 'global', got {self.prune_scope!r}")
-        if self.mpo and self.prune is not None and self.prune.startswith("channel"):
-            raise ConfigError("channel pruning applies to dense weights; combine it with --quantize, not with MPO")
+        if self.mpo and self.prune is not None and self.prune.startswith(("channel", "units")):
+            raise ConfigError("channel and unit pruning apply to dense weights; combine them with --quantize, not with MPO")
         if self.prune_scope == "global" and (self.mpo or self.prune is None or not self.prune.startswith("magnitude")):
             raise ConfigError("prune_scope 'global' needs --prune magnitude:S without MPO")
         if self.ratio is not None and (self.bond_dim is not None or self.tol is not None):

@@ -71,7 +71,7 @@ def select_layers(ckpt: Checkpoint, include: tuple[str, ...], exclude: tuple[str
 
 
 #: suffixes of codec parts (``fc.weight.codes``...), checked for clashes with input names
-PART_SUFFIXES = (".mask", ".indices", ".values", ".codebook", ".codes", ".scale", ".zero_point")
+PART_SUFFIXES = (".mask", ".rows", ".cols", ".indices", ".values", ".codebook", ".codes", ".scale", ".zero_point")
 
 
 def global_threshold(ckpt: Checkpoint, layers: list[str], sparsity: float) -> float:
@@ -183,6 +183,11 @@ def convert(
                     pass_params += t.numel()
                     pass_bytes += _nbytes(t)
                     continue
+                if tune is None and any(c.name == "units" for c in cfg.chain):
+                    raise ConfigError(
+                        "--prune units:FRACTION removes whole hidden units found from the model's code: "
+                        "give --model and --data (--steps 0 to skip training)"
+                    )
                 row, entry, stored = _compress_tensor(
                     name, t, cfg, shapes, threshold if cfg.prune == config.prune else None,
                     plan=plans.get(name), reference=reference, gram=(activations or {}).get(name),
@@ -415,6 +420,21 @@ def _tune(
         row = rows.get(name)
         stored = [core_name(name, k) for k in range(len(row["bond_dims"]) + 1)] if row and row["status"] == "mpo" else [name]
         pruned.update({s: (name, pruners[0]) for s in stored if s in params})
+    units = {c.param for _, c in pruned.values() if c.name == "units"}
+    unit_summary: dict[str, Any] = {}
+    if units:
+        from mpocompress.units import find_unit_groups, unit_masks
+
+        if len(units) > 1:
+            raise ConfigError("one --prune units:FRACTION for all weights (a recipe may not vary it)")
+        groups = find_unit_groups(student)
+        umasks, removed = unit_masks(student, units.pop(), groups)
+        unit_summary = {g.name: {"size": g.size, "removed": len(removed.get(g.name, []))} for g in groups}
+        if not groups:
+            log.warning("--prune units: no hidden units are removable in this model (see mpocompress.units)")
+        # every tensor a removed unit touches (biases and unselected weights too) keeps its zeros
+        for p in [p for p, (_, c) in pruned.items() if c.name == "units"]:
+            del pruned[p]
     kd_only = dataclasses.replace(tune, kd_weight=1.0)
     has_targets = any(split_batch(b)[1] is not None for b in val)
     task_only = dataclasses.replace(tune, kd_weight=0.0)
@@ -426,6 +446,8 @@ def _tune(
         return out
 
     if tune.ipkd:
+        if unit_summary:
+            raise ConfigError("--ipkd prunes by magnitude; it does not combine with --prune units")
         codecs = {c for _, c in pruned.values()}
         if not pruned or any(c.name != "magnitude" for c in codecs) or len(codecs) > 1:
             raise ConfigError("--ipkd needs one --prune magnitude:SPARSITY for every pruned weight")
@@ -446,6 +468,8 @@ def _tune(
             k = int(round(next(iter(pruned.values()))[1].param * mags.numel()))
             threshold = float(torch.kthvalue(mags, k).values) if k >= 1 else -1.0
         masks = {p: pruner_mask(params[p].detach(), codec, threshold) for p, (_, codec) in pruned.items()}
+        if unit_summary:
+            masks.update(umasks)
         apply_masks(student, masks)
         before = losses(student)
         res = finetune(student, teacher, train, val_batches=val, config=tune, masks=masks, progress=progress)
@@ -462,6 +486,7 @@ def _tune(
         **({"val_task_loss": {"dense": losses(teacher)["task"], "compressed": before["task"], "finetuned": after["task"]}}
            if has_targets else {}),
         **result,
+        **({"units": unit_summary} if unit_summary else {}),
     }  # fmt: skip
 
     sd = student.state_dict()
@@ -479,6 +504,9 @@ def _tune(
                 plan.tt = TTMatrix([c.detach().clone() for c in module.cores_of(w)], module._shapes[w])
         prefix = f"{name}_cores." if plan.tt is not None else None
         plan.masks = {p: m for p, m in masks.items() if p == name or (prefix and p.startswith(prefix))}
+        cfg = config if recipe is None else recipe.config_for(name, config)
+        if cfg is not None and any(c.name == "units" for c in cfg.chain) and name not in plan.masks:
+            plan.masks[name] = torch.ones(dense[name].shape, dtype=torch.bool)  # no removable unit touches it
         plans[name] = plan
     return tensors, plans, summary
 
