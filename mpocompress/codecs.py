@@ -78,6 +78,14 @@ def magnitude_mask(x: torch.Tensor, sparsity: float, threshold: float | None = N
     return keep.reshape(x.shape)
 
 
+def magnitude_threshold(tensors: list[torch.Tensor], sparsity: float) -> float:
+    """The magnitude at or below which ``sparsity`` of all entries of ``tensors`` lie (global magnitude
+    pruning: pass it as ``threshold`` to :func:`magnitude_mask`); -1 when nothing is to be pruned."""
+    mags = torch.cat([t.detach().abs().float().reshape(-1) for t in tensors])
+    k = int(round(sparsity * mags.numel()))
+    return float(torch.kthvalue(mags, k).values) if k >= 1 else -1.0
+
+
 def channel_scores(x: torch.Tensor) -> torch.Tensor:
     """PP+PQ slice scores: for each (output filter, slice) the share of its weights whose magnitude is
     below the filter's mean magnitude. Conv ``(out, in, k...)``: a slice is one input channel's kernel;

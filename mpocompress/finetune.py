@@ -272,14 +272,10 @@ def magnitude_masks(model: nn.Module, names: Sequence[str], sparsity: float, sco
     """Masks keeping the ``1 - sparsity`` largest magnitudes of each named parameter (``scope="layer"``)
     or over all of them at once (``"global"``). Zeros are the smallest magnitudes, so a mask computed
     on an already-pruned model keeps what was pruned pruned."""
-    from mpocompress.codecs import magnitude_mask
+    from mpocompress.codecs import magnitude_mask, magnitude_threshold
 
     params = dict(model.named_parameters())
-    threshold = None
-    if scope == "global":
-        mags = torch.cat([params[n].detach().abs().float().reshape(-1) for n in names])
-        k = int(round(sparsity * mags.numel()))
-        threshold = float(torch.kthvalue(mags, k).values) if k >= 1 else -1.0
+    threshold = magnitude_threshold([params[n] for n in names], sparsity) if scope == "global" else None
     return {n: magnitude_mask(params[n].detach(), sparsity, threshold) for n in names}
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from mpocompress import __version__
-from mpocompress.codecs import decode, encode
+from mpocompress.codecs import decode, encode, magnitude_threshold
 from mpocompress.compress import compress_matrix, singular_values
 from mpocompress.config import Codec, Gates, MPOConfig, Recipe, TuneConfig
 from mpocompress.errors import ConfigError, GateError, InputError
@@ -80,9 +80,7 @@ def global_threshold(ckpt: Checkpoint, layers: list[str], sparsity: float) -> fl
     Holds every selected weight's magnitudes (float32) at once: fine up to a few hundred million
     parameters; streaming quantiles would lift that limit.
     """
-    mags = torch.cat([ckpt.get(n).detach().abs().float().reshape(-1) for n in layers])
-    k = int(round(sparsity * mags.numel()))
-    return float(torch.kthvalue(mags, k).values) if k >= 1 else -1.0
+    return magnitude_threshold([ckpt.get(n) for n in layers], sparsity)
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -253,10 +251,6 @@ class LayerPlan:
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def _lossy(chain: list[Codec]) -> bool:
-    return any(c.is_pruner or c.name in ("kmeans", "int8", "seofp", "fp16", "bf16") for c in chain)
-
-
 def _compress_tensor(
     name: str,
     t: torch.Tensor,
@@ -324,7 +318,7 @@ def _compress_tensor(
         encoded: dict[str, Any] = {}
         parts_out: dict[str, torch.Tensor] = {}
         coded = {sname: encode(st, chain, threshold=threshold, mask=masks.get(sname)) for sname, st in stored.items()}
-        if tt is not None and config.als_sweeps and _lossy(chain):
+        if tt is not None and config.als_sweeps:  # every codec is lossy: refit the cores while encoding
             coded = _refit_codes(row, name, tt, chain, threshold, masks, coded, config.als_sweeps)
         for sname, (parts, meta) in coded.items():
             meta["parts"] = {part: f"{sname}.{part}" for part in parts}
@@ -464,9 +458,7 @@ def _tune(
     else:
         threshold = None
         if config.prune_scope == "global" and pruned:
-            mags = torch.cat([params[p].detach().abs().float().reshape(-1) for p in pruned])
-            k = int(round(next(iter(pruned.values()))[1].param * mags.numel()))
-            threshold = float(torch.kthvalue(mags, k).values) if k >= 1 else -1.0
+            threshold = magnitude_threshold([params[p] for p in pruned], next(iter(pruned.values()))[1].param)
         masks = {p: pruner_mask(params[p].detach(), codec, threshold) for p, (_, codec) in pruned.items()}
         if unit_summary:
             masks.update(umasks)
@@ -483,7 +475,7 @@ def _tune(
         "steps": steps,
         "seconds": round(seconds, 3),
         "val_kd_loss": {"compressed": before["kd"], "finetuned": after["kd"]},
-        **({"val_task_loss": {"dense": losses(teacher)["task"], "compressed": before["task"], "finetuned": after["task"]}}
+        **({"val_task_loss": {"dense": evaluate(teacher, None, val, task_only), "compressed": before["task"], "finetuned": after["task"]}}
            if has_targets else {}),
         **result,
         **({"units": unit_summary} if unit_summary else {}),

@@ -99,14 +99,10 @@ def _to4(cores3: list[torch.Tensor], tt: TTMatrix, dtype: torch.dtype) -> list[t
     return [c.reshape(ref.shape).to(dtype).contiguous() for c, ref in zip(cores3, tt.cores)]
 
 
-def _impute(weight: torch.Tensor, tt: TTMatrix, cores3: list[torch.Tensor]) -> torch.Tensor:
-    """The ALS target: ``weight`` on the real entries, the current approximation on the padding."""
-    target = _interleaved(weight, tt)
-    if tuple(weight.shape) == tt.padded_shape:
-        return target
-    current = _full(cores3)
-    real = _interleaved(torch.ones_like(weight), tt).bool()
-    return torch.where(real, target, current)
+def _impute(target: torch.Tensor, real: torch.Tensor | None, cores3: list[torch.Tensor]) -> torch.Tensor:
+    """The ALS target: ``target`` on the real entries, the current approximation on the padding
+    (``real`` marks the real entries; None when there is no padding)."""
+    return target if real is None else torch.where(real, target, _full(cores3))
 
 
 def als_refine(
@@ -140,8 +136,10 @@ def als_refine(
     best = list(tt.cores)
     history = [_real_error(weight, [c.double() for c in tt.cores])]
     d = len(cores3)
+    base = _interleaved(weight, tt)
+    real = None if tuple(weight.shape) == tt.padded_shape else _interleaved(torch.ones_like(weight), tt).bool()
     for s in range(sweeps):
-        target = _impute(weight, tt, cores3)
+        target = _impute(base, real, cores3)
         order = list(range(d)) if s % 2 == 0 else list(range(d - 1, -1, -1))
         _sweep(target, cores3, set(frozen), order)
         cores4 = _to4(cores3, tt, torch.float64)

@@ -171,6 +171,25 @@ def unit_scores(g: UnitGroup, params: dict[str, torch.Tensor]) -> torch.Tensor:
     return score
 
 
+def masks_for(groups: list[UnitGroup], params: dict[str, torch.Tensor], removed: dict[str, list[int]]) -> dict[str, torch.Tensor]:
+    """Element keep-masks of every tensor the ``removed`` units (indices per group name) touch."""
+    masks: dict[str, torch.Tensor] = {}
+    for g in groups:
+        if not removed.get(g.name):
+            continue
+        keep_units = torch.ones(g.size, dtype=torch.bool)
+        keep_units[removed[g.name]] = False
+        for name, gates in g.rows.items():
+            t = params[name]
+            m = keep_units.repeat(gates).reshape(-1, *([1] * (t.dim() - 1))).expand_as(t)
+            masks[name] = masks.get(name, torch.ones_like(t, dtype=torch.bool)) & m
+        for name in g.cols:
+            t = params[name]
+            m = keep_units.reshape(1, -1).expand_as(t)
+            masks[name] = masks.get(name, torch.ones_like(t, dtype=torch.bool)) & m
+    return masks
+
+
 def unit_masks(model: nn.Module, fraction: float, groups: list[UnitGroup] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
     """Element keep-masks removing the lowest-scoring ``fraction`` of each group's units.
 
@@ -180,23 +199,9 @@ def unit_masks(model: nn.Module, fraction: float, groups: list[UnitGroup] | None
     """
     groups = find_unit_groups(model) if groups is None else groups
     params = dict(model.named_parameters())
-    masks: dict[str, torch.Tensor] = {}
     removed: dict[str, list[int]] = {}
     for g in groups:
-        n_remove = int(fraction * g.size)
-        n_remove = min(n_remove, g.size - 1)  # keep at least one unit
-        if n_remove <= 0:
-            continue
-        drop = torch.topk(unit_scores(g, params), n_remove, largest=False).indices.sort().values
-        removed[g.name] = drop.tolist()
-        keep_units = torch.ones(g.size, dtype=torch.bool)
-        keep_units[drop] = False
-        for name, gates in g.rows.items():
-            t = params[name]
-            m = keep_units.repeat(gates).reshape(-1, *([1] * (t.dim() - 1))).expand_as(t)
-            masks[name] = masks.get(name, torch.ones_like(t, dtype=torch.bool)) & m
-        for name in g.cols:
-            t = params[name]
-            m = keep_units.reshape(1, -1).expand_as(t)
-            masks[name] = masks.get(name, torch.ones_like(t, dtype=torch.bool)) & m
-    return masks, removed
+        n_remove = min(int(fraction * g.size), g.size - 1)  # keep at least one unit
+        if n_remove > 0:
+            removed[g.name] = torch.topk(unit_scores(g, params), n_remove, largest=False).indices.sort().values.tolist()
+    return masks_for(groups, params, removed), removed

@@ -227,26 +227,29 @@ def test_load_compressed_fails_clearly_on_mismatch(tmp_path):
         load_compressed_(Other(), path)
 
 
-def test_trace_and_compile():
+@pytest.fixture
+def compressed_net():
+    """A compressed Net, an input and its output."""
     torch.manual_seed(0)
     model = Net().eval()
     compress_(model, MPOConfig(ratio=3, cores=3))
     idx = torch.randint(50, (2, 9))
     with torch.no_grad():
         y = model(idx)
+    return model, idx, y
+
+
+def test_trace_and_compile(compressed_net):
+    model, idx, y = compressed_net
+    with torch.no_grad():
         traced = torch.jit.trace(model, (idx,), check_trace=False)
         assert torch.allclose(traced(idx), y, atol=1e-5)
 
 
-def test_onnx_parity(tmp_path):
+def test_onnx_parity(tmp_path, compressed_net):
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
-    torch.manual_seed(0)
-    model = Net().eval()
-    compress_(model, MPOConfig(ratio=3, cores=3))
-    idx = torch.randint(50, (2, 9))
-    with torch.no_grad():
-        y = model(idx)
+    model, idx, y = compressed_net
     path = tmp_path / "net.onnx"
     torch.onnx.export(model, (idx,), str(path), dynamo=False, input_names=["idx"], output_names=["y"])
     got = ort.InferenceSession(str(path)).run(None, {"idx": idx.numpy()})[0]
@@ -254,12 +257,8 @@ def test_onnx_parity(tmp_path):
 
 
 @pytest.mark.slow
-def test_compile():
-    torch.manual_seed(0)
-    model = Net().eval()
-    compress_(model, MPOConfig(ratio=3, cores=3))
-    idx = torch.randint(50, (2, 9))
+def test_compile(compressed_net):
+    model, idx, y = compressed_net
     with torch.no_grad():
-        y = model(idx)
         compiled = torch.compile(model)
         assert torch.allclose(compiled(idx), y, atol=1e-5)

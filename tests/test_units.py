@@ -15,7 +15,7 @@ from mpocompress.config import Codec
 from mpocompress.data import example_checkpoint
 from mpocompress.data.se import batches, se_lstm
 from mpocompress.finetune import apply_masks
-from mpocompress.units import find_unit_groups, unit_masks
+from mpocompress.units import find_unit_groups, masks_for, unit_masks
 
 
 class Res(nn.Module):
@@ -112,18 +112,7 @@ def test_removing_units_equals_the_smaller_network():
 
 
 def _masks_for(model, removed):
-    groups = find_unit_groups(model)
-    params = dict(model.named_parameters())
-    masks = {}
-    for g in groups:
-        keep = torch.ones(g.size, dtype=torch.bool)
-        keep[removed[g.name]] = False
-        for n, gates in g.rows.items():
-            m = keep.repeat(gates).reshape(-1, *([1] * (params[n].dim() - 1))).expand_as(params[n])
-            masks[n] = masks.get(n, torch.ones_like(params[n], dtype=torch.bool)) & m
-        for n in g.cols:
-            masks[n] = masks.get(n, torch.ones_like(params[n], dtype=torch.bool)) & keep.reshape(1, -1).expand_as(params[n])
-    return masks
+    return masks_for(find_unit_groups(model), dict(model.named_parameters()), removed)
 
 
 def test_subgrid_masks_are_stored_as_kept_rows_and_columns():
