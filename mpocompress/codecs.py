@@ -23,6 +23,7 @@ Methods and papers (details that are our choices are marked so; see docs/methods
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -78,12 +79,47 @@ def magnitude_mask(x: torch.Tensor, sparsity: float, threshold: float | None = N
     return keep.reshape(x.shape)
 
 
-def magnitude_threshold(tensors: list[torch.Tensor], sparsity: float) -> float:
+#: histogram bins of :func:`magnitude_threshold`'s second pass
+THRESHOLD_BINS = 1 << 16
+
+
+def magnitude_threshold(
+    tensors: Sequence[torch.Tensor] | Callable[[], Iterable[torch.Tensor]], sparsity: float
+) -> float:
     """The magnitude at or below which ``sparsity`` of all entries of ``tensors`` lie (global magnitude
-    pruning: pass it as ``threshold`` to :func:`magnitude_mask`); -1 when nothing is to be pruned."""
-    mags = torch.cat([t.detach().abs().float().reshape(-1) for t in tensors])
-    k = int(round(sparsity * mags.numel()))
-    return float(torch.kthvalue(mags, k).values) if k >= 1 else -1.0
+    pruning: pass it as ``threshold`` to :func:`magnitude_mask`); -1 when nothing is to be pruned.
+
+    Exact (the k-th smallest magnitude) and streaming: ``tensors`` may be a callable returning a fresh
+    iterable, read in three passes (maximum; a histogram locating the k-th value's bin; the values in
+    that bin), so only one tensor and the bin's values are held at once, whatever the total size.
+    """
+    passes = tensors if callable(tensors) else (lambda: tensors)
+    n, top = 0, 0.0
+    for t in passes():
+        if t.numel():
+            n += t.numel()
+            top = max(top, float(t.detach().abs().max()))
+    k = int(round(sparsity * n))
+    if k < 1:
+        return -1.0
+    if top == 0.0:
+        return 0.0
+    scale = THRESHOLD_BINS / top
+
+    def bins_of(a: torch.Tensor) -> torch.Tensor:  # monotone in |w|, the same in every pass
+        return (a * scale).long().clamp_(max=THRESHOLD_BINS - 1)
+
+    counts = torch.zeros(THRESHOLD_BINS, dtype=torch.int64)
+    for t in passes():
+        counts += torch.bincount(bins_of(t.detach().abs().float().reshape(-1)), minlength=THRESHOLD_BINS)
+    cum = counts.cumsum(0)
+    b = int(torch.searchsorted(cum, torch.tensor(k)))
+    below = int(cum[b - 1]) if b > 0 else 0
+    inside = []
+    for t in passes():
+        a = t.detach().abs().float().reshape(-1)
+        inside.append(a[bins_of(a) == b])
+    return float(torch.kthvalue(torch.cat(inside), k - below).values)
 
 
 def channel_scores(x: torch.Tensor) -> torch.Tensor:

@@ -16,11 +16,7 @@ import torch
 
 from mpocompress.config import AUTO_CORES, AUTO_REFERENCE_CORES, MPOConfig
 from mpocompress.shapes import bond_dims_for, choose_modes, max_bond_for_budget, mpo_params
-from mpocompress.tt import TTMatrix, relative_error, svd_tail_error, tt_svd
-
-#: above this many elements the reference SVD spectrum is estimated by a randomized SVD
-EXACT_SVDVALS_MAX_SIDE = 4096
-
+from mpocompress.tt import OVERSAMPLE, TTMatrix, _use_randomized, relative_error, svd_tail_error, tt_svd
 
 @dataclass
 class Candidate:
@@ -66,16 +62,17 @@ class MatrixResult:
 
 
 def singular_values(matrix: torch.Tensor, rank_hint: int | None = None, seed: int = 0) -> tuple[torch.Tensor, bool]:
-    """Singular values of a matrix, exact unless both sides exceed ``EXACT_SVDVALS_MAX_SIDE``.
+    """Singular values of a matrix: exact, or by a randomized SVD where the TT-SVD would use one (a
+    known rank small beside a large matrix, see :func:`mpocompress.tt._use_randomized`).
 
     Returns:
         ``(s, exact)``; when not exact, ``s`` holds the leading values of a randomized SVD followed by
-        one value carrying the remaining energy, so tail errors stay correct in total.
+        one value carrying the remaining energy, so tail errors are those of that randomized SVD.
     """
     w = matrix.double() if matrix.dtype == torch.float64 else matrix.float()
-    if min(w.shape) <= EXACT_SVDVALS_MAX_SIDE or rank_hint is None:
+    if rank_hint is None or not _use_randomized("auto", w.shape[0], w.shape[1], rank_hint):
         return torch.linalg.svdvals(w), True
-    q = min(rank_hint + 10, min(w.shape))
+    q = min(rank_hint + OVERSAMPLE, min(w.shape))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         _, s, _ = torch.svd_lowrank(w, q=q, niter=4)

@@ -378,56 +378,189 @@ def save_torch(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
         raise
 
 
-class ShardedWriter:
-    """Write a sharded safetensors folder (``model-0000i-of-0000n.safetensors`` + index) atomically.
+#: bytes per element of safetensors dtypes (for packing shards)
+_ST_ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
+                "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}  # fmt: skip
+_COPY_CHUNK = 64 * 1024**2
 
-    Tensors are buffered until a shard reaches ``max_shard_bytes``, then flushed, so memory holds at
-    most one shard. Everything goes to a temporary folder beside the target, renamed at :meth:`commit`.
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, read in chunks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_COPY_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    """The JSON header of a safetensors file and the offset where its data starts."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise InputError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+        n = int.from_bytes(raw, "little")
+        if n > 100_000_000:
+            raise InputError(f"{path}: not a safetensors file (header of {n} bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise InputError(f"{path}: corrupt safetensors header ({e})") from e
+    return header, 8 + n
+
+
+def pack_safetensors(sources: list[Path], path: Path, metadata: dict[str, str] | None = None) -> int:
+    """Write the tensors of several safetensors files into one, streaming (bounded memory), atomically.
+
+    Tensors are laid out as ``safetensors`` itself does (by alignment, then name), so every tensor
+    stays aligned; the data are copied in chunks and never held whole. Returns the data bytes.
+    """
+    entries = []  # (itemsize, name, info, source, absolute offset)
+    for src in sources:
+        header, start = read_safetensors_header(src)
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            entries.append((_ST_ITEMSIZE.get(info["dtype"], 1), name, info, src, start + info["data_offsets"][0]))
+    entries.sort(key=lambda e: (-e[0], e[1]))
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for _, name, info, _, _ in entries:
+        size = info["data_offsets"][1] - info["data_offsets"][0]
+        header[name] = {"dtype": info["dtype"], "shape": info["shape"], "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-(len(raw) + 8) % 8)
+    with atomic_path(path) as tmp, open(tmp, "wb") as out:
+        out.write(len(raw).to_bytes(8, "little"))
+        out.write(raw)
+        handles: dict[Path, Any] = {}
+        try:
+            for _, _, info, src, start in entries:
+                f = handles.get(src) or handles.setdefault(src, open(src, "rb"))
+                f.seek(start)
+                left = info["data_offsets"][1] - info["data_offsets"][0]
+                while left:
+                    chunk = f.read(min(left, _COPY_CHUNK))
+                    if not chunk:
+                        raise OutputError(f"{src}: shorter than its header says")
+                    out.write(chunk)
+                    left -= len(chunk)
+        finally:
+            for f in handles.values():
+                f.close()
+        out.flush()
+        os.fsync(out.fileno())
+    return offset
+
+
+def partial_path(output: Path) -> Path:
+    """The work folder of a conversion into ``output``: ``.NAME.partial`` beside it."""
+    return output.parent / f".{output.name}.partial"
+
+
+class GroupStore:
+    """The work folder of a resumable conversion: one safetensors file per group of input tensors.
+
+    Each group file is written atomically, then a small manifest holding its SHA-256, the job's
+    fingerprint and the group's report record. On a rerun a group counts as done only when its
+    manifest matches the job and the file's hash matches the manifest (verified, not trusted);
+    anything else is redone. :meth:`finish` packs the groups into the final file or shards and
+    removes the work folder. Several processes may write different groups at once.
     """
 
-    def __init__(self, path: Path, max_shard_bytes: int):
-        self.path = path
-        self.max_shard_bytes = max_shard_bytes
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-        self._buffer: dict[str, torch.Tensor] = {}
-        self._buffer_bytes = 0
-        self._shards: list[list[str]] = []
-        self._total = 0
+    def __init__(self, output: Path, fingerprint: str, n_groups: int):
+        self.output = output
+        self.path = partial_path(output)
+        self.fingerprint = fingerprint
+        self.n_groups = n_groups
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        nbytes = tensor.numel() * tensor.element_size()
-        if self._buffer and self._buffer_bytes + nbytes > self.max_shard_bytes:
-            self._flush()
-        self._buffer[name] = tensor
-        self._buffer_bytes += nbytes
-        self._total += nbytes
+    def group_file(self, i: int) -> Path:
+        return self.path / f"group-{i:05d}.safetensors"
 
-    def _flush(self) -> None:
-        from safetensors.torch import save_file
+    def _manifest(self, i: int) -> Path:
+        return self.path / f"group-{i:05d}.json"
 
-        i = len(self._shards)
-        save_file(_storage_safe(self._buffer), str(self.tmp / f"shard-{i:05d}.safetensors"), metadata={"format": "pt"})
-        self._shards.append(list(self._buffer))
-        self._buffer, self._buffer_bytes = {}, 0
+    def prepare(self) -> bool:
+        """Create the work folder, or keep one left by the same job. Returns True when kept."""
+        job = self.path / "job.json"
+        if self.path.is_dir():
+            try:
+                same = json.loads(job.read_text()).get("fingerprint") == self.fingerprint
+            except (OSError, ValueError):
+                same = False
+            if same:
+                return True
+            log.warning("%s: left by a different or unreadable job; starting again", self.path)
+            shutil.rmtree(self.path)
+        self.path.mkdir()
+        write_text(job, json.dumps({"fingerprint": self.fingerprint, "groups": self.n_groups}) + "\n")
+        return False
 
-    def commit(self, metadata: dict[str, str]) -> None:
-        if self._buffer or not self._shards:
-            self._flush()
-        n = len(self._shards)
-        weight_map = {}
-        for i, names in enumerate(self._shards):
-            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            os.replace(self.tmp / f"shard-{i:05d}.safetensors", self.tmp / final)
-            for name in names:
-                weight_map[name] = final
-        index = {"metadata": {"total_size": self._total, **metadata}, "weight_map": weight_map}
-        (self.tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True))
-        if self.path.exists() and not self.path.is_dir():
-            self.path.unlink()
-        _replace(self.tmp, self.path)
+    def verified(self, i: int) -> dict[str, Any] | None:
+        """The record of group ``i`` if its file is complete and intact, else None (and it is removed)."""
+        manifest, data = self._manifest(i), self.group_file(i)
+        try:
+            m = json.loads(manifest.read_text())
+            ok = m.get("fingerprint") == self.fingerprint and m.get("sha256") == file_sha256(data)
+        except (OSError, ValueError):
+            ok = False
+        if ok:
+            return m["record"]
+        if manifest.exists() or data.exists():
+            log.warning("%s: group %d is incomplete or corrupt; redoing it", self.path, i)
+        manifest.unlink(missing_ok=True)
+        data.unlink(missing_ok=True)
+        return None
 
-    def abort(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
+    def write(self, i: int, tensors: Mapping[str, torch.Tensor], record: dict[str, Any]) -> None:
+        data = self.group_file(i)
+        save_safetensors(tensors, data, {"format": "pt"})
+        manifest = {"fingerprint": self.fingerprint, "sha256": file_sha256(data), "record": record}
+        write_text(self._manifest(i), json.dumps(manifest, sort_keys=True) + "\n")
+
+    def group_bytes(self, i: int) -> int:
+        header, start = read_safetensors_header(self.group_file(i))
+        return self.group_file(i).stat().st_size - start
+
+    def finish(self, metadata: dict[str, str], max_shard_bytes: int) -> None:
+        """Pack the groups into ``output`` (one file if it ends in ``.safetensors``, else a sharded
+        folder with ``model.safetensors.index.json``), atomically, then remove the work folder."""
+        groups = [self.group_file(i) for i in range(self.n_groups)]
+        if self.output.suffix == ".safetensors":
+            pack_safetensors(groups, self.output, metadata)
+        else:
+            shards: list[list[int]] = []
+            size = 0
+            for i in range(self.n_groups):
+                b = self.group_bytes(i)
+                if not shards or (size + b > max_shard_bytes and shards[-1]):
+                    shards.append([])
+                    size = 0
+                shards[-1].append(i)
+                size += b
+            tmp = Path(tempfile.mkdtemp(prefix=f".{self.output.name}.", suffix=".tmp", dir=self.output.parent))
+            try:
+                weight_map, total = {}, 0
+                for k, members in enumerate(shards):
+                    final = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+                    total += pack_safetensors([groups[i] for i in members], tmp / final, {"format": "pt"})
+                    header, _ = read_safetensors_header(tmp / final)
+                    weight_map.update({n: final for n in header if n != "__metadata__"})
+                index = {"metadata": {"total_size": total, **metadata}, "weight_map": weight_map}
+                (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True))
+                if self.output.exists() and not self.output.is_dir():
+                    self.output.unlink()
+                _replace(tmp, self.output)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        self.discard()
+
+    def discard(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
 
 
 def read_toml(path: Path) -> dict[str, Any]:

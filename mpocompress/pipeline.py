@@ -11,6 +11,7 @@ import json
 import logging
 import math
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,11 +22,11 @@ from mpocompress import __version__
 from mpocompress.codecs import decode, encode, magnitude_threshold
 from mpocompress.compress import compress_matrix, singular_values
 from mpocompress.config import Codec, Gates, MPOConfig, Recipe, TuneConfig
-from mpocompress.errors import ConfigError, GateError, InputError
+from mpocompress.errors import ConfigError, GateError, InputError, OutputError
 from mpocompress.io import (
     META_KEY,
     Checkpoint,
-    ShardedWriter,
+    GroupStore,
     check_output,
     dtype_name,
     open_checkpoint,
@@ -77,14 +78,172 @@ PART_SUFFIXES = (".mask", ".rows", ".cols", ".indices", ".values", ".codebook", 
 def global_threshold(ckpt: Checkpoint, layers: list[str], sparsity: float) -> float:
     """The magnitude below which ``sparsity`` of all selected weights lie (global magnitude pruning).
 
-    Holds every selected weight's magnitudes (float32) at once: fine up to a few hundred million
-    parameters; streaming quantiles would lift that limit.
+    Streams over the checkpoint (three passes of one tensor at a time), so memory stays bounded.
     """
-    return magnitude_threshold([ckpt.get(n) for n in layers], sparsity)
+    return magnitude_threshold(lambda: (ckpt.get(n) for n in layers), sparsity)
 
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
+
+
+#: input bytes per group, the unit of work (one worker, one resumable file); at most one shard
+GROUP_MAX_BYTES = 256 * 1024**2
+
+
+def plan_groups(ckpt: Checkpoint, names: list[str], max_bytes: int) -> list[list[str]]:
+    """Split the checkpoint's tensors, in order, into groups of at most ``max_bytes`` input bytes (a
+    larger tensor is a group of its own). The plan depends only on the input, never on the workers."""
+    groups: list[list[str]] = []
+    size = 0
+    for n in names:
+        b = math.prod(ckpt.shape(n)) * torch.empty(0, dtype=getattr(torch, ckpt.dtype(n), torch.uint8)).element_size()
+        if not groups or (groups[-1] and size + b > max_bytes):
+            groups.append([])
+            size = 0
+        groups[-1].append(n)
+        size += b
+    return groups
+
+
+@dataclass
+class _Job:
+    """Everything a worker needs to convert any group (picklable: sent once to each worker)."""
+
+    input_path: Path
+    output_path: Path
+    config: MPOConfig
+    recipe: Recipe | None
+    layers: set[str]
+    shapes: dict[str, tuple[int, ...]]
+    groups: list[list[str]]
+    fingerprint: str
+    threshold: float | None
+    tune: bool
+    tuned: dict[str, torch.Tensor] = field(default_factory=dict)
+    plans: dict[str, LayerPlan] = field(default_factory=dict)
+    activations: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _hash_tensors(h: Any, tensors: dict[str, torch.Tensor]) -> None:
+    for k in sorted(tensors):
+        t = tensors[k].detach().cpu().contiguous()
+        h.update(f"{k}:{dtype_name(t.dtype)}:{list(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def _job_fingerprint(ckpt: Checkpoint, job: _Job) -> str:
+    """Hash of everything that decides the output: input files and tensors, settings, trained values."""
+    import hashlib
+
+    h = hashlib.sha256()
+    desc = {
+        "version": __version__,
+        "format_version": FORMAT_VERSION,
+        "files": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in ckpt.files],
+        "tensors": [[n, list(job.shapes[n]), ckpt.dtype(n)] for n in ckpt.keys()],
+        "config": job.config.to_dict(),
+        "recipe": job.recipe.to_list() if job.recipe is not None else [],
+        "groups": job.groups,
+        "threshold": job.threshold,
+        "tune": job.tune,
+    }
+    h.update(json.dumps(desc, sort_keys=True, default=str).encode())
+    _hash_tensors(h, job.tuned)
+    _hash_tensors(h, job.activations)
+    for name in sorted(job.plans):
+        plan = job.plans[name]
+        h.update(json.dumps([name, plan.decided, plan.candidates, plan.reason], default=str).encode())
+        _hash_tensors(h, {f"core{k}": c for k, c in enumerate(plan.tt.cores)} if plan.tt is not None else {})
+        _hash_tensors(h, plan.masks)
+    return h.hexdigest()
+
+
+def _convert_group(
+    job: _Job, ckpt: Checkpoint, i: int, progress: Progress | None = None, done: int = 0, total: int = 0
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Convert group ``i``: returns the tensors to write and the group's record (report rows,
+    metadata entries, pass-through counts)."""
+    out: dict[str, torch.Tensor] = {}
+    rows: list[dict[str, Any]] = []
+    entries: dict[str, Any] = {}
+    passthrough = [0, 0, 0]
+    for name in job.groups[i]:
+        reference = ckpt.get(name)
+        t = job.tuned.get(name, reference)
+        cfg = None
+        if name in job.layers:
+            if progress is not None:
+                progress(name, done + len(rows), total)
+            cfg = job.config if job.recipe is None else job.recipe.config_for(name, job.config)
+        if cfg is None:  # not selected, or the recipe skips it
+            out[name] = t
+            passthrough = [passthrough[0] + 1, passthrough[1] + t.numel(), passthrough[2] + _nbytes(t)]
+            continue
+        if not job.tune and any(c.name == "units" for c in cfg.chain):
+            raise ConfigError(
+                "--prune units:FRACTION removes whole hidden units found from the model's code: "
+                "give --model and --data (--steps 0 to skip training)"
+            )
+        row, entry, stored = _compress_tensor(
+            name, t, cfg, job.shapes, job.threshold if cfg.prune == job.config.prune else None,
+            plan=job.plans.get(name), reference=reference, gram=job.activations.get(name),
+        )  # fmt: skip
+        if entry and cfg != job.config:
+            entry["config"] = cfg.to_dict()
+        rows.append(row.to_dict())
+        if entry:
+            entries[name] = entry
+        out.update(stored)
+    return out, {"rows": rows, "entries": entries, "passthrough": passthrough}
+
+
+@contextmanager
+def _one_thread():
+    """Each tensor is compressed on one thread, so results are bitwise the same for any ``workers``
+    (parallelism is across tensors)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_init(job: _Job) -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the pool
+    torch.set_num_threads(1)
+    _WORKER["job"] = job
+    _WORKER["ckpt"] = open_checkpoint(job.input_path)
+    _WORKER["store"] = GroupStore(job.output_path, job.fingerprint, len(job.groups))
+
+
+def _worker_run(i: int) -> tuple[int, dict[str, Any]]:
+    job, ckpt, store = _WORKER["job"], _WORKER["ckpt"], _WORKER["store"]
+    tensors, record = _convert_group(job, ckpt, i)
+    store.write(i, tensors, record)
+    return i, record
+
+
+def _distributed() -> tuple[int, int]:
+    """``(rank, world size)`` of an initialised ``torch.distributed`` group, else ``(0, 1)``."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
 
 
 def convert(
@@ -102,8 +261,18 @@ def convert(
     train_batches: list[Any] | None = None,
     val_batches: list[Any] | None = None,
     tune_progress: Any = None,
+    workers: int = 1,
 ) -> Report:
     """Convert a dense checkpoint into MPO cores and write the compact checkpoint.
+
+    Memory stays bounded by a few tensors plus one group's output (``GROUP_MAX_BYTES`` of input)
+    per worker, whatever the checkpoint's size: tensors are read one at a time, each group of
+    tensors is written to a work folder (``.NAME.partial`` beside the output) as soon as it is done,
+    and the groups are packed into the output at the end by streaming copies. An interrupted run
+    resumes from the groups already written, each verified against its SHA-256 and the job's
+    fingerprint. Under an initialised ``torch.distributed`` group (``torchrun``) each rank converts
+    every ``world``-th group and rank 0 packs the output; the output is the same whatever the number
+    of workers or ranks.
 
     Args:
         input_path: checkpoint to read (see :func:`mpocompress.io.open_checkpoint`).
@@ -112,28 +281,32 @@ def convert(
         config: how to compress.
         force: replace an existing output (never the input).
         max_shard_bytes: shard size of a folder output.
-        progress: called before each selected layer.
+        progress: called before each selected layer (after each group with ``workers > 1``).
         recipe: per-layer overrides of ``config`` by name pattern (a rule may also skip a tensor).
         activations: Gram matrices ``X^T X`` of recorded layer inputs by weight name; the MPO cores of
             those weights are refit to minimise the output error on them
             (:func:`mpocompress.refine.activation_refit`).
         tune: fine-tune the compressed model (needs ``model`` and ``train_batches``): the model is
             loaded with the checkpoint, compressed in memory, trained against the dense one as
-            teacher (:mod:`mpocompress.finetune`), and what it learnt is written.
+            teacher (:mod:`mpocompress.finetune`; data-parallel under ``torch.distributed``), and
+            what it learnt is written.
         model: an ``nn.Module`` with the checkpoint's architecture (its state dict keys must be in
             the checkpoint).
         train_batches: fine-tuning batches.
         val_batches: held-out batches (default: a ``tune.val_fraction`` share of ``train_batches``).
         tune_progress: called after each fine-tuning step (see :data:`mpocompress.finetune.TuneProgress`).
+        workers: local processes converting groups in parallel (1: in this process).
 
     Returns:
         The :class:`~mpocompress.report.Report` (also stored, without file sizes, in the output).
     """
+    if workers < 1:
+        raise ConfigError(f"workers must be >= 1, got {workers}")
     input_path, output_path = Path(input_path), Path(output_path)
+    rank, world = _distributed()
     with open_checkpoint(input_path) as ckpt:
         check_output(output_path, [input_path, *ckpt.files], force)
         layers = select_layers(ckpt, config.include, config.exclude)
-        layer_set = set(layers)
         names = ckpt.keys()
         shapes = {n: ckpt.shape(n) for n in names}
         taken = set(names)
@@ -154,81 +327,105 @@ def convert(
             tuned, plans, tune_summary = _tune(
                 ckpt, layers, config, recipe, tune, model, train_batches, val_batches, tune_progress
             )
-
-        single = output_path.suffix == ".safetensors"
-        out_tensors: dict[str, torch.Tensor] = {}
-        writer = None if single else ShardedWriter(output_path, max_shard_bytes)
-        add = out_tensors.__setitem__ if writer is None else writer.add
-        rows: list[LayerRow] = []
-        meta_layers: dict[str, Any] = {}
-        pass_n = pass_params = pass_bytes = 0
+        groups = plan_groups(ckpt, names, min(max_shard_bytes, GROUP_MAX_BYTES))
+        job = _Job(
+            input_path=input_path, output_path=output_path, config=config, recipe=recipe, layers=set(layers),
+            shapes=shapes, groups=groups, fingerprint="", threshold=threshold, tune=tune is not None,
+            tuned=tuned, plans=plans, activations=dict(activations or {}),
+        )  # fmt: skip
+        job.fingerprint = _job_fingerprint(ckpt, job)
+        store = GroupStore(output_path, job.fingerprint, len(groups))
+        resumed = False
+        if rank == 0:
+            resumed = store.prepare()
+        _barrier(world)
+        mine = [i for i in range(len(groups)) if i % world == rank]
+        records: dict[int, dict[str, Any]] = {}
+        if resumed or rank > 0:
+            for i in mine:
+                rec = store.verified(i)
+                if rec is not None:
+                    records[i] = rec
+        reused = len(records)
+        todo = [i for i in mine if i not in records]
         try:
-            for name in names:
-                reference = ckpt.get(name)
-                t = tuned.get(name, reference)
-                if name not in layer_set:
-                    add(name, t)
-                    pass_n += 1
-                    pass_params += t.numel()
-                    pass_bytes += _nbytes(t)
-                    continue
-                if progress is not None:
-                    progress(name, len(rows), len(layers))
-                cfg = config if recipe is None else recipe.config_for(name, config)
-                if cfg is None:  # the recipe skips it
-                    add(name, t)
-                    pass_n += 1
-                    pass_params += t.numel()
-                    pass_bytes += _nbytes(t)
-                    continue
-                if tune is None and any(c.name == "units" for c in cfg.chain):
-                    raise ConfigError(
-                        "--prune units:FRACTION removes whole hidden units found from the model's code: "
-                        "give --model and --data (--steps 0 to skip training)"
-                    )
-                row, entry, stored = _compress_tensor(
-                    name, t, cfg, shapes, threshold if cfg.prune == config.prune else None,
-                    plan=plans.get(name), reference=reference, gram=(activations or {}).get(name),
-                )  # fmt: skip
-                if entry and cfg != config:
-                    entry["config"] = cfg.to_dict()
-                rows.append(row)
-                if entry:
-                    meta_layers[name] = entry
-                for sname, v in stored.items():
-                    add(sname, v)
-                del t, reference
-            report = Report(
-                input=str(input_path),
-                output=str(output_path),
-                config={**config.to_dict(), "recipe": recipe.to_list() if recipe is not None else []},
-                rows=rows,
-                passthrough_tensors=pass_n,
-                passthrough_params=pass_params,
-                passthrough_bytes=pass_bytes,
-                input_file_bytes=ckpt.nbytes_on_disk,
-                finetune=tune_summary,
-            )
-            meta = {
-                "format": "mpocompress",
-                "format_version": FORMAT_VERSION,
-                "mpocompress_version": __version__,
-                "config": config.to_dict(),
-                "recipe": recipe.to_list() if recipe is not None else [],
-                "layers": meta_layers,
-                "totals": {k: v for k, v in report.totals().items() if not k.startswith(("output_", "file_"))},
-            }
-            if tune_summary is not None:
-                meta["finetune"] = {k: v for k, v in tune_summary.items() if k != "history"}
-            metadata = {"format": "pt", META_KEY: json.dumps(meta, sort_keys=True)}
-            if writer is None:
-                save_safetensors(out_tensors, output_path, metadata)
+            if workers == 1 or len(todo) <= 1:
+                n_layers = len(layers)
+                done = sum(len(r["rows"]) for r in records.values())
+                for i in todo:
+                    with _one_thread():
+                        tensors, rec = _convert_group(job, ckpt, i, progress, done, n_layers)
+                    store.write(i, tensors, rec)
+                    del tensors
+                    records[i] = rec
+                    done += len(rec["rows"])
             else:
-                writer.commit(metadata)
+                import multiprocessing as mp
+                from concurrent.futures import ProcessPoolExecutor, as_completed
+
+                ctx = mp.get_context("spawn")  # fork would copy this process's threads and locks
+                with ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx, initializer=_worker_init,
+                                         initargs=(job,)) as pool:  # fmt: skip
+                    futures = [pool.submit(_worker_run, i) for i in todo]
+                    try:
+                        for fut in as_completed(futures):
+                            i, rec = fut.result()
+                            records[i] = rec
+                            if progress is not None and rec["rows"]:
+                                progress(rec["rows"][-1]["name"], len(records), len(groups))
+                    except BaseException:
+                        for fut in futures:
+                            fut.cancel()
+                        raise
         except BaseException:
-            if writer is not None:
-                writer.abort()
+            if any(store.group_file(i).exists() for i in range(len(groups))):
+                log.warning("interrupted: finished groups are kept in %s; run the same command to resume", store.path)
+            else:
+                store.discard()
             raise
+        _barrier(world)
+        empty = {"rows": [], "entries": {}, "passthrough": [0, 0, 0]}
+        for i in range(len(groups)):
+            if i not in records:
+                if rank > 0:  # rank 0 verifies every group, packs and reports
+                    records[i] = empty
+                    continue
+                rec = store.verified(i)
+                if rec is None:
+                    raise OutputError(f"{store.path}: group {i} is missing (did a rank fail?)")
+                records[i] = rec
+        rows = [LayerRow(**{k: v for k, v in r.items() if k != "ratio"}) for i in range(len(groups)) for r in records[i]["rows"]]
+        meta_layers: dict[str, Any] = {}
+        for i in range(len(groups)):
+            meta_layers.update(records[i]["entries"])
+        pass_n, pass_params, pass_bytes = (sum(records[i]["passthrough"][k] for i in range(len(groups))) for k in range(3))
+        report = Report(
+            input=str(input_path),
+            output=str(output_path),
+            config={**config.to_dict(), "recipe": recipe.to_list() if recipe is not None else []},
+            rows=rows,
+            passthrough_tensors=pass_n,
+            passthrough_params=pass_params,
+            passthrough_bytes=pass_bytes,
+            input_file_bytes=ckpt.nbytes_on_disk,
+            finetune=tune_summary,
+            work={"groups": len(groups), "reused_groups": reused, "workers": workers, "ranks": world},
+        )
+        meta = {
+            "format": "mpocompress",
+            "format_version": FORMAT_VERSION,
+            "mpocompress_version": __version__,
+            "config": config.to_dict(),
+            "recipe": recipe.to_list() if recipe is not None else [],
+            "layers": meta_layers,
+            "totals": {k: v for k, v in report.totals().items() if not k.startswith(("output_", "file_"))},
+        }
+        if tune_summary is not None:
+            meta["finetune"] = {k: v for k, v in tune_summary.items() if k != "history"}
+        metadata = {"format": "pt", META_KEY: json.dumps(meta, sort_keys=True)}
+        if rank == 0:
+            store.finish(metadata, max_shard_bytes)
+        _barrier(world)
     report.output_file_bytes = path_size(output_path)
     return report
 

@@ -66,6 +66,8 @@ class Report:
     gates: dict[str, Any] = field(default_factory=dict)
     #: fine-tuning summary (held-out losses before/after, steps, time), when the model was trained
     finetune: dict[str, Any] | None = None
+    #: how the work was done: groups, groups reused from an interrupted run, workers, ranks
+    work: dict[str, Any] = field(default_factory=dict)
 
     def totals(self) -> dict[str, Any]:
         mpo = [r for r in self.rows if r.status != "dense"]
@@ -104,4 +106,5 @@ class Report:
             "totals": self.totals(),
             "gates": self.gates,
             **({"finetune": self.finetune} if self.finetune is not None else {}),
+            **({"work": self.work} if self.work else {}),
         }
