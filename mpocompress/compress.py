@@ -16,7 +16,15 @@ import torch
 
 from mpocompress.config import AUTO_CORES, AUTO_REFERENCE_CORES, MPOConfig
 from mpocompress.shapes import bond_dims_for, choose_modes, max_bond_for_budget, mpo_params
-from mpocompress.tt import OVERSAMPLE, TTMatrix, _use_randomized, relative_error, svd_tail_error, tt_svd
+from mpocompress.tt import (
+    OVERSAMPLE,
+    TTMatrix,
+    relative_error,
+    svd_tail_error,
+    tt_svd,
+    use_randomized,
+)
+
 
 @dataclass
 class Candidate:
@@ -63,14 +71,14 @@ class MatrixResult:
 
 def singular_values(matrix: torch.Tensor, rank_hint: int | None = None, seed: int = 0) -> tuple[torch.Tensor, bool]:
     """Singular values of a matrix: exact, or by a randomized SVD where the TT-SVD would use one (a
-    known rank small beside a large matrix, see :func:`mpocompress.tt._use_randomized`).
+    known rank small beside a large matrix, see :func:`mpocompress.tt.use_randomized`).
 
     Returns:
         ``(s, exact)``; when not exact, ``s`` holds the leading values of a randomized SVD followed by
         one value carrying the remaining energy, so tail errors are those of that randomized SVD.
     """
     w = matrix.double() if matrix.dtype == torch.float64 else matrix.float()
-    if rank_hint is None or not _use_randomized("auto", w.shape[0], w.shape[1], rank_hint):
+    if rank_hint is None or not use_randomized("auto", w.shape[0], w.shape[1], rank_hint):
         return torch.linalg.svdvals(w), True
     q = min(rank_hint + OVERSAMPLE, min(w.shape))
     with torch.random.fork_rng(devices=[]):

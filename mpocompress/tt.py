@@ -96,7 +96,7 @@ def cores_to_matrix(cores: list[torch.Tensor], shape: tuple[int, int] | None = N
     return m
 
 
-def _use_randomized(svd: str, rows: int, cols: int, bond: int | None) -> bool:
+def use_randomized(svd: str, rows: int, cols: int, bond: int | None) -> bool:
     if svd == "full" or bond is None:
         return False
     small = min(rows, cols)
@@ -110,7 +110,7 @@ def _svd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thin SVD ``a = U diag(S) Vh``, randomized (Halko et al. 2011) when the bond is small."""
     rows, cols = a.shape
-    if _use_randomized(method, rows, cols, bond):
+    if use_randomized(method, rows, cols, bond):
         q = min(bond + OVERSAMPLE, rows, cols)
         # torch.svd_lowrank draws from the global RNG: fork it so results are reproducible and the
         # caller's RNG state is untouched
