@@ -72,13 +72,14 @@ def _show_progress() -> bool:
 class _Progress:
     """A rich progress bar on stderr, or nothing when stderr is not a terminal or CI is set."""
 
-    def __init__(self, label: str):
+    def __init__(self, label: str, show: bool = True):
         self.label = label
+        self.show = show
         self.bar = None
         self.task = None
 
     def __enter__(self) -> _Progress:
-        if _show_progress():
+        if self.show and _show_progress():
             from rich.progress import (
                 BarColumn,
                 MofNCompleteColumn,
@@ -109,8 +110,8 @@ class _Progress:
 class _TuneProgress(_Progress):
     """Fine-tuning steps on the progress bar, with the running and best held-out losses."""
 
-    def __init__(self) -> None:
-        super().__init__("fine-tuning")
+    def __init__(self, show: bool = True) -> None:
+        super().__init__("fine-tuning", show)
 
     def __call__(self, step: int, total: int, info: dict[str, Any]) -> None:  # type: ignore[override]
         if self.bar is None:
@@ -190,12 +191,14 @@ def main(verbose: int) -> None:
               help="Weight of the distillation loss; the task loss (batches with targets) gets 1 - W.")
 @click.option("--task-loss", type=click.Choice(["mse", "cross_entropy"]), default="mse", show_default=True, help="Task loss against targets.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Rows per batch when a data file holds one 'inputs' tensor.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Local processes converting tensor groups in parallel (the output is the same for any N).")
 @click.option("--ipkd", "ipkd_rounds", type=click.IntRange(min=1), help="Iterative pruning with distillation in N rounds (with --prune magnitude:S).")
 @_errors
 @click.pass_context
 def convert(ctx: click.Context, input_path: Path, output_path: Path, bond_dim, tol, ratio, cores, svd, prune, quantize, prune_scope, recipe_path, include, exclude, seed,
             as_json, report_path, force, max_error, min_ratio, max_shard_size, als_sweeps, activations_path, model_spec, data_spec,
-            val_spec, steps, time_limit, lr, train_sel, kd_weight, task_loss, batch_size, ipkd_rounds) -> None:  # fmt: skip
+            val_spec, steps, time_limit, lr, train_sel, kd_weight, task_loss, batch_size, workers, ipkd_rounds) -> None:  # fmt: skip
     """Compress the weight matrices of INPUT into MPO cores and write a compact checkpoint.
 
     \b
@@ -205,11 +208,15 @@ def convert(ctx: click.Context, input_path: Path, output_path: Path, bond_dim, t
       mpocompress convert big/ -o big-mpo/ --tol 0.2 --json --max-error 0.25 --min-ratio 3
       mpocompress convert se.pt -o se.pq.safetensors --prune channel:0.65 --quantize kmeans:16
       mpocompress convert se.pt -o se.mpo.safetensors --ratio 10 --model mymodels:build --data batches/ --steps 300
+      mpocompress convert big/ -o big-mpo/ --ratio 8 --cores 2 --workers 8
+      torchrun --nproc-per-node 4 -m mpocompress convert big/ -o big-mpo/ --ratio 8
 
     \b
     MPO is applied when --bond-dim, --tol or --ratio is given; --prune/--quantize
     alone apply only themselves, and with MPO they apply to the cores.
     With --model and --data the compressed model is fine-tuned against the dense one.
+    An interrupted conversion resumes from the work folder (.OUTPUT.partial) when run again.
+    Under torchrun each rank converts its share (fine-tuning is data-parallel); rank 0 reports.
     """
     from mpocompress.config import Gates, MPOConfig, Recipe, TuneConfig
 
@@ -264,9 +271,19 @@ def convert(ctx: click.Context, input_path: Path, output_path: Path, bond_dim, t
         torch.manual_seed(seed)
         extra.update(tune=tune, model=factory(), train_batches=read_batches(data_spec, batch_size),
                      val_batches=read_batches(val_spec, batch_size) if val_spec else None)  # fmt: skip
-    with _Progress("converting") as progress, _TuneProgress() as tune_progress:
-        report = run_convert(input_path, output_path, config, force=force, max_shard_bytes=shard_bytes,
-                             progress=progress, recipe=recipe, tune_progress=tune_progress, **extra)  # fmt: skip
+    from mpocompress import dist
+
+    started = dist.init_from_env()
+    try:
+        leader = dist.rank_world()[0] == 0
+        with _Progress("converting", leader) as progress, _TuneProgress(leader) as tune_progress:
+            report = run_convert(input_path, output_path, config, force=force, max_shard_bytes=shard_bytes, workers=workers,
+                                 progress=progress, recipe=recipe, tune_progress=tune_progress, **extra)  # fmt: skip
+    finally:
+        if started:
+            dist.shutdown()
+    if not leader:
+        return
     gate_error = None
     try:
         check_gates(report, gates)

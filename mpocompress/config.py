@@ -116,6 +116,10 @@ class MPOConfig:
         # tuples, not lists, so the object stays hashable and immutable
         object.__setattr__(self, "include", tuple(self.include))
         object.__setattr__(self, "exclude", tuple(self.exclude))
+        for key in ("ratio", "tol"):  # 3 and 3.0 are one setting (and one job fingerprint)
+            value = getattr(self, key)
+            if isinstance(value, int) and not isinstance(value, bool):
+                object.__setattr__(self, key, float(value))
         if not self.mpo and self.prune is None and self.quantize is None:
             raise ConfigError(
                 "give one of bond_dim (--bond-dim), tol (--tol) or ratio (--ratio), or a codec (--prune/--quantize)"

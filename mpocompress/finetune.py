@@ -182,6 +182,11 @@ def finetune(
         masks: ``{parameter name: bool mask}``; masked-out entries stay exactly zero (pruned models).
         progress: called after each step.
 
+    Under an initialised ``torch.distributed`` group (``torchrun``) training is data-parallel: the
+    student is wrapped in ``DistributedDataParallel`` (gradients averaged over ranks), each rank
+    trains on every ``world``-th batch, rank 0's held-out loss decides the best checkpoint and the
+    time limit stops every rank at the same step, so all ranks end with the same parameters.
+
     Returns:
         A :class:`TuneResult`. ``student`` ends with the best held-out parameters.
     """
@@ -210,16 +215,26 @@ def finetune(
     mask_of = [(named[n], m.to(named[n].dtype)) for n, m in masks.items() if n in names]
 
     torch.manual_seed(config.seed)
+    from mpocompress.dist import agreed, rank_world
+
+    rank, world = rank_world()
+    forward: nn.Module = student
+    if world > 1 and params:
+        from torch.nn.parallel import DistributedDataParallel
+
+        forward = DistributedDataParallel(student, find_unused_parameters=True)  # copies rank 0's values
+        if len(batches) >= world:
+            batches = batches[rank::world]
     opt = torch.optim.Adam(params, lr=config.lr)
     result = TuneResult(trained_params=sum(p.numel() for p in params))
-    result.val_before = result.val_best = evaluate(student, teacher, val, config)
+    result.val_before = result.val_best = agreed(evaluate(student, teacher, val, config))
     best_state = copy.deepcopy(student.state_dict())
     start = time.perf_counter()
     student.train()
     running = math.nan
     step = 0
     for step in range(1, config.steps + 1):
-        loss = batch_loss(student, teacher, batches[(step - 1) % len(batches)], config)
+        loss = batch_loss(forward, teacher, batches[(step - 1) % len(batches)], config)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         for p, m in mask_of:  # pruned weights get no update (Adam would move them through momentum)
@@ -233,9 +248,11 @@ def finetune(
         lv = float(loss.detach())
         running = lv if math.isnan(running) else 0.9 * running + 0.1 * lv
         out_of_time = config.time is not None and time.perf_counter() - start >= config.time
+        if world > 1 and config.time is not None:
+            out_of_time = bool(agreed(float(out_of_time), rank0=False))
         info: dict[str, Any] = {"loss": running}
         if step % config.eval_every == 0 or step == config.steps or out_of_time:
-            v = evaluate(student, teacher, val, config)
+            v = agreed(evaluate(student, teacher, val, config))
             result.history.append((step, running, v))
             info["val_loss"] = v
             if v < result.val_best:

@@ -22,6 +22,7 @@ from mpocompress import __version__
 from mpocompress.codecs import decode, encode, magnitude_threshold
 from mpocompress.compress import compress_matrix, singular_values
 from mpocompress.config import Codec, Gates, MPOConfig, Recipe, TuneConfig
+from mpocompress.dist import barrier, rank_world
 from mpocompress.errors import ConfigError, GateError, InputError, OutputError
 from mpocompress.io import (
     META_KEY,
@@ -230,22 +231,6 @@ def _worker_run(i: int) -> tuple[int, dict[str, Any]]:
     return i, record
 
 
-def _distributed() -> tuple[int, int]:
-    """``(rank, world size)`` of an initialised ``torch.distributed`` group, else ``(0, 1)``."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
 def convert(
     input_path: str | Path,
     output_path: str | Path,
@@ -303,7 +288,7 @@ def convert(
     if workers < 1:
         raise ConfigError(f"workers must be >= 1, got {workers}")
     input_path, output_path = Path(input_path), Path(output_path)
-    rank, world = _distributed()
+    rank, world = rank_world()
     with open_checkpoint(input_path) as ckpt:
         check_output(output_path, [input_path, *ckpt.files], force)
         layers = select_layers(ckpt, config.include, config.exclude)
@@ -338,7 +323,7 @@ def convert(
         resumed = False
         if rank == 0:
             resumed = store.prepare()
-        _barrier(world)
+        barrier()
         mine = [i for i in range(len(groups)) if i % world == rank]
         records: dict[int, dict[str, Any]] = {}
         if resumed or rank > 0:
@@ -383,7 +368,7 @@ def convert(
             else:
                 store.discard()
             raise
-        _barrier(world)
+        barrier()
         empty = {"rows": [], "entries": {}, "passthrough": [0, 0, 0]}
         for i in range(len(groups)):
             if i not in records:
@@ -425,7 +410,7 @@ def convert(
         metadata = {"format": "pt", META_KEY: json.dumps(meta, sort_keys=True)}
         if rank == 0:
             store.finish(metadata, max_shard_bytes)
-        _barrier(world)
+        barrier()
     report.output_file_bytes = path_size(output_path)
     return report
 
