@@ -111,12 +111,14 @@ def layer_budget(shape: tuple[int, int], config: MPOConfig) -> int | None:
     return None
 
 
-def compress_matrix(matrix: torch.Tensor, config: MPOConfig) -> MatrixResult:
+def compress_matrix(matrix: torch.Tensor, config: MPOConfig, *, reference_svd: bool = True) -> MatrixResult:
     """Compress one ``(out, in)`` matrix under ``config``.
 
     Args:
         matrix: floating ``(out, in)`` tensor.
         config: bond-dimension choice and structure.
+        reference_svd: compute ``svd_rel_error`` (False leaves it NaN, for callers that measure the
+            same-size SVD themselves, after encoding).
 
     Returns:
         A :class:`MatrixResult`; ``tt`` is None when no MPO would be smaller than the matrix.
@@ -159,7 +161,10 @@ def compress_matrix(matrix: torch.Tensor, config: MPOConfig) -> MatrixResult:
             best_tt=best_tt,
         )
     svd_rank = best.params // (out_f + in_f)
-    s, _ = singular_values(matrix, rank_hint=svd_rank, seed=config.seed)
+    svd_rel_error = math.nan
+    if reference_svd:
+        s, _ = singular_values(matrix, rank_hint=svd_rank, seed=config.seed)
+        svd_rel_error = svd_tail_error(s, svd_rank) if svd_rank > 0 else 1.0
     return MatrixResult(
         tt=best_tt,
         status="mpo",
@@ -168,7 +173,7 @@ def compress_matrix(matrix: torch.Tensor, config: MPOConfig) -> MatrixResult:
         params=best.params,
         rel_error=best.rel_error,
         svd_rank=svd_rank,
-        svd_rel_error=svd_tail_error(s, svd_rank) if svd_rank > 0 else 1.0,
+        svd_rel_error=svd_rel_error,
         candidates=candidates,
         best_tt=best_tt,
     )

@@ -97,6 +97,7 @@ class SafetensorsCheckpoint(Checkpoint):
 
         super().__init__(path, files)
         self._handles = {}
+        self._layout: dict[Path, tuple[dict[str, Any], int]] = {}
         self._index_metadata = None if index is None else dict(index.get("metadata") or {})
         for f in files:
             try:
@@ -129,10 +130,32 @@ class SafetensorsCheckpoint(Checkpoint):
         return dtype_name(_ST_DTYPES[st]) if st in _ST_DTYPES else st.lower()
 
     def get(self, name: str) -> torch.Tensor:
+        """Read one tensor with a plain positioned read into fresh memory.
+
+        Not through the memory map: pages touched through it would stay resident (and count in
+        the process's RSS) for as long as the file is open, so memory would grow with the
+        checkpoint instead of staying at one tensor.
+        """
+        path = self._where[name]
         try:
-            return self._handles[self._where[name]].get_tensor(name)
+            if path not in self._layout:
+                self._layout[path] = read_safetensors_header(path)
+            header, start = self._layout[path]
+            info = header[name]
+            if info["dtype"] not in _ST_DTYPES:  # float8 and other rare types: safetensors reads them
+                return self._handles[path].get_tensor(name)
+            begin, end = info["data_offsets"]
+            dtype = _ST_DTYPES[info["dtype"]]
+            buf = torch.empty(end - begin, dtype=torch.uint8)
+            with open(path, "rb") as f:
+                f.seek(start + begin)
+                if f.readinto(memoryview(buf.numpy())) != end - begin:
+                    raise InputError(f"{path}: file ends inside tensor {name!r}")
+            return buf.view(dtype).reshape(info["shape"])
+        except InputError:
+            raise
         except Exception as e:
-            raise InputError(f"{self._where[name]}: cannot read tensor {name!r} ({e})") from e
+            raise InputError(f"{path}: cannot read tensor {name!r} ({e})") from e
 
     def metadata(self) -> dict[str, str]:
         if self._index_metadata is not None:

@@ -478,7 +478,7 @@ def _compress_tensor(
                 row.refine["finetuned"] = True
             row.candidates, row.reason = plan.candidates, plan.reason
         else:
-            res = compress_matrix(t.reshape(out_f, in_f), config)
+            res = compress_matrix(t.reshape(out_f, in_f), config, reference_svd=False)
             row.candidates = [c.to_dict() for c in res.candidates]
             row.reason = res.reason
             tt = res.tt

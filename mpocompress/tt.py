@@ -227,14 +227,25 @@ def tt_svd(
     return TTMatrix(cores=cores, shape=(rows, cols), spectra=spectra)
 
 
+#: elements per chunk of :func:`relative_error` (bounds its float64 temporaries to a few MB)
+ERROR_CHUNK = 1 << 22
+
+
 def relative_error(reference: torch.Tensor, approx: torch.Tensor) -> float:
-    """``||reference - approx||_F / ||reference||_F`` computed in float64 (0 for a zero reference)."""
-    ref = reference.double()
-    norm = float(torch.linalg.vector_norm(ref))
-    diff = float(torch.linalg.vector_norm(ref - approx.double()))
-    if norm == 0.0:
-        return 0.0 if diff == 0.0 else math.inf
-    return diff / norm
+    """``||reference - approx||_F / ||reference||_F`` computed in float64 (0 for a zero reference).
+
+    Works through the flattened tensors in chunks, so a large weight needs no float64 copies."""
+    ref, app = reference.reshape(-1), approx.reshape(-1)
+    if ref.shape != app.shape:
+        raise ValueError(f"relative_error: shapes {tuple(reference.shape)} and {tuple(approx.shape)} differ")
+    norm2 = diff2 = 0.0
+    for i in range(0, ref.numel(), ERROR_CHUNK):
+        r = ref[i : i + ERROR_CHUNK].double()
+        norm2 += float(r.square().sum())
+        diff2 += float((r - app[i : i + ERROR_CHUNK].double()).square().sum())
+    if norm2 == 0.0:
+        return 0.0 if diff2 == 0.0 else math.inf
+    return math.sqrt(diff2) / math.sqrt(norm2)
 
 
 def snr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
