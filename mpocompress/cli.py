@@ -43,7 +43,7 @@ def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
                 raise
             _fail(str(e), e.exit_code)
         except KeyboardInterrupt:
-            _fail("interrupted (no output was written)", 130)
+            _fail("interrupted (no output was written; run a conversion again to resume it)", 130)
         except Exception as e:  # a bug: still one line unless debugging
             if os.environ.get(DEBUG_ENV):
                 raise
@@ -191,6 +191,8 @@ def main(verbose: int) -> None:
               help="Weight of the distillation loss; the task loss (batches with targets) gets 1 - W.")
 @click.option("--task-loss", type=click.Choice(["mse", "cross_entropy"]), default="mse", show_default=True, help="Task loss against targets.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Rows per batch when a data file holds one 'inputs' tensor.")
+@click.option("--task", type=click.Choice(["generic", "speech-enhancement"]), default="generic", show_default=True,
+              help="speech-enhancement: --data/--val-data are folders of noisy/ and clean/ wavs; targets are ideal ratio masks.")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Local processes converting tensor groups in parallel (the output is the same for any N).")
 @click.option("--ipkd", "ipkd_rounds", type=click.IntRange(min=1), help="Iterative pruning with distillation in N rounds (with --prune magnitude:S).")
@@ -198,7 +200,7 @@ def main(verbose: int) -> None:
 @click.pass_context
 def convert(ctx: click.Context, input_path: Path, output_path: Path, bond_dim, tol, ratio, cores, svd, prune, quantize, prune_scope, recipe_path, include, exclude, seed,
             as_json, report_path, force, max_error, min_ratio, max_shard_size, als_sweeps, activations_path, model_spec, data_spec,
-            val_spec, steps, time_limit, lr, train_sel, kd_weight, task_loss, batch_size, workers, ipkd_rounds) -> None:  # fmt: skip
+            val_spec, steps, time_limit, lr, train_sel, kd_weight, task_loss, batch_size, task, workers, ipkd_rounds) -> None:  # fmt: skip
     """Compress the weight matrices of INPUT into MPO cores and write a compact checkpoint.
 
     \b
@@ -221,7 +223,7 @@ def convert(ctx: click.Context, input_path: Path, output_path: Path, bond_dim, t
     from mpocompress.config import Gates, MPOConfig, Recipe, TuneConfig
 
     tune_opts = {"steps": "--steps", "time_limit": "--time", "lr": "--lr", "train_sel": "--train", "kd_weight": "--kd-weight",
-                 "task_loss": "--task-loss", "batch_size": "--batch-size", "ipkd_rounds": "--ipkd", "val_spec": "--val-data"}  # fmt: skip
+                 "task_loss": "--task-loss", "batch_size": "--batch-size", "ipkd_rounds": "--ipkd", "val_spec": "--val-data", "task": "--task"}  # fmt: skip
     if model_spec is None or data_spec is None:
         if model_spec is not None or data_spec is not None:
             raise click.UsageError("fine-tuning needs both --model and --data")
@@ -269,6 +271,8 @@ def convert(ctx: click.Context, input_path: Path, output_path: Path, bond_dim, t
         import torch
 
         torch.manual_seed(seed)
+        if task == "speech-enhancement":
+            from mpocompress.speech.data import folder_batches as read_batches  # noqa: F811
         extra.update(tune=tune, model=factory(), train_batches=read_batches(data_spec, batch_size),
                      val_batches=read_batches(val_spec, batch_size) if val_spec else None)  # fmt: skip
     from mpocompress import dist
@@ -307,6 +311,75 @@ def convert(ctx: click.Context, input_path: Path, output_path: Path, bond_dim, t
     click.echo(f"mpocompress: wrote {output_path} ({t['ratio']:.2f}x smaller tensors)", err=True)
     if gate_error is not None:
         raise gate_error
+
+
+@main.command()
+@click.argument("checkpoints", metavar="CKPT...", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--model", "model_spec", required=True, metavar="MODULE:FACTORY",
+              help="A callable returning the mask model (e.g. mpocompress.speech.models:lstm_mask).")
+@click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path), help="Folder with noisy/ and clean/ wav files (16 kHz).")
+@click.option("--metrics", default="pesq_wb,pesq_nb,stoi,estoi,si_sdr", show_default=True,
+              help="Comma-separated; PESQ and STOI need the speech extra.")
+@click.option("--limit", type=click.IntRange(min=1), help="Score only the first N utterances.")
+@click.option("--no-noisy", is_flag=True, help="Leave out the unprocessed noisy input as a system.")
+@click.option("--json", "as_json", is_flag=True, help="Print the scores (means, per utterance, paired CIs) as JSON on stdout.")
+@_errors
+def evaluate(checkpoints: tuple[Path, ...], model_spec: str, data_dir: Path, metrics: str, limit: int | None,
+             no_noisy: bool, as_json: bool) -> None:  # fmt: skip
+    """Score speech-enhancement checkpoints (dense or compressed) on a noisy/clean set.
+
+    \b
+    The first CKPT is the baseline: every other system's mean difference from it is shown with a
+    paired 95 % bootstrap confidence interval over utterances.
+    \b
+    Example:
+      mpocompress evaluate dense.safetensors small.safetensors \\
+          --model mpocompress.speech.models:lstm_mask --data corpus/test
+    """
+    from mpocompress.errors import ConfigError, InputError
+    from mpocompress.io import import_object
+    from mpocompress.pipeline import load_state_dict
+    from mpocompress.speech.data import load_pairs
+    from mpocompress.speech.evaluate import evaluate_systems
+    from mpocompress.speech.metrics import METRICS
+
+    wanted = [m.strip() for m in metrics.split(",") if m.strip()]
+    unknown = [m for m in wanted if m not in METRICS]
+    if unknown or not wanted:
+        raise ConfigError(f"unknown metric {unknown[0] if unknown else metrics!r} (choose from {', '.join(METRICS)})")
+    factory = import_object(model_spec, "--model")
+    systems: dict[str, Any] = {} if no_noisy else {"noisy": None}
+    for path in checkpoints:
+        model = factory()
+        sd = load_state_dict(path)
+        try:
+            model.load_state_dict(sd, strict=True)
+        except RuntimeError as e:
+            raise InputError(f"{path}: does not fit the --model ({str(e).splitlines()[0]})") from e
+        systems[str(path) if str(path) not in systems else f"{path}#{len(systems)}"] = model
+    pairs = load_pairs(data_dir, limit=limit)
+    with _Progress("scoring") as progress:
+        result = evaluate_systems(systems, pairs, wanted, baseline=str(checkpoints[0]),
+                                  progress=lambda name, i, n: progress(name, i, n))  # fmt: skip
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{result['utterances']} utterances from {data_dir}; differences vs {result['baseline']} (95 % CI)")
+    table.add_column("system")
+    for m in wanted:
+        table.add_column(m, justify="right")
+    for name, means in result["systems"].items():
+        cells = []
+        for m in wanted:
+            cell = f"{means[m]:.3f}"
+            if name in result["paired"]:
+                ci = result["paired"][name][m]
+                cell += f" ({ci['diff']:+.3f} [{ci['low']:+.3f}, {ci['high']:+.3f}])"
+            cells.append(cell)
+        table.add_row(name, *cells)
+    _stdout_console().print(table)
 
 
 @main.command()

@@ -182,3 +182,76 @@ def test_training_reduces_the_mask_loss_and_improves_si_sdr(se_set):
     assert res["paired"]["noisy"]["si_sdr"]["diff"] < 0
     out = enhance(model, pairs[0][0])
     assert out.shape == pairs[0][0].shape
+
+
+def test_convert_task_and_evaluate_cli(tmp_path, se_set):
+    """Train a small model, compress it with --task speech-enhancement fine-tuning, score both."""
+    import json
+
+    from click.testing import CliRunner
+    from safetensors.torch import save_file
+
+    from mpocompress.cli import main
+
+    torch.manual_seed(0)
+    pairs = load_pairs(se_set)
+    model = build("lstm", hidden=32, layers=1)
+    model.set_normalisation(torch.cat([utterance_features(n, c)[0] for n, c in pairs]))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(10):
+        for x, y in make_batches(pairs, batch_size=2, segment=40):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+    dense = tmp_path / "dense.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(dense))
+    (tmp_path / "factory.py").write_text(
+        "from mpocompress.speech import build\n\ndef small():\n    return build('lstm', hidden=32, layers=1)\n"
+    )
+    small = tmp_path / "small.safetensors"
+    runner = CliRunner()
+    res = runner.invoke(main, ["convert", str(dense), "-o", str(small), "--ratio", "3", "--task", "speech-enhancement",
+                               "--model", f"{tmp_path / 'factory.py'}:small", "--data", str(se_set),
+                               "--batch-size", "2", "--steps", "5", "--kd-weight", "0.5", "--json"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    ft = json.loads(res.stdout)["finetune"]
+    assert ft["steps"] == 5 and set(ft["val_task_loss"]) == {"dense", "compressed", "finetuned"}
+    res = runner.invoke(main, ["evaluate", str(dense), str(small), "--model", f"{tmp_path / 'factory.py'}:small",
+                               "--data", str(se_set), "--metrics", "si_sdr", "--json"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert set(out["systems"]) == {"noisy", str(dense), str(small)} and out["baseline"] == str(dense)
+    assert out["systems"][str(dense)]["si_sdr"] > out["systems"]["noisy"]["si_sdr"]
+    assert out["paired"][str(small)]["si_sdr"]["n"] == len(pairs)
+    bad = runner.invoke(main, ["evaluate", str(dense), "--model", f"{tmp_path / 'factory.py'}:small",
+                               "--data", str(se_set), "--metrics", "mos"])  # fmt: skip
+    assert bad.exit_code == 2 and "unknown metric" in bad.output
+    wrong = runner.invoke(main, ["evaluate", str(dense), "--model", "mpocompress.speech.models:gcrn",
+                                 "--data", str(se_set), "--metrics", "si_sdr"])  # fmt: skip
+    assert wrong.exit_code == 3 and "does not fit" in wrong.output
+
+
+@pytest.mark.skipif(__import__("shutil").which("espeak-ng") is None, reason="needs espeak-ng (apt-get install espeak-ng)")
+def test_espeak_corpus(tmp_path):
+    """The corpus generator: paired files, disjoint train/test voices, mixtures at the planned SNR."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "speech_enhancement" / "make_corpus.py"
+    out = tmp_path / "corpus"
+    subprocess.run([sys.executable, str(script), str(out), "--train", "6", "--test", "4", "--seed", "1"], check=True)
+    manifest = json.loads((out / "manifest.json").read_text())["utterances"]
+    assert len(manifest) == 10
+    train_voices = {u["variant"] for u in manifest if u["split"] == "train"}
+    test_voices = {u["variant"] for u in manifest if u["split"] == "test"}
+    assert not train_voices & test_voices
+    for u in manifest:
+        clean, rate = read_wav(out / u["split"] / "clean" / f"{u['name']}.wav")
+        noisy, _ = read_wav(out / u["split"] / "noisy" / f"{u['name']}.wav")
+        assert rate == SR and len(clean) == len(noisy) > SR // 2
+        noise = noisy - clean
+        snr = 10 * math.log10(float(np.mean(clean.astype(np.float64) ** 2) / np.mean(noise.astype(np.float64) ** 2)))
+        assert abs(snr - u["snr_db"]) < 0.5, (u["name"], snr, u["snr_db"])
+    assert len(load_pairs(out / "test")) == 4

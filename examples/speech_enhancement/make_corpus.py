@@ -138,12 +138,14 @@ def make_noise(kind: str, n: int, rng: np.random.Generator, talkers: list[np.nda
     return (colored(n, 1.3, rng) * env).astype(np.float32)
 
 
-def mix(clean: np.ndarray, noise: np.ndarray, snr_db: float) -> np.ndarray:
+def mix(clean: np.ndarray, noise: np.ndarray, snr_db: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(clean, noisy)`` at the SNR; both scaled down together if the mixture would clip."""
     ps = float(np.mean(clean**2))
     pn = max(float(np.mean(noise**2)), 1e-12)
     noisy = clean + noise * np.sqrt(ps / (pn * 10 ** (snr_db / 10)))
     peak = float(np.abs(noisy).max())
-    return noisy / peak * 0.9 if peak > 0.99 else noisy
+    scale = 0.9 / peak if peak > 0.99 else 1.0
+    return clean * scale, noisy * scale
 
 
 def main() -> None:
@@ -178,7 +180,7 @@ def main() -> None:
             clean = list(pool.map(lambda u: synth(u["text"], f"{u['accent']}+{u['variant']}", u["rate"], u["pitch"], work), plan))
         for u, x in zip(plan, clean):
             r = np.random.default_rng(u["noise_seed"])
-            noisy = mix(x, make_noise(u["noise"], len(x), r, talkers), u["snr_db"])
+            x, noisy = mix(x, make_noise(u["noise"], len(x), r, talkers), u["snr_db"])
             for kind, sig in (("clean", x), ("noisy", noisy)):
                 d = work / u["split"] / kind
                 d.mkdir(parents=True, exist_ok=True)

@@ -98,3 +98,8 @@ def enhance(model: nn.Module, noisy: np.ndarray, cfg: STFTConfig = DEFAULT_STFT)
         return istft(apply_mask(spec, mask), len(noisy), cfg).numpy()
     finally:
         model.train(was)
+
+
+def folder_batches(root: str | Path, batch_size: int = 16) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Training batches from a set folder (``noisy/``, ``clean/``): ``convert --task speech-enhancement``."""
+    return make_batches(load_pairs(root), batch_size=batch_size)

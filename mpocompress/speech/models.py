@@ -61,10 +61,10 @@ def lstm(in_f: int, hidden: int, layers: int, mpo: MPOSpec | None) -> nn.Module:
 
 
 class _Normalised(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, bins: int) -> None:
         super().__init__()
-        self.register_buffer("feature_mean", torch.zeros(1))
-        self.register_buffer("feature_std", torch.ones(1))
+        self.register_buffer("feature_mean", torch.zeros(bins))
+        self.register_buffer("feature_std", torch.ones(bins))
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.feature_mean) / self.feature_std
@@ -72,15 +72,16 @@ class _Normalised(nn.Module):
     def set_normalisation(self, features: torch.Tensor) -> None:
         """Store the mean and std of training features (per frequency bin)."""
         flat = features.reshape(-1, features.shape[-1]).float()
-        self.feature_mean = flat.mean(0)
-        self.feature_std = flat.std(0).clamp_min(1e-3)
+        with torch.no_grad():
+            self.feature_mean.copy_(flat.mean(0))
+            self.feature_std.copy_(flat.std(0).clamp_min(1e-3))
 
 
 class LSTMMask(_Normalised):
     """Causal LSTM mask estimator (MPO / MPO-LSTM papers)."""
 
     def __init__(self, bins: int = 257, hidden: int = 256, layers: int = 2, mpo: MPOSpec | None = None):
-        super().__init__()
+        super().__init__(bins)
         self.inp = linear(bins, hidden, mpo)
         self.lstm = lstm(hidden, hidden, layers, mpo)
         self.out = linear(hidden, bins, mpo)
@@ -95,7 +96,7 @@ class MLPMask(_Normalised):
     """MLP over a window of frames (``past`` before, ``future`` after), predicting the centre frame's mask."""
 
     def __init__(self, bins: int = 257, hidden: int = 512, past: int = 5, future: int = 0, mpo: MPOSpec | None = None):
-        super().__init__()
+        super().__init__(bins)
         self.past, self.future = past, future
         width = bins * (past + 1 + future)
         self.net = nn.Sequential(
@@ -132,7 +133,7 @@ class GCRN(_Normalised):
     """A small gated convolutional recurrent network (IPKD paper's family, reduced)."""
 
     def __init__(self, bins: int = 257, channels: tuple[int, ...] = (8, 16, 16), hidden: int = 128, mpo: MPOSpec | None = None):
-        super().__init__()
+        super().__init__(bins)
         self.bins = bins
         chans = (1, *channels)
         self.enc = nn.ModuleList(_GatedConv(chans[i], chans[i + 1]) for i in range(len(channels)))
@@ -176,3 +177,18 @@ def build(name: str, mpo: MPOSpec | None = None, **kwargs: object) -> nn.Module:
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r} (choose from {', '.join(MODELS)})")
     return MODELS[name](mpo=mpo, **kwargs)
+
+
+def lstm_mask() -> LSTMMask:
+    """The default :class:`LSTMMask` (a ``--model`` factory)."""
+    return LSTMMask()
+
+
+def mlp_mask() -> MLPMask:
+    """The default :class:`MLPMask` (a ``--model`` factory)."""
+    return MLPMask()
+
+
+def gcrn() -> GCRN:
+    """The default :class:`GCRN` (a ``--model`` factory)."""
+    return GCRN()
