@@ -271,10 +271,11 @@ def convert(ctx: click.Context, input_path: Path, output_path: Path, bond_dim, t
         import torch
 
         torch.manual_seed(seed)
+        reader = read_batches
         if task == "speech-enhancement":
-            from mpocompress.speech.data import folder_batches as read_batches  # noqa: F811
-        extra.update(tune=tune, model=factory(), train_batches=read_batches(data_spec, batch_size),
-                     val_batches=read_batches(val_spec, batch_size) if val_spec else None)  # fmt: skip
+            from mpocompress.speech.data import folder_batches as reader
+        extra.update(tune=tune, model=factory(), train_batches=reader(data_spec, batch_size),
+                     val_batches=reader(val_spec, batch_size) if val_spec else None)  # fmt: skip
     from mpocompress import dist
 
     started = dist.init_from_env()

@@ -434,11 +434,12 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
     return header, 8 + n
 
 
-def pack_safetensors(sources: list[Path], path: Path, metadata: dict[str, str] | None = None) -> int:
+def pack_safetensors(sources: list[Path], path: Path, metadata: dict[str, str] | None = None) -> tuple[list[str], int]:
     """Write the tensors of several safetensors files into one, streaming (bounded memory), atomically.
 
     Tensors are laid out as ``safetensors`` itself does (by alignment, then name), so every tensor
-    stays aligned; the data are copied in chunks and never held whole. Returns the data bytes.
+    stays aligned; the data are copied in chunks and never held whole. Returns the tensor names
+    written and the data bytes.
     """
     entries = []  # (itemsize, name, info, source, absolute offset)
     for src in sources:
@@ -476,7 +477,7 @@ def pack_safetensors(sources: list[Path], path: Path, metadata: dict[str, str] |
                 f.close()
         out.flush()
         os.fsync(out.fileno())
-    return offset
+    return [e[1] for e in entries], offset
 
 
 def partial_path(output: Path) -> Path:
@@ -569,9 +570,9 @@ class GroupStore:
                 weight_map, total = {}, 0
                 for k, members in enumerate(shards):
                     final = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-                    total += pack_safetensors([groups[i] for i in members], tmp / final, {"format": "pt"})
-                    header, _ = read_safetensors_header(tmp / final)
-                    weight_map.update({n: final for n in header if n != "__metadata__"})
+                    names, nbytes = pack_safetensors([groups[i] for i in members], tmp / final, {"format": "pt"})
+                    weight_map.update(dict.fromkeys(names, final))
+                    total += nbytes
                 index = {"metadata": {"total_size": total, **metadata}, "weight_map": weight_map}
                 (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True))
                 if self.output.exists() and not self.output.is_dir():

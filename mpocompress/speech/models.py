@@ -36,12 +36,17 @@ class MPOSpec:
     cores: int = 3
 
 
+def _structure(out_f: int, in_f: int, mpo: MPOSpec) -> tuple[tuple[int, ...], tuple[int, ...], list[int]]:
+    """``(out_modes, in_modes, bond_dims)`` of an ``(out_f, in_f)`` matrix under ``mpo``."""
+    out_modes, in_modes = choose_modes(out_f, in_f, mpo.cores)
+    return out_modes, in_modes, bond_dims_for(out_modes, in_modes, mpo.bond_dim)
+
+
 def linear(in_f: int, out_f: int, mpo: MPOSpec | None) -> nn.Module:
     """``nn.Linear``, or an :class:`~mpocompress.modules.MPOLinear` with random cores."""
     if mpo is None:
         return nn.Linear(in_f, out_f)
-    out_modes, in_modes = choose_modes(out_f, in_f, mpo.cores)
-    return MPOLinear(in_f, out_f, out_modes, in_modes, bond_dims_for(out_modes, in_modes, mpo.bond_dim))
+    return MPOLinear(in_f, out_f, *_structure(out_f, in_f, mpo))
 
 
 def lstm(in_f: int, hidden: int, layers: int, mpo: MPOSpec | None) -> nn.Module:
@@ -54,9 +59,8 @@ def lstm(in_f: int, hidden: int, layers: int, mpo: MPOSpec | None) -> nn.Module:
     for name, p in rnn.named_parameters():
         if name.startswith("weight_"):
             out_f, in_f_ = p.shape
-            out_modes, in_modes = choose_modes(out_f, in_f_, mpo.cores)
-            bonds = bond_dims_for(out_modes, in_modes, mpo.bond_dim)
-            tts[name] = TTMatrix(_random_cores(out_f, in_f_, out_modes, in_modes, bonds, None, None), (out_f, in_f_))
+            cores = _random_cores(out_f, in_f_, *_structure(out_f, in_f_, mpo), None, None)
+            tts[name] = TTMatrix(cores, (out_f, in_f_))
     return MPOLSTM(rnn, tts)
 
 
