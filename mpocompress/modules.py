@@ -343,8 +343,10 @@ class _MPORNNBase(MPOMatrices):
 
     Same constructor arguments, call signature and outputs as ``nn.LSTM``/``nn.GRU`` (no ``proj_size``).
     Gates are stacked as PyTorch stores them (LSTM i, f, g, o; GRU r, z, n) and each stacked matrix is
-    one MPO (MPO-LSTM). The input projection of all time steps is one batched product; the recurrent
-    product runs frame by frame.
+    one MPO (MPO-LSTM). In training (and whenever the dense matrices are the faster way) the matrices
+    are built from the cores once per call and PyTorch's fused kernel runs the sequence; otherwise the
+    input projection of all time steps is one batched product and the recurrent product is chained
+    through the cores frame by frame (fastest for streaming with a small bond).
     """
 
     GATES = 0
@@ -362,6 +364,52 @@ class _MPORNNBase(MPOMatrices):
                 self._set_matrix(name, tts[name])
             else:
                 self.register_parameter(name, nn.Parameter(p.detach().clone()))
+        self._names = [name for name, _ in rnn.named_parameters()]
+        self._template = self._meta_template(rnn)
+
+    @staticmethod
+    def _meta_template(rnn: nn.LSTM | nn.GRU) -> list[nn.Module]:
+        """A weightless (meta-device) copy of ``rnn`` for the fused kernel, in a list so that it is not
+        a submodule (no parameters, no state-dict keys, untouched by ``.to()``)."""
+        with torch.device("meta"):
+            return [type(rnn)(rnn.input_size, rnn.hidden_size, num_layers=rnn.num_layers, bias=rnn.bias,
+                              batch_first=rnn.batch_first, dropout=rnn.dropout, bidirectional=rnn.bidirectional)]  # fmt: skip
+
+    def _fused(self, input: torch.Tensor) -> bool:
+        """Run PyTorch's fused LSTM/GRU kernel on dense matrices built once per call?
+
+        In training always (rebuilding a recurrent matrix at every frame, or chaining through cores
+        frame by frame with autograd, is several times slower); with ``mode="materialize"`` always;
+        with ``"auto"`` at inference when every MPO matrix times faster materialized at these sizes
+        (streaming one frame at a time with a small bond usually times faster as a chain)."""
+        if self.mode == "chain" or _tracing():
+            return False
+        if self.mode == "materialize":
+            return True
+        if torch.is_grad_enabled() and any(c.requires_grad for n in self._shapes for c in self.cores_of(n)):
+            return True
+        steps = 1 if input.dim() == 2 else input.shape[0 if not self.batch_first else 1]
+        batch = 1 if input.dim() == 2 else input.shape[1 if not self.batch_first else 0]
+        for name in self._shapes:
+            rows = batch if name.startswith("weight_hh") else steps * batch
+            x = input.new_zeros(rows, self._shapes[name][1])
+            if self._pick(name, x, self.cores_of(name), None, False) != "materialize":
+                return False
+        return True
+
+    def _fused_forward(self, input: torch.Tensor, hx: Any):
+        grad = torch.is_grad_enabled()
+        weights = {}
+        for name in self._names:
+            if name in self._shapes:
+                cores = self.cores_of(name)
+                fresh = grad and any(c.requires_grad for c in cores)
+                weights[name] = cores_to_matrix(cores, self._shapes[name]) if fresh else self._cached("dense", name, cores)
+            else:
+                weights[name] = getattr(self, name)
+        template = self._template[0]
+        template.train(self.training)
+        return torch.func.functional_call(template, weights, (input,) if hx is None else (input, hx))
 
     @classmethod
     def from_rnn(cls, rnn: nn.LSTM | nn.GRU, config: MPOConfig | None = None, *, names: list[str] | None = None,
@@ -374,6 +422,8 @@ class _MPORNNBase(MPOMatrices):
         raise NotImplementedError
 
     def forward(self, input: torch.Tensor, hx: Any = None):
+        if self._fused(input):
+            return self._fused_forward(input, hx)
         unbatched = input.dim() == 2
         x = input.unsqueeze(1) if unbatched else (input.transpose(0, 1) if self.batch_first else input)
         steps, batch = x.shape[0], x.shape[1]

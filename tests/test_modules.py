@@ -66,11 +66,12 @@ def test_from_linear_inherits_dtype_and_compresses():
 @pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize("batch_first", [False, True])
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
-def test_mpo_rnn_equals_dense(num_layers, bidirectional, batch_first, kind):
+@pytest.mark.parametrize("mode", ["chain", "materialize"])  # frame-by-frame chain vs fused kernel
+def test_mpo_rnn_equals_dense(num_layers, bidirectional, batch_first, kind, mode):
     torch.manual_seed(num_layers)
     cls, mpo = (nn.LSTM, MPOLSTM) if kind == "lstm" else (nn.GRU, MPOGRU)
     rnn = cls(13, 11, num_layers=num_layers, bidirectional=bidirectional, batch_first=batch_first).to(F64)
-    m = mpo.from_rnn(rnn)
+    m = mpo.from_rnn(rnn, mode=mode)
     assert all(m.is_mpo(n) for n, _ in rnn.named_parameters() if n.startswith("weight"))
     x = torch.randn(3, 5, 13, dtype=F64)
     d = 2 if bidirectional else 1
@@ -85,6 +86,30 @@ def test_mpo_rnn_equals_dense(num_layers, bidirectional, batch_first, kind):
             assert torch.allclose(got[1], ref[1], atol=1e-9)
     # unbatched input
     assert torch.allclose(m(x[0])[0], rnn(x[0])[0], atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_mpo_rnn_fused_training_has_the_chain_gradients(kind):
+    """In training "auto" runs the fused kernel on matrices built once per call; its gradients with
+    respect to the cores must be those of the frame-by-frame chain (and the dropout flag honoured)."""
+    torch.manual_seed(1)
+    cls, mpo = (nn.LSTM, MPOLSTM) if kind == "lstm" else (nn.GRU, MPOGRU)
+    rnn = cls(12, 10, num_layers=2, batch_first=True).to(F64)
+    auto, chain = mpo.from_rnn(rnn, MPOConfig(bond_dim=3, cores=3)), mpo.from_rnn(rnn, MPOConfig(bond_dim=3, cores=3), mode="chain")
+    assert auto._fused(torch.zeros(2, 7, 12, dtype=F64)) and not chain._fused(torch.zeros(2, 7, 12, dtype=F64))
+    x = torch.randn(2, 7, 12, dtype=F64)
+    grads = []
+    for m in (auto, chain):
+        m.zero_grad()
+        out = m(x)[0]
+        (out ** 2).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters()})
+    assert grads[0].keys() == grads[1].keys() and any("_cores." in n for n in grads[0])
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-9), n
+    with torch.no_grad():  # inference: both paths, same outputs
+        assert torch.allclose(auto(x)[0], chain(x)[0], atol=1e-9)
+    assert auto.state_dict().keys() == chain.state_dict().keys()  # the template adds no keys
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
