@@ -12,7 +12,8 @@ Every layer contracts its cores on the fly; the contraction is chosen per batch 
 * ``mode="chain"``: always contract the input through the cores.
 * ``mode="materialize"``: build the dense matrix once and reuse it while the cores are unchanged
   (dense speed, compressed storage; in training the matrix is rebuilt each step with gradients).
-* ``mode="auto"`` (default): time both once per batch size, in eager mode, and keep the faster.
+* ``mode="auto"`` (default): time both once per batch size (rounded up to a power of two), in eager
+  mode, and keep the faster.
   Under tracing, ``torch.compile`` or ONNX export the choice follows a flop count instead.
 """
 
@@ -127,7 +128,9 @@ class MPOMatrices(nn.Module):
             out_f, in_f = self._shapes[name]
             dense = x.shape[0] * out_f * in_f + build_flops(shapes)
             return "chain" if chain_flops(x.shape[0], shapes) <= dense else "materialize"
-        key = (name, x.shape[0], grad)
+        # one timing per power-of-two bucket of rows: variable-length inputs (utterances, sentences)
+        # would otherwise be timed at every new length
+        key = (name, 1 << max(int(x.shape[0]) - 1, 0).bit_length(), grad)
         choice = self._choice.get(key)
         if choice is None:
             choice = self._choice[key] = self._time_choice(name, x, cores, bias, grad)

@@ -287,3 +287,11 @@ def test_compile(compressed_net):
     with torch.no_grad():
         compiled = torch.compile(model)
         assert torch.allclose(compiled(idx), y, atol=1e-5)
+
+
+def test_auto_mode_times_once_per_power_of_two_bucket_of_rows():
+    m = MPOLinear.from_linear(nn.Linear(64, 32), MPOConfig(bond_dim=4, cores=3))
+    with torch.no_grad():
+        for rows in (100, 120, 128, 129, 250):  # variable-length inputs: buckets 128, 128, 128, 256, 256
+            m(torch.randn(rows, 64))
+    assert sorted(k[1] for k in m._choice) == [128, 256]
