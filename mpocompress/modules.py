@@ -13,8 +13,9 @@ Every layer contracts its cores on the fly; the contraction is chosen per batch 
 * ``mode="materialize"``: build the dense matrix once and reuse it while the cores are unchanged
   (dense speed, compressed storage; in training the matrix is rebuilt each step with gradients).
 * ``mode="auto"`` (default): time both once per batch size (rounded up to a power of two), in eager
-  mode, and keep the faster.
-  Under tracing, ``torch.compile`` or ONNX export the choice follows a flop count instead.
+  mode, and keep the faster; where one needs over ``FLOP_CLEAR`` times the other's flops it is not
+  timed (large products only). Under tracing, ``torch.compile`` or ONNX export the choice follows a
+  flop count instead.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ from mpocompress.shapes import choose_modes
 from mpocompress.tt import TTMatrix, cores_to_matrix, tt_svd
 
 MODES = ("auto", "chain", "materialize")
+#: in "auto" mode, a contraction needing this many times the other's flops is not timed, just skipped
+FLOP_CLEAR = 8.0
+FLOP_CLEAR_MIN = 1e7
 
 
 def _tracing() -> bool:
@@ -123,11 +127,15 @@ class MPOMatrices(nn.Module):
         return y if bias is None else y + bias
 
     def _pick(self, name: str, x: torch.Tensor, cores: list[torch.Tensor], bias, grad: bool) -> str:
+        shapes = [tuple(c.shape) for c in cores]
+        out_f, in_f = self._shapes[name]
+        dense = x.shape[0] * out_f * in_f + build_flops(shapes)
+        chain = chain_flops(x.shape[0], shapes)
         if _tracing():
-            shapes = [tuple(c.shape) for c in cores]
-            out_f, in_f = self._shapes[name]
-            dense = x.shape[0] * out_f * in_f + build_flops(shapes)
-            return "chain" if chain_flops(x.shape[0], shapes) <= dense else "materialize"
+            return "chain" if chain <= dense else "materialize"
+        if min(chain, dense) > FLOP_CLEAR_MIN and max(chain, dense) > FLOP_CLEAR * min(chain, dense):
+            # clear-cut and large enough that call overheads do not matter: timing would only cost time
+            return "chain" if chain < dense else "materialize"
         # one timing per power-of-two bucket of rows: variable-length inputs (utterances, sentences)
         # would otherwise be timed at every new length
         key = (name, 1 << max(int(x.shape[0]) - 1, 0).bit_length(), grad)
@@ -140,8 +148,9 @@ class MPOMatrices(nn.Module):
         """Time both contractions on this input and return the faster.
 
         The two are timed in alternation (2 warm-up rounds, then 12 rounds, median of each), so drift
-        and cold caches hit both alike. In training (``grad``) "materialize" rebuilds the matrix each
-        call, so that is what is timed.
+        and cold caches hit both alike; the rounds stop early once one is 3x slower than the other in
+        two successive rounds (timing a clearly slower contraction only costs time). In training
+        (``grad``) "materialize" rebuilds the matrix each call, so that is what is timed.
         """
         detached = [c.detach() for c in cores]
         out_f = self._shapes[name][0]
@@ -162,6 +171,10 @@ class MPOMatrices(nn.Module):
                     call(how)
                     if rnd >= 2:
                         times[how].append(time.perf_counter() - t0)
+                if rnd >= 3:
+                    ch, ma = times["chain"][-2:], times["materialize"][-2:]
+                    if all(c > 3 * m for c, m in zip(ch, ma)) or all(m > 3 * c for c, m in zip(ch, ma)):
+                        break
         med = {how: sorted(ts)[len(ts) // 2] for how, ts in times.items()}
         return min(med, key=med.__getitem__)
 
