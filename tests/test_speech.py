@@ -255,3 +255,40 @@ def test_espeak_corpus(tmp_path):
         snr = 10 * math.log10(float(np.mean(clean.astype(np.float64) ** 2) / np.mean(noise.astype(np.float64) ** 2)))
         assert abs(snr - u["snr_db"]) < 0.5, (u["name"], snr, u["snr_db"])
     assert len(load_pairs(out / "test")) == 4
+
+
+def _speech_benchmark():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "speech.py"
+    spec = importlib.util.spec_from_file_location("speech_benchmark", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_comparison_matches_file_sizes_from_below(tmp_path):
+    """benchmarks/speech.py: each method's knob gives the largest file <= the target, so methods are
+    compared at the same size; a slightly gentler knob would overshoot."""
+    from mpocompress.io import save_safetensors
+
+    bench = _speech_benchmark()
+    torch.manual_seed(0)
+    dense = tmp_path / "dense.safetensors"
+    save_safetensors({"a.weight": torch.randn(96, 128), "a.bias": torch.randn(96), "b.weight": torch.randn(64, 96)}, dense)
+    target = int(0.2 * dense.stat().st_size)
+    for method in ("mpo", "svd-ft", "prune-ft", "seofp", "mpo-kmeans-ft"):
+        opts, size = bench.fit_knob(method, dense, target)
+        assert size <= target and size == bench.trial_size(dense, opts), method
+        if "ratio" in opts:
+            gentler = {**opts, "ratio": round(opts["ratio"] / 1.02, 3)}
+        elif "prune" in opts:
+            gentler = {**opts, "prune": f"magnitude:{float(opts['prune'].split(':')[1]) - 0.003:.4f}"}
+        else:
+            gentler = {"quantize": f"seofp:{int(opts['quantize'].split(':')[1]) + 1}"}
+        assert bench.trial_size(dense, gentler) > target, method
+    assert bench.fit_knob("seofp", dense, int(0.05 * dense.stat().st_size)) is None  # 3 bits at least
+    assert bench.cli_args({"ratio": 2.5, "cores": 3}) == ["--ratio", "2.5", "--cores", "3"]
