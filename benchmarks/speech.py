@@ -27,6 +27,7 @@ import json
 import math
 import multiprocessing
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -74,6 +75,11 @@ class Setup:
     kd_weight: float = 0.5
     ipkd_rounds: int = 3
     metrics: tuple[str, ...] = METRICS
+    #: tensors every method compresses, per model (default: all weight matrices). The GCRN's convolution
+    #: kernels (3 to 768 weights each, 3.5 % of its parameters) stay dense, as in its MPO-from-scratch form:
+    #: uniform per-layer ratios or sparsities destroy such tiny layers (an 8-weight output conv pruned
+    #: to nothing makes the mask a constant).
+    include: dict[str, tuple[str, ...]] = field(default_factory=lambda: {"gcrn": ("rnn_in.weight", "rnn_out.weight", "lstm.*")})
 
 
 QUICK = Setup(train_utts=40, test_utts=12, train_steps={"lstm": 20, "mlp": 20, "gcrn": 5},
@@ -100,7 +106,7 @@ def shown(cmd: list[str], work: Path) -> str:
     for c in cmd:
         c = "python" if c == sys.executable else c
         c = c.replace(str(work) + "/", "").replace(str(ROOT) + "/", "")
-        out.append(c)
+        out.append(shlex.quote(c))
     return " ".join(out)
 
 
@@ -169,7 +175,12 @@ def knob_options(method: str, value: float | None, k: int = 16) -> dict[str, Any
 
 
 def cli_args(opts: dict[str, Any]) -> list[str]:
-    return [a for k, v in opts.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+    """``{"ratio": 2.5, "include": ("a*", "b")}`` -> ``--ratio 2.5 --include a* --include b``."""
+    out = []
+    for k, v in opts.items():
+        for item in v if isinstance(v, (tuple, list)) else (v,):
+            out += [f"--{k.replace('_', '-')}", str(item)]
+    return out
 
 
 def trial_size(dense: Path, opts: dict[str, Any]) -> int:
@@ -183,21 +194,32 @@ def trial_size(dense: Path, opts: dict[str, Any]) -> int:
         return file_size(out)
 
 
-def fit_knob(method: str, dense: Path, target: int) -> tuple[dict[str, Any], int] | None:
+def fit_knob(method: str, dense: Path, target: int, extra: dict[str, Any] | None = None) -> tuple[dict[str, Any], int] | None:
     """Options of ``method`` whose file is as large as possible but <= target bytes (None: unreachable).
 
     Continuous knobs are bisected on their printed values (so the recorded command is exactly what was
-    measured): MPO/SVD ratio in log space, sparsity, channel threshold; SEOFP tries E = 8..2."""
+    measured): MPO/SVD ratio in log space, sparsity, channel threshold; SEOFP tries E = 8..2. PP+PQ's
+    channel threshold moves the size in steps (a slice's score is a share of 8 weights), so its
+    codebook (16, 64 or 256 centroids) is chosen with it: the pair giving the largest file that fits.
+    ``extra`` options (e.g. ``include``) are part of every trial and of the result."""
+    extra = extra or {}
+
+    def opts_at(v: float, k: int = 16) -> dict[str, Any]:
+        return {**knob_options(method, v, k), **extra}
+
     if method == "seofp":
         for e in range(8, 1, -1):  # the codec allows E = 2..8
-            size = trial_size(dense, knob_options(method, e))
+            size = trial_size(dense, opts_at(e))
             if size <= target:
-                return knob_options(method, e), size
+                return opts_at(e), size
         return None
-    k = 16
-    if method == "ppq-ft":  # PQ codebook: 4 bits, or 8 where 4 bits alone are far below the target
-        if trial_size(dense, {"quantize": "kmeans:16"}) < 0.75 * target:
-            k = 256
+    if method == "ppq-ft":
+        fits = [f for f in (_bisect(method, dense, target, opts_at, k) for k in (16, 64, 256)) if f is not None]
+        return max(fits, key=lambda f: f[1]) if fits else None
+    return _bisect(method, dense, target, opts_at, 16)
+
+
+def _bisect(method: str, dense: Path, target: int, opts_at, k: int) -> tuple[dict[str, Any], int] | None:
     if method in ("mpo", "mpo-ft", "mpo-kmeans-ft", "svd-ft"):
         lo, hi, fmt, log_space, bigger_is_larger = 1.001, 1000.0, "{:.3f}", True, False
     elif method in ("prune-ft", "ipkd"):
@@ -206,14 +228,14 @@ def fit_knob(method: str, dense: Path, target: int) -> tuple[dict[str, Any], int
         lo, hi, fmt, log_space, bigger_is_larger = 0.0, 1.0, "{:.4f}", False, True
 
     def size_at(v: float) -> int:
-        return trial_size(dense, knob_options(method, float(fmt.format(v)), k))
+        return trial_size(dense, opts_at(float(fmt.format(v)), k))
 
     small, large = (lo, hi) if bigger_is_larger else (hi, lo)  # knob values giving the smallest/largest file
     if size_at(small) > target:
         return None
     if size_at(large) <= target:
         v = float(fmt.format(large))
-        return knob_options(method, v, k), size_at(v)
+        return opts_at(v, k), size_at(v)
     best = small
     for _ in range(14):
         mid = math.sqrt(small * large) if log_space else (small + large) / 2
@@ -224,7 +246,7 @@ def fit_knob(method: str, dense: Path, target: int) -> tuple[dict[str, Any], int
         else:
             large = mid
     v = float(fmt.format(best))
-    return knob_options(method, v, k), size_at(v)
+    return opts_at(v, k), size_at(v)
 
 
 # -- jobs (run in worker processes) -----------------------------------------------------------------
@@ -245,7 +267,8 @@ def job_compress(work: Path, setup: Setup, model: str, method: str, frac: float,
     torch.set_num_threads(1)
     target = int(frac * file_size(dense))
     t0 = time.time()
-    fitted = fit_knob(method, dense, target)
+    extra = {"include": setup.include[model]} if setup.include.get(model) else {}
+    fitted = fit_knob(method, dense, target, extra)
     search_s = time.time() - t0
     if fitted is None:
         return {"reachable": False, "search_seconds": search_s}
@@ -481,7 +504,9 @@ def render(res: dict[str, Any]) -> str:
         if not rows:
             continue
         dense = next(r for r in rows if r["method"] == "dense")
-        out += [f"## {m.upper()}", "",
+        only = res["setup"]["include"].get(m)
+        note = [f"Every method compresses only {', '.join(f'`{p}`' for p in only)} (docs/speech.md).", ""] if only else []
+        out += [f"## {m.upper()}", "", *note,
                 f"Dense: {dense['bytes'] / 1e6:.2f} MB; PESQ-WB {dense['means']['pesq_wb']:.3f}, STOI {dense['means']['stoi']:.3f}, "
                 f"ESTOI {dense['means']['estoi']:.3f}, SI-SDR {dense['means']['si_sdr']:.2f} dB "
                 f"(noisy input: {res['noisy']['pesq_wb']:.3f}, {res['noisy']['stoi']:.3f}, {res['noisy']['estoi']:.3f}, "
@@ -493,7 +518,7 @@ def render(res: dict[str, Any]) -> str:
             for r in here:
                 cells = [f"{r['means'][k]:.3f} ({_ci(r['vs_dense'][k], 2 if k == 'si_sdr' else 3)})" for k in ("pesq_wb", "stoi", "estoi")]
                 cells.append(f"{r['means']['si_sdr']:.2f} ({_ci(r['vs_dense']['si_sdr'], 2)})")
-                knob = ", ".join(f"{k}={v}" for k, v in (r.get("options") or {}).items())
+                knob = ", ".join(f"{k}={v}" for k, v in (r.get("options") or {}).items() if k != "include")
                 if r["method"] == "mpo-scratch":
                     knob = f"bond_dim={r['bond_dim']}"
                 out.append(f"| `{r['method']}` | {r['bytes'] / 1e3:.0f} KB ({r['bytes'] / r['dense_bytes']:.1%}) | " + " | ".join(cells) + f" | {knob} |")
