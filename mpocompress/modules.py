@@ -13,9 +13,9 @@ Every layer contracts its cores on the fly; the contraction is chosen per batch 
 * ``mode="materialize"``: build the dense matrix once and reuse it while the cores are unchanged
   (dense speed, compressed storage; in training the matrix is rebuilt each step with gradients).
 * ``mode="auto"`` (default): time both once per batch size (rounded up to a power of two), in eager
-  mode, and keep the faster; where one needs over ``FLOP_CLEAR`` times the other's flops it is not
-  timed (large products only). Under tracing, ``torch.compile`` or ONNX export the choice follows a
-  flop count instead.
+  mode, and keep the faster; in training, where one needs over ``FLOP_CLEAR`` times the other's flops
+  it is not timed (large products only). Under tracing, ``torch.compile`` or ONNX export the choice
+  follows a flop count instead.
 """
 
 from __future__ import annotations
@@ -133,8 +133,9 @@ class MPOMatrices(nn.Module):
         chain = chain_flops(x.shape[0], shapes)
         if _tracing():
             return "chain" if chain <= dense else "materialize"
-        if min(chain, dense) > FLOP_CLEAR_MIN and max(chain, dense) > FLOP_CLEAR * min(chain, dense):
-            # clear-cut and large enough that call overheads do not matter: timing would only cost time
+        if grad and min(chain, dense) > FLOP_CLEAR_MIN and max(chain, dense) > FLOP_CLEAR * min(chain, dense):
+            # training, clear-cut and large enough that call overheads do not matter: timing (forward
+            # only, while a step also pays the backward) would only cost time
             return "chain" if chain < dense else "materialize"
         # one timing per power-of-two bucket of rows: variable-length inputs (utterances, sentences)
         # would otherwise be timed at every new length
