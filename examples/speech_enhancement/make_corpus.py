@@ -93,7 +93,7 @@ def synth(text: str, voice: str, rate: int, pitch: int, tmp: Path) -> np.ndarray
                    check=True, capture_output=True)  # fmt: skip
     if shutil.which("sox"):
         out = raw.with_suffix(".16k.wav")
-        subprocess.run(["sox", str(raw), "-r", str(SR), "-c", "1", "-b", "16", str(out)], check=True, capture_output=True)
+        subprocess.run(["sox", "-D", str(raw), "-r", str(SR), "-c", "1", "-b", "16", str(out)], check=True, capture_output=True)
         x, _ = read_pcm(out)
         out.unlink()
     else:
