@@ -38,6 +38,8 @@ MODES = ("auto", "chain", "materialize")
 #: in "auto" mode, a contraction needing this many times the other's flops is not timed, just skipped
 FLOP_CLEAR = 8.0
 FLOP_CLEAR_MIN = 1e7
+#: at inference, sequences shorter than this run frame by frame even where dense matrices are faster
+FUSED_MIN_STEPS = 16
 
 
 def _tracing() -> bool:
@@ -126,24 +128,36 @@ class MPOMatrices(nn.Module):
         y = mpo_chain(x, cores, shape[0], None if fresh else self._cached("mats", name, cores))
         return y if bias is None else y + bias
 
-    def _pick(self, name: str, x: torch.Tensor, cores: list[torch.Tensor], bias, grad: bool) -> str:
-        shapes = [tuple(c.shape) for c in cores]
-        out_f, in_f = self._shapes[name]
-        dense = x.shape[0] * out_f * in_f + build_flops(shapes)
-        chain = chain_flops(x.shape[0], shapes)
-        if _tracing():
-            return "chain" if chain <= dense else "materialize"
-        if grad and min(chain, dense) > FLOP_CLEAR_MIN and max(chain, dense) > FLOP_CLEAR * min(chain, dense):
-            # training, clear-cut and large enough that call overheads do not matter: timing (forward
-            # only, while a step also pays the backward) would only cost time
-            return "chain" if chain < dense else "materialize"
-        # one timing per power-of-two bucket of rows: variable-length inputs (utterances, sentences)
+    @staticmethod
+    def _key(name: str, rows: int, grad: bool) -> tuple[str, int, bool]:
+        # one choice per power-of-two bucket of rows: variable-length inputs (utterances, sentences)
         # would otherwise be timed at every new length
-        key = (name, 1 << max(int(x.shape[0]) - 1, 0).bit_length(), grad)
+        return (name, 1 << max(int(rows) - 1, 0).bit_length(), grad)
+
+    def _pick(self, name: str, x: torch.Tensor, cores: list[torch.Tensor], bias, grad: bool) -> str:
+        if _tracing():
+            return self._by_flops(name, x.shape[0], cores, None)
+        key = self._key(name, x.shape[0], grad)
         choice = self._choice.get(key)
         if choice is None:
-            choice = self._choice[key] = self._time_choice(name, x, cores, bias, grad)
+            choice = self._by_flops(name, x.shape[0], cores, FLOP_CLEAR) if grad else None
+            if choice is None:
+                choice = self._time_choice(name, x, cores, bias, grad)
+            self._choice[key] = choice
         return choice
+
+    def _by_flops(self, name: str, rows: int, cores: list[torch.Tensor], margin: float | None) -> str | None:
+        """The contraction with fewer flops; with ``margin``, only if both are large (> FLOP_CLEAR_MIN)
+        and the other needs ``margin`` times as many (else None: time them)."""
+        shapes = [tuple(c.shape) for c in cores]
+        out_f, in_f = self._shapes[name]
+        dense = rows * out_f * in_f + build_flops(shapes)
+        chain = chain_flops(rows, shapes)
+        if margin is None:
+            return "chain" if chain <= dense else "materialize"
+        if min(chain, dense) > FLOP_CLEAR_MIN and max(chain, dense) > margin * min(chain, dense):
+            return "chain" if chain < dense else "materialize"
+        return None
 
     def _time_choice(self, name: str, x: torch.Tensor, cores: list[torch.Tensor], bias, grad: bool) -> str:
         """Time both contractions on this input and return the faster.
@@ -397,8 +411,9 @@ class _MPORNNBase(MPOMatrices):
 
         In training always (rebuilding a recurrent matrix at every frame, or chaining through cores
         frame by frame with autograd, is several times slower); with ``mode="materialize"`` always;
-        with ``"auto"`` at inference when every MPO matrix times faster materialized at these sizes
-        (streaming one frame at a time with a small bond usually times faster as a chain)."""
+        with ``"auto"`` at inference for sequences of at least ``FUSED_MIN_STEPS`` frames when every MPO
+        matrix times faster materialized at these sizes (streaming one frame at a time runs frame by
+        frame: the fused call's fixed cost is larger than a frame's work)."""
         if self.mode == "chain" or _tracing():
             return False
         if self.mode == "materialize":
@@ -407,10 +422,14 @@ class _MPORNNBase(MPOMatrices):
             return True
         steps = 1 if input.dim() == 2 else input.shape[0 if not self.batch_first else 1]
         batch = 1 if input.dim() == 2 else input.shape[1 if not self.batch_first else 0]
+        if steps < FUSED_MIN_STEPS:  # streaming: the fused call's fixed cost (~0.5 ms) is not repaid
+            return False
         for name in self._shapes:
             rows = batch if name.startswith("weight_hh") else steps * batch
-            x = input.new_zeros(rows, self._shapes[name][1])
-            if self._pick(name, x, self.cores_of(name), None, False) != "materialize":
+            choice = self._choice.get(self._key(name, rows, False))  # per frame: no allocation on a hit
+            if choice is None:
+                choice = self._pick(name, input.new_zeros(rows, self._shapes[name][1]), self.cores_of(name), None, False)
+            if choice != "materialize":
                 return False
         return True
 

@@ -110,6 +110,10 @@ def test_mpo_rnn_fused_training_has_the_chain_gradients(kind):
     with torch.no_grad():  # inference: both paths, same outputs
         assert torch.allclose(auto(x)[0], chain(x)[0], atol=1e-9)
     assert auto.state_dict().keys() == chain.state_dict().keys()  # the template adds no keys
+    with torch.no_grad():  # streaming (one frame per call) never pays the fused call's fixed cost
+        assert not auto._fused(torch.zeros(2, 1, 12, dtype=F64))
+        auto.mode = "materialize"
+        assert auto._fused(torch.zeros(2, 1, 12, dtype=F64))
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
