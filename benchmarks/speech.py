@@ -40,6 +40,8 @@ from typing import Any
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
+from mpocompress.io import path_size as file_size  # noqa: E402  (bytes on disk)
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "speech.json"
 DOC = ROOT / "docs" / "results.md"
@@ -113,10 +115,6 @@ def shown(cmd: list[str], work: Path) -> str:
 # -- sizes ---------------------------------------------------------------------------------------
 
 
-def file_size(path: Path) -> int:
-    return path.stat().st_size
-
-
 def scratch_size(model: str, bond: int) -> int:
     """File size of ``model`` with MPO layers of max bond ``bond`` (as train.py writes it)."""
     import torch
@@ -132,15 +130,13 @@ def scratch_size(model: str, bond: int) -> int:
 
 
 def dense_size(model: str) -> int:
-    import torch
-
+    """File size of ``model`` dense (as train.py writes it)."""
     from mpocompress.io import save_safetensors
     from mpocompress.speech.models import build
 
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "m.safetensors"
         save_safetensors(build(model).state_dict(), p, {"format": "pt"})
-        del torch
         return file_size(p)
 
 
