@@ -59,3 +59,15 @@ def shutdown() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def shared_error(message: str | None) -> str | None:
+    """Rank 0's error message (or None) on every rank, so all ranks stop together when rank 0
+    cannot go on (a locked output, say) instead of waiting at the next barrier."""
+    if rank_world()[1] == 1:
+        return message
+    import torch.distributed as dist
+
+    box = [message]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

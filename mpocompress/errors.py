@@ -8,6 +8,7 @@ Exit codes (documented in docs/cli.md; CI scripts depend on them):
 * 3 -- bad input: missing, corrupt or unsupported checkpoint, nothing to compress
 * 4 -- bad output: output exists (without ``--force``), folder missing, would overwrite the input
 * 5 -- quality gate failed: ``--max-error`` or ``--min-ratio`` not met (the report is still written)
+* 130 -- interrupted (Ctrl-C or SIGTERM); the message says what is on disk
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ EXIT_USAGE = 2
 EXIT_INPUT = 3
 EXIT_OUTPUT = 4
 EXIT_GATE = 5
+EXIT_INTERRUPTED = 130
 
 
 class MPOCompressError(Exception):
@@ -48,3 +50,13 @@ class GateError(MPOCompressError):
     """A quality gate (--max-error / --min-ratio) was missed."""
 
     exit_code = EXIT_GATE
+
+
+class Interrupted(KeyboardInterrupt):
+    """The user interrupted a command; the message says exactly what is on disk.
+
+    A :class:`KeyboardInterrupt` (so ``except Exception`` does not swallow it), raised by the library
+    in place of the bare one where it knows what the interrupt left behind.
+    """
+
+    exit_code = EXIT_INTERRUPTED

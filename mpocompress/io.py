@@ -12,8 +12,10 @@ leaves a half-written file; the input is never overwritten.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -43,6 +45,10 @@ _ST_DTYPES = {
 }  # fmt: skip
 
 
+def _itemsize(dtype: str) -> int:
+    return torch.empty(0, dtype=getattr(torch, dtype, torch.uint8)).element_size()
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """``torch.float32`` -> ``"float32"``."""
     return str(dtype).replace("torch.", "")
@@ -57,6 +63,10 @@ class Checkpoint:
     def __init__(self, path: Path, files: list[Path]):
         self.path = path
         self.files = files
+        #: every path the checkpoint is read from (files, index, folder): never written over
+        self.inputs: list[Path] = [path, *files]
+        #: top-level entries of a training checkpoint that are not model weights (optimizer, EMA...)
+        self.dropped: list[str] = []
 
     def keys(self) -> list[str]:
         raise NotImplementedError
@@ -77,6 +87,10 @@ class Checkpoint:
 
     @property
     def nbytes_on_disk(self) -> int:
+        """Bytes of the input as the report compares them: the files, or for a training checkpoint
+        that also holds an optimizer, EMA weights or the like, the model's tensors only."""
+        if self.dropped:
+            return sum(math.prod(self.shape(n)) * _itemsize(self.dtype(n)) for n in self.keys())
         return sum(f.stat().st_size for f in self.files)
 
     def close(self) -> None:  # noqa: B027 - optional hook
@@ -98,22 +112,33 @@ class SafetensorsCheckpoint(Checkpoint):
         super().__init__(path, files)
         self._handles = {}
         self._layout: dict[Path, tuple[dict[str, Any], int]] = {}
-        self._index_metadata = None if index is None else dict(index.get("metadata") or {})
+        meta = None if index is None else index.get("metadata")
+        self._index_metadata = None if index is None else (dict(meta) if isinstance(meta, dict) else {})
+        from safetensors import SafetensorError
+
         for f in files:
             try:
                 self._handles[f] = safe_open(str(f), framework="pt")
-            except Exception as e:  # safetensors raises its own SafetensorError, or OSError
+            except (SafetensorError, OSError, ValueError) as e:
                 self.close()
-                raise InputError(f"{f}: not a valid safetensors file ({e})") from e
+                raise InputError(f"{f}: not a valid safetensors file ({_first_line(e)})") from e
         self._where: dict[str, Path] = {}
         for f, h in self._handles.items():
             for k in h.keys():
                 self._where[k] = f
         if index is not None:
-            lacking = [k for k, f in index["weight_map"].items() if self._where.get(k) != path / f]
+            self.inputs.append(index["__index_path__"])
+            weight_map = {k: path / v for k, v in index["weight_map"].items()}
+            lacking = [k for k, f in weight_map.items() if self._where.get(k) != f]
             if lacking:
                 raise InputError(
                     f"{path}: the index names {len(lacking)} tensors its shards lack, e.g. {lacking[0]!r}"
+                )
+            unlisted = [k for k in self._where if k not in weight_map]
+            if unlisted:
+                raise InputError(
+                    f"{path}: shard {self._where[unlisted[0]].name} holds {len(unlisted)} tensors the index's "
+                    f"weight_map does not list, e.g. {unlisted[0]!r} (a stale or edited index?)"
                 )
 
     def keys(self) -> list[str]:
@@ -151,11 +176,11 @@ class SafetensorsCheckpoint(Checkpoint):
                 f.seek(start + begin)
                 if f.readinto(memoryview(buf.numpy())) != end - begin:
                     raise InputError(f"{path}: file ends inside tensor {name!r}")
+            if end - begin != math.prod(info["shape"]) * buf.new_empty(0, dtype=dtype).element_size():
+                raise InputError(f"{path}: tensor {name!r} has {end - begin} bytes, not what its shape and dtype need")
             return buf.view(dtype).reshape(info["shape"])
-        except InputError:
-            raise
-        except Exception as e:
-            raise InputError(f"{path}: cannot read tensor {name!r} ({e})") from e
+        except OSError as e:
+            raise InputError(f"{path}: cannot read tensor {name!r} ({e.strerror or e})") from e
 
     def metadata(self) -> dict[str, str]:
         if self._index_metadata is not None:
@@ -188,18 +213,35 @@ class StateDictCheckpoint(Checkpoint):
         return self._state[name]
 
 
-def unwrap_state_dict(obj: Any, where: str = "checkpoint") -> dict[str, torch.Tensor]:
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:200]
+
+
+def unwrap_state_dict(
+    obj: Any, where: str = "checkpoint", dropped: list[str] | None = None
+) -> dict[str, torch.Tensor]:
     """Find the state dict inside a loaded checkpoint and flatten it to ``{name: tensor}``.
 
     Nested dicts of tensors are flattened with dots (``{"enc": {"w": t}}`` -> ``"enc.w"``); non-tensor
-    leaves (step counters, hyper-parameters) are dropped with a warning.
+    leaves (step counters, hyper-parameters) are dropped with a warning. In a training checkpoint
+    (``{"model": ..., "optimizer": ..., "epoch": 3}``) the model's weights are taken and the other
+    top-level entries are named on stderr and appended to ``dropped``.
     """
     if not isinstance(obj, Mapping):
         raise InputError(f"{where}: holds a {type(obj).__name__}, not a state dict")
     if obj and not all(isinstance(v, torch.Tensor) for v in obj.values()):
         for key in NESTING_KEYS:
             if isinstance(obj.get(key), Mapping):
-                return unwrap_state_dict(obj[key], where)
+                others = [str(k) for k in obj if k != key]
+                if others:
+                    log.warning(
+                        "%s: a training checkpoint: using its %r weights and dropping %s (ratios are against "
+                        "the model weights only)", where, key, ", ".join(others[:8]) + (" ..." if len(others) > 8 else ""),
+                    )  # fmt: skip
+                    if dropped is not None:
+                        dropped.extend(others)
+                return unwrap_state_dict(obj[key], where, dropped)
     flat: dict[str, torch.Tensor] = {}
     dropped: list[str] = []
 
@@ -221,7 +263,7 @@ def unwrap_state_dict(obj: Any, where: str = "checkpoint") -> dict[str, torch.Te
     return flat
 
 
-def _load_torch(path: Path) -> dict[str, torch.Tensor]:
+def _load_torch(path: Path, dropped: list[str] | None = None) -> dict[str, torch.Tensor]:
     import pickle
 
     def load(mmap: bool) -> Any:
@@ -245,10 +287,29 @@ def _load_torch(path: Path) -> dict[str, torch.Tensor]:
             f"{path}: refused to unpickle code ({m.group(1)}): mpocompress loads with weights_only=True; "
             "re-save the checkpoint as a plain state dict"
         ) from e
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(f"{path}: not a readable torch checkpoint ({msg[:200]})") from e
-    return unwrap_state_dict(obj, str(path))
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, UnicodeDecodeError, IndexError) as e:
+        raise InputError(f"{path}: not a readable torch checkpoint ({_first_line(e)})") from e
+    return unwrap_state_dict(obj, str(path), dropped)
+
+
+def _read_index(folder: Path, index: Path) -> tuple[list[Path], dict[str, Any]]:
+    """The shard files an index names (each inside ``folder``) and the parsed index."""
+    try:
+        data = json.loads(index.read_text())
+        weight_map = data["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise TypeError("weight_map must map tensor names to shard file names")
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+        raise InputError(f"{index}: not a valid safetensors index ({_first_line(e)})") from e
+    root = folder.resolve()
+    for v in sorted(set(weight_map.values())):
+        f = (folder / v).resolve()
+        if Path(v).is_absolute() or ".." in Path(v).parts or f.parent != root:
+            raise InputError(f"{index}: names shard {v!r}, outside its folder (refused)")
+        if not (folder / v).is_file():
+            raise InputError(f"{index}: names shard {v}, which is missing")
+    data["__index_path__"] = index
+    return sorted({folder / v for v in weight_map.values()}), data
 
 
 def _looks_like_safetensors(path: Path) -> bool:
@@ -274,22 +335,23 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
         index = p / INDEX_NAME
         if not index.exists():
             others = sorted(p.glob("*.safetensors.index.json"))
+            if not others and (p / "model.safetensors").is_file():  # the usual Hugging Face layout
+                return SafetensorsCheckpoint(p, [p / "model.safetensors"])
             if len(others) != 1:
-                raise InputError(f"{p}: folder has no {INDEX_NAME} (a sharded checkpoint needs its index)")
+                raise InputError(
+                    f"{p}: folder has no {INDEX_NAME} (a sharded checkpoint needs its index) and no model.safetensors"
+                )
             index = others[0]
-        try:
-            data = json.loads(index.read_text())
-            files = sorted({p / v for v in data["weight_map"].values()})
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise InputError(f"{index}: not a valid safetensors index ({e})") from e
-        for f in files:
-            if not f.is_file():
-                raise InputError(f"{index}: names shard {f.name}, which is missing")
-        return SafetensorsCheckpoint(p, files, data)
+        return SafetensorsCheckpoint(p, *_read_index(p, index))
+    if not p.is_file():
+        raise InputError(f"{p}: not a regular file")
     if p.suffix == ".safetensors" or (p.suffix not in TORCH_SUFFIXES and _looks_like_safetensors(p)):
         return SafetensorsCheckpoint(p, [p])
     if p.suffix in TORCH_SUFFIXES or zipfile.is_zipfile(p):
-        return StateDictCheckpoint(p, _load_torch(p))
+        dropped: list[str] = []
+        ckpt = StateDictCheckpoint(p, _load_torch(p, dropped))
+        ckpt.dropped = dropped
+        return ckpt
     raise InputError(f"{p}: unsupported checkpoint format (expected .safetensors, a sharded folder, or .pt/.pth/.bin/.ckpt)")
 
 
@@ -297,24 +359,131 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
 # writing
 
 
-def check_output(output: Path, inputs: list[Path], force: bool) -> None:
-    """Refuse outputs that would lose data.
+#: what an output is, for the --force rule: only something recognisably written by mpocompress is replaced
+OUTPUT_KINDS = ("checkpoint", "dense", "report", "plot")
+_SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+DECOMPRESSED_KEY = "mpocompress_decompressed"
 
-    Raises:
-        OutputError: the output is an input file or a folder holding one, it exists and ``force`` is
-            not set, or its folder does not exist.
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _is_ours(path: Path, kind: str) -> bool:
+    """Whether ``path`` is recognisably an earlier output of this tool of the given kind."""
+    try:
+        if path.is_symlink():
+            return False
+        if kind == "checkpoint" and path.is_dir():
+            entries = list(path.iterdir())
+            if not any(e.name == INDEX_NAME for e in entries):
+                return False
+            if any(not e.is_file() or not (e.name == INDEX_NAME or _SHARD_NAME.fullmatch(e.name)) for e in entries):
+                return False
+            return META_KEY in (json.loads((path / INDEX_NAME).read_text()).get("metadata") or {})
+        if not path.is_file():
+            return False
+        if kind in ("checkpoint", "dense") and path.suffix == ".safetensors":
+            header, _ = read_safetensors_header(path)
+            meta = header.get("__metadata__") or {}
+            return META_KEY in meta or (kind == "dense" and DECOMPRESSED_KEY in meta)
+        if kind == "dense":  # torch.save writes a zip archive holding data.pkl
+            return zipfile.is_zipfile(path) and any(n.endswith("data.pkl") for n in zipfile.ZipFile(path).namelist())
+        if kind == "report":
+            data = json.loads(path.read_text())
+            return isinstance(data, dict) and "report_version" in data and "totals" in data
+        if kind == "plot":
+            with open(path, "rb") as f:
+                head = f.read(65536)
+            return head.startswith(b"\x89PNG") and b"mpocompress" in head
+    except (OSError, ValueError, InputError, zipfile.BadZipFile, UnicodeDecodeError):
+        return False
+    return False
+
+
+def guard_outputs(outputs: list[tuple[Path, str]], inputs: list[Path], force: bool) -> None:
+    """The one check every path the tool writes goes through, before any work starts.
+
+    Refuses (:class:`OutputError`, exit 4) an output that is an input (a file, a shard, an index, or
+    a folder holding one; through symlinks, hard links and ``..``), two outputs at one path, an
+    output whose folder is missing, an existing output without ``force``, and with ``force`` anything
+    that is not recognisably an earlier output of this tool of that kind (see :data:`OUTPUT_KINDS`).
+    A conversion's work folder (``.NAME.partial``) must be ours too.
     """
-    out = output.resolve()
-    for i in inputs:
-        ir = i.resolve()
-        if out == ir:
-            raise OutputError(f"{output}: refusing to overwrite the input")
-        if out in ir.parents:
-            raise OutputError(f"{output}: refusing to replace the folder holding the input")
-    if not out.parent.is_dir():
-        raise OutputError(f"{output}: folder {output.parent} does not exist")
-    if out.exists() and not force:
-        raise OutputError(f"{output}: already exists (use --force to replace it)")
+    seen: dict[Path, Path] = {}
+    resolved_inputs = [i.resolve() for i in inputs]
+    for output, kind in outputs:
+        out = output.resolve()
+        if out in seen:
+            raise OutputError(f"{output}: written twice by this command (also {seen[out]})")
+        seen[out] = output
+        for i, ir in zip(inputs, resolved_inputs, strict=True):
+            if out == ir or _same_file(output, i):
+                raise OutputError(f"{output}: refusing to overwrite the input ({i})")
+            if out in ir.parents:
+                raise OutputError(f"{output}: refusing to replace the folder holding the input {i}")
+        if not out.parent.is_dir():
+            raise OutputError(f"{output}: folder {output.parent} does not exist")
+        if output.exists() or output.is_symlink():
+            if not force:
+                raise OutputError(f"{output}: already exists (use --force to replace it)")
+            if not _is_ours(output, kind):
+                what = "a folder" if output.is_dir() else "a file"
+                raise OutputError(
+                    f"{output}: {what} that is not an earlier mpocompress {kind} output; --force replaces only "
+                    "those (remove it yourself if you mean it)"
+                )
+            if output.is_dir():
+                for f in output.iterdir():
+                    if any(_same_file(f, i) for i in inputs):
+                        raise OutputError(f"{output}: holds {f.name}, a hard link to an input")
+        if kind == "checkpoint":
+            work = partial_path(output)
+            if (work.exists() or work.is_symlink()) and not (
+                work.is_dir() and not work.is_symlink() and ((work / "job.json").is_file() or (work / LOCK_NAME).is_file())
+            ):
+                raise OutputError(f"{work}: exists and is not an mpocompress work folder; move it away first")
+
+
+def check_output(output: Path, inputs: list[Path], force: bool, kind: str = "checkpoint") -> None:
+    """:func:`guard_outputs` for one output."""
+    guard_outputs([(output, kind)], inputs, force)
+
+
+@contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Turn the operating system's refusals while writing ``path`` (read-only folder, disk full,
+    permissions) into :class:`OutputError` (exit 4)."""
+    try:
+        yield
+    except OSError as e:
+        if isinstance(e, (FileNotFoundError, IsADirectoryError, NotADirectoryError)) or e.errno in (
+            errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.ENAMETOOLONG,
+        ):  # fmt: skip
+            raise OutputError(f"{path}: cannot write ({e.strerror or e})") from e
+        raise
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
 
 
 def _storage_safe(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -337,48 +506,78 @@ def _umask() -> int:
     return mask
 
 
+#: outputs this process has put in place (so an interrupt's message can say what is on disk)
+IN_PLACE: set[Path] = set()
+
+
 def _replace(tmp: Path, final: Path) -> None:
     """Move ``tmp`` onto ``final``; an existing folder at ``final`` is removed only after that.
 
     ``mkstemp``/``mkdtemp`` create private (0600/0700) entries: give the result the usual mode.
+    Interrupts are held back during the renames and re-raised once ``final`` is in place.
     """
+    with deferred_interrupts() as received:
+        _replace_now(tmp, final)
+        IN_PLACE.add(final.resolve())
+    if received:
+        raise KeyboardInterrupt
+
+
+def _replace_now(tmp: Path, final: Path) -> None:
     os.chmod(tmp, (0o777 if tmp.is_dir() else 0o666) & ~_umask())
+    if tmp.is_dir():
+        for f in tmp.iterdir():
+            _fsync_file(f)
+        fsync_dir(tmp)
     if final.is_dir() and not final.is_symlink():
+        # a folder cannot be renamed over a folder: move the old one aside, the new one in, then
+        # remove the old one (the old output is never deleted before the new one is in place)
         old = final.with_name(f".{final.name}.old-{os.getpid()}")
         os.replace(final, old)
-        os.replace(tmp, final)
+        try:
+            os.replace(tmp, final)
+        except BaseException:
+            os.replace(old, final)
+            raise
+        fsync_dir(final.parent)
         shutil.rmtree(old, ignore_errors=True)
     else:
+        if final.exists() and not final.is_symlink() and tmp.is_dir():
+            raise OutputError(f"{final}: is a file; refusing to replace it with a folder")
         os.replace(tmp, final)
+        fsync_dir(final.parent)
 
 
 def save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """Write one safetensors file atomically (temporary file in the same folder, fsync, rename)."""
     from safetensors.torch import save_file
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(_storage_safe(tensors), tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        _replace(Path(tmp), path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with writing(path):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file(_storage_safe(tensors), tmp, metadata=metadata)
+            _fsync_file(Path(tmp))
+            _replace(Path(tmp), path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix or ".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        _replace(Path(tmp), path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Yield a temporary path beside ``path``; fsync it and rename it onto ``path`` if the block
+    succeeds (the temporary file is removed otherwise)."""
+    with writing(path):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix or ".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            yield Path(tmp)
+            _fsync_file(Path(tmp))
+            _replace(Path(tmp), path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def write_text(path: Path, text: str) -> None:
@@ -390,15 +589,9 @@ def write_text(path: Path, text: str) -> None:
 
 
 def save_torch(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
-    """Write a plain state dict with ``torch.save`` atomically."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    """Write a plain state dict with ``torch.save`` atomically (temporary file, fsync, rename)."""
+    with atomic_path(path) as tmp:
         torch.save(dict(tensors), tmp)
-        _replace(Path(tmp), path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 #: bytes per element of safetensors dtypes (for packing shards)
@@ -485,6 +678,100 @@ def partial_path(output: Path) -> Path:
     return output.parent / f".{output.name}.partial"
 
 
+LOCK_NAME = "lock"
+
+
+class OutputLock:
+    """An exclusive lock on a conversion's output: ``lock`` in its work folder, holding the owner's pid
+    and host, locked with ``flock`` so the kernel frees it when the owner dies (a lock file left by
+    a dead process is stale and taken over). A second conversion to the same output fails fast.
+    ``torchrun`` ranks of one job share rank 0's lock.
+    """
+
+    def __init__(self, output: Path):
+        self.output = output
+        self.folder = partial_path(output)
+        self.path = self.folder / LOCK_NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock, or raise :class:`OutputError` naming the owner."""
+        import fcntl
+        import socket
+        import time
+
+        for _ in range(5):
+            with writing(self.folder):
+                self.folder.mkdir(exist_ok=True)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                owner = self.owner()
+                who = f" (pid {owner.get('pid')} on {owner.get('host')})" if owner else ""
+                raise OutputError(f"another conversion is writing {self.output}{who}") from None
+            try:  # the file may have been removed by its previous owner between open and flock
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        else:
+            raise OutputError(f"{self.path}: could not take the lock")
+        previous = os.read(fd, 4096)
+        if previous.strip():
+            log.info("%s: taking over a stale lock (%s)", self.path, previous.decode(errors="replace").strip())
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}).encode())
+        self._fd = fd
+
+    def owner(self) -> dict[str, Any] | None:
+        try:
+            data = json.loads(self.path.read_text())
+            return data if isinstance(data, dict) else None
+        except (OSError, ValueError):
+            return None
+
+    def release(self) -> None:
+        """Free the lock; a work folder holding nothing else is removed with it."""
+        if self._fd is None:
+            return
+        try:
+            if self.folder.is_dir() and {f.name for f in self.folder.iterdir()} == {LOCK_NAME}:
+                self.path.unlink()
+                self.folder.rmdir()
+        except OSError:
+            pass
+        os.close(self._fd)
+        self._fd = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+
+@contextmanager
+def deferred_interrupts() -> Iterator[list[int]]:
+    """Hold back SIGINT/SIGTERM while an output is put in place (rename, then the work folder's
+    removal), so an interrupt cannot leave it half done. Yields the list of signals received; the
+    caller decides what to say. A no-op outside the main thread."""
+    import signal
+    import threading
+
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    old = {sig: signal.signal(sig, lambda s, f: received.append(s)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
 class GroupStore:
     """The work folder of a resumable conversion: one safetensors file per group of input tensors.
 
@@ -517,9 +804,13 @@ class GroupStore:
                 same = False
             if same:
                 return True
-            log.warning("%s: left by a different or unreadable job; starting again", self.path)
-            shutil.rmtree(self.path)
-        self.path.mkdir()
+            if any(f.name != LOCK_NAME for f in self.path.iterdir()):
+                log.warning("%s: left by a different or unreadable job; starting again", self.path)
+            for f in self.path.iterdir():
+                if f.name != LOCK_NAME:
+                    shutil.rmtree(f) if f.is_dir() and not f.is_symlink() else f.unlink()
+        with writing(self.path):
+            self.path.mkdir(exist_ok=True)
         write_text(job, json.dumps({"fingerprint": self.fingerprint, "groups": self.n_groups}) + "\n")
         return False
 
@@ -565,7 +856,8 @@ class GroupStore:
                     size = 0
                 shards[-1].append(i)
                 size += b
-            tmp = Path(tempfile.mkdtemp(prefix=f".{self.output.name}.", suffix=".tmp", dir=self.output.parent))
+            with writing(self.output):
+                tmp = Path(tempfile.mkdtemp(prefix=f".{self.output.name}.", suffix=".tmp", dir=self.output.parent))
             try:
                 weight_map, total = {}, 0
                 for k, members in enumerate(shards):
@@ -574,17 +866,27 @@ class GroupStore:
                     weight_map.update(dict.fromkeys(names, final))
                     total += nbytes
                 index = {"metadata": {"total_size": total, **metadata}, "weight_map": weight_map}
-                (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True))
-                if self.output.exists() and not self.output.is_dir():
-                    self.output.unlink()
-                _replace(tmp, self.output)
+                with writing(self.output):
+                    (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True))
+                    _replace(tmp, self.output)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
-        self.discard()
+        with deferred_interrupts() as received:
+            self.discard()
+        if received:
+            raise KeyboardInterrupt
 
     def discard(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
+        """Remove the work folder: renamed aside first (one atomic step), then deleted."""
+        if not self.path.exists():
+            return
+        trash = self.path.with_name(f"{self.path.name}.old-{os.getpid()}")
+        try:
+            os.replace(self.path, trash)
+        except OSError:
+            trash = self.path
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def read_toml(path: Path) -> dict[str, Any]:

@@ -113,8 +113,14 @@ def test_output_safety(tmp_path, trained_like):
     with pytest.raises(OutputError, match="already exists"):
         convert(trained_like, out, MPOConfig(bond_dim=2))
     assert out.read_bytes() == b"keep me"
-    convert(trained_like, out, MPOConfig(bond_dim=2), force=True)
-    assert out.read_bytes() != b"keep me"
+    with pytest.raises(OutputError, match="not an earlier mpocompress"):
+        convert(trained_like, out, MPOConfig(bond_dim=2), force=True)  # --force replaces only our outputs
+    assert out.read_bytes() == b"keep me"
+    out.unlink()
+    convert(trained_like, out, MPOConfig(bond_dim=2))
+    first = out.read_bytes()
+    convert(trained_like, out, MPOConfig(bond_dim=3), force=True)
+    assert out.read_bytes() != first
 
 
 def test_failure_leaves_no_partial_output(tmp_path, trained_like, monkeypatch):
