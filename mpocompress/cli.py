@@ -19,7 +19,7 @@ from typing import Any
 import click
 
 from mpocompress import __version__
-from mpocompress.errors import EXIT_INTERNAL, MPOCompressError
+from mpocompress.errors import EXIT_INTERNAL, EXIT_USAGE, Interrupted, MPOCompressError
 
 DEBUG_ENV = "MPOCOMPRESS_DEBUG"
 
@@ -42,14 +42,53 @@ def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             if os.environ.get(DEBUG_ENV):
                 raise
             _fail(str(e), e.exit_code)
+        except Interrupted as e:
+            _fail(str(e), e.exit_code)
         except KeyboardInterrupt:
-            _fail("interrupted (no output was written; run a conversion again to resume it)", 130)
+            _fail("interrupted (every output is written atomically: nothing half-written was left)", 130)
         except Exception as e:  # a bug: still one line unless debugging
             if os.environ.get(DEBUG_ENV):
                 raise
             _fail(f"internal error: {type(e).__name__}: {e} (set {DEBUG_ENV}=1 for the traceback)", EXIT_INTERNAL)
 
     return wrapper
+
+
+def _protect_stdout() -> None:
+    """Keep stdout for data only: point file descriptor 1 at stderr, so that whatever native
+    libraries print (MKL, OpenMP) cannot corrupt ``--json``, and give Python's ``sys.stdout`` the
+    real stdout. Only for a real process stdout (not under ``CliRunner``)."""
+    try:
+        if sys.stdout.fileno() != 1:
+            return
+    except (AttributeError, OSError, ValueError):
+        return
+    import io
+
+    sys.stdout.flush()
+    data_fd = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = io.TextIOWrapper(os.fdopen(data_fd, "wb"), encoding=sys.stdout.encoding, line_buffering=True)
+
+
+class _Group(click.Group):
+    """Usage errors as one line (``mpocompress: error: ...``, exit 2), like every other error."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # type: ignore[override]
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        if extra.pop("_protect", True):
+            _protect_stdout()
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as e:
+            hint = f" (see: mpocompress {e.ctx.command.name} --help)" if e.ctx is not None and e.ctx.command is not self else ""
+            _fail(e.format_message().replace("\n", " ") + hint, EXIT_USAGE)
+        except click.ClickException as e:
+            _fail(e.format_message().replace("\n", " "), e.exit_code)
+        except click.Abort:
+            _fail("interrupted", 130)
+        sys.exit(rv if isinstance(rv, int) else 0)
 
 
 def _stderr_console():
@@ -129,21 +168,22 @@ def _cores(value: str) -> int | str:
     try:
         n = int(value)
     except ValueError:
-        raise click.BadParameter(f"expected an integer >= 2 or 'auto', got {value!r}") from None
-    if n < 2:
-        raise click.BadParameter(f"expected an integer >= 2 or 'auto', got {n}")
+        raise click.BadParameter(f"expected an integer in 2..8 or 'auto', got {value!r}") from None
+    if not 2 <= n <= 8:
+        raise click.BadParameter(f"expected an integer in 2..8 or 'auto', got {n}")
     return n
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="mpocompress")
 @click.option("-v", "--verbose", count=True, help="More messages on stderr (-v info, -vv debug).")
 def main(verbose: int) -> None:
     """Make trained PyTorch checkpoints small with MPO (tensor-train matrix) cores.
 
     \b
-    Exit codes: 0 ok, 1 internal error, 2 bad usage, 3 bad input,
-    4 bad output path, 5 quality gate (--max-error/--min-ratio) failed.
+    Exit codes: 0 ok, 1 internal error (a bug), 2 bad usage, 3 bad input,
+    4 bad output path, 5 quality gate (--max-error/--min-ratio) failed,
+    130 interrupted.
     """
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="mpocompress: %(levelname)s: %(message)s", stream=sys.stderr)
@@ -153,15 +193,17 @@ def main(verbose: int) -> None:
 @click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "output_path", required=True, type=click.Path(path_type=Path),
               help="Output .safetensors file, or a folder (sharded, with model.safetensors.index.json).")
-@click.option("--bond-dim", type=click.IntRange(min=1), help="Maximum bond dimension D (>= 1).")
+@click.option("--bond-dim", type=click.IntRange(min=1),
+              help="Maximum bond dimension D (>= 1); with --cores auto every candidate stays within D.")
 @click.option("--tol", type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="Relative Frobenius error target per layer, split over the bonds.")
 @click.option("--ratio", type=click.FloatRange(1, min_open=True), help="Target compression ratio per layer (dense/compressed params).")
 @click.option("--cores", default="auto", show_default=True, callback=lambda c, p, v: _cores(v),
-              help="Cores per MPO (2 = truncated SVD), or 'auto' to pick per layer the least error at the budget.")
+              help="Cores per MPO, 2..8 (2 = truncated SVD), or 'auto' to pick per layer the least error at the budget.")
 @click.option("--svd", type=click.Choice(["auto", "full", "randomized"]), default="auto", show_default=True,
               help="SVD used by the TT-SVD (randomized only applies with a known bond).")
-@click.option("--prune", metavar="magnitude:S|channel:THETA", help="Prune what is stored (magnitude to sparsity S, or PP channel pruning at THETA).")
+@click.option("--prune", metavar="magnitude:S|channel:THETA|units:F",
+              help="Prune what is stored: magnitude to sparsity S, PP channel pruning at THETA, or a fraction F of whole hidden units (needs --model/--data).")
 @click.option("--quantize", metavar="kmeans:K|int8|seofp:E|fp16|bf16", help="Quantize what is stored (after pruning).")
 @click.option("--prune-scope", type=click.Choice(["layer", "global"]), default="layer", show_default=True,
               help="Magnitude pruning per tensor, or one threshold over all selected tensors.")
@@ -171,7 +213,8 @@ def main(verbose: int) -> None:
 @click.option("--seed", default=0, show_default=True, help="Seed of the randomized SVD.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Also write the JSON report to this file.")
-@click.option("--force", is_flag=True, help="Replace an existing output (never the input).")
+@click.option("--force", is_flag=True, help="Replace an existing output written by mpocompress (never an input, never anything else).")
+@click.option("--strict", is_flag=True, help="Exit 3 on a weight holding NaN/Inf (default: store it unchanged, with a warning).")
 @click.option("--max-error", type=click.FloatRange(min=0), help="Exit 5 if any layer's relative error exceeds this.")
 @click.option("--min-ratio", type=click.FloatRange(min=0, min_open=True), help="Exit 5 if the total compression ratio is below this.")
 @click.option("--max-shard-size", default="2GB", show_default=True, help="Shard size of a folder output.")
@@ -181,7 +224,7 @@ def main(verbose: int) -> None:
               help="safetensors of recorded layer inputs by weight name: refit those cores to the output error.")
 @click.option("--model", "model_spec", metavar="MODULE:FACTORY", help="Fine-tune: a callable (pkg.mod:fn or file.py:fn) returning the nn.Module.")
 @click.option("--data", "data_spec", metavar="PATH|MODULE:FACTORY", help="Fine-tuning batches: safetensors file/folder ('inputs'[, 'targets']) or a factory.")
-@click.option("--val-data", "val_spec", metavar="PATH|MODULE:FACTORY", help="Held-out batches (default: the last 10%% of --data).")
+@click.option("--val-data", "val_spec", metavar="PATH|MODULE:FACTORY", help="Held-out batches (default: the last 10% of --data).")
 @click.option("--steps", type=click.IntRange(min=0), default=200, show_default=True, help="Fine-tuning steps at most.")
 @click.option("--time", "time_limit", type=click.FloatRange(min=0, min_open=True), help="Fine-tuning seconds at most (whichever of --steps/--time comes first).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True, help="Fine-tuning learning rate (Adam).")
@@ -199,7 +242,7 @@ def main(verbose: int) -> None:
 @_errors
 @click.pass_context
 def convert(ctx: click.Context, input_path: Path, output_path: Path, bond_dim, tol, ratio, cores, svd, prune, quantize, prune_scope, recipe_path, include, exclude, seed,
-            as_json, report_path, force, max_error, min_ratio, max_shard_size, als_sweeps, activations_path, model_spec, data_spec,
+            as_json, report_path, force, strict, max_error, min_ratio, max_shard_size, als_sweeps, activations_path, model_spec, data_spec,
             val_spec, steps, time_limit, lr, train_sel, kd_weight, task_loss, batch_size, task, workers, ipkd_rounds) -> None:  # fmt: skip
     """Compress the weight matrices of INPUT into MPO cores and write a compact checkpoint.
 
@@ -247,6 +290,14 @@ def convert(ctx: click.Context, input_path: Path, output_path: Path, bond_dim, t
     config = MPOConfig(**given, include=include, exclude=exclude)
     gates = Gates(max_error=max_error, min_ratio=min_ratio)
 
+    # every path this command writes is checked before any work starts
+    from mpocompress.io import guard_outputs, input_paths
+    from mpocompress.pipeline import check_output_name
+
+    check_output_name(output_path)
+    outputs = [(output_path, "checkpoint")] + ([(report_path, "report")] if report_path is not None else [])
+    guard_outputs(outputs, input_paths(input_path), force)
+
     from mpocompress.errors import GateError
     from mpocompress.io import write_text
     from mpocompress.pipeline import check_gates, parse_size
@@ -283,7 +334,7 @@ def convert(ctx: click.Context, input_path: Path, output_path: Path, bond_dim, t
         leader = dist.rank_world()[0] == 0
         with _Progress("converting", leader) as progress, _TuneProgress(leader) as tune_progress:
             report = run_convert(input_path, output_path, config, force=force, max_shard_bytes=shard_bytes, workers=workers,
-                                 progress=progress, recipe=recipe, tune_progress=tune_progress, **extra)  # fmt: skip
+                                 progress=progress, recipe=recipe, tune_progress=tune_progress, strict=strict, **extra)  # fmt: skip
     finally:
         if started:
             dist.shutdown()
@@ -296,6 +347,7 @@ def convert(ctx: click.Context, input_path: Path, output_path: Path, bond_dim, t
         gate_error = e
     data = report.to_dict()
     if report_path is not None:
+        guard_outputs([(report_path, "report")], input_paths(input_path) + [output_path], force)
         write_text(report_path, json.dumps(data, indent=2) + "\n")
     if as_json:
         click.echo(json.dumps(data, indent=2))
@@ -390,10 +442,11 @@ def evaluate(checkpoints: tuple[Path, ...], model_spec: str, data_dir: Path, met
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="Skip matching tensors.")
 @click.option("--json", "as_json", is_flag=True, help="Print the spectra as JSON on stdout.")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="Write a PNG of the spectra and error curves (needs matplotlib).")
+@click.option("--force", is_flag=True, help="Replace an existing --plot written by mpocompress.")
 @_errors
-def inspect(path: Path, cores: int, include, exclude, as_json: bool, plot_path: Path | None) -> None:
+def inspect(path: Path, cores: int, include, exclude, as_json: bool, plot_path: Path | None, force: bool) -> None:
     """Show each layer's bond-dimension spectra (dense CKPT) or the kept bonds (compressed CKPT)."""
-    from mpocompress.errors import ConfigError, OutputError
+    from mpocompress.errors import ConfigError
     from mpocompress.pipeline import inspect as run_inspect
 
     if plot_path is not None:
@@ -401,8 +454,9 @@ def inspect(path: Path, cores: int, include, exclude, as_json: bool, plot_path: 
             import matplotlib  # noqa: F401
         except ImportError:
             raise ConfigError("--plot needs matplotlib: pip install 'mpocompress[plot]'") from None
-        if not plot_path.parent.is_dir():
-            raise OutputError(f"{plot_path}: folder {plot_path.parent} does not exist")
+        from mpocompress.io import guard_outputs, input_paths
+
+        guard_outputs([(plot_path, "plot")], input_paths(path), force)
     with _Progress("analysing") as progress:
         result = run_inspect(path, cores=cores, include=include, exclude=exclude, progress=progress)
     if plot_path is not None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +19,8 @@ AUTO_CORES: tuple[int, ...] = (2, 3, 4)
 #: with ``cores="auto"`` and only ``bond_dim`` given, the per-layer parameter budget is what a
 #: ``bond_dim`` MPO with this many cores costs; every candidate then gets that budget.
 AUTO_REFERENCE_CORES = 3
+#: the most cores an MPO may have (more modes than this gain nothing on real layer sizes)
+MAX_CORES = 8
 SVD_METHODS = ("auto", "full", "randomized")
 PRUNERS = ("magnitude", "channel", "units")
 QUANTIZERS = ("kmeans", "int8", "seofp", "fp16", "bf16")
@@ -40,7 +44,12 @@ class Codec:
             raise ValueError(f"{name} needs a parameter: {name}:{needs[name]}")
         if name not in needs and arg:
             raise ValueError(f"{name} takes no parameter, got {text!r}")
-        param = float(arg) if arg else None
+        try:
+            param = float(arg) if arg else None
+        except ValueError:
+            raise ValueError(f"{name} needs a number, got {arg!r}") from None
+        if param is not None and not math.isfinite(param):
+            raise ValueError(f"{name} needs a finite number, got {arg!r}")
         if name == "magnitude" and not (0.0 <= param < 1.0):
             raise ValueError(f"magnitude sparsity must be in [0, 1), got {arg}")
         if name == "units" and not (0.0 <= param < 1.0):
@@ -62,6 +71,17 @@ class Codec:
             return self.name
         p = int(self.param) if self.param == int(self.param) and self.name not in ("magnitude", "units") else self.param
         return f"{self.name}:{p}"
+
+
+def check_pattern(pattern: str) -> None:
+    """Raise :class:`ConfigError` for a name pattern that is not a string or not a valid ``re:`` regex."""
+    if not isinstance(pattern, str) or not pattern:
+        raise ConfigError(f"a name pattern must be a non-empty string, got {pattern!r}")
+    if pattern.startswith("re:"):
+        try:
+            re.compile(pattern[3:])
+        except re.error as e:
+            raise ConfigError(f"pattern {pattern!r} is not a valid regular expression ({e})") from None
 
 
 @dataclass(frozen=True)
@@ -147,8 +167,12 @@ class MPOConfig:
             raise ConfigError(f"tol must be in (0, 1), got {self.tol!r}")
         if self.ratio is not None and not (self.ratio > 1.0):
             raise ConfigError(f"ratio must be > 1, got {self.ratio!r}")
-        if self.cores != "auto" and (not isinstance(self.cores, int) or self.cores < 2):
-            raise ConfigError(f"cores must be an integer >= 2 or 'auto', got {self.cores!r}")
+        if self.cores != "auto" and (
+            not isinstance(self.cores, int) or isinstance(self.cores, bool) or not 2 <= self.cores <= MAX_CORES
+        ):
+            raise ConfigError(f"cores must be an integer in 2..{MAX_CORES} or 'auto', got {self.cores!r}")
+        for pattern in (*self.include, *self.exclude):
+            check_pattern(pattern)
         if self.svd not in SVD_METHODS:
             raise ConfigError(f"svd must be one of {', '.join(SVD_METHODS)}, got {self.svd!r}")
         if not isinstance(self.als_sweeps, int) or self.als_sweeps < 0:
@@ -298,6 +322,8 @@ class Recipe:
             if not match:
                 raise ConfigError(f"recipe: [[layers]] rule {i + 1} has no 'match'")
             patterns = (match,) if isinstance(match, str) else tuple(match)
+            for pattern in patterns:
+                check_pattern(pattern)
             bad = set(rule) - fields - {"skip"}
             if bad:
                 raise ConfigError(f"recipe: [[layers]] rule {i + 1} has unknown keys {', '.join(sorted(bad))}")

@@ -37,6 +37,8 @@ INDEX_NAME = "model.safetensors.index.json"
 #: keys under which training scripts nest the state dict, tried in this order
 NESTING_KEYS = ("state_dict", "model_state_dict", "model_state", "model", "module", "net", "network", "weights")
 META_KEY = "mpocompress"
+#: version of the on-disk format written here (docs/format.md); readers refuse newer versions
+FORMAT_VERSION = 1
 
 _ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -290,6 +292,24 @@ def _load_torch(path: Path, dropped: list[str] | None = None) -> dict[str, torch
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, UnicodeDecodeError, IndexError) as e:
         raise InputError(f"{path}: not a readable torch checkpoint ({_first_line(e)})") from e
     return unwrap_state_dict(obj, str(path), dropped)
+
+
+def input_paths(path: str | os.PathLike) -> list[Path]:
+    """The paths a checkpoint is read from (the file; or the folder, its index and shards), found
+    without reading tensors, so the outputs can be checked against them before any work."""
+    p = Path(path)
+    out = [p]
+    if p.is_dir():
+        for index in [p / INDEX_NAME, *sorted(p.glob("*.safetensors.index.json"))]:
+            if index.is_file():
+                out.append(index)
+                try:
+                    weight_map = json.loads(index.read_text()).get("weight_map") or {}
+                    out.extend(p / v for v in set(weight_map.values()) if isinstance(v, str))
+                except (OSError, ValueError, AttributeError, TypeError):
+                    pass
+        out.extend(p.glob("*.safetensors"))
+    return out
 
 
 def _read_index(folder: Path, index: Path) -> tuple[list[Path], dict[str, Any]]:
@@ -911,7 +931,11 @@ def path_size(path: Path) -> int:
 
 
 def read_meta(ckpt: Checkpoint) -> dict[str, Any] | None:
-    """The mpocompress metadata of a compressed checkpoint, or None for a dense one."""
+    """The mpocompress metadata of a compressed checkpoint, or None for a dense one.
+
+    Every reader goes through here: the format version is checked (a newer one is refused) and the
+    layer entries are validated, so tampered metadata is bad input (exit 3), never a crash.
+    """
     raw = ckpt.metadata().get(META_KEY)
     if raw is None:
         return None
@@ -921,7 +945,58 @@ def read_meta(ckpt: Checkpoint) -> dict[str, Any] | None:
         raise InputError(f"{ckpt.path}: corrupt mpocompress metadata ({e})") from e
     if not isinstance(meta, dict) or meta.get("format") != "mpocompress":
         raise InputError(f"{ckpt.path}: metadata key {META_KEY!r} is not mpocompress metadata")
+    version = meta.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise InputError(f"{ckpt.path}: corrupt mpocompress metadata (format_version {version!r})")
+    if version > FORMAT_VERSION:
+        raise InputError(
+            f"{ckpt.path}: format version {version} is newer than this mpocompress reads ({FORMAT_VERSION}); "
+            "upgrade mpocompress"
+        )
+    layers = meta.get("layers", {})
+    if not isinstance(layers, dict):
+        raise InputError(f"{ckpt.path}: corrupt mpocompress metadata ('layers' is not a mapping)")
+    for name, entry in layers.items():
+        problem = _entry_problem(entry)
+        if problem:
+            raise InputError(f"{ckpt.path}: corrupt mpocompress metadata for {name!r}: {problem}")
     return meta
+
+
+def _ints(v: Any, n: int | None = None) -> bool:
+    return (
+        isinstance(v, list)
+        and (n is None or len(v) == n)
+        and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v)
+    )
+
+
+def _entry_problem(entry: Any) -> str | None:
+    """What is wrong with one layer entry of the metadata, or None."""
+    if not isinstance(entry, dict):
+        return "not a mapping"
+    if not _ints(entry.get("shape")) or len(entry["shape"]) < 2:
+        return f"shape {entry.get('shape')!r}"
+    if entry.get("dtype") not in ("float64", "float32", "float16", "bfloat16"):
+        return f"dtype {entry.get('dtype')!r}"
+    method = entry.get("method", "mpo")
+    if method not in ("mpo", "codec", "dense"):
+        return f"method {method!r}"
+    if method == "mpo":
+        if not _ints(entry.get("matrix_shape"), 2) or math.prod(entry["matrix_shape"]) != math.prod(entry["shape"]):
+            return f"matrix_shape {entry.get('matrix_shape')!r} does not fit shape {entry['shape']}"
+        cores = entry.get("cores")
+        if not isinstance(cores, list) or len(cores) < 2 or not all(isinstance(c, str) for c in cores):
+            return "cores must name 2 or more tensors"
+        if not (_ints(entry.get("out_modes"), len(cores)) and _ints(entry.get("in_modes"), len(cores))):
+            return "out_modes/in_modes must list one mode per core"
+    encoded = entry.get("encoded", {})
+    if not isinstance(encoded, dict) or not all(
+        isinstance(m, dict) and isinstance(m.get("parts"), dict) and all(isinstance(v, str) for v in m["parts"].values())
+        for m in encoded.values()
+    ):
+        return "encoded parts must map names to tensors"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------

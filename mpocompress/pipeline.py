@@ -25,6 +25,8 @@ from mpocompress.config import Codec, Gates, MPOConfig, Recipe, TuneConfig
 from mpocompress.dist import barrier, rank_world, shared_error
 from mpocompress.errors import ConfigError, GateError, InputError, Interrupted, OutputError
 from mpocompress.io import (
+    DECOMPRESSED_KEY,
+    FORMAT_VERSION,
     IN_PLACE,
     META_KEY,
     Checkpoint,
@@ -32,6 +34,7 @@ from mpocompress.io import (
     OutputLock,
     check_output,
     dtype_name,
+    input_paths,
     open_checkpoint,
     path_size,
     read_meta,
@@ -45,7 +48,6 @@ from mpocompress.tt import TTMatrix, cores_to_matrix, relative_error, svd_tail_e
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 #: called before each layer with (tensor name, index, number of layers)
 Progress = Callable[[str, int, int], None]
@@ -302,6 +304,7 @@ def convert(
     if workers < 1:
         raise ConfigError(f"workers must be >= 1, got {workers}")
     input_path, output_path = Path(input_path), Path(output_path)
+    check_output_name(output_path)
     rank, world = rank_world()
     with open_checkpoint(input_path) as ckpt:
         check_output(output_path, ckpt.inputs, force)
@@ -854,9 +857,13 @@ def check_gates(report: Report, gates: Gates) -> None:
 
 def _rebuild(entry: dict[str, Any], cores: list[torch.Tensor], name: str) -> torch.Tensor:
     expected = [tuple(c.shape[1:3]) for c in cores]
-    if expected != list(zip(entry["out_modes"], entry["in_modes"])):
+    if any(c.dim() != 4 for c in cores) or expected != list(zip(entry["out_modes"], entry["in_modes"])):
         raise InputError(f"layer {name!r}: core shapes {expected} do not match the recorded modes")
+    if any(a.shape[3] != b.shape[0] for a, b in zip(cores, cores[1:])) or cores[0].shape[0] != 1 or cores[-1].shape[3] != 1:
+        raise InputError(f"layer {name!r}: the bonds of its cores do not chain")
     out_f, in_f = entry["matrix_shape"]
+    if math.prod(entry["out_modes"]) < out_f or math.prod(entry["in_modes"]) < in_f:
+        raise InputError(f"layer {name!r}: its modes do not cover the matrix shape {[out_f, in_f]}")
     m = cores_to_matrix(cores, (out_f, in_f))
     return m.reshape(entry["shape"]).to(getattr(torch, entry["dtype"]))
 
@@ -875,9 +882,13 @@ def stored_tensors(ckpt: Checkpoint, meta: dict[str, Any]) -> dict[str, torch.Te
     if missing:
         raise InputError(f"{ckpt.path}: metadata names tensor {missing[0]!r}, which the file lacks")
     out = {n: ckpt.get(n) for n in ckpt.keys() if n not in parts}
-    for entry in meta["layers"].values():
+    for name, entry in meta["layers"].items():
         if entry.get("encoded"):
-            out.update(_decode_entry(entry, ckpt.get))
+            try:
+                out.update(_decode_entry(entry, ckpt.get))
+            except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+                # decoding untrusted parts: metadata that does not fit the stored tensors is bad input
+                raise InputError(f"{ckpt.path}: layer {name!r}: stored codec parts do not fit the metadata ({e})") from e
     return out
 
 
@@ -897,10 +908,6 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         meta = read_meta(ckpt)
         if meta is None:
             return {n: ckpt.get(n) for n in ckpt.keys()}
-        if meta.get("format_version", 0) > FORMAT_VERSION:
-            raise InputError(
-                f"{path}: format version {meta['format_version']} is newer than this mpocompress reads ({FORMAT_VERSION})"
-            )
         out = stored_tensors(ckpt, meta)
         for name, entry in meta["layers"].items():
             if entry.get("method", "mpo") == "mpo":
@@ -915,14 +922,14 @@ def decompress(input_path: str | Path, output_path: str | Path, *, force: bool =
         A small summary: tensors written, bytes on disk.
     """
     input_path, output_path = Path(input_path), Path(output_path)
-    check_output(output_path, [input_path], force)
-    sd = load_state_dict(input_path)
-    if output_path.suffix in (".pt", ".pth", ".bin"):
-        save_torch(sd, output_path)
-    elif output_path.suffix == ".safetensors":
-        save_safetensors(sd, output_path, {"format": "pt"})
-    else:
+    if output_path.suffix not in (".pt", ".pth", ".bin", ".safetensors"):
         raise ConfigError(f"{output_path}: decompress writes .safetensors or .pt/.pth/.bin files")
+    check_output(output_path, input_paths(input_path), force, kind="dense")
+    sd = load_state_dict(input_path)
+    if output_path.suffix == ".safetensors":
+        save_safetensors(sd, output_path, {"format": "pt", DECOMPRESSED_KEY: __version__})
+    else:
+        save_torch(sd, output_path)
     return {"input": str(input_path), "output": str(output_path), "tensors": len(sd), "output_file_bytes": path_size(output_path)}
 
 
@@ -963,6 +970,23 @@ def inspect(
         return {"path": str(path), "compressed": False, "cores": cores, "layers": out}
 
 
+#: suffixes that say "a file", which a conversion output must not silently turn into a folder
+_FILE_SUFFIXES = (".safetensors", ".safetensor", ".st", ".pt", ".pth", ".bin", ".ckpt", ".json", ".onnx", ".npz", ".h5")
+
+
+def check_output_name(output: Path) -> None:
+    """A conversion writes ``NAME.safetensors`` (one file) or a folder; refuse names that look like
+    another kind of file (``x.safetensor``, ``x.SAFETENSORS``, ``small.pt``) instead of making a folder."""
+    suffix = output.suffix
+    if suffix == ".safetensors" or (output.is_dir() and not output.is_symlink()):
+        return
+    if suffix.lower() in _FILE_SUFFIXES:
+        raise ConfigError(
+            f"{output}: convert writes a .safetensors file or a folder of shards; "
+            f"name the file NAME.safetensors (not {suffix}) or the folder without a file extension"
+        )
+
+
 def parse_size(text: str) -> int:
     """``"2GB"`` -> bytes (K/M/G/T, with or without B, powers of 1024)."""
     s = text.strip().upper().removesuffix("B").removesuffix("I")
@@ -975,6 +999,6 @@ def parse_size(text: str) -> int:
         value = float(s) * mult
     except ValueError:
         raise ConfigError(f"cannot read size {text!r} (expected e.g. 500MB, 2GB)") from None
-    if value < 1 or math.isinf(value):
+    if not math.isfinite(value) or value < 1:
         raise ConfigError(f"size must be positive, got {text!r}")
     return int(value)

@@ -202,5 +202,5 @@ def plot_inspect(result: dict[str, Any], path: Path, max_layers: int = 16) -> No
     from mpocompress.io import atomic_path
 
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
+        fig.savefig(tmp, format="png", dpi=90, metadata={"Software": "mpocompress"})
     plt.close(fig)
