@@ -108,14 +108,32 @@ def _show_progress() -> bool:
     return sys.stderr.isatty() and not os.environ.get("CI")
 
 
+#: seconds between plain progress lines when stderr is not a terminal (a log file, a pipe)
+PLAIN_PROGRESS_EVERY = 10.0
+
+
 class _Progress:
-    """A rich progress bar on stderr, or nothing when stderr is not a terminal or CI is set."""
+    """A rich progress bar on stderr; off a terminal, a plain line every few seconds of long work;
+    nothing when ``CI`` is set."""
 
     def __init__(self, label: str, show: bool = True):
         self.label = label
         self.show = show
         self.bar = None
         self.task = None
+        self._plain = show and not sys.stderr.isatty() and not os.environ.get("CI")
+        self._last = None
+
+    def _plain_line(self, name: str, index: int, total: int) -> None:
+        import time
+
+        now = time.monotonic()
+        if self._last is None:
+            self._last = now
+            return
+        if now - self._last >= PLAIN_PROGRESS_EVERY:
+            self._last = now
+            click.echo(f"mpocompress: {self.label} {index}/{total} {name}", err=True)
 
     def __enter__(self) -> _Progress:
         if self.show and _show_progress():
@@ -136,6 +154,8 @@ class _Progress:
 
     def __call__(self, name: str, index: int, total: int) -> None:
         if self.bar is None:
+            if self._plain:
+                self._plain_line(name, index, total)
             return
         if self.task is None:
             self.task = self.bar.add_task(self.label, total=total)
@@ -154,6 +174,8 @@ class _TuneProgress(_Progress):
 
     def __call__(self, step: int, total: int, info: dict[str, Any]) -> None:  # type: ignore[override]
         if self.bar is None:
+            if self._plain:
+                self._plain_line(f"step, best held-out loss {info['best_val_loss']:.4g}", step, total)
             return
         if self.task is None:
             self.task = self.bar.add_task(self.label, total=total)

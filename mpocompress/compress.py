@@ -92,6 +92,8 @@ def _run(matrix: torch.Tensor, cores: int, config: MPOConfig, budget: int | None
     out_modes, in_modes = choose_modes(matrix.shape[0], matrix.shape[1], cores)
     if budget is not None:
         bond = max_bond_for_budget(out_modes, in_modes, budget)
+        if config.bond_dim is not None:  # --bond-dim is a true maximum, also under cores="auto"
+            bond = min(bond, config.bond_dim)
         return tt_svd(matrix, out_modes, in_modes, max_bond=bond, svd=config.svd, seed=config.seed)
     return tt_svd(
         matrix, out_modes, in_modes, max_bond=config.bond_dim, tol=config.tol, svd=config.svd, seed=config.seed

@@ -566,6 +566,8 @@ def _compress_tensor(
             tt = res.tt
             if tt is not None and config.als_sweeps and len(tt.cores) > 2:
                 row.refine["als_sweeps"] = config.als_sweeps
+            elif tt is not None and config.als_sweeps:
+                row.refine["als_skipped"] = "2 cores (a truncated SVD) are already optimal: --als has nothing to refine"
             if tt is not None and gram is not None:
                 tt = _activation_refit(row, t.reshape(out_f, in_f), tt, gram)
         if tt is not None:
@@ -957,17 +959,21 @@ def inspect(
             return {"path": str(path), "compressed": True, "meta": meta, "file_bytes": ckpt.nbytes_on_disk}
         layers = select_layers(ckpt, include, exclude)
         shapes = {n: ckpt.shape(n) for n in ckpt.keys()}
-        out = []
+        out, skipped = [], []
         for i, name in enumerate(layers):
             if progress is not None:
                 progress(name, i, len(layers))
             t = ckpt.get(name)
             shape = list(t.shape)
+            if not bool(torch.isfinite(t).all()):
+                log.warning("%s holds NaN/Inf values: no spectrum", name)
+                skipped.append({"name": name, "reason": "non-finite values (NaN/Inf)"})
+                continue
             m = t.reshape(matrix_shape(shape))
             if not m.is_floating_point() or m.dtype in (torch.float16, torch.bfloat16):
                 m = m.float()
             out.append({"name": name, "kind": kind_of(name, shape, shapes), "shape": shape, **analyze_matrix(m, cores, svd=svd)})
-        return {"path": str(path), "compressed": False, "cores": cores, "layers": out}
+        return {"path": str(path), "compressed": False, "cores": cores, "layers": out, "skipped": skipped}
 
 
 #: suffixes that say "a file", which a conversion output must not silently turn into a folder

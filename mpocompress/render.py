@@ -48,29 +48,55 @@ def _modes(out_modes: list[int] | None, in_modes: list[int] | None) -> str:
     return "(" + ",".join(map(str, out_modes)) + ")x(" + ",".join(map(str, in_modes)) + ")"
 
 
+#: report columns, most important first; on a narrow terminal the last ones are dropped first
+_REPORT_COLUMNS = ("layer", "ratio", "error", "SVD error", "params", "bond dims", "cores", "codecs", "kind", "shape", "modes (out)x(in)")
+_NUMERIC = {"ratio", "error", "SVD error", "params", "cores"}
+
+
+def _report_cells(r: dict[str, Any]) -> dict[str, str]:
+    if r["status"] == "dense":
+        return {"layer": r["name"], "ratio": "1.0x", "error": "0", "SVD error": "-", "params": f"{r['dense_params']:,}",
+                "bond dims": "-", "cores": "-", "codecs": "-", "kind": r["kind"], "shape": "x".join(map(str, r["shape"])),
+                "modes (out)x(in)": "kept dense"}  # fmt: skip
+    mpo = r["status"] == "mpo"
+    return {
+        "layer": r["name"], "ratio": f"{r['ratio']:.1f}x", "error": f"{r['rel_error']:.4f}",
+        "SVD error": f"{r['svd_rel_error']:.4f} (r={r['svd_rank']})", "params": f"{r['dense_params']:,} -> {r['params']:,}",
+        "bond dims": ",".join(map(str, r["bond_dims"])) if mpo else "-", "cores": str(r["cores"]) if mpo else "-",
+        "codecs": " ".join(r.get("codecs") or []) or "-", "kind": r["kind"], "shape": "x".join(map(str, r["shape"])),
+        "modes (out)x(in)": _modes(r["out_modes"], r["in_modes"]),
+    }  # fmt: skip
+
+
+def fit_columns(
+    cells: list[dict[str, str]], columns: tuple[str, ...], width: int, fold: str = "layer", fold_min: int = 16
+) -> tuple[list[str], int]:
+    """The columns to show in ``width`` characters, and the width of the ``fold`` column: drop from
+    the end of ``columns`` (the least important) until every other column fits whole; only ``fold``
+    may wrap, down to ``fold_min`` characters."""
+    need = {c: max([len(c), *(len(line) for row in cells for line in row[c].splitlines())]) + 3 for c in columns}
+    shown = list(columns)
+    while len(shown) > 5 and 1 + sum(need[c] for c in shown) > width:  # whole names if we can
+        shown.pop()
+    while len(shown) > 2 and 1 + sum(min(need[c], fold_min + 3) if c == fold else need[c] for c in shown) > width:
+        shown.pop()
+    room = width - 2 - sum(need[c] for c in shown if c != fold) - 3
+    return shown, max(min(need[fold] - 3, room), fold_min)
+
+
 def render_report(report: dict[str, Any], console: Console) -> None:
-    """The size report: one row per selected layer, then the totals."""
+    """The size report: one row per selected layer, then the totals. On a narrow terminal the less
+    important columns are left out (never cut: numbers are shown whole); ``--json`` has them all."""
+    cells = [_report_cells(r) for r in report["layers"]]
+    shown, layer_width = fit_columns(cells, _REPORT_COLUMNS, console.width)
     table = Table(title=f"mpocompress: {report['input']} -> {report['output']}", title_justify="left")
-    for col, just in (
-        ("layer", "left"), ("kind", "left"), ("shape", "left"), ("cores", "right"), ("modes (out)x(in)", "left"),
-        ("bond dims", "left"), ("codecs", "left"), ("params", "right"), ("ratio", "right"), ("error", "right"), ("SVD error", "right"),
-    ):  # fmt: skip
-        table.add_column(col, justify=just, no_wrap=col in ("layer",))
-    for r in report["layers"]:
-        if r["status"] != "dense":
-            mpo = r["status"] == "mpo"
-            table.add_row(
-                r["name"], r["kind"], "x".join(map(str, r["shape"])), str(r["cores"]) if mpo else "-",
-                _modes(r["out_modes"], r["in_modes"]), ",".join(map(str, r["bond_dims"])) if mpo else "-",
-                " ".join(r.get("codecs") or []) or "-",
-                f"{r['dense_params']:,} -> {r['params']:,}", f"{r['ratio']:.1f}x",
-                f"{r['rel_error']:.4f}", f"{r['svd_rel_error']:.4f} (r={r['svd_rank']})",
-            )  # fmt: skip
-        else:
-            table.add_row(
-                r["name"], r["kind"], "x".join(map(str, r["shape"])), "-", "kept dense", "-", "-",
-                f"{r['dense_params']:,}", "1.0x", "0", "-", style="dim",
-            )  # fmt: skip
+    for col in shown:
+        table.add_column(col, justify="right" if col in _NUMERIC else "left", no_wrap=col != "layer", overflow="fold",
+                         min_width=layer_width if col == "layer" else None)  # fmt: skip
+    for r, row in zip(report["layers"], cells):
+        table.add_row(*(row[c] for c in shown), style="dim" if r["status"] == "dense" else None)
+    if len(shown) < len(_REPORT_COLUMNS):
+        table.caption = f"({', '.join(c for c in _REPORT_COLUMNS if c not in shown)} left out at {console.width} columns; --json has every field)"
     console.print(table)
     t = report["totals"]
     console.print(
@@ -108,6 +134,10 @@ def render_report(report: dict[str, Any], console: Console) -> None:
         console.print(f"  [dim]{r['name']}: output error on recorded inputs {a['output_error_before']:.4f} -> {a['output_error_after']:.4f}[/dim]")
     for k in (r for r in report["layers"] if r.get("reason")):
         console.print(f"  [dim]{k['name']}: {k['reason']}[/dim]")
+    skipped_als = [r["name"] for r in report["layers"] if r.get("refine", {}).get("als_skipped")]
+    if skipped_als:
+        console.print(f"  [dim]--als: {len(skipped_als)} layer(s) chose 2 cores (a truncated SVD, already optimal): "
+                      f"nothing to refine ({', '.join(skipped_als[:3])}{' ...' if len(skipped_als) > 3 else ''})[/dim]")  # fmt: skip
 
 
 def render_inspect(result: dict[str, Any], console: Console) -> None:
@@ -132,6 +162,8 @@ def render_inspect(result: dict[str, Any], console: Console) -> None:
             "/".join(map(str, layer["svd"]["energy_ranks"])) + f" of {layer['svd']['full_rank']}",
         )
     console.print(table)
+    for skipped in result.get("skipped", []):
+        console.print(f"  [dim]{skipped['name']}: skipped ({skipped['reason']})[/dim]")
     curve = Table(title="error vs compression: max bond -> ratio, MPO error | same-size SVD error", title_justify="left")
     curve.add_column("layer", no_wrap=True)
     bonds = sorted({p["max_bond"] for layer in result["layers"] for p in layer["curve"]})[:10]

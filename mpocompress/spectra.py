@@ -25,6 +25,19 @@ def normalized(s: torch.Tensor) -> list[float]:
     return [float(v) / norm if norm else 0.0 for v in s]
 
 
+def singular_values_of(matrix: torch.Tensor) -> torch.Tensor:
+    """All singular values of a matrix, descending. A matrix at least twice as tall as wide (or wide
+    as tall) goes through its small Gram matrix in float64 (``sqrt(eig(W^T W))``: a fraction of a
+    full SVD's time on embedding-like shapes, accurate to ~1e-7 of the largest value)."""
+    m = matrix.double()
+    rows, cols = m.shape
+    if max(rows, cols) >= 2 * min(rows, cols):
+        g = m.T @ m if rows >= cols else m @ m.T
+        ev = torch.linalg.eigvalsh(g).clamp_min(0).flip(0)
+        return ev.sqrt().to(torch.float64 if matrix.dtype == torch.float64 else torch.float32)
+    return torch.linalg.svdvals(matrix.double() if matrix.dtype == torch.float64 else matrix.float())
+
+
 def bond_grid(max_rank: int) -> list[int]:
     """Powers of two up to ``max_rank``, and ``max_rank`` itself."""
     grid, b = [], 1
@@ -53,7 +66,7 @@ def analyze_matrix(matrix: torch.Tensor, cores: int, *, svd: str = "auto", seed:
     dense = out_f * in_f
     out_modes, in_modes = choose_modes(out_f, in_f, cores)
     full = tt_svd(matrix, out_modes, in_modes, svd="full")
-    s_mat = torch.linalg.svdvals(matrix.double() if matrix.dtype == torch.float64 else matrix.float())
+    s_mat = singular_values_of(matrix)
     bonds = [
         {"bond": k + 1, "full_rank": int(s.numel()), "spectrum": normalized(s), "energy_ranks": energy_ranks(s, ENERGY_FRACTIONS)}
         for k, s in enumerate(full.spectra)
