@@ -71,6 +71,16 @@ def _protect_stdout() -> None:
     sys.stdout = io.TextIOWrapper(os.fdopen(data_fd, "wb"), encoding=sys.stdout.encoding, line_buffering=True)
 
 
+class _StderrHandler(logging.Handler):
+    """Library log messages as lines on the current stderr (never stdout)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            click.echo(self.format(record), err=True)
+        except Exception:  # logging must never break the command
+            self.handleError(record)
+
+
 class _Group(click.Group):
     """Usage errors as one line (``mpocompress: error: ...``, exit 2), like every other error."""
 
@@ -208,7 +218,13 @@ def main(verbose: int) -> None:
     130 interrupted.
     """
     level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(level=level, format="mpocompress: %(levelname)s: %(message)s", stream=sys.stderr)
+    logger = logging.getLogger("mpocompress")
+    for h in [h for h in logger.handlers if isinstance(h, _StderrHandler)]:
+        logger.removeHandler(h)
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("mpocompress: %(levelname)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(level)
 
 
 @main.command()

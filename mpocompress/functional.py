@@ -44,7 +44,7 @@ def mpo_chain(
         ``(N, out_features)``.
     """
     n = x.shape[0]
-    in_p = math.prod(c.shape[2] for c in cores)
+    in_p = math.prod([c.shape[2] for c in cores])
     if x.shape[1] < in_p:
         x = F.pad(x, (0, in_p - x.shape[1]))
     if mats is None:
@@ -61,7 +61,7 @@ def mpo_chain(
 def chain_flops(n: int, cores_shapes: list[tuple[int, int, int, int]]) -> int:
     """Multiply-adds of :func:`mpo_chain` for a batch of ``n``."""
     total, o_prev = 0, 1
-    rest = math.prod(s[2] for s in cores_shapes)
+    rest = math.prod([s[2] for s in cores_shapes])
     for r0, o, i, r1 in cores_shapes:
         rest //= i
         total += n * o_prev * rest * r0 * i * o * r1
@@ -100,7 +100,7 @@ def mpo_rows(cores: list[torch.Tensor], index: torch.Tensor, in_features: int) -
     n = index.numel()
     t = cores[0][0].index_select(0, digits[0])  # (N, i1, r1)
     for core, d in zip(cores[1:], digits[1:]):
-        r0, _, i, r1 = (int(s) for s in core.shape)
+        r0, _, i, r1 = (int(core.shape[0]), int(core.shape[1]), int(core.shape[2]), int(core.shape[3]))
         g = core.index_select(1, d).permute(1, 0, 2, 3).reshape(n, r0, i * r1)  # (N, r0, i*r1)
         t = torch.bmm(t, g).reshape(n, -1, r1)  # (N, I_prev*i, r1)
     return t.reshape(*index.shape, -1)[..., :in_features]

@@ -289,7 +289,8 @@ def _load_torch(path: Path, dropped: list[str] | None = None) -> dict[str, torch
             f"{path}: refused to unpickle code ({m.group(1)}): mpocompress loads with weights_only=True; "
             "re-save the checkpoint as a plain state dict"
         ) from e
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, UnicodeDecodeError, IndexError) as e:
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, IndexError) as e:
+        # what torch's unpickler raises on bytes that are not a checkpoint
         raise InputError(f"{path}: not a readable torch checkpoint ({_first_line(e)})") from e
     return unwrap_state_dict(obj, str(path), dropped)
 
@@ -328,8 +329,12 @@ def _read_index(folder: Path, index: Path) -> tuple[list[Path], dict[str, Any]]:
             raise InputError(f"{index}: names shard {v!r}, outside its folder (refused)")
         if not (folder / v).is_file():
             raise InputError(f"{index}: names shard {v}, which is missing")
+    named = {folder / v for v in weight_map.values()}
+    orphans = [f.name for f in folder.glob("*-of-*.safetensors") if f not in named]
+    if orphans:
+        raise InputError(f"{index}: shard {orphans[0]} is in the folder but the index's weight_map names none of its tensors")
     data["__index_path__"] = index
-    return sorted({folder / v for v in weight_map.values()}), data
+    return sorted(named), data
 
 
 def _looks_like_safetensors(path: Path) -> bool:
@@ -953,7 +958,7 @@ def read_meta(ckpt: Checkpoint) -> dict[str, Any] | None:
             f"{ckpt.path}: format version {version} is newer than this mpocompress reads ({FORMAT_VERSION}); "
             "upgrade mpocompress"
         )
-    layers = meta.get("layers", {})
+    layers = meta.get("layers")
     if not isinstance(layers, dict):
         raise InputError(f"{ckpt.path}: corrupt mpocompress metadata ('layers' is not a mapping)")
     for name, entry in layers.items():
@@ -1131,6 +1136,11 @@ def read_activations(path: Path) -> dict[str, torch.Tensor]:
         else:
             x = t.reshape(-1, t.shape[-1]).double()
             grams[name] = x.T @ x
+    for name, g in grams.items():
+        if not bool(torch.isfinite(g).all()):
+            raise InputError(f"{path}: the recorded inputs of {name} hold NaN/Inf")
+        if float(torch.diagonal(g).sum()) <= 0.0:
+            raise InputError(f"{path}: the recorded inputs of {name} are all zero (an all-zero Gram matrix): nothing to fit")
     return grams
 
 

@@ -81,8 +81,8 @@ class MPOMatrices(nn.Module):
         shape = value.shape if isinstance(value, TTMatrix) else shape
         if shape is None:
             raise ValueError(f"{name}: the (out, in) shape is needed with a list of cores")
-        out_p = math.prod(int(c.shape[1]) for c in cores)
-        in_p = math.prod(int(c.shape[2]) for c in cores)
+        out_p = math.prod([int(c.shape[1]) for c in cores])
+        in_p = math.prod([int(c.shape[2]) for c in cores])
         if shape[0] > out_p or shape[1] > in_p:
             raise ValueError(f"{name}: cores of padded shape ({out_p}, {in_p}) cannot hold a {tuple(shape)} matrix")
         self.add_module(name + "_cores", nn.ParameterList([nn.Parameter(c.detach().clone()) for c in cores]))

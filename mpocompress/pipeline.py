@@ -318,6 +318,8 @@ def convert(
         error = shared_error(error)
         if error is not None:
             raise OutputError(error)
+        log.info("reading %s: %d tensors, %s on disk; writing %s (locked: %s)", input_path, len(ckpt.keys()),
+                 ckpt.nbytes_on_disk, output_path, lock.path)  # fmt: skip
         try:
             report = _convert_locked(
                 ckpt, input_path, output_path, config, rank=rank, world=world, max_shard_bytes=max_shard_bytes,
@@ -374,6 +376,7 @@ def _convert_locked(
             ckpt, layers, config, recipe, tune, model, train_batches, val_batches, tune_progress
         )
     groups = plan_groups(ckpt, names, min(max_shard_bytes, GROUP_MAX_BYTES))
+    log.info("%d of %d tensors selected (%s); %d group(s) of work", len(layers), len(names), config.to_json(), len(groups))
     job = _Job(
         input_path=input_path, output_path=output_path, config=config, recipe=recipe, layers=set(layers),
         shapes=shapes, groups=groups, fingerprint="", threshold=threshold, tune=tune is not None,
@@ -394,6 +397,8 @@ def _convert_locked(
                 records[i] = rec
     reused = len(records)
     todo = [i for i in mine if i not in records]
+    if reused:
+        log.info("resuming: %d group(s) verified in %s, %d to do", reused, store.path, len(todo))
     try:
         if workers == 1 or len(todo) <= 1:
             n_layers = len(layers)
@@ -570,6 +575,7 @@ def _compress_tensor(
                 row.refine["als_skipped"] = "2 cores (a truncated SVD) are already optimal: --als has nothing to refine"
             if tt is not None and gram is not None:
                 tt = _activation_refit(row, t.reshape(out_f, in_f), tt, gram)
+        log.debug("%s: %s", name, row.reason or f"cores {len(tt.cores)} bonds {tt.bond_dims}" if tt is not None else row.reason)
         if tt is not None:
             row.status = "mpo"
             row.cores, row.bond_dims = len(tt.cores), tt.bond_dims

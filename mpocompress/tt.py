@@ -71,6 +71,39 @@ class TTMatrix:
         return cores_to_matrix(self.cores, self.shape)
 
 
+    def to_tensorly(self):
+        """The cores as TensorLy's ``TTMatrix`` (same core layout, shared tensors; TensorLy's own
+        backend decides how it computes). Its ``to_matrix()`` is the *padded* matrix: crop it to
+        ``self.shape`` where the modes were padded (``padded_shape != shape``).
+
+        Raises:
+            ImportError: TensorLy is not installed (``pip install tensorly``).
+        """
+        from tensorly.tt_matrix import TTMatrix as TLTTMatrix
+
+        return TLTTMatrix([c for c in self.cores])
+
+    @classmethod
+    def from_tensorly(cls, tt_matrix, shape: tuple[int, int] | None = None) -> TTMatrix:
+        """Take TensorLy's ``TTMatrix`` (or its list of factors) as MPO cores.
+
+        Args:
+            tt_matrix: a ``tensorly.tt_matrix.TTMatrix`` or a list of ``(r, out, in, r')`` factors
+                (torch tensors, as with TensorLy's PyTorch backend).
+            shape: the true ``(out, in)`` matrix shape when the modes cover a padded matrix
+                (default: the product of the modes).
+        """
+        factors = list(getattr(tt_matrix, "factors", tt_matrix))
+        cores = [f if isinstance(f, torch.Tensor) else torch.as_tensor(f) for f in factors]
+        if len(cores) < 2 or any(c.dim() != 4 for c in cores):
+            raise ValueError("a TT-matrix needs 2 or more factors of shape (rank, out_mode, in_mode, rank)")
+        padded = (math.prod(int(c.shape[1]) for c in cores), math.prod(int(c.shape[2]) for c in cores))
+        shape = padded if shape is None else (int(shape[0]), int(shape[1]))
+        if shape[0] > padded[0] or shape[1] > padded[1]:
+            raise ValueError(f"shape {shape} is larger than the modes cover {padded}")
+        return cls(cores, shape)
+
+
 def cores_to_matrix(cores: list[torch.Tensor], shape: tuple[int, int] | None = None) -> torch.Tensor:
     """Contract MPO cores back into a matrix, cropped to ``shape`` when given.
 

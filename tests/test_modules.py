@@ -285,6 +285,17 @@ def test_onnx_parity(tmp_path, compressed_net):
     assert abs(got - y.numpy()).max() < 1e-4
 
 
+def test_compile_fast():
+    """torch.compile traces the MPO layer in one graph (aot_eager: no code generation, seconds)."""
+    torch.manual_seed(0)
+    layer = MPOLinear.from_linear(nn.Linear(48, 40), MPOConfig(bond_dim=4, cores=3))
+    x = torch.randn(5, 48)
+    with torch.no_grad():
+        y = layer(x)
+        compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+        assert torch.allclose(compiled(x), y, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_compile(compressed_net):
     model, idx, y = compressed_net

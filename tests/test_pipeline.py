@@ -4,7 +4,7 @@ import struct
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import mpocompress
 from mpocompress.config import Gates, MPOConfig
@@ -99,8 +99,16 @@ def test_sharded_output_and_input(tmp_path, trained_like):
     a = load_state_dict(out)
     b = load_state_dict(trained_like)
     assert set(a) == set(b)
-    # a sharded compressed checkpoint converts again (as input)
-    convert(out, tmp_path / "again.safetensors", MPOConfig(bond_dim=2, cores=2, include=("a.*",)))
+    # a sharded compressed checkpoint converts again (as input): its stored tensors (cores
+    # included) are the new input; a.* cores are compressed again, everything else passes through
+    again = tmp_path / "again.safetensors"
+    report = convert(out, again, MPOConfig(bond_dim=2, cores=2, include=("a.*",)))
+    assert [r.name for r in report.rows] == ["a.weight_cores.0", "a.weight_cores.1"]
+    stored = load_file(str(again))
+    before = {k: v for k, v in load_file(str(next(out.glob("*.safetensors")))).items()}
+    assert "b.weight_cores.0" in stored and all(
+        torch.equal(stored[k], v) for k, v in before.items() if k.startswith("b.") and k in stored
+    )
 
 
 def test_output_safety(tmp_path, trained_like):

@@ -92,6 +92,12 @@ def test_dtype_is_kept_and_half_precision_works():
     w = torch.randn(48, 40).to(torch.bfloat16)
     tt = tt_svd(w, *choose_modes(48, 40, 3), max_bond=4)
     assert all(c.dtype == torch.bfloat16 for c in tt.cores)
+    # the bf16 cores compute what the float32 TT-SVD computes, to bf16 precision (8 mantissa bits)
+    ref = tt_svd(w.float(), *choose_modes(48, 40, 3), max_bond=4)
+    assert relative_error(w.float(), tt.to_matrix().float()) == pytest.approx(relative_error(w.float(), ref.to_matrix()), abs=0.02)
+    # exact at full rank, within bf16 rounding
+    full = tt_svd(w, *choose_modes(48, 40, 3))
+    assert relative_error(w.float(), full.to_matrix().float()) < 0.02
 
 
 def test_bad_arguments_raise():
