@@ -65,7 +65,10 @@ def analyze_matrix(matrix: torch.Tensor, cores: int, *, svd: str = "auto", seed:
     out_f, in_f = (int(x) for x in matrix.shape)
     dense = out_f * in_f
     out_modes, in_modes = choose_modes(out_f, in_f, cores)
-    full = tt_svd(matrix, out_modes, in_modes, svd="full")
+    # the untruncated run's exact SVDs are shared with every point of the curve that reaches the
+    # same unfolding (all points share the first; points above a bond's full rank share the next)
+    cache: dict = {}
+    full = tt_svd(matrix, out_modes, in_modes, svd="full", svd_cache=cache)
     s_mat = singular_values_of(matrix)
     bonds = [
         {"bond": k + 1, "full_rank": int(s.numel()), "spectrum": normalized(s), "energy_ranks": energy_ranks(s, ENERGY_FRACTIONS)}
@@ -73,7 +76,7 @@ def analyze_matrix(matrix: torch.Tensor, cores: int, *, svd: str = "auto", seed:
     ]
     curve = []
     for b in bond_grid(max(full_ranks(out_modes, in_modes), default=1)):
-        tt = tt_svd(matrix, out_modes, in_modes, max_bond=b, svd=svd, seed=seed)
+        tt = tt_svd(matrix, out_modes, in_modes, max_bond=b, svd=svd, seed=seed, svd_cache=cache)
         params = tt.num_params
         if params >= dense and curve:
             break

@@ -192,6 +192,7 @@ def tt_svd(
     tol: float | None = None,
     svd: str = "auto",
     seed: int = 0,
+    svd_cache: dict | None = None,
 ) -> TTMatrix:
     """Decompose a matrix into MPO cores by TT-SVD.
 
@@ -204,6 +205,10 @@ def tt_svd(
         tol: relative Frobenius error target, split over the bonds (None = exact up to max_bond).
         svd: ``"full"``, ``"randomized"`` or ``"auto"``; randomized only applies with ``max_bond``.
         seed: seed for the randomized SVD.
+        svd_cache: a dict shared by several TT-SVDs of the *same* matrix and modes (truncated at
+            different bonds): the exact SVD of an unfolding is computed once and reused by every call
+            that reaches that unfolding with the same ranks before it (results are unchanged: an
+            exact SVD is used there even where ``svd`` would pick a randomized one).
 
     Returns:
         A :class:`TTMatrix` whose cores have ``matrix``'s dtype (computed in at least float32).
@@ -241,10 +246,21 @@ def tt_svd(
     spectra: list[torch.Tensor] = []
     r_prev = 1
     c = c.reshape(sizes[0], -1)
+    ranks: tuple[int, ...] = ()
+    exact_so_far = True
     for k in range(d - 1):
         c = c.reshape(r_prev * sizes[k], -1)
-        # a tolerance needs the whole spectrum, so randomized SVD only serves a pure max_bond
-        u, s, vh = _svd(c, max_bond if delta is None else None, svd, seed + k)
+        key = (k, ranks)
+        if svd_cache is not None and exact_so_far and key in svd_cache:
+            u, s, vh = svd_cache[key]
+        else:
+            # a tolerance needs the whole spectrum, so randomized SVD only serves a pure max_bond
+            bond = max_bond if delta is None else None
+            exact = not use_randomized(svd, c.shape[0], c.shape[1], bond)
+            u, s, vh = _svd(c, bond, svd, seed + k)
+            exact_so_far = exact_so_far and exact
+            if svd_cache is not None and exact_so_far:
+                svd_cache[key] = (u, s, vh)
         spectra.append(s.detach().clone())
         r = s.numel()
         if delta is not None:
@@ -255,6 +271,7 @@ def tt_svd(
         cores.append(u[:, :r].reshape(r_prev, out_modes[k], in_modes[k], r))
         c = s[:r, None] * vh[:r]
         r_prev = r
+        ranks = (*ranks, r)
     cores.append(c.reshape(r_prev, out_modes[-1], in_modes[-1], 1))
     cores = [core.to(matrix.dtype).contiguous() for core in cores]
     return TTMatrix(cores=cores, shape=(rows, cols), spectra=spectra)

@@ -136,3 +136,18 @@ def test_hypothesis_shapes(o, i, cores, bond):
     assert max(tt.bond_dims) <= bond
     assert relative_error(w, tt.to_matrix()) <= 1.0 + 1e-9
     assert all(c.shape[0] == (1 if k == 0 else tt.bond_dims[k - 1]) for k, c in enumerate(tt.cores))
+
+
+def test_shared_svd_cache_gives_the_full_svd_result_at_every_bond():
+    """inspect shares exact SVDs between truncations of one matrix: each must equal a fresh
+    full-SVD TT-SVD at that bond (same cores up to float rounding)."""
+    w = low_rank(96, 80, 30, seed=3)
+    modes = choose_modes(96, 80, 4)
+    cache: dict = {}
+    tt_svd(w, *modes, svd="full", svd_cache=cache)
+    assert len(cache) >= 1
+    for b in (1, 3, 8, 40, 200):
+        shared = tt_svd(w, *modes, max_bond=b, svd="full", svd_cache=cache)
+        fresh = tt_svd(w, *modes, max_bond=b, svd="full")
+        assert shared.bond_dims == fresh.bond_dims
+        assert torch.allclose(shared.to_matrix(), fresh.to_matrix(), atol=1e-9)
