@@ -151,3 +151,23 @@ def test_shared_svd_cache_gives_the_full_svd_result_at_every_bond():
         fresh = tt_svd(w, *modes, max_bond=b, svd="full")
         assert shared.bond_dims == fresh.bond_dims
         assert torch.allclose(shared.to_matrix(), fresh.to_matrix(), atol=1e-9)
+
+
+def test_tensorly_interop_round_trip():
+    tl = pytest.importorskip("tensorly")
+    from tensorly.tt_matrix import tt_matrix_to_matrix
+
+    from mpocompress.tt import TTMatrix
+
+    w = low_rank(12, 20, 3, seed=5)
+    tt = tt_svd(w, (3, 4), (4, 5), max_bond=3)
+    theirs = tt.to_tensorly()
+    with tl.backend_context("pytorch"):
+        assert torch.allclose(tt_matrix_to_matrix(theirs), tt.to_matrix(), atol=1e-12)
+    back = TTMatrix.from_tensorly(theirs)
+    assert back.shape == (12, 20) and torch.equal(back.to_matrix(), tt.to_matrix())
+    # a padded matrix: the caller gives the true shape
+    padded = tt_svd(low_rank(11, 19, 3, seed=6), (3, 4), (4, 5), max_bond=3)
+    assert TTMatrix.from_tensorly(padded.to_tensorly(), shape=(11, 19)).to_matrix().shape == (11, 19)
+    with pytest.raises(ValueError):
+        TTMatrix.from_tensorly([torch.zeros(1, 2, 2)])
