@@ -34,8 +34,8 @@ import torch  # noqa: E402
 from _docs import write_block  # noqa: E402
 from tensorly.decomposition import tensor_train_matrix  # noqa: E402
 
-from mpocompress.shapes import choose_modes  # noqa: E402
-from mpocompress.tt import cores_to_matrix, relative_error, tt_svd  # noqa: E402
+from mpocompress.core.modes import choose_modes  # noqa: E402
+from mpocompress.core.tt import cores_to_matrix, relative_error, tt_svd  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

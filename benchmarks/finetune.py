@@ -5,12 +5,12 @@ pruning at the same file size, on the bundled trained SE model, in one run.
     python benchmarks/finetune.py --steps 60  # quicker, less trained
 
 Model: the bundled example (``mpocompress/data/se_lstm.safetensors``, LSTM IRM estimator). Data: the
-synthetic noisy-speech generator it was trained on (``mpocompress.data.se``), fresh seeds: 32 training
+synthetic noisy-speech generator it was trained on (``mpocompress.speech.example``), fresh seeds: 32 training
 batches and 4 held-out batches (checkpoint selection) of 8 one-second clips, and a separate test set of
 8 batches on which every number below is measured.
 
 For each target ratio (4x and 10x of the compressed layers' bytes), everything goes through
-``mpocompress.pipeline.convert`` (the CLI's code path) and the written file is loaded back:
+``mpocompress.jobs.convert.convert`` (the CLI's code path) and the written file is loaded back:
 
 * MPO, 3 cores (the papers' structure) and ``--cores auto`` (ours): TT-SVD; + ALS (4 sweeps);
   + KD (ALS start, ``--steps`` Adam steps, distillation loss only).
@@ -43,10 +43,10 @@ from _docs import write_block  # noqa: E402
 from mpocompress import MPOConfig, load_state_dict  # noqa: E402
 from mpocompress.config import TuneConfig  # noqa: E402
 from mpocompress.data import example_checkpoint  # noqa: E402
-from mpocompress.data.se import batches, se_lstm  # noqa: E402
-from mpocompress.finetune import evaluate  # noqa: E402
-from mpocompress.model import load_compressed_  # noqa: E402
-from mpocompress.pipeline import convert  # noqa: E402
+from mpocompress.speech.example import batches, se_lstm  # noqa: E402
+from mpocompress.jobs.finetune import evaluate  # noqa: E402
+from mpocompress.nn.surgery import load_compressed_  # noqa: E402
+from mpocompress.jobs.convert import convert  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

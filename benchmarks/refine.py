@@ -3,9 +3,9 @@
     python benchmarks/refine.py      # a few seconds
 
 For each weight of the bundled example (``mpocompress/data/se_lstm.safetensors``), 3-core MPOs at max
-bond 8: the relative weight error of TT-SVD and after 2/6 ALS sweeps (``mpocompress.refine.als_refine``),
+bond 8: the relative weight error of TT-SVD and after 2/6 ALS sweeps (``mpocompress.core.refine.als_refine``),
 with the same-size truncated SVD beside it. For the two Linear layers, the relative *output* error on
-recorded inputs (``mpocompress.finetune.record_inputs`` over 8 fresh batches of the example's data,
+recorded inputs (``mpocompress.jobs.finetune.record_inputs`` over 8 fresh batches of the example's data,
 held-out: a second 8 batches) of TT-SVD vs ``activation_refit`` fitted on the first set.
 
 Writes ``benchmarks/results/refine.json`` and the ``refine`` block of ``docs/benchmarks.md``.
@@ -24,13 +24,13 @@ import torch  # noqa: E402
 from _docs import write_block  # noqa: E402
 
 from mpocompress import load_state_dict  # noqa: E402
-from mpocompress.compress import singular_values  # noqa: E402
+from mpocompress.core.compress import singular_values  # noqa: E402
 from mpocompress.data import example_checkpoint  # noqa: E402
-from mpocompress.data.se import batches, se_lstm  # noqa: E402
-from mpocompress.finetune import record_inputs  # noqa: E402
-from mpocompress.refine import activation_refit, als_refine, output_error  # noqa: E402
-from mpocompress.shapes import choose_modes  # noqa: E402
-from mpocompress.tt import relative_error, svd_tail_error, tt_svd  # noqa: E402
+from mpocompress.speech.example import batches, se_lstm  # noqa: E402
+from mpocompress.jobs.finetune import record_inputs  # noqa: E402
+from mpocompress.core.refine import activation_refit, als_refine, output_error  # noqa: E402
+from mpocompress.core.modes import choose_modes  # noqa: E402
+from mpocompress.core.tt import relative_error, svd_tail_error, tt_svd  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BOND = 8

@@ -119,7 +119,7 @@ def scratch_size(model: str, bond: int) -> int:
     """File size of ``model`` with MPO layers of max bond ``bond`` (as train.py writes it)."""
     import torch
 
-    from mpocompress.model import save_compressed
+    from mpocompress.nn.surgery import save_compressed
     from mpocompress.speech.models import MPOSpec, build
 
     torch.manual_seed(0)
@@ -182,7 +182,7 @@ def cli_args(opts: dict[str, Any]) -> list[str]:
 def trial_size(dense: Path, opts: dict[str, Any]) -> int:
     """File size of a conversion with these options (no fine-tuning), in this process."""
     from mpocompress.config import MPOConfig
-    from mpocompress.pipeline import convert
+    from mpocompress.jobs.convert import convert
 
     with tempfile.TemporaryDirectory(dir=dense.parent) as d:
         out = Path(d) / "trial.safetensors"
@@ -289,7 +289,7 @@ def job_score(work: Path, setup: Setup, model: str, ckpt: Path | None) -> dict[s
 
     torch.set_num_threads(1)
     from mpocompress.io import import_object
-    from mpocompress.pipeline import load_state_dict
+    from mpocompress.jobs.convert import load_state_dict
     from mpocompress.speech.data import load_pairs
     from mpocompress.speech.evaluate import evaluate_systems
 

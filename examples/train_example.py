@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mpocompress.data.se import BINS, SELSTM, make_batch
+from mpocompress.speech.example import BINS, SELSTM, make_batch
 
 
 def main() -> None:

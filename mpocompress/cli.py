@@ -330,7 +330,7 @@ def convert(ctx: click.Context, input_path: Path, output_path: Path, bond_dim, t
 
     # every path this command writes is checked before any work starts
     from mpocompress.io import guard_outputs, input_paths
-    from mpocompress.pipeline import check_output_name
+    from mpocompress.jobs.convert import check_output_name
 
     check_output_name(output_path)
     outputs = [(output_path, "checkpoint")] + ([(report_path, "report")] if report_path is not None else [])
@@ -338,8 +338,8 @@ def convert(ctx: click.Context, input_path: Path, output_path: Path, bond_dim, t
 
     from mpocompress.errors import GateError
     from mpocompress.io import write_text
-    from mpocompress.pipeline import check_gates, parse_size
-    from mpocompress.pipeline import convert as run_convert
+    from mpocompress.jobs.convert import check_gates, parse_size
+    from mpocompress.jobs.convert import convert as run_convert
 
     shard_bytes = parse_size(max_shard_size)
     extra: dict[str, Any] = {}
@@ -365,7 +365,7 @@ def convert(ctx: click.Context, input_path: Path, output_path: Path, bond_dim, t
             from mpocompress.speech.data import folder_batches as reader
         extra.update(tune=tune, model=factory(), train_batches=reader(data_spec, batch_size),
                      val_batches=reader(val_spec, batch_size) if val_spec else None)  # fmt: skip
-    from mpocompress import dist
+    from mpocompress.jobs import dist
 
     started = dist.init_from_env()
     try:
@@ -429,7 +429,7 @@ def evaluate(checkpoints: tuple[Path, ...], model_spec: str, data_dir: Path, met
     """
     from mpocompress.errors import ConfigError, InputError
     from mpocompress.io import import_object
-    from mpocompress.pipeline import load_state_dict
+    from mpocompress.jobs.convert import load_state_dict
     from mpocompress.speech.data import load_pairs
     from mpocompress.speech.evaluate import evaluate_systems
     from mpocompress.speech.metrics import METRICS
@@ -485,7 +485,7 @@ def evaluate(checkpoints: tuple[Path, ...], model_spec: str, data_dir: Path, met
 def inspect(path: Path, cores: int, include, exclude, as_json: bool, plot_path: Path | None, force: bool) -> None:
     """Show each layer's bond-dimension spectra (dense CKPT) or the kept bonds (compressed CKPT)."""
     from mpocompress.errors import ConfigError
-    from mpocompress.pipeline import inspect as run_inspect
+    from mpocompress.jobs.convert import inspect as run_inspect
 
     if plot_path is not None:
         try:
@@ -521,7 +521,7 @@ def inspect(path: Path, cores: int, include, exclude, as_json: bool, plot_path: 
 @_errors
 def decompress(input_path: Path, output_path: Path, force: bool, as_json: bool) -> None:
     """Rebuild the dense state dict of a compressed checkpoint (loads with strict=True)."""
-    from mpocompress.pipeline import decompress as run_decompress
+    from mpocompress.jobs.convert import decompress as run_decompress
 
     summary = run_decompress(input_path, output_path, force=force)
     if as_json:

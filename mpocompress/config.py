@@ -103,7 +103,7 @@ class MPOConfig:
             the bond is small next to the matrix).
         prune: a pruning codec, ``"magnitude:SPARSITY"``, ``"channel:THETA"`` (see
             :mod:`mpocompress.codecs`) or ``"units:FRACTION"`` (whole hidden units, found from the
-            model's code: :mod:`mpocompress.units`), applied to what is stored (the dense weight, or
+            model's code: :mod:`mpocompress.nn.units`), applied to what is stored (the dense weight, or
             the cores).
         quantize: a quantization codec, ``"kmeans:K"``, ``"int8"``, ``"seofp:E"``, ``"fp16"``, ``"bf16"``,
             applied after pruning.
@@ -114,7 +114,7 @@ class MPOConfig:
         exclude: name patterns of tensors to leave untouched.
         seed: seed of the randomized SVD.
         als_sweeps: alternating-least-squares sweeps refining the cores after TT-SVD (data-free;
-            lowers the weight error at the same bond dimensions, see :mod:`mpocompress.refine`).
+            lowers the weight error at the same bond dimensions, see :mod:`mpocompress.core.refine`).
             With a lossy ``quantize``/``prune`` on the cores, the cores are then quantized one at a
             time with an ALS refit of the others after each.
     """
@@ -335,7 +335,7 @@ class Recipe:
 
     def config_for(self, name: str, base: MPOConfig) -> MPOConfig | None:
         """The config for tensor ``name`` (None: skip it)."""
-        from mpocompress.kinds import match
+        from mpocompress.select import match
 
         for patterns, overrides in self.rules:
             if any(match(name, p) for p in patterns):

@@ -1,6 +1,6 @@
 """Rendering reports and spectra for people: rich tables, sparklines, a matplotlib figure.
 
-Works on the JSON-ready dicts of :mod:`mpocompress.report` and :func:`mpocompress.pipeline.inspect`,
+Works on the JSON-ready dicts of :mod:`mpocompress.report` and :func:`mpocompress.jobs.convert.inspect`,
 so what a person sees and what ``--json`` prints are the same numbers.
 """
 

@@ -22,8 +22,8 @@ from mpocompress.codecs import (
 )
 from mpocompress.config import MPOConfig
 from mpocompress.errors import ConfigError
-from mpocompress.pipeline import convert, load_state_dict
-from mpocompress.tt import snr_db
+from mpocompress.jobs.convert import convert, load_state_dict
+from mpocompress.core.tt import snr_db
 
 
 def chain(text):
@@ -202,8 +202,8 @@ def test_cli_prune_quantize_and_inspect(tmp_path, trained_like):
 def test_load_compressed_with_quantized_cores(tmp_path):
     from torch import nn
 
-    from mpocompress.model import load_compressed_
-    from mpocompress.modules import MPOLinear
+    from mpocompress.nn.surgery import load_compressed_
+    from mpocompress.nn.layers import MPOLinear
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 10))

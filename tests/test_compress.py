@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from mpocompress.compress import compress_matrix
+from mpocompress.core.compress import compress_matrix
 from mpocompress.config import MPOConfig
 from mpocompress.errors import ConfigError
-from mpocompress.tt import relative_error, svd_tail_error
+from mpocompress.core.tt import relative_error, svd_tail_error
 
 
 def decaying(o, i, seed=0, tau=6.0):

@@ -12,8 +12,8 @@ from mpocompress import MPOConfig, load_state_dict
 from mpocompress.cli import main
 from mpocompress.config import TuneConfig
 from mpocompress.data import example_checkpoint
-from mpocompress.data.se import batches, se_lstm
-from mpocompress.finetune import (
+from mpocompress.speech.example import batches, se_lstm
+from mpocompress.jobs.finetune import (
     evaluate,
     finetune,
     ipkd,
@@ -22,7 +22,7 @@ from mpocompress.finetune import (
     record_inputs,
     trainable,
 )
-from mpocompress.model import compress_, load_compressed_
+from mpocompress.nn.surgery import compress_, load_compressed_
 
 WEIGHTS = ["inp.weight", "lstm.weight_ih_l0", "lstm.weight_hh_l0", "out.weight"]
 
@@ -111,7 +111,7 @@ def test_task_loss_without_teacher_needs_targets(teacher, data):
 
 
 def test_ipkd_reaches_the_sparsity_with_a_new_teacher_each_round(teacher, data, monkeypatch):
-    import mpocompress.finetune as ft
+    import mpocompress.jobs.finetune as ft
 
     train, val = data
     model = copy.deepcopy(teacher)
@@ -124,7 +124,7 @@ def test_ipkd_reaches_the_sparsity_with_a_new_teacher_each_round(teacher, data, 
     assert [r.sparsity for r in rounds] == pytest.approx(sched)
     prints = [r.teacher_fingerprint for r in rounds]
     assert len(set(prints)) == 3  # the teacher changed every round
-    from mpocompress.finetune import _fingerprint
+    from mpocompress.jobs.finetune import _fingerprint
 
     assert prints[0] == pytest.approx(_fingerprint(teacher))  # round 1 is taught by the dense model
     params = dict(model.named_parameters())
@@ -155,7 +155,7 @@ def test_record_inputs_is_the_gram_of_the_inputs(teacher, data):
 @pytest.fixture
 def factory_file(tmp_path):
     path = tmp_path / "mymodel.py"
-    path.write_text("from mpocompress.data.se import SELSTM\n\n\ndef build():\n    return SELSTM()\n")
+    path.write_text("from mpocompress.speech.example import SELSTM\n\n\ndef build():\n    return SELSTM()\n")
     return path
 
 
@@ -195,7 +195,7 @@ def test_convert_fine_tunes_and_the_output_loads_and_runs(tmp_path, factory_file
     assert meta["finetune"]["steps"] == ft["steps"]
     # the same result from the package's own factories
     res2 = run("convert", example_checkpoint(), "-o", tmp_path / "ft2.safetensors", "--ratio", "10",
-               "--model", "mpocompress.data.se:se_lstm", "--data", "mpocompress.data.se:batches", "--steps", "2")  # fmt: skip
+               "--model", "mpocompress.speech.example:se_lstm", "--data", "mpocompress.speech.example:batches", "--steps", "2")  # fmt: skip
     assert res2.exit_code == 0, res2.output
 
 
@@ -233,10 +233,10 @@ def test_convert_prune_and_quantize_after_fine_tuning_keep_the_trained_zeros(tmp
     [
         (["--steps", "5"], 2, "--steps needs --model"),
         (["--model", "x:y"], 2, "both --model and --data"),
-        (["--model", "no_such_module_xyz:build", "--data", "mpocompress.data.se:batches"], 2, "cannot import"),
-        (["--model", "mpocompress.data.se:nothing", "--data", "mpocompress.data.se:batches"], 2, "no attribute"),
-        (["--model", "mpocompress.data.se:se_lstm", "--data", "missing.safetensors"], 3, "no such file"),
-        (["--model", "mpocompress.data.se:se_lstm", "--data", "mpocompress.data.se:batches", "--ipkd", "2"], 2, "--ipkd needs --prune"),
+        (["--model", "no_such_module_xyz:build", "--data", "mpocompress.speech.example:batches"], 2, "cannot import"),
+        (["--model", "mpocompress.speech.example:nothing", "--data", "mpocompress.speech.example:batches"], 2, "no attribute"),
+        (["--model", "mpocompress.speech.example:se_lstm", "--data", "missing.safetensors"], 3, "no such file"),
+        (["--model", "mpocompress.speech.example:se_lstm", "--data", "mpocompress.speech.example:batches", "--ipkd", "2"], 2, "--ipkd needs --prune"),
     ],
 )
 def test_fine_tuning_errors(tmp_path, args, code, message):
@@ -250,7 +250,7 @@ def test_fine_tuning_errors(tmp_path, args, code, message):
 
 def test_model_that_does_not_fit_the_checkpoint(tmp_path, data_file):
     path = tmp_path / "wrong.py"
-    path.write_text("from mpocompress.data.se import SELSTM\n\n\ndef build():\n    return SELSTM(hidden=64)\n")
+    path.write_text("from mpocompress.speech.example import SELSTM\n\n\ndef build():\n    return SELSTM(hidden=64)\n")
     res = run("convert", example_checkpoint(), "-o", tmp_path / "o.safetensors", "--ratio", "4",
               "--model", f"{path}:build", "--data", data_file)  # fmt: skip
     assert res.exit_code == 3, res.output

@@ -18,7 +18,7 @@ from mpocompress import MPOConfig
 from mpocompress.cli import main
 from mpocompress.errors import InputError, Interrupted
 from mpocompress.io import OutputLock, open_checkpoint, read_meta, read_safetensors_header
-from mpocompress.pipeline import convert, load_state_dict
+from mpocompress.jobs.convert import convert, load_state_dict
 
 
 def run(*args):
@@ -162,7 +162,7 @@ def test_ctrl_c_after_the_final_rename_tells_the_truth(tmp_path, trained_like, m
 
 
 def test_ctrl_c_during_the_work_says_nothing_was_written(tmp_path, trained_like, monkeypatch):
-    import mpocompress.pipeline as pl
+    import mpocompress.jobs.convert as pl
 
     def boom(*a, **k):
         raise KeyboardInterrupt
@@ -260,7 +260,7 @@ def _tamper(path: Path, out: Path, edit) -> None:
 
 
 def test_tampered_or_newer_metadata_is_refused_by_every_reader(tmp_path, trained_like):
-    from mpocompress.model import load_compressed_
+    from mpocompress.nn.surgery import load_compressed_
 
     good = tmp_path / "good.safetensors"
     convert(trained_like, good, MPOConfig(ratio=3, cores=2, quantize="kmeans:16"))

@@ -6,9 +6,9 @@ from torch import nn
 
 from mpocompress.config import MPOConfig
 from mpocompress.errors import InputError
-from mpocompress.functional import build_flops, chain_flops, mpo_chain, mpo_rows
-from mpocompress.model import compress_, load_compressed_, save_compressed
-from mpocompress.modules import (
+from mpocompress.core.contract import build_flops, chain_flops, mpo_chain, mpo_rows
+from mpocompress.nn.surgery import compress_, load_compressed_, save_compressed
+from mpocompress.nn.layers import (
     MPOGRU,
     MPOLSTM,
     MPOConv,
@@ -17,9 +17,9 @@ from mpocompress.modules import (
     MPOLinear,
     MPOLSTMCell,
 )
-from mpocompress.pipeline import convert, load_state_dict
-from mpocompress.shapes import choose_modes
-from mpocompress.tt import tt_svd
+from mpocompress.jobs.convert import convert, load_state_dict
+from mpocompress.core.modes import choose_modes
+from mpocompress.core.tt import tt_svd
 
 F64 = torch.float64
 

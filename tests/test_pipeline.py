@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 import mpocompress
 from mpocompress.config import Gates, MPOConfig
 from mpocompress.errors import GateError, InputError, OutputError
-from mpocompress.pipeline import check_gates, convert, decompress, inspect, load_state_dict
+from mpocompress.jobs.convert import check_gates, convert, decompress, inspect, load_state_dict
 
 
 def test_full_bond_round_trip_loads_strict(tmp_path, zoo, zoo_file):
@@ -132,7 +132,7 @@ def test_output_safety(tmp_path, trained_like):
 
 
 def test_failure_leaves_no_partial_output(tmp_path, trained_like, monkeypatch):
-    import mpocompress.pipeline as pl
+    import mpocompress.jobs.convert as pl
 
     def boom(*a, **k):
         raise RuntimeError("disk on fire")

@@ -1,4 +1,4 @@
-"""ALS refinement, quantization refit and activation refit of MPO cores (mpocompress.refine)."""
+"""ALS refinement, quantization refit and activation refit of MPO cores (mpocompress.core.refine)."""
 
 import pytest
 import torch
@@ -7,9 +7,9 @@ from hypothesis import strategies as st
 
 from mpocompress.codecs import decode, encode
 from mpocompress.config import Codec
-from mpocompress.refine import activation_refit, als_refine, output_error, refit_quantized
-from mpocompress.shapes import choose_modes
-from mpocompress.tt import TTMatrix, cores_to_matrix, relative_error, tt_svd
+from mpocompress.core.refine import activation_refit, als_refine, output_error, refit_quantized
+from mpocompress.core.modes import choose_modes
+from mpocompress.core.tt import TTMatrix, cores_to_matrix, relative_error, tt_svd
 
 
 def decaying(out_f, in_f, seed=0, scale=8.0):

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from mpocompress.codecs import magnitude_threshold
 from mpocompress.config import MPOConfig
 from mpocompress.io import pack_safetensors, partial_path
-from mpocompress.pipeline import convert, load_state_dict
+from mpocompress.jobs.convert import convert, load_state_dict
 
 #: small enough that the test checkpoint splits into several groups and shards
 SHARD = 40_000
@@ -189,7 +189,7 @@ def test_torchrun_data_parallel_finetune(tmp_path):
 
     out = tmp_path / "tuned.safetensors"
     res = torchrun("convert", str(example_checkpoint()), "-o", str(out), "--ratio", "8", "--cores", "3",
-                   "--model", "mpocompress.data.se:se_lstm", "--data", "mpocompress.data.se:batches",
+                   "--model", "mpocompress.speech.example:se_lstm", "--data", "mpocompress.speech.example:batches",
                    "--steps", "6", "--json")  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads(res.stdout)

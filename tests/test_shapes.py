@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mpocompress.shapes import (
+from mpocompress.core.modes import (
     MAX_PAD,
     balanced_factors,
     bond_dims_for,

@@ -6,8 +6,8 @@ from conftest import low_rank
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mpocompress.shapes import choose_modes
-from mpocompress.tt import cores_to_matrix, energy_ranks, relative_error, svd_tail_error, tt_svd
+from mpocompress.core.modes import choose_modes
+from mpocompress.core.tt import cores_to_matrix, energy_ranks, relative_error, svd_tail_error, tt_svd
 
 
 @pytest.mark.parametrize("shape", [(64, 64), (257, 100), (161, 30), (12, 600)])
@@ -157,7 +157,7 @@ def test_tensorly_interop_round_trip():
     tl = pytest.importorskip("tensorly")
     from tensorly.tt_matrix import tt_matrix_to_matrix
 
-    from mpocompress.tt import TTMatrix
+    from mpocompress.core.tt import TTMatrix
 
     w = low_rank(12, 20, 3, seed=5)
     tt = tt_svd(w, (3, 4), (4, 5), max_bond=3)

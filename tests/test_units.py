@@ -1,4 +1,4 @@
-"""Structured removal of whole hidden units (mpocompress.units) and its sub-grid storage."""
+"""Structured removal of whole hidden units (mpocompress.nn.units) and its sub-grid storage."""
 
 import copy
 import json
@@ -13,9 +13,9 @@ from mpocompress.cli import main
 from mpocompress.codecs import decode, encode, nbytes
 from mpocompress.config import Codec
 from mpocompress.data import example_checkpoint
-from mpocompress.data.se import batches, se_lstm
-from mpocompress.finetune import apply_masks
-from mpocompress.units import find_unit_groups, masks_for, unit_masks
+from mpocompress.speech.example import batches, se_lstm
+from mpocompress.jobs.finetune import apply_masks
+from mpocompress.nn.units import find_unit_groups, masks_for, unit_masks
 
 
 class Res(nn.Module):
@@ -138,7 +138,7 @@ def run(*args):
 def test_convert_removes_units(tmp_path):
     out = tmp_path / "units.safetensors"
     res = run("convert", example_checkpoint(), "-o", out, "--prune", "units:0.5", "--quantize", "fp16",
-              "--model", "mpocompress.data.se:se_lstm", "--data", "mpocompress.data.se:batches", "--steps", "0", "--json")  # fmt: skip
+              "--model", "mpocompress.speech.example:se_lstm", "--data", "mpocompress.speech.example:batches", "--steps", "0", "--json")  # fmt: skip
     assert res.exit_code == 0, res.output
     rep = json.loads(res.stdout)
     assert rep["finetune"]["units"] == {"inp": {"size": 128, "removed": 64}, "lstm.l0": {"size": 128, "removed": 64}}
@@ -164,7 +164,7 @@ def test_convert_removes_units(tmp_path):
 
 def test_units_with_fine_tuning_recovers(tmp_path):
     res = run("convert", example_checkpoint(), "-o", tmp_path / "u.safetensors", "--prune", "units:0.5",
-              "--model", "mpocompress.data.se:se_lstm", "--data", "mpocompress.data.se:batches", "--steps", "30", "--json")  # fmt: skip
+              "--model", "mpocompress.speech.example:se_lstm", "--data", "mpocompress.speech.example:batches", "--steps", "30", "--json")  # fmt: skip
     assert res.exit_code == 0, res.output
     kd = json.loads(res.stdout)["finetune"]["val_kd_loss"]
     assert kd["finetuned"] < kd["compressed"]

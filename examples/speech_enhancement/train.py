@@ -26,7 +26,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 from mpocompress.io import save_safetensors  # noqa: E402
-from mpocompress.model import save_compressed  # noqa: E402
+from mpocompress.nn.surgery import save_compressed  # noqa: E402
 from mpocompress.speech.data import load_pairs, make_batches, utterance_features  # noqa: E402
 from mpocompress.speech.models import MPOSpec, build  # noqa: E402
 

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mpocompress.modules import MPOLSTM, MPOLinear, _random_cores
-from mpocompress.shapes import bond_dims_for, choose_modes
-from mpocompress.tt import TTMatrix
+from mpocompress.nn.layers import MPOLSTM, MPOLinear, _random_cores
+from mpocompress.core.modes import bond_dims_for, choose_modes
+from mpocompress.core.tt import TTMatrix
 
 
 @dataclass(frozen=True)
@@ -43,14 +43,14 @@ def _structure(out_f: int, in_f: int, mpo: MPOSpec) -> tuple[tuple[int, ...], tu
 
 
 def linear(in_f: int, out_f: int, mpo: MPOSpec | None) -> nn.Module:
-    """``nn.Linear``, or an :class:`~mpocompress.modules.MPOLinear` with random cores."""
+    """``nn.Linear``, or an :class:`~mpocompress.nn.layers.MPOLinear` with random cores."""
     if mpo is None:
         return nn.Linear(in_f, out_f)
     return MPOLinear(in_f, out_f, *_structure(out_f, in_f, mpo))
 
 
 def lstm(in_f: int, hidden: int, layers: int, mpo: MPOSpec | None) -> nn.Module:
-    """Batch-first ``nn.LSTM``, or an :class:`~mpocompress.modules.MPOLSTM` whose weight matrices are
+    """Batch-first ``nn.LSTM``, or an :class:`~mpocompress.nn.layers.MPOLSTM` whose weight matrices are
     random MPO cores (each stacked 4-gate matrix one MPO, as in MPO-LSTM)."""
     rnn = nn.LSTM(in_f, hidden, num_layers=layers, batch_first=True)
     if mpo is None:

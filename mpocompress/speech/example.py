@@ -4,7 +4,7 @@ Used by ``examples/train_example.py`` (which trained ``se_lstm.safetensors``), b
 benchmarks, and as the ``--model``/``--data`` factories of ``convert``'s fine-tuning::
 
     mpocompress convert "$(mpocompress example)" -o small.safetensors --ratio 4 \
-        --model mpocompress.data.se:se_lstm --data mpocompress.data.se:batches --steps 100
+        --model mpocompress.speech.example:se_lstm --data mpocompress.speech.example:batches --steps 100
 
 Log-power STFT features (257 bins at 16 kHz, 512-point FFT, hop 256) -> Linear(257, 128) + ReLU ->
 LSTM(128, 128) -> Linear(128, 257) + sigmoid, predicting the ideal ratio mask. The data are synthetic

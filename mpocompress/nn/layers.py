@@ -7,7 +7,7 @@ matrices of an LSTM are each one MPO. A weight named ``weight`` (or ``weight_ih_
 the tensors of a ``mpocompress convert`` output (``fc.weight_cores.0``...).
 
 Every layer contracts its cores on the fly; the contraction is chosen per batch size (see
-:mod:`mpocompress.functional`) and cached:
+:mod:`mpocompress.core.contract`) and cached:
 
 * ``mode="chain"``: always contract the input through the cores.
 * ``mode="materialize"``: build the dense matrix once and reuse it while the cores are unchanged
@@ -28,11 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mpocompress.compress import compress_matrix
+from mpocompress.core.compress import compress_matrix
 from mpocompress.config import MPOConfig
-from mpocompress.functional import build_flops, chain_flops, chain_mats, mpo_chain, mpo_rows
-from mpocompress.shapes import choose_modes
-from mpocompress.tt import TTMatrix, cores_to_matrix, tt_svd
+from mpocompress.core.contract import build_flops, chain_flops, chain_mats, mpo_chain, mpo_rows
+from mpocompress.core.modes import choose_modes
+from mpocompress.core.tt import TTMatrix, cores_to_matrix, tt_svd
 
 MODES = ("auto", "chain", "materialize")
 #: in "auto" mode, a contraction needing this many times the other's flops is not timed, just skipped

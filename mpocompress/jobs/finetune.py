@@ -28,7 +28,7 @@ from torch.nn import functional as F
 
 from mpocompress.config import TuneConfig
 from mpocompress.errors import ConfigError
-from mpocompress.modules import MPOMatrices
+from mpocompress.nn.layers import MPOMatrices
 
 #: called as progress(step, total_steps, info) with info = {"loss", "val_loss", "best_val_loss", "round"}
 TuneProgress = Callable[[int, int, dict[str, Any]], None]
@@ -215,7 +215,7 @@ def finetune(
     mask_of = [(named[n], m.to(named[n].dtype)) for n, m in masks.items() if n in names]
 
     torch.manual_seed(config.seed)
-    from mpocompress.dist import agreed, rank_world
+    from mpocompress.jobs.dist import agreed, rank_world
 
     rank, world = rank_world()
     forward: nn.Module = student
@@ -362,10 +362,10 @@ def ipkd(
 def record_inputs(model: nn.Module, batches: Sequence[Any], names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
     """Gram matrices ``X^T X`` of the inputs each ``nn.Linear`` (or ``MPOLinear``) sees over ``batches``.
 
-    Keys are weight names (``"fc.weight"``), the format :func:`mpocompress.refine.activation_refit`
+    Keys are weight names (``"fc.weight"``), the format :func:`mpocompress.core.refine.activation_refit`
     and ``convert --activations`` take. ``names``: module names to record (default: every Linear).
     """
-    from mpocompress.modules import MPOLinear
+    from mpocompress.nn.layers import MPOLinear
 
     grams: dict[str, torch.Tensor] = {}
     hooks = []

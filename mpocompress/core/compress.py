@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from mpocompress.config import AUTO_CORES, AUTO_REFERENCE_CORES, MPOConfig
-from mpocompress.shapes import bond_dims_for, choose_modes, max_bond_for_budget, mpo_params
-from mpocompress.tt import (
+from mpocompress.core.modes import bond_dims_for, choose_modes, max_bond_for_budget, mpo_params
+from mpocompress.core.tt import (
     OVERSAMPLE,
     TTMatrix,
     relative_error,
@@ -71,7 +71,7 @@ class MatrixResult:
 
 def singular_values(matrix: torch.Tensor, rank_hint: int | None = None, seed: int = 0) -> tuple[torch.Tensor, bool]:
     """Singular values of a matrix: exact, or by a randomized SVD where the TT-SVD would use one (a
-    known rank small beside a large matrix, see :func:`mpocompress.tt.use_randomized`).
+    known rank small beside a large matrix, see :func:`mpocompress.core.tt.use_randomized`).
 
     Returns:
         ``(s, exact)``; when not exact, ``s`` holds the leading values of a randomized SVD followed by
@@ -136,7 +136,7 @@ def compress_matrix(matrix: torch.Tensor, config: MPOConfig, *, reference_svd: b
     for d in core_counts:
         tt = _run(matrix, d, config, budget)
         if config.als_sweeps and d > 2:  # 2 cores: TT-SVD is already the optimal truncated SVD
-            from mpocompress.refine import als_refine
+            from mpocompress.core.refine import als_refine
 
             tt = als_refine(matrix, tt, sweeps=config.als_sweeps).tt
         err = relative_error(matrix, tt.to_matrix())

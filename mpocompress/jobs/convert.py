@@ -20,9 +20,9 @@ import torch
 
 from mpocompress import __version__
 from mpocompress.codecs import decode, encode, magnitude_threshold
-from mpocompress.compress import compress_matrix, singular_values
+from mpocompress.core.compress import compress_matrix, singular_values
 from mpocompress.config import Codec, Gates, MPOConfig, Recipe, TuneConfig
-from mpocompress.dist import barrier, rank_world, shared_error
+from mpocompress.jobs.dist import barrier, rank_world, shared_error
 from mpocompress.errors import ConfigError, GateError, InputError, Interrupted, OutputError
 from mpocompress.io import (
     DECOMPRESSED_KEY,
@@ -41,10 +41,10 @@ from mpocompress.io import (
     save_safetensors,
     save_torch,
 )
-from mpocompress.kinds import is_candidate, kind_of, matrix_shape, selected
+from mpocompress.select import is_candidate, kind_of, matrix_shape, selected
 from mpocompress.report import LayerRow, Report
-from mpocompress.spectra import analyze_matrix
-from mpocompress.tt import TTMatrix, cores_to_matrix, relative_error, svd_tail_error
+from mpocompress.core.spectra import analyze_matrix
+from mpocompress.core.tt import TTMatrix, cores_to_matrix, relative_error, svd_tail_error
 
 log = logging.getLogger(__name__)
 
@@ -284,16 +284,16 @@ def convert(
         recipe: per-layer overrides of ``config`` by name pattern (a rule may also skip a tensor).
         activations: Gram matrices ``X^T X`` of recorded layer inputs by weight name; the MPO cores of
             those weights are refit to minimise the output error on them
-            (:func:`mpocompress.refine.activation_refit`).
+            (:func:`mpocompress.core.refine.activation_refit`).
         tune: fine-tune the compressed model (needs ``model`` and ``train_batches``): the model is
             loaded with the checkpoint, compressed in memory, trained against the dense one as
-            teacher (:mod:`mpocompress.finetune`; data-parallel under ``torch.distributed``), and
+            teacher (:mod:`mpocompress.jobs.finetune`; data-parallel under ``torch.distributed``), and
             what it learnt is written.
         model: an ``nn.Module`` with the checkpoint's architecture (its state dict keys must be in
             the checkpoint).
         train_batches: fine-tuning batches.
         val_batches: held-out batches (default: a ``tune.val_fraction`` share of ``train_batches``).
-        tune_progress: called after each fine-tuning step (see :data:`mpocompress.finetune.TuneProgress`).
+        tune_progress: called after each fine-tuning step (see :data:`mpocompress.jobs.finetune.TuneProgress`).
         workers: local processes converting groups in parallel (1: in this process).
         strict: refuse (:class:`InputError`) a selected weight holding NaN or Inf; by default such a
             weight is stored unchanged, with a warning naming it.
@@ -645,7 +645,7 @@ def _tune(
     from torch import nn
 
     from mpocompress.codecs import pruner_mask
-    from mpocompress.finetune import (
+    from mpocompress.jobs.finetune import (
         apply_masks,
         evaluate,
         finetune,
@@ -653,7 +653,7 @@ def _tune(
         magnitude_masks,
         split_batch,
     )
-    from mpocompress.model import compress_
+    from mpocompress.nn.surgery import compress_
 
     if not isinstance(model, nn.Module):
         raise ConfigError(f"--model must give an nn.Module, got {type(model).__name__}")
@@ -692,7 +692,7 @@ def _tune(
     units = {c.param for _, c in pruned.values() if c.name == "units"}
     unit_summary: dict[str, Any] = {}
     if units:
-        from mpocompress.units import find_unit_groups, unit_masks
+        from mpocompress.nn.units import find_unit_groups, unit_masks
 
         if len(units) > 1:
             raise ConfigError("one --prune units:FRACTION for all weights (a recipe may not vary it)")
@@ -700,7 +700,7 @@ def _tune(
         umasks, removed = unit_masks(student, units.pop(), groups)
         unit_summary = {g.name: {"size": g.size, "removed": len(removed.get(g.name, []))} for g in groups}
         if not groups:
-            log.warning("--prune units: no hidden units are removable in this model (see mpocompress.units)")
+            log.warning("--prune units: no hidden units are removable in this model (see mpocompress.nn.units)")
         # every tensor a removed unit touches (biases and unselected weights too) keeps its zeros
         for p in [p for p, (_, c) in pruned.items() if c.name == "units"]:
             del pruned[p]
@@ -779,7 +779,7 @@ def _tune(
 
 
 def _activation_refit(row: LayerRow, matrix: torch.Tensor, tt: TTMatrix, gram: torch.Tensor) -> TTMatrix:
-    from mpocompress.refine import activation_refit, output_error
+    from mpocompress.core.refine import activation_refit, output_error
 
     if tuple(gram.shape) != (matrix.shape[1], matrix.shape[1]):
         raise InputError(
@@ -807,8 +807,8 @@ def _refit_codes(
     sweeps: int,
 ) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]]:
     """Quantize the cores one at a time with an ALS refit of the rest after each
-    (:func:`mpocompress.refine.refit_quantized`); keep it when it beats quantizing them directly."""
-    from mpocompress.refine import refit_quantized
+    (:func:`mpocompress.core.refine.refit_quantized`); keep it when it beats quantizing them directly."""
+    from mpocompress.core.refine import refit_quantized
 
     target = tt.to_matrix()  # the function the (possibly fine-tuned) cores compute
     coded: dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]] = {}
@@ -954,7 +954,7 @@ def inspect(
 
     Returns:
         ``{"compressed": False, "cores": ..., "layers": [{"name", "kind", "shape", **analysis}]}``
-        for a dense checkpoint (see :func:`mpocompress.spectra.analyze_matrix`), or
+        for a dense checkpoint (see :func:`mpocompress.core.spectra.analyze_matrix`), or
         ``{"compressed": True, "meta": <stored metadata>}`` for a ``convert`` output.
     """
     if cores < 2:

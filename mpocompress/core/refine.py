@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mpocompress.tt import TTMatrix, cores_to_matrix, relative_error
+from mpocompress.core.tt import TTMatrix, cores_to_matrix, relative_error
 
 #: relative rcond of the pseudo-inverses of the interface Gram matrices
 _RCOND = 1e-12
@@ -121,7 +121,7 @@ def als_refine(
 
     Args:
         weight: the ``(out, in)`` matrix ``tt`` approximates.
-        tt: starting cores (e.g. from :func:`mpocompress.tt.tt_svd`).
+        tt: starting cores (e.g. from :func:`mpocompress.core.tt.tt_svd`).
         sweeps: number of sweeps.
         frozen: indices of cores to keep as they are.
         min_gain: stop early when a sweep lowers the relative error by less than this.

@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from mpocompress.shapes import choose_modes, full_ranks
-from mpocompress.tt import energy_ranks, relative_error, svd_tail_error, tt_svd
+from mpocompress.core.modes import choose_modes, full_ranks
+from mpocompress.core.tt import energy_ranks, relative_error, svd_tail_error, tt_svd
 
 ENERGY_FRACTIONS = (0.9, 0.99, 0.999)
 

@@ -1,7 +1,7 @@
 """Pure contractions with MPO cores: ``x @ W^T`` and row gathers without building ``W``.
 
 Numerical core (no modules, no I/O). Cores have shape ``(r[k-1], out_modes[k], in_modes[k], r[k])``
-as produced by :func:`mpocompress.tt.tt_svd`; ``W`` is the (cropped) matrix they represent.
+as produced by :func:`mpocompress.core.tt.tt_svd`; ``W`` is the (cropped) matrix they represent.
 
 Two ways to compute ``y = x W^T`` for ``x`` of shape ``(N, in)``:
 

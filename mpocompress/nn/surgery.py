@@ -1,6 +1,6 @@
 """Walking a model: swap supported modules for MPO ones in place, or load a ``convert`` output.
 
-For users who have the model's code. Users with only a checkpoint use :mod:`mpocompress.pipeline`.
+For users who have the model's code. Users with only a checkpoint use :mod:`mpocompress.jobs.convert`.
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from mpocompress.compress import compress_matrix
+from mpocompress.core.compress import compress_matrix
 from mpocompress.config import MPOConfig, Recipe
 from mpocompress.errors import InputError
-from mpocompress.kinds import selected
-from mpocompress.modules import (
+from mpocompress.select import selected
+from mpocompress.nn.layers import (
     MPOGRU,
     MPOLSTM,
     MPOConv,
@@ -25,7 +25,7 @@ from mpocompress.modules import (
     MPOLSTMCell,
     MPOMatrices,
 )
-from mpocompress.tt import TTMatrix
+from mpocompress.core.tt import TTMatrix
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _RNN = {nn.LSTM: MPOLSTM, nn.GRU: MPOGRU, nn.LSTMCell: MPOLSTMCell, nn.GRUCell: MPOGRUCell}
@@ -131,7 +131,7 @@ def load_compressed_(model: nn.Module, path: str | Path, *, mode: str = "auto") 
             missing/unexpected tensors (named in the message).
     """
     from mpocompress.io import open_checkpoint, read_meta
-    from mpocompress.pipeline import stored_tensors
+    from mpocompress.jobs.convert import stored_tensors
 
     with open_checkpoint(path) as ckpt:
         meta = read_meta(ckpt)
@@ -189,7 +189,7 @@ def save_compressed(model: nn.Module, path: str | Path, *, config: MPOConfig | N
 
     from mpocompress import __version__
     from mpocompress.io import check_output, dtype_name, save_safetensors
-    from mpocompress.pipeline import FORMAT_VERSION
+    from mpocompress.jobs.convert import FORMAT_VERSION
 
     path = Path(path)
     check_output(path, [], force)
