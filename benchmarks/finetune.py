@@ -43,10 +43,10 @@ from _docs import write_block  # noqa: E402
 from mpocompress import MPOConfig, load_state_dict  # noqa: E402
 from mpocompress.config import TuneConfig  # noqa: E402
 from mpocompress.data import example_checkpoint  # noqa: E402
-from mpocompress.speech.example import batches, se_lstm  # noqa: E402
+from mpocompress.jobs.convert import convert  # noqa: E402
 from mpocompress.jobs.finetune import evaluate  # noqa: E402
 from mpocompress.nn.surgery import load_compressed_  # noqa: E402
-from mpocompress.jobs.convert import convert  # noqa: E402
+from mpocompress.speech.example import batches, se_lstm  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -33,9 +33,9 @@ import torch  # noqa: E402
 from _docs import write_block  # noqa: E402
 from torch import nn  # noqa: E402
 
-from mpocompress.nn.layers import MPOLSTM, MPOLinear  # noqa: E402
 from mpocompress.core.modes import choose_modes  # noqa: E402
 from mpocompress.core.tt import tt_svd  # noqa: E402
+from mpocompress.nn.layers import MPOLSTM, MPOLinear  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -23,7 +23,8 @@ from _docs import write_block  # noqa: E402
 from real_checkpoint import WORK, fetch  # noqa: E402
 
 from mpocompress.config import MPOConfig  # noqa: E402
-from mpocompress.jobs.convert import convert, inspect  # noqa: E402
+from mpocompress.jobs.convert import convert  # noqa: E402
+from mpocompress.jobs.inspect import inspect_checkpoint as inspect  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -29,7 +29,8 @@ import torch  # noqa: E402
 from _docs import write_block  # noqa: E402
 
 from mpocompress.config import MPOConfig  # noqa: E402
-from mpocompress.jobs.convert import convert, load_state_dict  # noqa: E402
+from mpocompress.jobs.convert import convert  # noqa: E402
+from mpocompress.jobs.decompress import load_state_dict  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "_work" / "minilm"

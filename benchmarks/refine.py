@@ -25,12 +25,12 @@ from _docs import write_block  # noqa: E402
 
 from mpocompress import load_state_dict  # noqa: E402
 from mpocompress.core.compress import singular_values  # noqa: E402
-from mpocompress.data import example_checkpoint  # noqa: E402
-from mpocompress.speech.example import batches, se_lstm  # noqa: E402
-from mpocompress.jobs.finetune import record_inputs  # noqa: E402
-from mpocompress.core.refine import activation_refit, als_refine, output_error  # noqa: E402
 from mpocompress.core.modes import choose_modes  # noqa: E402
+from mpocompress.core.refine import activation_refit, als_refine, output_error  # noqa: E402
 from mpocompress.core.tt import relative_error, svd_tail_error, tt_svd  # noqa: E402
+from mpocompress.data import example_checkpoint  # noqa: E402
+from mpocompress.jobs.finetune import record_inputs  # noqa: E402
+from mpocompress.speech.example import batches, se_lstm  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BOND = 8

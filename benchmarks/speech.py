@@ -288,8 +288,8 @@ def job_score(work: Path, setup: Setup, model: str, ckpt: Path | None) -> dict[s
     import torch
 
     torch.set_num_threads(1)
-    from mpocompress.io import import_object
-    from mpocompress.jobs.convert import load_state_dict
+    from mpocompress.jobs.decompress import load_state_dict
+    from mpocompress.jobs.inputs import import_object
     from mpocompress.speech.data import load_pairs
     from mpocompress.speech.evaluate import evaluate_systems
 

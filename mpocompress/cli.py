@@ -330,7 +330,7 @@ def convert(ctx: click.Context, input_path: Path, output_path: Path, bond_dim, t
 
     # every path this command writes is checked before any work starts
     from mpocompress.io import guard_outputs, input_paths
-    from mpocompress.jobs.convert import check_output_name
+    from mpocompress.jobs.plan import check_output_name
 
     check_output_name(output_path)
     outputs = [(output_path, "checkpoint")] + ([(report_path, "report")] if report_path is not None else [])
@@ -338,17 +338,18 @@ def convert(ctx: click.Context, input_path: Path, output_path: Path, bond_dim, t
 
     from mpocompress.errors import GateError
     from mpocompress.io import write_text
-    from mpocompress.jobs.convert import check_gates, parse_size
     from mpocompress.jobs.convert import convert as run_convert
+    from mpocompress.jobs.plan import parse_size
+    from mpocompress.report import check_gates
 
     shard_bytes = parse_size(max_shard_size)
     extra: dict[str, Any] = {}
     if activations_path is not None:
-        from mpocompress.io import read_activations
+        from mpocompress.jobs.inputs import read_activations
 
         extra["activations"] = read_activations(activations_path)
     if model_spec is not None:
-        from mpocompress.io import import_object, read_batches
+        from mpocompress.jobs.inputs import import_object, read_batches
 
         tune = TuneConfig(steps=steps, time=time_limit, lr=lr, train=train_sel, kd_weight=kd_weight, task_loss=task_loss,
                           batch_size=batch_size, ipkd=ipkd_rounds or 0, seed=seed)  # fmt: skip
@@ -428,8 +429,8 @@ def evaluate(checkpoints: tuple[Path, ...], model_spec: str, data_dir: Path, met
           --model mpocompress.speech.models:lstm_mask --data corpus/test
     """
     from mpocompress.errors import ConfigError, InputError
-    from mpocompress.io import import_object
-    from mpocompress.jobs.convert import load_state_dict
+    from mpocompress.jobs.decompress import load_state_dict
+    from mpocompress.jobs.inputs import import_object
     from mpocompress.speech.data import load_pairs
     from mpocompress.speech.evaluate import evaluate_systems
     from mpocompress.speech.metrics import METRICS
@@ -485,7 +486,7 @@ def evaluate(checkpoints: tuple[Path, ...], model_spec: str, data_dir: Path, met
 def inspect(path: Path, cores: int, include, exclude, as_json: bool, plot_path: Path | None, force: bool) -> None:
     """Show each layer's bond-dimension spectra (dense CKPT) or the kept bonds (compressed CKPT)."""
     from mpocompress.errors import ConfigError
-    from mpocompress.jobs.convert import inspect as run_inspect
+    from mpocompress.jobs.inspect import inspect_checkpoint as run_inspect
 
     if plot_path is not None:
         try:
@@ -521,7 +522,7 @@ def inspect(path: Path, cores: int, include, exclude, as_json: bool, plot_path: 
 @_errors
 def decompress(input_path: Path, output_path: Path, force: bool, as_json: bool) -> None:
     """Rebuild the dense state dict of a compressed checkpoint (loads with strict=True)."""
-    from mpocompress.jobs.convert import decompress as run_decompress
+    from mpocompress.jobs.decompress import decompress as run_decompress
 
     summary = run_decompress(input_path, output_path, force=force)
     if as_json:

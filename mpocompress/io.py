@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from mpocompress.errors import InputError, OutputError
+from mpocompress.format import DECOMPRESSED_KEY, META_KEY
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +37,6 @@ TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 INDEX_NAME = "model.safetensors.index.json"
 #: keys under which training scripts nest the state dict, tried in this order
 NESTING_KEYS = ("state_dict", "model_state_dict", "model_state", "model", "module", "net", "network", "weights")
-META_KEY = "mpocompress"
-#: version of the on-disk format written here (docs/format.md); readers refuse newer versions
-FORMAT_VERSION = 1
 
 _ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -384,10 +382,17 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
 # writing
 
 
+def partial_path(output: Path) -> Path:
+    """The work folder of a conversion into ``output``: ``.NAME.partial`` beside it."""
+    return output.parent / f".{output.name}.partial"
+
+
+LOCK_NAME = "lock"
+
+
 #: what an output is, for the --force rule: only something recognisably written by mpocompress is replaced
 OUTPUT_KINDS = ("checkpoint", "dense", "report", "plot")
 _SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
-DECOMPRESSED_KEY = "mpocompress_decompressed"
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -698,83 +703,10 @@ def pack_safetensors(sources: list[Path], path: Path, metadata: dict[str, str] |
     return [e[1] for e in entries], offset
 
 
-def partial_path(output: Path) -> Path:
-    """The work folder of a conversion into ``output``: ``.NAME.partial`` beside it."""
-    return output.parent / f".{output.name}.partial"
 
 
-LOCK_NAME = "lock"
 
 
-class OutputLock:
-    """An exclusive lock on a conversion's output: ``lock`` in its work folder, holding the owner's pid
-    and host, locked with ``flock`` so the kernel frees it when the owner dies (a lock file left by
-    a dead process is stale and taken over). A second conversion to the same output fails fast.
-    ``torchrun`` ranks of one job share rank 0's lock.
-    """
-
-    def __init__(self, output: Path):
-        self.output = output
-        self.folder = partial_path(output)
-        self.path = self.folder / LOCK_NAME
-        self._fd: int | None = None
-
-    def acquire(self) -> None:
-        """Take the lock, or raise :class:`OutputError` naming the owner."""
-        import fcntl
-        import socket
-        import time
-
-        for _ in range(5):
-            with writing(self.folder):
-                self.folder.mkdir(exist_ok=True)
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                os.close(fd)
-                owner = self.owner()
-                who = f" (pid {owner.get('pid')} on {owner.get('host')})" if owner else ""
-                raise OutputError(f"another conversion is writing {self.output}{who}") from None
-            try:  # the file may have been removed by its previous owner between open and flock
-                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
-                    break
-            except FileNotFoundError:
-                pass
-            os.close(fd)
-        else:
-            raise OutputError(f"{self.path}: could not take the lock")
-        previous = os.read(fd, 4096)
-        if previous.strip():
-            log.info("%s: taking over a stale lock (%s)", self.path, previous.decode(errors="replace").strip())
-        os.ftruncate(fd, 0)
-        os.lseek(fd, 0, os.SEEK_SET)
-        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}).encode())
-        self._fd = fd
-
-    def owner(self) -> dict[str, Any] | None:
-        try:
-            data = json.loads(self.path.read_text())
-            return data if isinstance(data, dict) else None
-        except (OSError, ValueError):
-            return None
-
-    def release(self) -> None:
-        """Free the lock; a work folder holding nothing else is removed with it."""
-        if self._fd is None:
-            return
-        try:
-            if self.folder.is_dir() and {f.name for f in self.folder.iterdir()} == {LOCK_NAME}:
-                self.path.unlink()
-                self.folder.rmdir()
-        except OSError:
-            pass
-        os.close(self._fd)
-        self._fd = None
-
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
 
 
 @contextmanager
@@ -797,121 +729,6 @@ def deferred_interrupts() -> Iterator[list[int]]:
             signal.signal(sig, handler)
 
 
-class GroupStore:
-    """The work folder of a resumable conversion: one safetensors file per group of input tensors.
-
-    Each group file is written atomically, then a small manifest holding its SHA-256, the job's
-    fingerprint and the group's report record. On a rerun a group counts as done only when its
-    manifest matches the job and the file's hash matches the manifest (verified, not trusted);
-    anything else is redone. :meth:`finish` packs the groups into the final file or shards and
-    removes the work folder. Several processes may write different groups at once.
-    """
-
-    def __init__(self, output: Path, fingerprint: str, n_groups: int):
-        self.output = output
-        self.path = partial_path(output)
-        self.fingerprint = fingerprint
-        self.n_groups = n_groups
-
-    def group_file(self, i: int) -> Path:
-        return self.path / f"group-{i:05d}.safetensors"
-
-    def _manifest(self, i: int) -> Path:
-        return self.path / f"group-{i:05d}.json"
-
-    def prepare(self) -> bool:
-        """Create the work folder, or keep one left by the same job. Returns True when kept."""
-        job = self.path / "job.json"
-        if self.path.is_dir():
-            try:
-                same = json.loads(job.read_text()).get("fingerprint") == self.fingerprint
-            except (OSError, ValueError):
-                same = False
-            if same:
-                return True
-            if any(f.name != LOCK_NAME for f in self.path.iterdir()):
-                log.warning("%s: left by a different or unreadable job; starting again", self.path)
-            for f in self.path.iterdir():
-                if f.name != LOCK_NAME:
-                    shutil.rmtree(f) if f.is_dir() and not f.is_symlink() else f.unlink()
-        with writing(self.path):
-            self.path.mkdir(exist_ok=True)
-        write_text(job, json.dumps({"fingerprint": self.fingerprint, "groups": self.n_groups}) + "\n")
-        return False
-
-    def verified(self, i: int) -> dict[str, Any] | None:
-        """The record of group ``i`` if its file is complete and intact, else None (and it is removed)."""
-        manifest, data = self._manifest(i), self.group_file(i)
-        try:
-            m = json.loads(manifest.read_text())
-            ok = m.get("fingerprint") == self.fingerprint and m.get("sha256") == file_sha256(data)
-        except (OSError, ValueError):
-            ok = False
-        if ok:
-            return m["record"]
-        if manifest.exists() or data.exists():
-            log.warning("%s: group %d is incomplete or corrupt; redoing it", self.path, i)
-        manifest.unlink(missing_ok=True)
-        data.unlink(missing_ok=True)
-        return None
-
-    def write(self, i: int, tensors: Mapping[str, torch.Tensor], record: dict[str, Any]) -> None:
-        data = self.group_file(i)
-        save_safetensors(tensors, data, {"format": "pt"})
-        manifest = {"fingerprint": self.fingerprint, "sha256": file_sha256(data), "record": record}
-        write_text(self._manifest(i), json.dumps(manifest, sort_keys=True) + "\n")
-
-    def group_bytes(self, i: int) -> int:
-        header, start = read_safetensors_header(self.group_file(i))
-        return self.group_file(i).stat().st_size - start
-
-    def finish(self, metadata: dict[str, str], max_shard_bytes: int) -> None:
-        """Pack the groups into ``output`` (one file if it ends in ``.safetensors``, else a sharded
-        folder with ``model.safetensors.index.json``), atomically, then remove the work folder."""
-        groups = [self.group_file(i) for i in range(self.n_groups)]
-        if self.output.suffix == ".safetensors":
-            pack_safetensors(groups, self.output, metadata)
-        else:
-            shards: list[list[int]] = []
-            size = 0
-            for i in range(self.n_groups):
-                b = self.group_bytes(i)
-                if not shards or (size + b > max_shard_bytes and shards[-1]):
-                    shards.append([])
-                    size = 0
-                shards[-1].append(i)
-                size += b
-            with writing(self.output):
-                tmp = Path(tempfile.mkdtemp(prefix=f".{self.output.name}.", suffix=".tmp", dir=self.output.parent))
-            try:
-                weight_map, total = {}, 0
-                for k, members in enumerate(shards):
-                    final = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-                    names, nbytes = pack_safetensors([groups[i] for i in members], tmp / final, {"format": "pt"})
-                    weight_map.update(dict.fromkeys(names, final))
-                    total += nbytes
-                index = {"metadata": {"total_size": total, **metadata}, "weight_map": weight_map}
-                with writing(self.output):
-                    (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True))
-                    _replace(tmp, self.output)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-        with deferred_interrupts() as received:
-            self.discard()
-        if received:
-            raise KeyboardInterrupt
-
-    def discard(self) -> None:
-        """Remove the work folder: renamed aside first (one atomic step), then deleted."""
-        if not self.path.exists():
-            return
-        trash = self.path.with_name(f"{self.path.name}.old-{os.getpid()}")
-        try:
-            os.replace(self.path, trash)
-        except OSError:
-            trash = self.path
-        shutil.rmtree(trash, ignore_errors=True)
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -935,273 +752,29 @@ def path_size(path: Path) -> int:
     return path.stat().st_size
 
 
-def read_meta(ckpt: Checkpoint) -> dict[str, Any] | None:
-    """The mpocompress metadata of a compressed checkpoint, or None for a dense one.
-
-    Every reader goes through here: the format version is checked (a newer one is refused) and the
-    layer entries are validated, so tampered metadata is bad input (exit 3), never a crash.
-    """
-    raw = ckpt.metadata().get(META_KEY)
-    if raw is None:
-        return None
-    try:
-        meta = json.loads(raw)
-    except ValueError as e:
-        raise InputError(f"{ckpt.path}: corrupt mpocompress metadata ({e})") from e
-    if not isinstance(meta, dict) or meta.get("format") != "mpocompress":
-        raise InputError(f"{ckpt.path}: metadata key {META_KEY!r} is not mpocompress metadata")
-    version = meta.get("format_version", 0)
-    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
-        raise InputError(f"{ckpt.path}: corrupt mpocompress metadata (format_version {version!r})")
-    if version > FORMAT_VERSION:
-        raise InputError(
-            f"{ckpt.path}: format version {version} is newer than this mpocompress reads ({FORMAT_VERSION}); "
-            "upgrade mpocompress"
-        )
-    layers = meta.get("layers")
-    if not isinstance(layers, dict):
-        raise InputError(f"{ckpt.path}: corrupt mpocompress metadata ('layers' is not a mapping)")
-    for name, entry in layers.items():
-        problem = _entry_problem(entry)
-        if problem:
-            raise InputError(f"{ckpt.path}: corrupt mpocompress metadata for {name!r}: {problem}")
-    return meta
 
 
-def _ints(v: Any, n: int | None = None) -> bool:
-    return (
-        isinstance(v, list)
-        and (n is None or len(v) == n)
-        and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v)
-    )
 
 
-def _entry_problem(entry: Any) -> str | None:
-    """What is wrong with one layer entry of the metadata, or None."""
-    if not isinstance(entry, dict):
-        return "not a mapping"
-    if not _ints(entry.get("shape")) or len(entry["shape"]) < 2:
-        return f"shape {entry.get('shape')!r}"
-    if entry.get("dtype") not in ("float64", "float32", "float16", "bfloat16"):
-        return f"dtype {entry.get('dtype')!r}"
-    method = entry.get("method", "mpo")
-    if method not in ("mpo", "codec", "dense"):
-        return f"method {method!r}"
-    if method == "mpo":
-        if not _ints(entry.get("matrix_shape"), 2) or math.prod(entry["matrix_shape"]) != math.prod(entry["shape"]):
-            return f"matrix_shape {entry.get('matrix_shape')!r} does not fit shape {entry['shape']}"
-        cores = entry.get("cores")
-        if not isinstance(cores, list) or len(cores) < 2 or not all(isinstance(c, str) for c in cores):
-            return "cores must name 2 or more tensors"
-        if not (_ints(entry.get("out_modes"), len(cores)) and _ints(entry.get("in_modes"), len(cores))):
-            return "out_modes/in_modes must list one mode per core"
-    encoded = entry.get("encoded", {})
-    if not isinstance(encoded, dict) or not all(
-        isinstance(m, dict) and isinstance(m.get("parts"), dict) and all(isinstance(v, str) for v in m["parts"].values())
-        for m in encoded.values()
-    ):
-        return "encoded parts must map names to tensors"
-    return None
 
 
 # ---------------------------------------------------------------------------------------------
 # fine-tuning inputs: user code (--model, --data factories), batch files, recorded activations
 
 
-def import_object(spec: str, what: str = "--model") -> Any:
-    """The object ``spec`` names: ``pkg.module:attr`` (importable, the working directory first on the
-    path) or ``path/to/file.py:attr``. This runs the user's code, by their explicit request; it
-    never unpickles anything.
-
-    Raises:
-        ConfigError: a malformed spec, a module that does not import, or a missing attribute.
-    """
-    import importlib
-    import importlib.util
-    import sys
-
-    from mpocompress.errors import ConfigError
-
-    mod_name, sep, attr = spec.rpartition(":")
-    if not sep or not mod_name or not attr:
-        raise ConfigError(f"{what} {spec!r}: expected 'package.module:factory' or 'file.py:factory'")
-    try:
-        if mod_name.endswith(".py"):
-            path = Path(mod_name)
-            if not path.is_file():
-                raise ConfigError(f"{what} {spec!r}: no such file {mod_name}")
-            unique = f"_mpocompress_user_{abs(hash(str(path.resolve())))}"
-            module_spec = importlib.util.spec_from_file_location(unique, path)
-            module = importlib.util.module_from_spec(module_spec)
-            sys.modules[unique] = module
-            module_spec.loader.exec_module(module)
-        else:
-            cwd = os.getcwd()
-            if cwd not in sys.path:
-                sys.path.insert(0, cwd)
-            module = importlib.import_module(mod_name)
-    except ConfigError:
-        raise
-    except Exception as e:  # the user's module failed to import: say why, in one line
-        raise ConfigError(f"{what} {spec!r}: cannot import {mod_name}: {type(e).__name__}: {e}") from e
-    obj = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ConfigError(f"{what} {spec!r}: {mod_name} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    return obj
 
 
-def _batches_from_file(path: Path, batch_size: int) -> list[Any]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise InputError(f"{path}: not a readable safetensors file ({e})") from e
-    if "inputs" in tensors:
-        x, y = tensors["inputs"], tensors.get("targets")
-        if y is not None and y.shape[0] != x.shape[0]:
-            raise InputError(f"{path}: 'inputs' has {x.shape[0]} rows but 'targets' has {y.shape[0]}")
-        out: list[Any] = []
-        for i in range(0, x.shape[0], batch_size):
-            out.append(x[i : i + batch_size] if y is None else (x[i : i + batch_size], y[i : i + batch_size]))
-        return out
-    keys = sorted((k for k in tensors if re.fullmatch(r"inputs\.\d+", k)), key=lambda k: int(k.split(".")[1]))
-    if not keys:
-        raise InputError(f"{path}: expected a tensor 'inputs' (and 'targets'), or 'inputs.0', 'inputs.1', ... (and 'targets.K')")
-    return [
-        tensors[k] if f"targets.{k.split('.')[1]}" not in tensors else (tensors[k], tensors[f"targets.{k.split('.')[1]}"])
-        for k in keys
-    ]
 
 
-def read_batches(spec: str, batch_size: int = 16, max_batches: int = 100_000) -> list[Any]:
-    """Fine-tuning batches from ``spec``.
-
-    * a ``.safetensors`` file holding ``inputs`` (split along dim 0 into ``batch_size`` rows) and
-      optionally ``targets``; or one batch per ``inputs.K`` (and ``targets.K``);
-    * a folder of such files (sorted by name, batches concatenated);
-    * ``pkg.module:factory`` / ``file.py:factory``: a callable returning an iterable of batches
-      (tensors, or ``(inputs, targets)`` pairs); at most ``max_batches`` are taken.
-    """
-    from mpocompress.errors import ConfigError
-
-    path = Path(spec)
-    if path.is_dir():
-        files = sorted(path.glob("*.safetensors"))
-        if not files:
-            raise InputError(f"{path}: folder holds no .safetensors batch files")
-        return [b for f in files for b in _batches_from_file(f, batch_size)]
-    if path.is_file() or spec.endswith(".safetensors"):
-        if not path.is_file():
-            raise InputError(f"{path}: no such file")
-        return _batches_from_file(path, batch_size)
-    factory = import_object(spec, "--data")
-    if not callable(factory):
-        raise ConfigError(f"--data {spec!r}: not callable")
-    try:
-        data = factory()
-        import itertools
-
-        batches = list(itertools.islice(iter(data), max_batches))
-    except ConfigError:
-        raise
-    except Exception as e:
-        raise ConfigError(f"--data {spec!r}: the factory failed: {type(e).__name__}: {e}") from e
-    return batches
 
 
-def read_activations(path: Path) -> dict[str, torch.Tensor]:
-    """Recorded layer inputs for ``convert --activations``: a safetensors file whose tensors are named
-    by weight (``fc.weight``) and hold either input rows ``(n, in)`` (any leading dims, flattened)
-    or, named ``fc.weight.gram``, their Gram matrix ``(in, in)``. Returns Gram matrices by weight name.
-    """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        raise InputError(f"{path}: no such file")
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise InputError(f"{path}: not a readable safetensors file ({e})") from e
-    grams: dict[str, torch.Tensor] = {}
-    for name, t in tensors.items():
-        if name.endswith(".gram"):
-            if t.dim() != 2 or t.shape[0] != t.shape[1]:
-                raise InputError(f"{path}: {name} must be a square Gram matrix, got shape {list(t.shape)}")
-            grams[name.removesuffix(".gram")] = t.double()
-        else:
-            x = t.reshape(-1, t.shape[-1]).double()
-            grams[name] = x.T @ x
-    for name, g in grams.items():
-        if not bool(torch.isfinite(g).all()):
-            raise InputError(f"{path}: the recorded inputs of {name} hold NaN/Inf")
-        if float(torch.diagonal(g).sum()) <= 0.0:
-            raise InputError(f"{path}: the recorded inputs of {name} are all zero (an all-zero Gram matrix): nothing to fit")
-    return grams
 
 
 # ---------------------------------------------------------------------------------------------
 # audio (the speech workbench): 16-bit PCM wav through the standard library
 
 
-def read_wav(path: Path) -> tuple[Any, int]:
-    """A mono 16-bit PCM wav file as float32 samples in [-1, 1] (numpy) and its sample rate.
-
-    Raises:
-        InputError: not a readable mono 16-bit PCM wav file.
-    """
-    import wave
-
-    import numpy as np
-
-    try:
-        with wave.open(str(path), "rb") as w:
-            if w.getsampwidth() != 2 or w.getnchannels() != 1:
-                raise InputError(
-                    f"{path}: need mono 16-bit PCM wav, got {w.getnchannels()} channel(s) of "
-                    f"{8 * w.getsampwidth()} bits (convert with: sox IN -c 1 -b 16 OUT)"
-                )
-            raw = w.readframes(w.getnframes())
-            rate = w.getframerate()
-    except (OSError, EOFError, wave.Error) as e:
-        raise InputError(f"{path}: not a readable wav file ({e})") from e
-    return np.frombuffer(raw, dtype="<i2").astype(np.float32) / 32768.0, rate
 
 
-def write_wav(path: Path, samples: Any, rate: int) -> None:
-    """Write mono float samples as 16-bit PCM wav, atomically (clipped to [-1, 1])."""
-    import wave
-
-    import numpy as np
-
-    data = (np.clip(np.asarray(samples, dtype=np.float64), -1.0, 1.0 - 1 / 32768) * 32768).round().astype("<i2")
-    with atomic_path(path) as tmp:
-        with wave.open(str(tmp), "wb") as w:
-            w.setnchannels(1)
-            w.setsampwidth(2)
-            w.setframerate(rate)
-            w.writeframes(data.tobytes())
 
 
-def paired_wavs(root: Path) -> list[tuple[Path, Path]]:
-    """``(noisy, clean)`` wav pairs of a speech-enhancement set: ``root/noisy/*.wav`` and the clean
-    file of the same name in ``root/clean/``, sorted by name.
-
-    Raises:
-        InputError: the folders are missing, empty, or a noisy file has no clean partner.
-    """
-    root = Path(root)
-    noisy_dir, clean_dir = root / "noisy", root / "clean"
-    if not noisy_dir.is_dir() or not clean_dir.is_dir():
-        raise InputError(f"{root}: a speech-enhancement set needs folders noisy/ and clean/ (wav files, same names)")
-    noisy = sorted(noisy_dir.glob("*.wav"))
-    if not noisy:
-        raise InputError(f"{noisy_dir}: no .wav files")
-    lacking = [p.name for p in noisy if not (clean_dir / p.name).is_file()]
-    if lacking:
-        raise InputError(f"{clean_dir}: lacks the clean partner of {len(lacking)} noisy file(s), e.g. {lacking[0]!r}")
-    return [(p, clean_dir / p.name) for p in noisy]

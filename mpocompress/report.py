@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from mpocompress.config import Gates
+from mpocompress.errors import GateError
+
 REPORT_VERSION = 1
 
 
@@ -108,3 +111,24 @@ class Report:
             **({"finetune": self.finetune} if self.finetune is not None else {}),
             **({"work": self.work} if self.work else {}),
         }
+
+
+def check_gates(report: Report, gates: Gates) -> None:
+    """Raise :class:`GateError` when the report misses a gate (records the outcome in ``report.gates``)."""
+    failures = []
+    totals = report.totals()
+    if gates.max_error is not None:
+        bad = [r for r in report.rows if r.rel_error > gates.max_error]
+        report.gates["max_error"] = {"limit": gates.max_error, "failed_layers": [r.name for r in bad]}
+        if bad:
+            worst = max(bad, key=lambda r: r.rel_error)
+            failures.append(
+                f"{len(bad)} layer(s) above --max-error {gates.max_error:g} (worst {worst.name}: {worst.rel_error:.4g})"
+            )
+    if gates.min_ratio is not None:
+        report.gates["min_ratio"] = {"limit": gates.min_ratio, "ratio": totals["ratio"]}
+        if totals["ratio"] < gates.min_ratio:
+            failures.append(f"total ratio {totals['ratio']:.3g}x below --min-ratio {gates.min_ratio:g}")
+    report.gates["passed"] = not failures
+    if failures:
+        raise GateError("quality gate failed: " + "; ".join(failures))

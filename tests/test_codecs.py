@@ -21,9 +21,10 @@ from mpocompress.codecs import (
     unpack_bits,
 )
 from mpocompress.config import MPOConfig
-from mpocompress.errors import ConfigError
-from mpocompress.jobs.convert import convert, load_state_dict
 from mpocompress.core.tt import snr_db
+from mpocompress.errors import ConfigError
+from mpocompress.jobs.convert import convert
+from mpocompress.jobs.decompress import load_state_dict
 
 
 def chain(text):
@@ -202,8 +203,8 @@ def test_cli_prune_quantize_and_inspect(tmp_path, trained_like):
 def test_load_compressed_with_quantized_cores(tmp_path):
     from torch import nn
 
-    from mpocompress.nn.surgery import load_compressed_
     from mpocompress.nn.layers import MPOLinear
+    from mpocompress.nn.surgery import load_compressed_
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 10))

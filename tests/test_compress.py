@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from mpocompress.core.compress import compress_matrix
 from mpocompress.config import MPOConfig
-from mpocompress.errors import ConfigError
+from mpocompress.core.compress import compress_matrix
 from mpocompress.core.tt import relative_error, svd_tail_error
+from mpocompress.errors import ConfigError
 
 
 def decaying(o, i, seed=0, tau=6.0):

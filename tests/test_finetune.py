@@ -12,7 +12,6 @@ from mpocompress import MPOConfig, load_state_dict
 from mpocompress.cli import main
 from mpocompress.config import TuneConfig
 from mpocompress.data import example_checkpoint
-from mpocompress.speech.example import batches, se_lstm
 from mpocompress.jobs.finetune import (
     evaluate,
     finetune,
@@ -23,6 +22,7 @@ from mpocompress.jobs.finetune import (
     trainable,
 )
 from mpocompress.nn.surgery import compress_, load_compressed_
+from mpocompress.speech.example import batches, se_lstm
 
 WEIGHTS = ["inp.weight", "lstm.weight_ih_l0", "lstm.weight_hh_l0", "out.weight"]
 

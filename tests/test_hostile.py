@@ -17,8 +17,11 @@ from safetensors.torch import load_file, save_file
 from mpocompress import MPOConfig
 from mpocompress.cli import main
 from mpocompress.errors import InputError, Interrupted
-from mpocompress.io import OutputLock, open_checkpoint, read_meta, read_safetensors_header
-from mpocompress.jobs.convert import convert, load_state_dict
+from mpocompress.format import read_meta
+from mpocompress.io import open_checkpoint, read_safetensors_header
+from mpocompress.jobs.convert import convert
+from mpocompress.jobs.decompress import load_state_dict
+from mpocompress.jobs.workdir import OutputLock
 
 
 def run(*args):
@@ -144,7 +147,7 @@ def test_a_second_run_on_a_locked_output_fails_fast(tmp_path, trained_like):
 
 
 def test_ctrl_c_after_the_final_rename_tells_the_truth(tmp_path, trained_like, monkeypatch):
-    from mpocompress.io import GroupStore
+    from mpocompress.jobs.workdir import GroupStore
 
     original = GroupStore.discard
 
@@ -162,12 +165,12 @@ def test_ctrl_c_after_the_final_rename_tells_the_truth(tmp_path, trained_like, m
 
 
 def test_ctrl_c_during_the_work_says_nothing_was_written(tmp_path, trained_like, monkeypatch):
-    import mpocompress.jobs.convert as pl
+    import mpocompress.jobs.workers as pl
 
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pl, "_compress_tensor", boom)
+    monkeypatch.setattr(pl, "compress_tensor", boom)
     out = tmp_path / "o.safetensors"
     with pytest.raises(Interrupted, match="was not written"):
         convert(trained_like, out, MPOConfig(ratio=3))

@@ -5,9 +5,12 @@ from hypothesis import strategies as st
 from torch import nn
 
 from mpocompress.config import MPOConfig
-from mpocompress.errors import InputError
 from mpocompress.core.contract import build_flops, chain_flops, mpo_chain, mpo_rows
-from mpocompress.nn.surgery import compress_, load_compressed_, save_compressed
+from mpocompress.core.modes import choose_modes
+from mpocompress.core.tt import tt_svd
+from mpocompress.errors import InputError
+from mpocompress.jobs.convert import convert
+from mpocompress.jobs.decompress import load_state_dict
 from mpocompress.nn.layers import (
     MPOGRU,
     MPOLSTM,
@@ -17,9 +20,7 @@ from mpocompress.nn.layers import (
     MPOLinear,
     MPOLSTMCell,
 )
-from mpocompress.jobs.convert import convert, load_state_dict
-from mpocompress.core.modes import choose_modes
-from mpocompress.core.tt import tt_svd
+from mpocompress.nn.surgery import compress_, load_compressed_, save_compressed
 
 F64 = torch.float64
 

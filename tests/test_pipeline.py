@@ -9,7 +9,10 @@ from safetensors.torch import load_file, save_file
 import mpocompress
 from mpocompress.config import Gates, MPOConfig
 from mpocompress.errors import GateError, InputError, OutputError
-from mpocompress.jobs.convert import check_gates, convert, decompress, inspect, load_state_dict
+from mpocompress.jobs.convert import convert
+from mpocompress.jobs.decompress import decompress, load_state_dict
+from mpocompress.jobs.inspect import inspect_checkpoint as inspect
+from mpocompress.report import check_gates
 
 
 def test_full_bond_round_trip_loads_strict(tmp_path, zoo, zoo_file):
@@ -132,12 +135,12 @@ def test_output_safety(tmp_path, trained_like):
 
 
 def test_failure_leaves_no_partial_output(tmp_path, trained_like, monkeypatch):
-    import mpocompress.jobs.convert as pl
+    import mpocompress.jobs.workers as pl
 
     def boom(*a, **k):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(pl, "_compress_tensor", boom)
+    monkeypatch.setattr(pl, "compress_tensor", boom)
     for out in (tmp_path / "x.safetensors", tmp_path / "xdir"):
         with pytest.raises(RuntimeError):
             convert(trained_like, out, MPOConfig(bond_dim=2))

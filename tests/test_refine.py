@@ -7,8 +7,8 @@ from hypothesis import strategies as st
 
 from mpocompress.codecs import decode, encode
 from mpocompress.config import Codec
-from mpocompress.core.refine import activation_refit, als_refine, output_error, refit_quantized
 from mpocompress.core.modes import choose_modes
+from mpocompress.core.refine import activation_refit, als_refine, output_error, refit_quantized
 from mpocompress.core.tt import TTMatrix, cores_to_matrix, relative_error, tt_svd
 
 

@@ -17,7 +17,10 @@ from safetensors.torch import save_file
 from mpocompress.codecs import magnitude_threshold
 from mpocompress.config import MPOConfig
 from mpocompress.io import pack_safetensors, partial_path
-from mpocompress.jobs.convert import convert, load_state_dict
+from mpocompress.jobs.convert import convert
+
+#: small enough that the test checkpoint splits into several groups and shards
+from mpocompress.jobs.decompress import load_state_dict
 
 #: small enough that the test checkpoint splits into several groups and shards
 SHARD = 40_000

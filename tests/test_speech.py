@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from mpocompress.errors import ConfigError, InputError
-from mpocompress.io import paired_wavs, read_wav, write_wav
 from mpocompress.speech import (
     METRICS,
     MPOSpec,
@@ -24,6 +23,7 @@ from mpocompress.speech import (
 )
 from mpocompress.speech.data import enhance, load_pairs, make_batches, utterance_features
 from mpocompress.speech.evaluate import evaluate_systems
+from mpocompress.speech.wav import paired_wavs, read_wav, write_wav
 
 SR = 16000
 

@@ -7,7 +7,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mpocompress.core.modes import choose_modes
-from mpocompress.core.tt import cores_to_matrix, energy_ranks, relative_error, svd_tail_error, tt_svd
+from mpocompress.core.tt import (
+    cores_to_matrix,
+    energy_ranks,
+    relative_error,
+    svd_tail_error,
+    tt_svd,
+)
 
 
 @pytest.mark.parametrize("shape", [(64, 64), (257, 100), (161, 30), (12, 600)])

@@ -13,9 +13,9 @@ from mpocompress.cli import main
 from mpocompress.codecs import decode, encode, nbytes
 from mpocompress.config import Codec
 from mpocompress.data import example_checkpoint
-from mpocompress.speech.example import batches, se_lstm
 from mpocompress.jobs.finetune import apply_masks
 from mpocompress.nn.units import find_unit_groups, masks_for, unit_masks
+from mpocompress.speech.example import batches, se_lstm
 
 
 class Res(nn.Module):

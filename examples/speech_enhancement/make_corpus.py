@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mpocompress.io import write_wav
+from mpocompress.speech.wav import write_wav
 
 SR = 16000
 ACCENTS = ["en-gb", "en-us", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan", "en-gb-x-gbcwmd", "en-029", "en-us-nyc"]

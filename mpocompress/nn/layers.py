@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mpocompress.core.compress import compress_matrix
 from mpocompress.config import MPOConfig
+from mpocompress.core.compress import compress_matrix
 from mpocompress.core.contract import build_flops, chain_flops, chain_mats, mpo_chain, mpo_rows
 from mpocompress.core.modes import choose_modes
 from mpocompress.core.tt import TTMatrix, cores_to_matrix, tt_svd

@@ -11,10 +11,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from mpocompress.core.compress import compress_matrix
 from mpocompress.config import MPOConfig, Recipe
+from mpocompress.core.compress import compress_matrix
+from mpocompress.core.tt import TTMatrix
 from mpocompress.errors import InputError
-from mpocompress.select import selected
 from mpocompress.nn.layers import (
     MPOGRU,
     MPOLSTM,
@@ -25,7 +25,7 @@ from mpocompress.nn.layers import (
     MPOLSTMCell,
     MPOMatrices,
 )
-from mpocompress.core.tt import TTMatrix
+from mpocompress.select import selected
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _RNN = {nn.LSTM: MPOLSTM, nn.GRU: MPOGRU, nn.LSTMCell: MPOLSTMCell, nn.GRUCell: MPOGRUCell}
@@ -130,8 +130,8 @@ def load_compressed_(model: nn.Module, path: str | Path, *, mode: str = "auto") 
         InputError: not a compressed checkpoint, a layer the model lacks, a shape mismatch, or
             missing/unexpected tensors (named in the message).
     """
-    from mpocompress.io import open_checkpoint, read_meta
-    from mpocompress.jobs.convert import stored_tensors
+    from mpocompress.format import read_meta, stored_tensors
+    from mpocompress.io import open_checkpoint
 
     with open_checkpoint(path) as ckpt:
         meta = read_meta(ckpt)
@@ -188,8 +188,8 @@ def save_compressed(model: nn.Module, path: str | Path, *, config: MPOConfig | N
     import json
 
     from mpocompress import __version__
+    from mpocompress.format import FORMAT_VERSION
     from mpocompress.io import check_output, dtype_name, save_safetensors
-    from mpocompress.jobs.convert import FORMAT_VERSION
 
     path = Path(path)
     check_output(path, [], force)

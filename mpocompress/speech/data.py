@@ -31,7 +31,7 @@ SEGMENT_FRAMES = 200
 
 def load_pairs(root: str | Path, sample_rate: int = 16000, limit: int | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """The ``(noisy, clean)`` waveforms of a set folder (``noisy/``, ``clean/``), checked for rate and length."""
-    from mpocompress.io import paired_wavs, read_wav
+    from mpocompress.speech.wav import paired_wavs, read_wav
 
     out = []
     for noisy_path, clean_path in paired_wavs(Path(root))[:limit]:

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mpocompress.nn.layers import MPOLSTM, MPOLinear, _random_cores
 from mpocompress.core.modes import bond_dims_for, choose_modes
 from mpocompress.core.tt import TTMatrix
+from mpocompress.nn.layers import MPOLSTM, MPOLinear, _random_cores
 
 
 @dataclass(frozen=True)

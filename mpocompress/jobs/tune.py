@@ -1,0 +1,173 @@
+"""Fine-tuning inside a conversion: load the checkpoint into the user's model, compress and prune it
+in memory, train it against the dense model (:mod:`mpocompress.jobs.finetune`), and hand back what
+to write (trained tensors and, per weight, the plan fine-tuning settled).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import torch
+
+from mpocompress.codecs import magnitude_threshold
+from mpocompress.config import Codec, MPOConfig, Recipe, TuneConfig
+from mpocompress.core.tt import TTMatrix
+from mpocompress.errors import ConfigError, InputError
+from mpocompress.format import core_name
+from mpocompress.io import Checkpoint
+from mpocompress.jobs.plan import LayerPlan
+
+log = logging.getLogger(__name__)
+
+
+def finetune_in_memory(
+    ckpt: Checkpoint,
+    layers: list[str],
+    config: MPOConfig,
+    recipe: Recipe | None,
+    tune: TuneConfig,
+    model: Any,
+    train: list[Any],
+    val: list[Any] | None,
+    progress: Any,
+) -> tuple[dict[str, torch.Tensor], dict[str, LayerPlan], dict[str, Any]]:
+    """Load the checkpoint into ``model``, compress/prune it in memory, fine-tune it against the
+    dense model, and return what to write: ``(trained tensors by name, plans by weight, summary)``."""
+    import copy
+
+    from torch import nn
+
+    from mpocompress.codecs import pruner_mask
+    from mpocompress.jobs.finetune import (
+        apply_masks,
+        evaluate,
+        finetune,
+        ipkd,
+        magnitude_masks,
+        split_batch,
+    )
+    from mpocompress.nn.surgery import compress_
+
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"--model must give an nn.Module, got {type(model).__name__}")
+    if val is None:
+        if len(train) < 2:
+            raise ConfigError(f"fine-tuning needs at least 2 batches (one is held out), got {len(train)}")
+        n_val = max(1, round(tune.val_fraction * len(train)))
+        train, val = train[:-n_val], train[-n_val:]
+    dense = {n: ckpt.get(n) for n in ckpt.keys()}
+    own = model.state_dict()
+    missing = [k for k in own if k not in dense]
+    if missing:
+        raise InputError(f"{ckpt.path}: lacks {len(missing)} tensor(s) the --model has, e.g. {missing[0]!r}")
+    for k, v in own.items():
+        if tuple(v.shape) != tuple(dense[k].shape):
+            raise InputError(f"{ckpt.path}: {k} has shape {list(dense[k].shape)} but the --model's is {list(v.shape)}")
+    extra = [k for k in dense if k not in own]
+    if extra:
+        log.warning("%d checkpoint tensor(s) are not in the --model and are written unchanged, e.g. %r", len(extra), extra[0])
+    model.load_state_dict({k: dense[k] for k in own}, strict=True)
+    teacher = copy.deepcopy(model).eval()
+    student = copy.deepcopy(model)
+    rows = {r["name"]: r for r in compress_(student, config, recipe=recipe, names=set(layers), include=(), exclude=())}
+
+    # what gets pruned: the weight, or its cores when it became an MPO
+    params = dict(student.named_parameters())
+    pruned: dict[str, tuple[str, Codec]] = {}  # parameter -> (weight name, pruner)
+    for name in layers:
+        cfg = config if recipe is None else recipe.config_for(name, config)
+        pruners = [c for c in (cfg.chain if cfg is not None else []) if c.is_pruner]
+        if not pruners:
+            continue
+        row = rows.get(name)
+        stored = [core_name(name, k) for k in range(len(row["bond_dims"]) + 1)] if row and row["status"] == "mpo" else [name]
+        pruned.update({s: (name, pruners[0]) for s in stored if s in params})
+    units = {c.param for _, c in pruned.values() if c.name == "units"}
+    unit_summary: dict[str, Any] = {}
+    if units:
+        from mpocompress.nn.units import find_unit_groups, unit_masks
+
+        if len(units) > 1:
+            raise ConfigError("one --prune units:FRACTION for all weights (a recipe may not vary it)")
+        groups = find_unit_groups(student)
+        umasks, removed = unit_masks(student, units.pop(), groups)
+        unit_summary = {g.name: {"size": g.size, "removed": len(removed.get(g.name, []))} for g in groups}
+        if not groups:
+            log.warning("--prune units: no hidden units are removable in this model (see mpocompress.nn.units)")
+        # every tensor a removed unit touches (biases and unselected weights too) keeps its zeros
+        for p in [p for p, (_, c) in pruned.items() if c.name == "units"]:
+            del pruned[p]
+    kd_only = dataclasses.replace(tune, kd_weight=1.0)
+    has_targets = any(split_batch(b)[1] is not None for b in val)
+    task_only = dataclasses.replace(tune, kd_weight=0.0)
+
+    def losses(m: nn.Module) -> dict[str, float]:
+        out = {"kd": evaluate(m, teacher, val, kd_only)}
+        if has_targets:
+            out["task"] = evaluate(m, None, val, task_only)
+        return out
+
+    if tune.ipkd:
+        if unit_summary:
+            raise ConfigError("--ipkd prunes by magnitude; it does not combine with --prune units")
+        codecs = {c for _, c in pruned.values()}
+        if not pruned or any(c.name != "magnitude" for c in codecs) or len(codecs) > 1:
+            raise ConfigError("--ipkd needs one --prune magnitude:SPARSITY for every pruned weight")
+        sparsity = next(iter(codecs)).param
+        one_shot = copy.deepcopy(student)
+        apply_masks(one_shot, magnitude_masks(one_shot, list(pruned), sparsity, config.prune_scope))
+        before = losses(one_shot)
+        del one_shot
+        masks, rounds = ipkd(student, list(pruned), sparsity, tune.ipkd, train, val_batches=val, config=tune,
+                             scope=config.prune_scope, progress=progress)  # fmt: skip
+        result: dict[str, Any] = {"rounds": [r.to_dict() for r in rounds]}
+        steps = sum(r.tune.steps for r in rounds)
+        seconds = sum(r.tune.seconds for r in rounds)
+    else:
+        threshold = None
+        if config.prune_scope == "global" and pruned:
+            threshold = magnitude_threshold([params[p] for p in pruned], next(iter(pruned.values()))[1].param)
+        masks = {p: pruner_mask(params[p].detach(), codec, threshold) for p, (_, codec) in pruned.items()}
+        if unit_summary:
+            masks.update(umasks)
+        apply_masks(student, masks)
+        before = losses(student)
+        res = finetune(student, teacher, train, val_batches=val, config=tune, masks=masks, progress=progress)
+        result = res.to_dict()
+        steps, seconds = res.steps, res.seconds
+    after = losses(student)
+    summary: dict[str, Any] = {
+        "config": tune.to_dict(),
+        "train_batches": len(train),
+        "val_batches": len(val),
+        "steps": steps,
+        "seconds": round(seconds, 3),
+        "val_kd_loss": {"compressed": before["kd"], "finetuned": after["kd"]},
+        **({"val_task_loss": {"dense": evaluate(teacher, None, val, task_only), "compressed": before["task"], "finetuned": after["task"]}}
+           if has_targets else {}),
+        **result,
+        **({"units": unit_summary} if unit_summary else {}),
+    }  # fmt: skip
+
+    sd = student.state_dict()
+    tensors = {n: sd[n].detach().to(dense[n].dtype) for n in dense if n in sd}
+    plans: dict[str, LayerPlan] = {}
+    modules = dict(student.named_modules())
+    for name in layers:
+        row = rows.get(name)
+        plan = LayerPlan(decided=row is not None)
+        if row is not None:
+            plan.candidates, plan.reason = row["candidates"], row["reason"]
+            if row["status"] == "mpo":
+                mod_name, _, w = name.rpartition(".")
+                module = modules[mod_name]
+                plan.tt = TTMatrix([c.detach().clone() for c in module.cores_of(w)], module._shapes[w])
+        prefix = f"{name}_cores." if plan.tt is not None else None
+        plan.masks = {p: m for p, m in masks.items() if p == name or (prefix and p.startswith(prefix))}
+        cfg = config if recipe is None else recipe.config_for(name, config)
+        if cfg is not None and any(c.name == "units" for c in cfg.chain) and name not in plan.masks:
+            plan.masks[name] = torch.ones(dense[name].shape, dtype=torch.bool)  # no removable unit touches it
+        plans[name] = plan
+    return tensors, plans, summary
