@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -22,57 +21,6 @@ AUTO_REFERENCE_CORES = 3
 #: the most cores an MPO may have (more modes than this gain nothing on real layer sizes)
 MAX_CORES = 8
 SVD_METHODS = ("auto", "full", "randomized")
-PRUNERS = ("magnitude", "channel", "units")
-QUANTIZERS = ("kmeans", "int8", "seofp", "fp16", "bf16")
-
-
-@dataclass(frozen=True)
-class Codec:
-    """One codec and its parameter, parsed from ``"kmeans:16"``-style text."""
-
-    name: str
-    param: float | None = None
-
-    @classmethod
-    def parse(cls, text: str) -> Codec:
-        name, _, arg = text.strip().partition(":")
-        name = name.lower()
-        if name not in PRUNERS + QUANTIZERS:
-            raise ValueError(f"unknown codec {name!r} (known: {', '.join(PRUNERS + QUANTIZERS)})")
-        needs = {"magnitude": "SPARSITY", "channel": "THETA", "units": "FRACTION", "kmeans": "K", "seofp": "E"}
-        if name in needs and not arg:
-            raise ValueError(f"{name} needs a parameter: {name}:{needs[name]}")
-        if name not in needs and arg:
-            raise ValueError(f"{name} takes no parameter, got {text!r}")
-        try:
-            param = float(arg) if arg else None
-        except ValueError:
-            raise ValueError(f"{name} needs a number, got {arg!r}") from None
-        if param is not None and not math.isfinite(param):
-            raise ValueError(f"{name} needs a finite number, got {arg!r}")
-        if name == "magnitude" and not (0.0 <= param < 1.0):
-            raise ValueError(f"magnitude sparsity must be in [0, 1), got {arg}")
-        if name == "units" and not (0.0 <= param < 1.0):
-            raise ValueError(f"units fraction must be in [0, 1), got {arg}")
-        if name == "channel" and not (0.0 <= param <= 1.0):
-            raise ValueError(f"channel theta must be in [0, 1], got {arg}")
-        if name == "kmeans" and not (param == int(param) and 2 <= param <= 256):
-            raise ValueError(f"kmeans K must be an integer in 2..256, got {arg}")
-        if name == "seofp" and not (param == int(param) and 2 <= param <= 8):
-            raise ValueError(f"seofp E must be an integer in 2..8, got {arg}")
-        return cls(name, param)
-
-    @property
-    def is_pruner(self) -> bool:
-        return self.name in PRUNERS
-
-    def __str__(self) -> str:
-        if self.param is None:
-            return self.name
-        p = int(self.param) if self.param == int(self.param) and self.name not in ("magnitude", "units") else self.param
-        return f"{self.name}:{p}"
-
-
 def check_pattern(pattern: str) -> None:
     """Raise :class:`ConfigError` for a name pattern that is not a string or not a valid ``re:`` regex."""
     if not isinstance(pattern, str) or not pattern:
@@ -144,11 +92,13 @@ class MPOConfig:
             raise ConfigError(
                 "give one of bond_dim (--bond-dim), tol (--tol) or ratio (--ratio), or a codec (--prune/--quantize)"
             )
+        from mpocompress.codecs import parse_codec  # the codec registry (imports torch)
+
         for kind, text in (("prune", self.prune), ("quantize", self.quantize)):
             if text is None:
                 continue
             try:
-                codec = Codec.parse(text)
+                codec = parse_codec(text)
             except ValueError as e:
                 raise ConfigError(f"--{kind}: {e}") from None
             if codec.is_pruner != (kind == "prune"):
@@ -187,8 +137,11 @@ class MPOConfig:
 
     @property
     def chain(self) -> list:
-        """The codecs applied to each stored tensor, in order (pruner, then quantizer)."""
-        return [Codec.parse(t) for t in (self.prune, self.quantize) if t is not None]
+        """The codecs applied to each stored tensor, in order (pruner, then quantizer), as codec
+        objects (:mod:`mpocompress.codecs`)."""
+        from mpocompress.codecs import parse_codec
+
+        return [parse_codec(t) for t in (self.prune, self.quantize) if t is not None]
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -362,4 +315,4 @@ def apply_overrides(base: MPOConfig, overrides: dict[str, Any], where: str = "re
         raise ConfigError(f"{where}: {e}") from None
 
 
-__all__ = ["AUTO_CORES", "AUTO_REFERENCE_CORES", "Codec", "Gates", "MPOConfig", "Recipe", "TuneConfig", "apply_overrides"]
+__all__ = ["AUTO_CORES", "AUTO_REFERENCE_CORES", "Gates", "MPOConfig", "Recipe", "TuneConfig", "apply_overrides"]

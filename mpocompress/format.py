@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import torch
 
 from mpocompress import __version__
-from mpocompress.codecs import decode
+from mpocompress.codecs import decode, part_names
 from mpocompress.core.tt import TTMatrix, cores_to_matrix
 from mpocompress.errors import InputError
 
@@ -185,8 +185,10 @@ def core_name(name: str, k: int) -> str:
     return f"{name}_cores.{k}"
 
 
-#: suffixes of codec parts (``fc.weight.codes``...), checked for clashes with input names
-PART_SUFFIXES = (".mask", ".rows", ".cols", ".indices", ".values", ".codebook", ".codes", ".scale", ".zero_point")
+def part_suffixes() -> tuple[str, ...]:
+    """Suffixes of codec parts (``fc.weight.codes``...), from the codec registry; an input tensor
+    with such a name would clash with what mpocompress writes."""
+    return tuple(f".{p}" for p in part_names())
 
 
 def decode_entry(entry: dict[str, Any], get: Callable[[str], torch.Tensor]) -> dict[str, torch.Tensor]:

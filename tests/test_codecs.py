@@ -9,13 +9,13 @@ from safetensors import safe_open
 
 from mpocompress.cli import main
 from mpocompress.codecs import (
-    Codec,
     channel_mask,
     channel_scores,
     decode,
     encode,
     nbytes,
     pack_bits,
+    parse_codec,
     seofp_codes,
     seofp_decode,
     unpack_bits,
@@ -28,7 +28,7 @@ from mpocompress.jobs.decompress import load_state_dict
 
 
 def chain(text):
-    return [Codec.parse(t) for t in text.split()]
+    return [parse_codec(t) for t in text.split()]
 
 
 @settings(max_examples=60, deadline=None)
@@ -95,7 +95,7 @@ def test_seofp_multiplication_is_an_integer_add_on_the_float_bits():
 @pytest.mark.parametrize("bad", ["kmeans:1", "kmeans:300", "magnitude:1.5", "seofp", "int8:3", "zip:2"])
 def test_bad_codec_text(bad):
     with pytest.raises(ValueError):
-        Codec.parse(bad)
+        parse_codec(bad)
 
 
 def test_config_rules():

@@ -5,8 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mpocompress.codecs import decode, encode
-from mpocompress.config import Codec
+from mpocompress.codecs import decode, encode, parse_codec
 from mpocompress.core.modes import choose_modes
 from mpocompress.core.refine import activation_refit, als_refine, output_error, refit_quantized
 from mpocompress.core.tt import TTMatrix, cores_to_matrix, relative_error, tt_svd
@@ -73,7 +72,7 @@ def test_als_keeps_frozen_cores_and_dtype():
 
 
 def _kmeans_roundtrip(k):
-    chain = [Codec.parse(f"kmeans:{k}")]
+    chain = [parse_codec(f"kmeans:{k}")]
 
     def rt(_i, core):
         return decode(*encode(core, chain))

@@ -10,8 +10,7 @@ from torch import nn
 
 from mpocompress import load_state_dict
 from mpocompress.cli import main
-from mpocompress.codecs import decode, encode, nbytes
-from mpocompress.config import Codec
+from mpocompress.codecs import decode, encode, nbytes, parse_codec
 from mpocompress.data import example_checkpoint
 from mpocompress.jobs.finetune import apply_masks
 from mpocompress.nn.units import find_unit_groups, masks_for, unit_masks
@@ -121,12 +120,12 @@ def test_subgrid_masks_are_stored_as_kept_rows_and_columns():
     rows = torch.rand(40, generator=g) > 0.5
     cols = torch.rand(24, generator=g) > 0.3
     mask = rows[:, None] & cols[None, :]
-    parts, meta = encode(x, [Codec.parse("units:0.5")], mask=mask)
+    parts, meta = encode(x, [parse_codec("units:0.5")], mask=mask)
     assert meta["layout"] == "rowcol" and set(parts) == {"rows", "cols", "values"}
     assert nbytes(parts) == 5 + 3 + 4 * int(mask.sum())
     assert torch.equal(decode(parts, meta), x * mask)
     # with a quantizer after it
-    parts, meta = encode(x, [Codec.parse("units:0.5"), Codec.parse("kmeans:4")], mask=mask)
+    parts, meta = encode(x, [parse_codec("units:0.5"), parse_codec("kmeans:4")], mask=mask)
     y = decode(parts, meta)
     assert (y[~mask] == 0).all() and y[mask].unique().numel() <= 4
 
@@ -179,4 +178,4 @@ def test_units_with_fine_tuning_recovers(tmp_path):
 @pytest.mark.parametrize("bad", ["units", "units:1.0", "units:-0.1"])
 def test_units_codec_parse(bad):
     with pytest.raises(ValueError):
-        Codec.parse(bad)
+        parse_codec(bad)

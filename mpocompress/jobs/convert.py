@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from mpocompress.config import MPOConfig, Recipe, TuneConfig
+from mpocompress.config import MAX_CORES, MPOConfig, Recipe, TuneConfig
 from mpocompress.errors import ConfigError, InputError, Interrupted, OutputError
-from mpocompress.format import PART_SUFFIXES, core_name, file_metadata
+from mpocompress.format import core_name, file_metadata, part_suffixes
 from mpocompress.io import IN_PLACE, Checkpoint, check_output, open_checkpoint, path_size
 from mpocompress.jobs.dist import barrier, rank_world, shared_error
 from mpocompress.jobs.plan import (
@@ -190,7 +190,7 @@ def _convert_locked(
     shapes = {n: ckpt.shape(n) for n in names}
     taken = set(names)
     for n in layers:
-        ours = [core_name(n, k) for k in range(8)] + [f"{n}{sfx}" for sfx in PART_SUFFIXES]
+        ours = [core_name(n, k) for k in range(MAX_CORES)] + [f"{n}{sfx}" for sfx in part_suffixes()]
         clash = next((c for c in ours if c in taken), None)
         if clash:
             raise InputError(f"{input_path}: tensor {clash!r} clashes with a name mpocompress writes for {n!r}")

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from mpocompress.codecs import decode, encode, magnitude_threshold
-from mpocompress.config import Codec, MPOConfig
+from mpocompress.codecs import Codec, decode, encode, magnitude_threshold
+from mpocompress.config import MPOConfig
 from mpocompress.core.compress import compress_matrix, singular_values
 from mpocompress.core.tt import TTMatrix, cores_to_matrix, relative_error, svd_tail_error
 from mpocompress.errors import ConfigError, InputError

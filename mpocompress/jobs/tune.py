@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from mpocompress.codecs import magnitude_threshold
-from mpocompress.config import Codec, MPOConfig, Recipe, TuneConfig
+from mpocompress.codecs import Codec, magnitude_threshold
+from mpocompress.config import MPOConfig, Recipe, TuneConfig
 from mpocompress.core.tt import TTMatrix
 from mpocompress.errors import ConfigError, InputError
 from mpocompress.format import core_name
@@ -39,7 +39,6 @@ def finetune_in_memory(
 
     from torch import nn
 
-    from mpocompress.codecs import pruner_mask
     from mpocompress.jobs.finetune import (
         apply_masks,
         evaluate,
@@ -129,7 +128,7 @@ def finetune_in_memory(
         threshold = None
         if config.prune_scope == "global" and pruned:
             threshold = magnitude_threshold([params[p] for p in pruned], next(iter(pruned.values()))[1].param)
-        masks = {p: pruner_mask(params[p].detach(), codec, threshold) for p, (_, codec) in pruned.items()}
+        masks = {p: codec.mask(params[p].detach(), threshold) for p, (_, codec) in pruned.items()}
         if unit_summary:
             masks.update(umasks)
         apply_masks(student, masks)

@@ -1,0 +1,35 @@
+"""``int8`` -- per-output-channel affine int8 (a scale and a zero point per row)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from mpocompress.codecs.base import Codec, register
+
+
+@register
+@dataclass(frozen=True)
+class Int8(Codec):
+    """Affine int8 per output channel (one channel for a pruned tensor's kept values)."""
+
+    name = "int8"
+    kind = "quantizer"
+    parts = ("codes", "scale", "zero_point")
+
+    def encode(self, values: torch.Tensor, rows: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        flat = values.reshape(-1)
+        r = rows if rows and flat.numel() % rows == 0 else 1
+        m = flat.reshape(r, -1).double()
+        lo, hi = m.min(1).values.clamp(max=0), m.max(1).values.clamp(min=0)
+        scale = ((hi - lo) / 255).clamp(min=1e-12)
+        zero = torch.round(-lo / scale) - 128
+        q = torch.clamp(torch.round(m / scale[:, None] + zero[:, None]), -128, 127).to(torch.int8)
+        return {"codes": q.reshape(-1), "scale": scale.float(), "zero_point": zero.to(torch.int16)}, {"n": flat.numel()}
+
+    def decode(self, parts: dict[str, torch.Tensor], meta: dict[str, Any], dtype: torch.dtype) -> torch.Tensor:
+        scale, zero = parts["scale"].double(), parts["zero_point"].double()
+        q = parts["codes"].double().reshape(scale.numel(), -1)
+        return ((q - zero[:, None]) * scale[:, None]).reshape(-1).to(dtype)
