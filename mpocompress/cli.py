@@ -301,7 +301,7 @@ def convert(ctx: click.Context, input_path: Path, output_path: Path, bond_dim, t
     An interrupted conversion resumes from the work folder (.OUTPUT.partial) when run again.
     Under torchrun each rank converts its share (fine-tuning is data-parallel); rank 0 reports.
     """
-    from mpocompress.config import Gates, MPOConfig, Recipe, TuneConfig
+    from mpocompress.config import Gates, MPOConfig, TuneConfig
 
     tune_opts = {"steps": "--steps", "time_limit": "--time", "lr": "--lr", "train_sel": "--train", "kd_weight": "--kd-weight",
                  "task_loss": "--task-loss", "batch_size": "--batch-size", "ipkd_rounds": "--ipkd", "val_spec": "--val-data", "task": "--task"}  # fmt: skip
@@ -312,19 +312,8 @@ def convert(ctx: click.Context, input_path: Path, output_path: Path, bond_dim, t
         if used:
             raise click.UsageError(f"{used[0]} needs --model and --data (fine-tuning)")
 
-    given = {k: v for k, v in dict(bond_dim=bond_dim, tol=tol, ratio=ratio, prune=prune, quantize=quantize).items() if v is not None}
-    for k, v in dict(cores=cores, svd=svd, prune_scope=prune_scope, seed=seed, als_sweeps=als_sweeps).items():
-        if ctx.get_parameter_source(k) is not click.core.ParameterSource.DEFAULT:
-            given[k] = v
-    recipe = None
-    if recipe_path is not None:
-        from mpocompress.io import read_toml
-
-        default, recipe = Recipe.from_dict(read_toml(recipe_path))
-        # explicit command-line options win over the recipe's [default]
-        if any(k in given for k in ("bond_dim", "tol", "ratio")):
-            default = {k: v for k, v in default.items() if k not in ("bond_dim", "tol", "ratio")}
-        given = {**default, **given}
+    given, recipe = _given_options(ctx, recipe_path, bond_dim=bond_dim, tol=tol, ratio=ratio, prune=prune, quantize=quantize,
+                                   cores=cores, svd=svd, prune_scope=prune_scope, seed=seed, als_sweeps=als_sweeps)  # fmt: skip
     config = MPOConfig(**given, include=include, exclude=exclude)
     gates = Gates(max_error=max_error, min_ratio=min_ratio)
 
@@ -349,23 +338,9 @@ def convert(ctx: click.Context, input_path: Path, output_path: Path, bond_dim, t
 
         extra["activations"] = read_activations(activations_path)
     if model_spec is not None:
-        from mpocompress.jobs.inputs import import_object, read_batches
-
-        tune = TuneConfig(steps=steps, time=time_limit, lr=lr, train=train_sel, kd_weight=kd_weight, task_loss=task_loss,
-                          batch_size=batch_size, ipkd=ipkd_rounds or 0, seed=seed)  # fmt: skip
-        if tune.ipkd and (prune is None or not prune.startswith("magnitude")):
-            raise click.UsageError("--ipkd needs --prune magnitude:SPARSITY")
-        factory = import_object(model_spec, "--model")
-        if not callable(factory):
-            raise click.UsageError(f"--model {model_spec!r} is not callable")
-        import torch
-
-        torch.manual_seed(seed)
-        reader = read_batches
-        if task == "speech-enhancement":
-            from mpocompress.speech.data import folder_batches as reader
-        extra.update(tune=tune, model=factory(), train_batches=reader(data_spec, batch_size),
-                     val_batches=reader(val_spec, batch_size) if val_spec else None)  # fmt: skip
+        extra.update(_tuning_inputs(model_spec, data_spec, val_spec, task, prune, seed,
+                                    TuneConfig(steps=steps, time=time_limit, lr=lr, train=train_sel, kd_weight=kd_weight,
+                                               task_loss=task_loss, batch_size=batch_size, ipkd=ipkd_rounds or 0, seed=seed)))  # fmt: skip
     from mpocompress.jobs import dist
 
     started = dist.init_from_env()
@@ -388,19 +363,7 @@ def convert(ctx: click.Context, input_path: Path, output_path: Path, bond_dim, t
     if report_path is not None:
         guard_outputs([(report_path, "report")], input_paths(input_path) + [output_path], force)
         write_text(report_path, json.dumps(data, indent=2) + "\n")
-    if as_json:
-        click.echo(json.dumps(data, indent=2))
-    else:
-        from mpocompress.render import render_report
-
-        render_report(data, _stdout_console())
-    t = data["totals"]
-    ft = data.get("finetune")
-    if ft is not None:
-        kd = ft["val_kd_loss"]
-        click.echo(f"mpocompress: fine-tuned {ft['steps']} steps in {ft['seconds']:.1f}s: held-out distillation loss "
-                   f"{kd['compressed']:.4g} -> {kd['finetuned']:.4g}", err=True)  # fmt: skip
-    click.echo(f"mpocompress: wrote {output_path} ({t['ratio']:.2f}x smaller tensors)", err=True)
+    _show_report(data, as_json, output_path)
     if gate_error is not None:
         raise gate_error
 
@@ -536,3 +499,60 @@ def example() -> None:
     from mpocompress.data import example_checkpoint
 
     click.echo(str(example_checkpoint()))
+
+
+def _given_options(ctx: click.Context, recipe_path: Path | None, **options: Any) -> tuple[dict[str, Any], Any]:
+    """The MPOConfig fields the user gave (explicit options win over a recipe's ``[default]``), and the recipe."""
+    from mpocompress.config import Recipe
+
+    given = {k: options[k] for k in ("bond_dim", "tol", "ratio", "prune", "quantize") if options[k] is not None}
+    for k in ("cores", "svd", "prune_scope", "seed", "als_sweeps"):
+        if ctx.get_parameter_source(k) is not click.core.ParameterSource.DEFAULT:
+            given[k] = options[k]
+    recipe = None
+    if recipe_path is not None:
+        from mpocompress.io import read_toml
+
+        default, recipe = Recipe.from_dict(read_toml(recipe_path))
+        # explicit command-line options win over the recipe's [default]
+        if any(k in given for k in ("bond_dim", "tol", "ratio")):
+            default = {k: v for k, v in default.items() if k not in ("bond_dim", "tol", "ratio")}
+        given = {**default, **given}
+    return given, recipe
+
+
+def _tuning_inputs(model_spec: str, data_spec: str, val_spec: str | None, task: str, prune: str | None, seed: int, tune: Any) -> dict[str, Any]:
+    """The model and batches fine-tuning needs, from ``--model``/``--data``/``--val-data``."""
+    from mpocompress.jobs.inputs import import_object, read_batches
+
+    batch_size = tune.batch_size
+    if tune.ipkd and (prune is None or not prune.startswith("magnitude")):
+        raise click.UsageError("--ipkd needs --prune magnitude:SPARSITY")
+    factory = import_object(model_spec, "--model")
+    if not callable(factory):
+        raise click.UsageError(f"--model {model_spec!r} is not callable")
+    import torch
+
+    torch.manual_seed(seed)
+    reader = read_batches
+    if task == "speech-enhancement":
+        from mpocompress.speech.data import folder_batches as reader
+    return {"tune": tune, "model": factory(), "train_batches": reader(data_spec, batch_size),
+            "val_batches": reader(val_spec, batch_size) if val_spec else None}  # fmt: skip
+
+
+def _show_report(data: dict[str, Any], as_json: bool, output_path: Path) -> None:
+    """The report on stdout (table or JSON) and the summary lines on stderr."""
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+    else:
+        from mpocompress.render import render_report
+
+        render_report(data, _stdout_console())
+    t = data["totals"]
+    ft = data.get("finetune")
+    if ft is not None:
+        kd = ft["val_kd_loss"]
+        click.echo(f"mpocompress: fine-tuned {ft['steps']} steps in {ft['seconds']:.1f}s: held-out distillation loss "
+                   f"{kd['compressed']:.4g} -> {kd['finetuned']:.4g}", err=True)  # fmt: skip
+    click.echo(f"mpocompress: wrote {output_path} ({t['ratio']:.2f}x smaller tensors)", err=True)

@@ -188,12 +188,7 @@ def _convert_locked(
     layers = select_layers(ckpt, config.include, config.exclude)
     names = ckpt.keys()
     shapes = {n: ckpt.shape(n) for n in names}
-    taken = set(names)
-    for n in layers:
-        ours = [core_name(n, k) for k in range(MAX_CORES)] + [f"{n}{sfx}" for sfx in part_suffixes()]
-        clash = next((c for c in ours if c in taken), None)
-        if clash:
-            raise InputError(f"{input_path}: tensor {clash!r} clashes with a name mpocompress writes for {n!r}")
+    _check_no_clash(input_path, names, layers)
     threshold = None
     if config.prune_scope == "global":
         threshold = global_threshold(ckpt, layers, config.chain[0].param)
@@ -230,9 +225,54 @@ def _convert_locked(
     todo = [i for i in mine if i not in records]
     if reused:
         log.info("resuming: %d group(s) verified in %s, %d to do", reused, store.path, len(todo))
+    _run_groups(job, ckpt, store, todo, records, workers=workers, progress=progress, n_layers=len(layers))
+    barrier()
+    _gather(store, records, len(groups), rank)
+    report = _report(ckpt, input_path, output_path, config, recipe, records, len(groups), tune_summary,
+                     work={"groups": len(groups), "reused_groups": reused, "workers": workers, "ranks": world})  # fmt: skip
+    meta_layers: dict[str, Any] = {}
+    for i in range(len(groups)):
+        meta_layers.update(records[i]["entries"])
+    metadata = file_metadata(
+        config.to_dict(), meta_layers, recipe=recipe.to_list() if recipe is not None else [],
+        totals={k: v for k, v in report.totals().items() if not k.startswith(("output_", "file_"))},
+        finetune={k: v for k, v in tune_summary.items() if k != "history"} if tune_summary is not None else None,
+    )  # fmt: skip
+    if rank == 0:
+        _finish(store, output_path, metadata, max_shard_bytes)
+    barrier()
+    return report
+
+
+def _check_no_clash(input_path: Path, names: list[str], layers: list[str]) -> None:
+    """Refuse an input holding a tensor under a name mpocompress writes for another one."""
+    taken = set(names)
+    suffixes = part_suffixes()
+    for n in layers:
+        ours = [core_name(n, k) for k in range(MAX_CORES)] + [f"{n}{sfx}" for sfx in suffixes]
+        clash = next((c for c in ours if c in taken), None)
+        if clash:
+            raise InputError(f"{input_path}: tensor {clash!r} clashes with a name mpocompress writes for {n!r}")
+
+
+def _run_groups(
+    job: _Job,
+    ckpt: Checkpoint,
+    store: GroupStore,
+    todo: list[int],
+    records: dict[int, dict[str, Any]],
+    *,
+    workers: int,
+    progress: Progress | None,
+    n_layers: int,
+) -> None:
+    """Convert the groups in ``todo`` (here, or in ``workers`` spawned processes), writing each to the
+    work folder as it finishes and its record into ``records``. On an interrupt, say exactly what
+    was kept."""
+    groups = job.groups
+    output_path = job.output_path
     try:
         if workers == 1 or len(todo) <= 1:
-            n_layers = len(layers)
             done = sum(len(r["rows"]) for r in records.values())
             for i in todo:
                 with _one_thread():
@@ -271,9 +311,12 @@ def _convert_locked(
         if kept:
             log.warning("stopped: finished groups are kept in %s; run the same command to resume", store.path)
         raise
-    barrier()
+
+
+def _gather(store: GroupStore, records: dict[int, dict[str, Any]], n_groups: int, rank: int) -> None:
+    """Fill in the records of groups other ranks converted (rank 0 verifies each from the work folder)."""
     empty = {"rows": [], "entries": {}, "passthrough": [0, 0, 0]}
-    for i in range(len(groups)):
+    for i in range(n_groups):
         if i not in records:
             if rank > 0:  # rank 0 verifies every group, packs and reports
                 records[i] = empty
@@ -282,12 +325,24 @@ def _convert_locked(
             if rec is None:
                 raise OutputError(f"{store.path}: group {i} is missing (did a rank fail?)")
             records[i] = rec
-    rows = [LayerRow(**{k: v for k, v in r.items() if k != "ratio"}) for i in range(len(groups)) for r in records[i]["rows"]]
-    meta_layers: dict[str, Any] = {}
-    for i in range(len(groups)):
-        meta_layers.update(records[i]["entries"])
-    pass_n, pass_params, pass_bytes = (sum(records[i]["passthrough"][k] for i in range(len(groups))) for k in range(3))
-    report = Report(
+
+
+def _report(
+    ckpt: Checkpoint,
+    input_path: Path,
+    output_path: Path,
+    config: MPOConfig,
+    recipe: Recipe | None,
+    records: dict[int, dict[str, Any]],
+    n_groups: int,
+    tune_summary: dict[str, Any] | None,
+    work: dict[str, Any],
+) -> Report:
+    """The conversion's report from every group's record."""
+    order = range(n_groups)
+    rows = [LayerRow(**{k: v for k, v in r.items() if k != "ratio"}) for i in order for r in records[i]["rows"]]
+    pass_n, pass_params, pass_bytes = (sum(records[i]["passthrough"][k] for i in order) for k in range(3))
+    return Report(
         input=str(input_path),
         output=str(output_path),
         config={**config.to_dict(), "recipe": recipe.to_list() if recipe is not None else []},
@@ -297,55 +352,19 @@ def _convert_locked(
         passthrough_bytes=pass_bytes,
         input_file_bytes=ckpt.nbytes_on_disk,
         finetune=tune_summary,
-        work={"groups": len(groups), "reused_groups": reused, "workers": workers, "ranks": world},
+        work=work,
     )
-    metadata = file_metadata(
-        config.to_dict(), meta_layers, recipe=recipe.to_list() if recipe is not None else [],
-        totals={k: v for k, v in report.totals().items() if not k.startswith(("output_", "file_"))},
-        finetune={k: v for k, v in tune_summary.items() if k != "history"} if tune_summary is not None else None,
-    )  # fmt: skip
-    if rank == 0:
-        IN_PLACE.discard(output_path.resolve())
-        try:
-            store.finish(metadata, max_shard_bytes)
-        except KeyboardInterrupt:
-            if output_path.resolve() in IN_PLACE:
-                raise Interrupted(f"interrupted after {output_path} was written completely") from None
-            raise Interrupted(
-                f"interrupted: {output_path} was not written; the finished groups are kept in {store.path}: "
-                "run the same command to finish"
-            ) from None
-    barrier()
-    return report
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
+def _finish(store: GroupStore, output_path: Path, metadata: dict[str, str], max_shard_bytes: int) -> None:
+    """Pack the groups into the output; an interrupt's message says whether it is in place."""
+    IN_PLACE.discard(output_path.resolve())
+    try:
+        store.finish(metadata, max_shard_bytes)
+    except KeyboardInterrupt:
+        if output_path.resolve() in IN_PLACE:
+            raise Interrupted(f"interrupted after {output_path} was written completely") from None
+        raise Interrupted(
+            f"interrupted: {output_path} was not written; the finished groups are kept in {store.path}: "
+            "run the same command to finish"
+        ) from None

@@ -49,27 +49,7 @@ def finetune_in_memory(
     )
     from mpocompress.nn.surgery import compress_
 
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"--model must give an nn.Module, got {type(model).__name__}")
-    if val is None:
-        if len(train) < 2:
-            raise ConfigError(f"fine-tuning needs at least 2 batches (one is held out), got {len(train)}")
-        n_val = max(1, round(tune.val_fraction * len(train)))
-        train, val = train[:-n_val], train[-n_val:]
-    dense = {n: ckpt.get(n) for n in ckpt.keys()}
-    own = model.state_dict()
-    missing = [k for k in own if k not in dense]
-    if missing:
-        raise InputError(f"{ckpt.path}: lacks {len(missing)} tensor(s) the --model has, e.g. {missing[0]!r}")
-    for k, v in own.items():
-        if tuple(v.shape) != tuple(dense[k].shape):
-            raise InputError(f"{ckpt.path}: {k} has shape {list(dense[k].shape)} but the --model's is {list(v.shape)}")
-    extra = [k for k in dense if k not in own]
-    if extra:
-        log.warning("%d checkpoint tensor(s) are not in the --model and are written unchanged, e.g. %r", len(extra), extra[0])
-    model.load_state_dict({k: dense[k] for k in own}, strict=True)
-    teacher = copy.deepcopy(model).eval()
-    student = copy.deepcopy(model)
+    dense, teacher, student, train, val = _load_models(ckpt, model, train, val, tune)
     rows = {r["name"]: r for r in compress_(student, config, recipe=recipe, names=set(layers), include=(), exclude=())}
 
     # what gets pruned: the weight, or its cores when it became an MPO
@@ -152,6 +132,54 @@ def finetune_in_memory(
 
     sd = student.state_dict()
     tensors = {n: sd[n].detach().to(dense[n].dtype) for n in dense if n in sd}
+    plans = _plans(student, layers, config, recipe, rows, masks, dense)
+    return tensors, plans, summary
+
+
+def _load_models(
+    ckpt: Checkpoint, model: Any, train: list[Any], val: list[Any] | None, tune: TuneConfig
+) -> tuple[dict[str, torch.Tensor], Any, Any, list[Any], list[Any]]:
+    """Check the user's model against the checkpoint and load it: ``(dense tensors, teacher, student,
+    train batches, held-out batches)`` (a share of ``train`` is held out when ``val`` is None)."""
+    import copy
+
+    from torch import nn
+
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"--model must give an nn.Module, got {type(model).__name__}")
+    if val is None:
+        if len(train) < 2:
+            raise ConfigError(f"fine-tuning needs at least 2 batches (one is held out), got {len(train)}")
+        n_val = max(1, round(tune.val_fraction * len(train)))
+        train, val = train[:-n_val], train[-n_val:]
+    dense = {n: ckpt.get(n) for n in ckpt.keys()}
+    own = model.state_dict()
+    missing = [k for k in own if k not in dense]
+    if missing:
+        raise InputError(f"{ckpt.path}: lacks {len(missing)} tensor(s) the --model has, e.g. {missing[0]!r}")
+    for k, v in own.items():
+        if tuple(v.shape) != tuple(dense[k].shape):
+            raise InputError(f"{ckpt.path}: {k} has shape {list(dense[k].shape)} but the --model's is {list(v.shape)}")
+    extra = [k for k in dense if k not in own]
+    if extra:
+        log.warning("%d checkpoint tensor(s) are not in the --model and are written unchanged, e.g. %r", len(extra), extra[0])
+    model.load_state_dict({k: dense[k] for k in own}, strict=True)
+    teacher = copy.deepcopy(model).eval()
+    student = copy.deepcopy(model)
+    return dense, teacher, student, train, val
+
+
+def _plans(
+    student: Any,
+    layers: list[str],
+    config: MPOConfig,
+    recipe: Recipe | None,
+    rows: dict[str, dict[str, Any]],
+    masks: dict[str, torch.Tensor],
+    dense: dict[str, torch.Tensor],
+) -> dict[str, LayerPlan]:
+    """What fine-tuning settled for each selected weight: its trained cores (or none), the MPO
+    decision, and the masks of the tensors it stores."""
     plans: dict[str, LayerPlan] = {}
     modules = dict(student.named_modules())
     for name in layers:
@@ -169,4 +197,4 @@ def finetune_in_memory(
         if cfg is not None and any(c.name == "units" for c in cfg.chain) and name not in plan.masks:
             plan.masks[name] = torch.ones(dense[name].shape, dtype=torch.bool)  # no removable unit touches it
         plans[name] = plan
-    return tensors, plans, summary
+    return plans
