@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import torch
 
 from mpocompress import __version__
-from mpocompress.codecs import decode, part_names
+from mpocompress.codecs import decode, parse_codec, part_names
 from mpocompress.core.tt import TTMatrix, cores_to_matrix
 from mpocompress.errors import InputError
 
@@ -76,6 +76,21 @@ def set_mpo(entry: dict[str, Any], name: str, tt: TTMatrix) -> dict[str, torch.T
         bond_dims=tt.bond_dims, cores=list(stored),
     )  # fmt: skip
     return stored
+
+
+def set_encoded(
+    entry: dict[str, Any], coded: dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]]
+) -> dict[str, torch.Tensor]:
+    """Record that each stored tensor (``STORED`` -> ``(parts, codec meta)``, from
+    :func:`mpocompress.codecs.encode`) is written as its parts ``STORED.part``; returns those tensors."""
+    encoded: dict[str, Any] = {}
+    out: dict[str, torch.Tensor] = {}
+    for sname, (parts, meta) in coded.items():
+        meta["parts"] = {part: f"{sname}.{part}" for part in parts}
+        encoded[sname] = meta
+        out.update({f"{sname}.{part}": v for part, v in parts.items()})
+    entry["encoded"] = encoded
+    return out
 
 
 def file_metadata(
@@ -172,11 +187,29 @@ def _entry_problem(entry: Any) -> str | None:
         if not (_ints(entry.get("out_modes"), len(cores)) and _ints(entry.get("in_modes"), len(cores))):
             return "out_modes/in_modes must list one mode per core"
     encoded = entry.get("encoded", {})
-    if not isinstance(encoded, dict) or not all(
-        isinstance(m, dict) and isinstance(m.get("parts"), dict) and all(isinstance(v, str) for v in m["parts"].values())
-        for m in encoded.values()
-    ):
-        return "encoded parts must map names to tensors"
+    if not isinstance(encoded, dict):
+        return "encoded must be a mapping"
+    for sname, m in encoded.items():
+        problem = _codec_problem(m)
+        if problem:
+            return f"encoded {sname!r}: {problem}"
+    return None
+
+
+def _codec_problem(m: Any) -> str | None:
+    """What is wrong with the codec metadata of one stored tensor, or None."""
+    if not isinstance(m, dict) or not isinstance(m.get("parts"), dict) or not all(isinstance(v, str) for v in m["parts"].values()):
+        return "parts must map names to tensors"
+    if m.get("dtype") not in DTYPES or not _ints(m.get("shape")):
+        return f"dtype {m.get('dtype')!r} / shape {m.get('shape')!r}"
+    chain = m.get("chain")
+    if not isinstance(chain, list) or not all(isinstance(c, str) for c in chain):
+        return "chain must list codec names"
+    try:
+        for c in chain:
+            parse_codec(c)
+    except ValueError as e:
+        return str(e)
     return None
 
 

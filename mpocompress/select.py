@@ -21,7 +21,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 _RNN = re.compile(r"(^|\.)weight_(ih|hh)(_l\d+)?(_reverse)?$")
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "float64", "float32", "float16", "bfloat16"}
@@ -83,6 +83,19 @@ def selected(name: str, include: Iterable[str], exclude: Iterable[str]) -> bool:
     if include and not any(match(name, p) for p in include):
         return False
     return not any(match(name, p) for p in exclude)
+
+
+def layer_filter(
+    include: Iterable[str] = (), exclude: Iterable[str] = (), names: set[str] | None = None
+) -> Callable[[str], bool]:
+    """The one way a weight is chosen, everywhere (``convert``, ``inspect``, ``compress_``): included
+    by a pattern (or all when there are none), not excluded, and in ``names`` when that is given."""
+    include, exclude = tuple(include), tuple(exclude)
+
+    def chosen(name: str) -> bool:
+        return selected(name, include, exclude) and (names is None or name in names)
+
+    return chosen
 
 
 def is_candidate(shape: Sequence[int], dtype: str) -> bool:

@@ -214,6 +214,77 @@ def test_compress_save_load_round_trip(tmp_path):
         assert torch.allclose(dense(idx), y, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "config, check",
+    [
+        (MPOConfig(quantize="int8"), "int8"),
+        (MPOConfig(quantize="kmeans:4"), "kmeans"),
+        (MPOConfig(ratio=3, cores=3, prune="magnitude:0.9"), "pruned cores"),
+        (MPOConfig(ratio=3, cores=2, quantize="seofp:5"), "seofp cores"),
+    ],
+)
+def test_compress_honours_the_whole_config(tmp_path, config, check):
+    """compress_ applies MPO, pruning and quantization: the model computes what the file stores."""
+    torch.manual_seed(0)
+    model = Net().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rows = {r["name"]: r for r in compress_(model, config)}
+    after = model.state_dict()
+    assert set(after) != set(before) or any(not torch.equal(before[k], after[k]) for k in before)
+    if check == "int8":  # every weight matrix sits on a 255-step grid per row
+        w = model.fc.weight
+        assert rows["fc.weight"]["status"] == "codec" and rows["fc.weight"]["codecs"] == ["int8"]
+        steps = (w.max(1).values.clamp(min=0) - w.min(1).values.clamp(max=0)) / 255
+        assert torch.allclose(((w - w.min(1, keepdim=True).values) / steps[:, None]).round() * steps[:, None],
+                              w - w.min(1, keepdim=True).values, atol=1e-5)  # fmt: skip
+        assert 0 < rows["fc.weight"]["rel_error"] < 0.02
+    if check == "kmeans":
+        assert all(p.unique().numel() <= 4 for n, p in model.named_parameters() if n.endswith("weight") or "weight_" in n)
+    if check == "pruned cores":
+        cores = [p for n, p in model.named_parameters() if "_cores" in n]
+        assert cores and all(abs(float((c == 0).float().mean()) - 0.9) < 0.05 for c in cores if c.numel() >= 20)
+    if check == "seofp cores":  # signed powers of two
+        for n, c in model.named_parameters():
+            if "_cores" in n:
+                nz = c[c != 0].abs()
+                assert torch.allclose(torch.log2(nz), torch.log2(nz).round())
+    # the file written from the model computes the same, packed by the same chain
+    idx = torch.randint(50, (2, 9))
+    with torch.no_grad():
+        y = model(idx)
+    path = tmp_path / "net.safetensors"
+    save_compressed(model, path, config=config)
+    fresh = Net().eval()
+    fresh.load_state_dict(load_state_dict(path), strict=True)
+    with torch.no_grad():
+        assert torch.allclose(fresh(idx), y, atol=1e-4)
+    assert path.stat().st_size < sum(v.numel() * v.element_size() for v in before.values())
+
+
+def test_compress_refuses_what_it_cannot_do():
+    from mpocompress.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="units"):
+        compress_(Net(), MPOConfig(prune="units:0.5"))
+
+
+def test_save_compressed_writes_the_documented_format(tmp_path):
+    from mpocompress.format import KINDS, read_meta
+    from mpocompress.io import open_checkpoint
+
+    torch.manual_seed(0)
+    model = Net()
+    compress_(model, MPOConfig(ratio=3, cores=3))
+    path = tmp_path / "n.safetensors"
+    save_compressed(model, path)
+    with open_checkpoint(path) as ck:
+        meta = read_meta(ck)
+    assert meta["source"] == "save_compressed" and meta["totals"]["bytes"] > 0
+    for name, entry in meta["layers"].items():
+        assert entry["kind"] in KINDS and entry["method"] == "mpo" and "rel_error" not in entry, name
+    assert meta["layers"]["lstm.weight_hh_l0"]["kind"] == "lstm"
+
+
 def test_load_convert_output_into_model(tmp_path):
     from safetensors.torch import save_file
 

@@ -21,7 +21,7 @@ from mpocompress.config import MPOConfig
 from mpocompress.core.compress import compress_matrix, singular_values
 from mpocompress.core.tt import TTMatrix, cores_to_matrix, relative_error, svd_tail_error
 from mpocompress.errors import ConfigError, InputError
-from mpocompress.format import core_name, decode_entry, layer_entry, rebuild, set_mpo
+from mpocompress.format import core_name, decode_entry, layer_entry, rebuild, set_encoded, set_mpo
 from mpocompress.io import Checkpoint, dtype_name
 from mpocompress.report import LayerRow
 from mpocompress.select import is_candidate, kind_of, matrix_shape, selected
@@ -173,17 +173,13 @@ def compress_tensor(
             stored = set_mpo(entry, name, tt)
     chain = config.chain
     if chain:
-        encoded: dict[str, Any] = {}
-        parts_out: dict[str, torch.Tensor] = {}
         coded = {sname: encode(st, chain, threshold=threshold, mask=masks.get(sname)) for sname, st in stored.items()}
         if tt is not None and config.als_sweeps:  # every codec is lossy: refit the cores while encoding
             coded = _refit_codes(row, name, tt, chain, threshold, masks, coded, config.als_sweeps)
-        for sname, (parts, meta) in coded.items():
-            meta["parts"] = {part: f"{sname}.{part}" for part in parts}
-            encoded[sname] = meta
-            parts_out.update({f"{sname}.{part}": v for part, v in parts.items()})
+        trial = dict(entry)
+        parts_out = set_encoded(trial, coded)
         if sum(_nbytes(v) for v in parts_out.values()) < sum(_nbytes(v) for v in stored.values()):
-            entry["encoded"] = encoded
+            entry["encoded"] = trial["encoded"]
             row.codecs = [str(c) for c in chain]
             stored = parts_out
             if row.status == "dense":

@@ -50,7 +50,7 @@ def finetune_in_memory(
     from mpocompress.nn.surgery import compress_
 
     dense, teacher, student, train, val = _load_models(ckpt, model, train, val, tune)
-    rows = {r["name"]: r for r in compress_(student, config, recipe=recipe, names=set(layers), include=(), exclude=())}
+    rows = {r["name"]: r for r in compress_(student, config, recipe=recipe, names=set(layers), include=(), exclude=(), codecs=False)}
 
     # what gets pruned: the weight, or its cores when it became an MPO
     params = dict(student.named_parameters())

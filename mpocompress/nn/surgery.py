@@ -5,6 +5,7 @@ For users who have the model's code. Users with only a checkpoint use :mod:`mpoc
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from torch import nn
 from mpocompress.config import MPOConfig, Recipe
 from mpocompress.core.compress import compress_matrix
 from mpocompress.core.tt import TTMatrix
-from mpocompress.errors import InputError
+from mpocompress.errors import ConfigError, InputError
 from mpocompress.nn.layers import (
     MPOGRU,
     MPOLSTM,
@@ -25,7 +26,7 @@ from mpocompress.nn.layers import (
     MPOLSTMCell,
     MPOMatrices,
 )
-from mpocompress.select import selected
+from mpocompress.select import layer_filter
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _RNN = {nn.LSTM: MPOLSTM, nn.GRU: MPOGRU, nn.LSTMCell: MPOLSTMCell, nn.GRUCell: MPOGRUCell}
@@ -75,49 +76,123 @@ def compress_(
     mode: str = "auto",
     recipe: Recipe | None = None,
     names: set[str] | None = None,
+    codecs: bool = True,
 ) -> list[dict[str, Any]]:
-    """Swap supported modules of ``model`` for MPO ones, in place (same names, so state dicts line up).
+    """Compress ``model`` in place under the **whole** ``config``: MPO, pruning and quantization.
 
-    Supported: ``nn.Linear``, ``nn.Conv1d/2d/3d``, ``nn.Embedding``, ``nn.LSTM``, ``nn.GRU``,
-    ``nn.LSTMCell``, ``nn.GRUCell``. A weight is compressed when its name (``"fc.weight"``) passes
-    ``include``/``exclude`` (default: the config's) and its MPO is smaller than the dense matrix.
+    Supported modules (``nn.Linear``, ``nn.Conv1d/2d/3d``, ``nn.Embedding``,
+    ``nn.LSTM``, ``nn.GRU``, ``nn.LSTMCell``, ``nn.GRUCell``) whose weight is selected
+    (:func:`mpocompress.select.layer_filter` of ``include``/``exclude``, default the config's, and
+    ``names``) become MPO modules with the TT-SVD cores where ``config`` asks for MPO and the MPO is
+    smaller than the dense matrix. Then the codec chain (``prune``, ``quantize``) is applied to what
+    would be stored (each core, or the dense weight): its values are replaced by the codec's decoded
+    values, so the model computes exactly what the compressed checkpoint computes (quantized values
+    are held as floats in memory; :func:`save_compressed` stores them packed).
 
     Args:
         recipe: per-weight overrides of ``config`` (a rule may skip a weight, or leave it without MPO).
         names: compress only these weight names (on top of ``include``/``exclude``).
+        codecs: apply the codec chain (False: MPO only, for callers that prune/quantize later).
 
     Returns:
-        One dict per selected weight: ``name``, ``status`` (``"mpo"``/``"dense"``), ``params``,
-        ``dense_params``, ``rel_error``, ``svd_rel_error``, ``bond_dims``, ``candidates``, ``reason``,
-        ``config`` (the weight's config).
+        One dict per selected weight: ``name``, ``status`` (``"mpo"``/``"codec"``/``"dense"``),
+        ``params``, ``dense_params``, ``rel_error`` (of what the model now holds), ``svd_rel_error``,
+        ``bond_dims``, ``candidates``, ``reason``, ``codecs``, ``config`` (the weight's config).
+
+    Raises:
+        ConfigError: ``units:F`` pruning (it needs the model traced with data: use ``convert`` with
+            ``--model``/``--data``).
     """
     include = config.include if include is None else tuple(include)
     exclude = config.exclude if exclude is None else tuple(exclude)
+    chosen = layer_filter(include, exclude, names)
     rows = []
+    plans: list[tuple[str, str, MPOConfig, torch.Tensor]] = []  # (module, weight, config, original)
     for mod_name, module in list(model.named_modules()):
-        if type(module) not in SUPPORTED:
+        if not _supported(module):
             continue
         tts: dict[str, TTMatrix] = {}
         for w in _weights(module):
             full = f"{mod_name}.{w}" if mod_name else w
-            if not selected(full, include, exclude) or (names is not None and full not in names):
-                continue
             cfg = config if recipe is None else recipe.config_for(full, config)
-            if cfg is None or not cfg.mpo:
+            if not chosen(full) or cfg is None:
                 continue
-            weight = getattr(module, w)
-            res = compress_matrix(weight.detach().reshape(weight.shape[0], -1), cfg)
-            rows.append({
-                "name": full, "status": res.status, "params": res.params, "dense_params": res.dense_params,
-                "rel_error": res.rel_error, "svd_rel_error": res.svd_rel_error,
-                "bond_dims": res.tt.bond_dims if res.tt is not None else None,
-                "candidates": [c.to_dict() for c in res.candidates], "reason": res.reason, "config": cfg.to_dict(),
-            })  # fmt: skip
+            weight = getattr(module, w).detach()
+            if cfg.chain and codecs and any(c.name == "units" for c in cfg.chain):
+                raise ConfigError("compress_ cannot prune whole units (units:F): use convert with --model and --data")
+            plans.append((mod_name, w, cfg, weight.clone()))
+            if not cfg.mpo:
+                continue
+            if not bool(torch.isfinite(weight).all()):
+                rows.append(_row(full, "dense", weight.numel(), weight.numel(), cfg, reason="non-finite values (NaN/Inf)"))
+                continue
+            res = compress_matrix(weight.reshape(weight.shape[0], -1), cfg)
+            rows.append(_row(full, res.status, res.params, res.dense_params, cfg, res=res))
             if res.tt is not None:
                 tts[w] = res.tt
         if tts:
             _set_module(model, mod_name, _replacement(module, tts, mode))
+    if codecs:
+        _apply_codecs(model, plans, rows, config)
     return rows
+
+
+def _supported(module: nn.Module) -> bool:
+    """Modules with an MPO form, by exact type: a subclass may compute differently (``nn.MultiheadAttention``
+    reads its ``out_proj.weight`` directly), so it is left dense."""
+    return type(module) in SUPPORTED
+
+
+def _row(name: str, status: str, params: int, dense_params: int, cfg: MPOConfig, *, res=None, reason=None) -> dict[str, Any]:
+    return {
+        "name": name, "status": status, "params": params, "dense_params": dense_params,
+        "rel_error": res.rel_error if res is not None else 0.0, "svd_rel_error": res.svd_rel_error if res is not None else 0.0,
+        "bond_dims": res.tt.bond_dims if res is not None and res.tt is not None else None,
+        "candidates": [c.to_dict() for c in res.candidates] if res is not None else [],
+        "reason": res.reason if res is not None else reason, "codecs": [], "config": cfg.to_dict(),
+    }  # fmt: skip
+
+
+def _apply_codecs(model: nn.Module, plans: list[tuple[str, str, MPOConfig, torch.Tensor]], rows: list[dict[str, Any]],
+                  config: MPOConfig) -> None:  # fmt: skip
+    """Replace each stored tensor (cores, or the dense weight) by its codec chain's decoded values."""
+    from mpocompress.codecs import decode, encode, magnitude_threshold
+    from mpocompress.core.tt import relative_error
+
+    by_name = {r["name"]: r for r in rows}
+    modules = dict(model.named_modules())
+    targets = []  # (row name, parameter, chain, original weight, module, weight name)
+    for mod_name, w, cfg, original in plans:
+        if not cfg.chain:
+            continue
+        module = modules[mod_name]
+        full = f"{mod_name}.{w}" if mod_name else w
+        stored = module.cores_of(w) if isinstance(module, MPOMatrices) and module.is_mpo(w) else [getattr(module, w)]
+        targets.extend((full, p, cfg.chain, original, module, w) for p in stored)
+    threshold = None
+    if config.prune_scope == "global" and targets:
+        threshold = magnitude_threshold([p.detach() for _, p, *_ in targets], config.chain[0].param)
+    with torch.no_grad():
+        for _full, p, chain, _, _, _ in targets:
+            if bool(torch.isfinite(p).all()):
+                p.copy_(decode(*encode(p.detach(), chain, threshold=threshold)))
+    for full, _, chain, original, module, w in targets:
+        row = by_name.get(full)
+        if row is None:
+            row = by_name[full] = _row(full, "codec", original.numel(), original.numel(), config)
+            rows.append(row)
+        elif row["status"] == "dense":
+            row["status"] = "codec"
+        row["codecs"] = [str(c) for c in chain]
+        now = _current_weight(module, w)
+        row["rel_error"] = relative_error(original.reshape(now.shape), now)
+
+
+def _current_weight(module: nn.Module, w: str) -> torch.Tensor:
+    """The weight ``w`` as the module now computes it (dense, rebuilt from cores if MPO)."""
+    if isinstance(module, MPOMatrices) and module.is_mpo(w):
+        return module.matrix(w).detach()
+    return getattr(module, w).detach()
 
 
 def load_compressed_(model: nn.Module, path: str | Path, *, mode: str = "auto") -> nn.Module:
@@ -180,51 +255,63 @@ def _current_shape(module: nn.Module, w: str) -> tuple[int, ...] | None:
 
 
 def save_compressed(model: nn.Module, path: str | Path, *, config: MPOConfig | None = None, force: bool = False) -> None:
-    """Write a model holding MPO modules in the ``convert`` format (docs/format.md).
+    """Write a model holding MPO modules in the ``convert`` format (docs/format.md), through
+    :mod:`mpocompress.format` like ``convert``.
 
-    The file's tensors are ``model.state_dict()`` (cores under ``..._cores.k``), so
-    :func:`load_compressed_` and :func:`mpocompress.load_state_dict` read it back.
+    MPO weights are stored as their cores; every other tensor of ``model.state_dict()`` as it is.
+    With a ``config`` whose codec chain is set (the one given to :func:`compress_`), the stored
+    tensors of the selected weights are written packed by that chain (re-encoding values that
+    :func:`compress_` already quantized is exact for ``kmeans``/``int8``/``seofp``/casts and keeps
+    pruned zeros). :func:`load_compressed_` and :func:`mpocompress.load_state_dict` read it back.
     """
-    import json
-
-    from mpocompress import __version__
-    from mpocompress.format import FORMAT_VERSION
+    from mpocompress.codecs import encode
+    from mpocompress.format import core_name, file_metadata, layer_entry, set_encoded, set_mpo
     from mpocompress.io import check_output, dtype_name, save_safetensors
+    from mpocompress.select import is_candidate, kind_of, matrix_shape
 
     path = Path(path)
     check_output(path, [], force)
-    layers: dict[str, Any] = {}
+    tensors = {k: v.detach() for k, v in model.state_dict().items()}
+    dense_shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+    mpo: dict[str, tuple[nn.Module, str, tuple[int, ...]]] = {}
     for mod_name, module in model.named_modules():
-        if not isinstance(module, MPOMatrices):
-            continue
-        for w, (out_f, in_f) in module._shapes.items():
-            full = f"{mod_name}.{w}" if mod_name else w
+        if isinstance(module, MPOMatrices):
+            for w, (out_f, in_f) in module._shapes.items():
+                full = f"{mod_name}.{w}" if mod_name else w
+                shape = tuple(module.kernel_shape) if isinstance(module, MPOConv) else (out_f, in_f)
+                mpo[full] = (module, w, shape)
+                dense_shapes[full] = shape
+    core_names = {core_name(full, k) for full, (module, w, _) in mpo.items() for k in range(len(module.cores_of(w)))}
+    chosen = layer_filter(config.include, config.exclude) if config is not None else (lambda name: False)
+    chain = config.chain if config is not None else []
+    layers: dict[str, Any] = {}
+    dense_bytes = stored_bytes = 0
+    for full, shape in dense_shapes.items():
+        if full in core_names:
+            continue  # written with its weight's entry
+        if full in mpo:
+            module, w, _ = mpo[full]
             cores = module.cores_of(w)
-            shape = list(module.kernel_shape) if isinstance(module, MPOConv) else [out_f, in_f]
-            out_modes = [int(c.shape[1]) for c in cores]
-            in_modes = [int(c.shape[2]) for c in cores]
-            layers[full] = {
-                "kind": type(module).__name__.removeprefix("MPO").lower(),
-                "shape": shape,
-                "dtype": dtype_name(cores[0].dtype),
-                "matrix_shape": [out_f, in_f],
-                "padded_shape": [int(torch.tensor(out_modes).prod()), int(torch.tensor(in_modes).prod())],
-                "out_modes": out_modes,
-                "in_modes": in_modes,
-                "bond_dims": [int(c.shape[3]) for c in cores[:-1]],
-                "cores": [f"{full}_cores.{k}" for k in range(len(cores))],
-                "params": sum(c.numel() for c in cores),
-                "dense_params": out_f * in_f,
-                "rel_error": None,
-                "svd_rank": None,
-                "svd_rel_error": None,
-            }
-    meta = {
-        "format": "mpocompress",
-        "format_version": FORMAT_VERSION,
-        "mpocompress_version": __version__,
-        "config": config.to_dict() if config is not None else {},
-        "layers": layers,
-        "source": "save_compressed",
-    }
-    save_safetensors(model.state_dict(), path, {"format": "pt", "mpocompress": json.dumps(meta, sort_keys=True)})
+            entry = layer_entry(kind_of(full, shape, dense_shapes), list(shape), dtype_name(cores[0].dtype), matrix_shape(shape))
+            stored = set_mpo(entry, full, TTMatrix([c.detach() for c in cores], module._shapes[w]))
+            for k in stored:
+                del tensors[k]
+        elif chain and chosen(full) and is_candidate(shape, dtype_name(tensors[full].dtype)):
+            entry = layer_entry(kind_of(full, shape, dense_shapes), list(shape), dtype_name(tensors[full].dtype), matrix_shape(shape))
+            stored = {full: tensors.pop(full)}
+        else:
+            continue
+        itemsize = next(iter(stored.values())).element_size()
+        if chain and chosen(full):
+            stored = set_encoded(entry, {k: encode(v, chain) for k, v in stored.items()})
+        nbytes = sum(v.numel() * v.element_size() for v in stored.values())
+        entry.update(dense_params=math.prod(shape), bytes=nbytes,
+                     params=sum(v.numel() for v in stored.values()))  # fmt: skip
+        dense_bytes += math.prod(shape) * itemsize
+        stored_bytes += nbytes
+        tensors.update(stored)
+        layers[full] = entry
+    totals = {"layers_compressed": len(layers), "dense_bytes": dense_bytes, "bytes": stored_bytes,
+              "compressed_layers_ratio": dense_bytes / stored_bytes if stored_bytes else 1.0}  # fmt: skip
+    metadata = file_metadata(config.to_dict() if config is not None else {}, layers, totals=totals, source="save_compressed")
+    save_safetensors(tensors, path, metadata)
