@@ -19,6 +19,7 @@ from mpocompress.nn.layers import (
     MPOGRUCell,
     MPOLinear,
     MPOLSTMCell,
+    tune_,
 )
 from mpocompress.nn.surgery import compress_, load_compressed_, save_compressed
 
@@ -376,9 +377,48 @@ def test_compile(compressed_net):
         assert torch.allclose(compiled(idx), y, atol=1e-5)
 
 
-def test_auto_mode_times_once_per_power_of_two_bucket_of_rows():
+def test_auto_mode_times_once_per_power_of_two_bucket_of_rows(monkeypatch):
     m = MPOLinear.from_linear(nn.Linear(64, 32), MPOConfig(bond_dim=4, cores=3))
+    timed = []
+    original = MPOLinear._time_choice
+    monkeypatch.setattr(MPOLinear, "_time_choice", lambda self, *a: timed.append(a[1].shape[0]) or original(self, *a))
     with torch.no_grad():
         for rows in (100, 120, 128, 129, 250):  # variable-length inputs: buckets 128, 128, 128, 256, 256
             m(torch.randn(rows, 64))
     assert sorted(k[1] for k in m._choice) == [128, 256]
+    assert timed == []  # auto mode is deterministic: a cost model, never a timing
+    tuned = tune_(m, torch.randn(100, 64))  # timing only on request
+    assert timed == [100] and list(tuned[""]) == [("weight", 128, False)]
+
+
+def test_cost_model_matches_the_measured_forward_benchmark():
+    """Every point of benchmarks/results/forward.json: the model picks the faster contraction, so
+    the benchmark's claims (MPO beats dense where it should) hold without timing."""
+    import json
+    from pathlib import Path
+
+    from mpocompress.core.contract import choose_contraction
+
+    data = json.loads((Path(__file__).parents[1] / "benchmarks" / "results" / "forward.json").read_text())
+    for r in data["linear"]:
+        n = r["n"]
+        modes = (4, 8, 8, 4) if n == 1024 else (8, 8, 8, 8)
+        b = [1, *r["bond_dims"], 1]
+        shapes = [(b[k], modes[k], modes[k], b[k + 1]) for k in range(4)]
+        if max(r["mpo-chain"], r["dense"]) < 1.15 * min(r["mpo-chain"], r["dense"]):
+            continue  # a near tie: either choice is right
+        faster = "chain" if r["mpo-chain"] < r["dense"] else "materialize"
+        assert choose_contraction(r["batch"], shapes, n, n) == faster, r
+
+
+def test_auto_mode_is_bitwise_reproducible():
+    torch.manual_seed(0)
+    layer = MPOLinear.from_linear(nn.Linear(96, 80), MPOConfig(bond_dim=6, cores=3))
+    x = torch.randn(7, 96)
+    with torch.no_grad():
+        outs = []
+        for _ in range(3):
+            layer._choice.clear()
+            layer._cache.clear()
+            outs.append(layer(x))
+    assert all(torch.equal(outs[0], o) for o in outs[1:])

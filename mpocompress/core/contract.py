@@ -69,6 +69,47 @@ def chain_flops(n: int, cores_shapes: list[tuple[int, int, int, int]]) -> int:
     return total
 
 
+#: cost model of the contraction choice (MPO layers' ``mode="auto"``), in microseconds on one CPU
+#: thread; fitted once to ``benchmarks/results/forward.json`` (every point of it is chosen right) and
+#: fixed, so the choice -- and so a layer's output bits -- never depend on the machine's load.
+GEMM_MACS_PER_US = 40_000.0  # a large GEMM, compute-bound
+CHAIN_MACS_PER_US = 20_000.0  # the chain's small GEMMs and transposes
+CACHE_BYTES = 8 * 1024**2  # a weight up to this size is read from cache ...
+CACHE_BYTES_PER_US = 70_000.0  # ... at this rate
+MEMORY_BYTES_PER_US = 16_000.0  # a larger one from memory
+STEP_US = 8.0  # fixed cost of one chain step (dispatch, reshape, transpose)
+
+
+def dense_cost_us(rows: int, out_features: int, in_features: int, itemsize: int = 4) -> float:
+    """Modelled microseconds of ``x @ W^T`` with ``W`` dense: the GEMM, or reading ``W``, whichever
+    bounds it (at batch 1 a large weight is memory-bound)."""
+    nbytes = out_features * in_features * itemsize
+    read = nbytes / (CACHE_BYTES_PER_US if nbytes <= CACHE_BYTES else MEMORY_BYTES_PER_US)
+    return max(rows * out_features * in_features / GEMM_MACS_PER_US, read) + STEP_US
+
+
+def chain_cost_us(rows: int, cores_shapes: list[tuple[int, int, int, int]]) -> float:
+    """Modelled microseconds of :func:`mpo_chain` for a batch of ``rows``."""
+    return chain_flops(rows, cores_shapes) / CHAIN_MACS_PER_US + STEP_US * len(cores_shapes)
+
+
+def build_cost_us(cores_shapes: list[tuple[int, int, int, int]]) -> float:
+    """Modelled microseconds of contracting the cores into ``W`` (paid per call in training)."""
+    return build_flops(cores_shapes) / CHAIN_MACS_PER_US + STEP_US * len(cores_shapes)
+
+
+def choose_contraction(
+    rows: int, cores_shapes: list[tuple[int, int, int, int]], out_features: int, in_features: int,
+    *, training: bool = False, itemsize: int = 4,
+) -> str:  # fmt: skip
+    """``"chain"`` or ``"materialize"``, by the cost model (deterministic: no timing).
+
+    At inference the dense matrix is cached, so it costs one dense layer; in training it is rebuilt
+    from the cores at every call."""
+    dense = dense_cost_us(rows, out_features, in_features, itemsize) + (build_cost_us(cores_shapes) if training else 0.0)
+    return "chain" if chain_cost_us(rows, cores_shapes) < dense else "materialize"
+
+
 def build_flops(cores_shapes: list[tuple[int, int, int, int]]) -> int:
     """Multiply-adds of contracting the cores into ``W``."""
     total, left = 0, 1

@@ -121,8 +121,8 @@ def cores_to_matrix(cores: list[torch.Tensor], shape: tuple[int, int] | None = N
         t = torch.tensordot(t, core, dims=([t.dim() - 1], [0]))
     t = t.reshape(t.shape[:-1])  # drop r_d = 1: (o1, i1, ..., od, id)
     perm = [2 * k for k in range(d)] + [2 * k + 1 for k in range(d)]
-    out = math.prod(c.shape[1] for c in cores)
-    inp = math.prod(c.shape[2] for c in cores)
+    out = math.prod([c.shape[1] for c in cores])
+    inp = math.prod([c.shape[2] for c in cores])
     m = t.permute(perm).reshape(out, inp)
     if shape is not None:
         m = m[: shape[0], : shape[1]]

@@ -12,10 +12,10 @@ Every layer contracts its cores on the fly; the contraction is chosen per batch 
 * ``mode="chain"``: always contract the input through the cores.
 * ``mode="materialize"``: build the dense matrix once and reuse it while the cores are unchanged
   (dense speed, compressed storage; in training the matrix is rebuilt each step with gradients).
-* ``mode="auto"`` (default): time both once per batch size (rounded up to a power of two), in eager
-  mode, and keep the faster; in training, where one needs over ``FLOP_CLEAR`` times the other's flops
-  it is not timed (large products only). Under tracing, ``torch.compile`` or ONNX export the choice
-  follows a flop count instead.
+* ``mode="auto"`` (default): choose per batch size (rounded up to a power of two) by a fixed cost
+  model (:func:`mpocompress.core.contract.choose_contraction`), so a layer's output never depends on
+  the machine's load. :func:`tune_` replaces that with timing on the user's machine, by explicit
+  request (like ``torch.backends.cudnn.benchmark``).
 """
 
 from __future__ import annotations
@@ -30,14 +30,11 @@ from torch import nn
 
 from mpocompress.config import MPOConfig
 from mpocompress.core.compress import compress_matrix
-from mpocompress.core.contract import build_flops, chain_flops, chain_mats, mpo_chain, mpo_rows
+from mpocompress.core.contract import chain_mats, choose_contraction, mpo_chain, mpo_rows
 from mpocompress.core.modes import choose_modes
 from mpocompress.core.tt import TTMatrix, cores_to_matrix, tt_svd
 
 MODES = ("auto", "chain", "materialize")
-#: in "auto" mode, a contraction needing this many times the other's flops is not timed, just skipped
-FLOP_CLEAR = 8.0
-FLOP_CLEAR_MIN = 1e7
 #: at inference, sequences shorter than this run frame by frame even where dense matrices are faster
 FUSED_MIN_STEPS = 16
 
@@ -135,34 +132,28 @@ class MPOMatrices(nn.Module):
         return (name, 1 << max(int(rows) - 1, 0).bit_length(), grad)
 
     def _pick(self, name: str, x: torch.Tensor, cores: list[torch.Tensor], bias, grad: bool) -> str:
+        """The contraction for this input: one :func:`tune_` timed, else the cost model's."""
         if _tracing():
-            return self._by_flops(name, x.shape[0], cores, None)
+            return self._by_cost(name, x.shape[0], cores, grad)
         key = self._key(name, x.shape[0], grad)
         choice = self._choice.get(key)
         if choice is None:
-            choice = self._by_flops(name, x.shape[0], cores, FLOP_CLEAR) if grad else None
-            if choice is None:
+            if getattr(self, "_tuning", False):
                 choice = self._time_choice(name, x, cores, bias, grad)
+            else:
+                choice = self._by_cost(name, x.shape[0], cores, grad)
             self._choice[key] = choice
         return choice
 
-    def _by_flops(self, name: str, rows: int, cores: list[torch.Tensor], margin: float | None) -> str | None:
-        """The contraction with fewer flops; with ``margin``, only if both are large (> FLOP_CLEAR_MIN)
-        and the other needs ``margin`` times as many (else None: time them)."""
-        shapes = [tuple(c.shape) for c in cores]
+    def _by_cost(self, name: str, rows: int, cores: list[torch.Tensor], grad: bool) -> str:
         out_f, in_f = self._shapes[name]
-        dense = rows * out_f * in_f + build_flops(shapes)
-        chain = chain_flops(rows, shapes)
-        if margin is None:
-            return "chain" if chain <= dense else "materialize"
-        if min(chain, dense) > FLOP_CLEAR_MIN and max(chain, dense) > margin * min(chain, dense):
-            return "chain" if chain < dense else "materialize"
-        return None
+        shapes = [tuple(c.shape) for c in cores]
+        return choose_contraction(rows, shapes, out_f, in_f, training=grad, itemsize=cores[0].element_size())
 
     def _time_choice(self, name: str, x: torch.Tensor, cores: list[torch.Tensor], bias, grad: bool) -> str:
         """Time both contractions on this input and return the faster.
 
-        The two are timed in alternation (2 warm-up rounds, then 12 rounds, median of each), so drift
+        Only under :func:`tune_`. The two are timed in alternation (2 warm-up rounds, then 12 rounds, median of each), so drift
         and cold caches hit both alike; the rounds stop early once one is 3x slower than the other in
         two successive rounds (timing a clearly slower contraction only costs time). In training
         (``grad``) "materialize" rebuilds the matrix each call, so that is what is timed.
@@ -600,3 +591,32 @@ class MPOGRUCell(_MPOCellBase):
     """``nn.GRUCell`` with MPO weights."""
 
     GATES = 3
+
+
+def tune_(model: nn.Module, *example_inputs: Any, train: bool = False, **example_kwargs: Any) -> dict[str, dict]:
+    """Time each MPO layer's two contractions on this machine and keep the faster, in place.
+
+    Opt-in, like ``torch.backends.cudnn.benchmark``: by default layers choose by a fixed cost model
+    (deterministic); after ``tune_`` a layer's choice for the batch sizes seen here follows the
+    timing, which depends on the machine and its load. Runs ``model(*example_inputs)`` once (with
+    gradients and a backward pass when ``train``).
+
+    Returns:
+        ``{module name: {(weight, rows bucket, training): choice}}`` for every MPO module.
+    """
+    mpo = {n: m for n, m in model.named_modules() if isinstance(m, MPOMatrices)}
+    for m in mpo.values():
+        m._choice = {}
+        m._tuning = True
+    try:
+        if train:
+            out = model(*example_inputs, **example_kwargs)
+            (out[0] if isinstance(out, tuple) else out).float().sum().backward()
+            model.zero_grad(set_to_none=True)
+        else:
+            with torch.no_grad():
+                model(*example_inputs, **example_kwargs)
+    finally:
+        for m in mpo.values():
+            m._tuning = False
+    return {n: dict(m._choice) for n, m in mpo.items()}
