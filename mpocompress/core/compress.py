@@ -17,8 +17,8 @@ import torch
 from mpocompress.config import AUTO_CORES, AUTO_REFERENCE_CORES, MPOConfig
 from mpocompress.core.modes import bond_dims_for, choose_modes, max_bond_for_budget, mpo_params
 from mpocompress.core.tt import (
-    OVERSAMPLE,
     TTMatrix,
+    randomized_svd,
     relative_error,
     svd_tail_error,
     tt_svd,
@@ -80,10 +80,7 @@ def singular_values(matrix: torch.Tensor, rank_hint: int | None = None, seed: in
     w = matrix.double() if matrix.dtype == torch.float64 else matrix.float()
     if rank_hint is None or not use_randomized("auto", w.shape[0], w.shape[1], rank_hint):
         return torch.linalg.svdvals(w), True
-    q = min(rank_hint + OVERSAMPLE, min(w.shape))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        _, s, _ = torch.svd_lowrank(w, q=q, niter=4)
+    _, s, _ = randomized_svd(w, rank_hint, seed)
     rest = max(float(torch.linalg.vector_norm(w)) ** 2 - float((s.double() ** 2).sum()), 0.0)
     return torch.cat([s, s.new_tensor([math.sqrt(rest)])]), False
 

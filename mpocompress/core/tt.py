@@ -144,14 +144,21 @@ def _svd(
     """Thin SVD ``a = U diag(S) Vh``, randomized (Halko et al. 2011) when the bond is small."""
     rows, cols = a.shape
     if use_randomized(method, rows, cols, bond):
-        q = min(bond + OVERSAMPLE, rows, cols)
-        # torch.svd_lowrank draws from the global RNG: fork it so results are reproducible and the
-        # caller's RNG state is untouched
-        with torch.random.fork_rng(devices=[a.device] if a.device.type == "cuda" else []):
-            torch.manual_seed(generator_seed)
-            u, s, v = torch.svd_lowrank(a, q=q, niter=POWER_ITERATIONS)
-        return u, s, v.mH
+        return randomized_svd(a, bond, generator_seed)
     return _thin_svd(a)
+
+
+def randomized_svd(a: torch.Tensor, rank: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The leading ``rank + OVERSAMPLE`` singular triplets ``(U, S, Vh)`` of ``a`` by a randomized SVD
+    (Halko et al. 2011, ``POWER_ITERATIONS`` power iterations): the one implementation, for the TT-SVD
+    and for the reference spectra. Seeded on ``a``'s device, so results are reproducible there, and
+    the caller's random state (CPU and CUDA) is left as it was."""
+    q = min(rank + OVERSAMPLE, *a.shape)
+    # torch.svd_lowrank draws from the global RNG of a's device: fork it (and only it) and seed it
+    with torch.random.fork_rng(devices=[a.device] if a.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        u, s, v = torch.svd_lowrank(a, q=q, niter=POWER_ITERATIONS)
+    return u, s, v.mH
 
 
 def _thin_svd(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
