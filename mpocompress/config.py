@@ -144,6 +144,7 @@ class MPOConfig:
         return [parse_codec(t) for t in (self.prune, self.quantize) if t is not None]
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as JSON-ready data (stored in every output)."""
         d = dataclasses.asdict(self)
         d["include"] = list(self.include)
         d["exclude"] = list(self.exclude)
@@ -151,6 +152,7 @@ class MPOConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MPOConfig:
+        """The config from :meth:`to_dict` data (unknown fields are an error)."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -158,10 +160,12 @@ class MPOConfig:
         return cls(**d)
 
     def to_json(self) -> str:
+        """The config as canonical JSON (sorted keys)."""
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
     def from_json(cls, s: str) -> MPOConfig:
+        """The config from :meth:`to_json` text."""
         return cls.from_dict(json.loads(s))
 
 
@@ -243,6 +247,7 @@ class TuneConfig:
             raise ConfigError(f"ipkd must be an integer >= 0 (rounds), got {self.ipkd!r}")
 
     def to_dict(self) -> dict[str, Any]:
+        """The fine-tuning settings as JSON-ready data (stored in the report)."""
         return dataclasses.asdict(self)
 
 
@@ -296,6 +301,7 @@ class Recipe:
         return base
 
     def to_list(self) -> list[dict[str, Any]]:
+        """The rules as JSON-ready data (``[{match: [...], **overrides}]``)."""
         return [{"match": list(p), **dict(o)} for p, o in self.rules]
 
 

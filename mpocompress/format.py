@@ -49,11 +49,14 @@ class StoredCheckpoint(Protocol):
 
     path: Any
 
-    def keys(self) -> list[str]: ...
+    def keys(self) -> list[str]:
+        """Names of the stored tensors."""
 
-    def get(self, name: str) -> torch.Tensor: ...
+    def get(self, name: str) -> torch.Tensor:
+        """One stored tensor."""
 
-    def metadata(self) -> dict[str, str]: ...
+    def metadata(self) -> dict[str, str]:
+        """The file's string metadata."""
 
 
 def layer_entry(kind: str, shape: list[int], dtype: str, matrix_shape: tuple[int, int]) -> dict[str, Any]:
@@ -239,6 +242,7 @@ def decode_entry(entry: dict[str, Any], get: Callable[[str], torch.Tensor]) -> d
 
 
 def rebuild(entry: dict[str, Any], cores: list[torch.Tensor], name: str) -> torch.Tensor:
+    """The dense weight (original shape and dtype) of an MPO layer entry from its decoded cores."""
     expected = [tuple(c.shape[1:3]) for c in cores]
     if any(c.dim() != 4 for c in cores) or expected != list(zip(entry["out_modes"], entry["in_modes"])):
         raise InputError(f"layer {name!r}: core shapes {expected} do not match the recorded modes")

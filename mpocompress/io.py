@@ -69,9 +69,11 @@ class Checkpoint:
         self.dropped: list[str] = []
 
     def keys(self) -> list[str]:
+        """Names of the tensors, in file order."""
         raise NotImplementedError
 
     def shape(self, name: str) -> tuple[int, ...]:
+        """Shape of one tensor, without reading it."""
         raise NotImplementedError
 
     def dtype(self, name: str) -> str:
@@ -79,6 +81,7 @@ class Checkpoint:
         raise NotImplementedError
 
     def get(self, name: str) -> torch.Tensor:
+        """Read one tensor."""
         raise NotImplementedError
 
     def metadata(self) -> dict[str, str]:
@@ -94,6 +97,7 @@ class Checkpoint:
         return sum(f.stat().st_size for f in self.files)
 
     def close(self) -> None:  # noqa: B027 - optional hook
+        """Release the open files."""
         pass
 
     def __enter__(self) -> Checkpoint:
@@ -142,15 +146,18 @@ class SafetensorsCheckpoint(Checkpoint):
                 )
 
     def keys(self) -> list[str]:
+        """Names of the tensors of every shard."""
         return list(self._where)
 
     def _slice(self, name: str):
         return self._handles[self._where[name]].get_slice(name)
 
     def shape(self, name: str) -> tuple[int, ...]:
+        """Shape of one tensor, from the header."""
         return tuple(self._slice(name).get_shape())
 
     def dtype(self, name: str) -> str:
+        """Torch dtype name of one tensor, from the header."""
         st = self._slice(name).get_dtype()
         return dtype_name(_ST_DTYPES[st]) if st in _ST_DTYPES else st.lower()
 
@@ -183,6 +190,7 @@ class SafetensorsCheckpoint(Checkpoint):
             raise InputError(f"{path}: cannot read tensor {name!r} ({e.strerror or e})") from e
 
     def metadata(self) -> dict[str, str]:
+        """The string metadata of the index (sharded) or of the file."""
         if self._index_metadata is not None:
             return {k: v if isinstance(v, str) else json.dumps(v) for k, v in self._index_metadata.items()}
         first = self._handles[self.files[0]] if self.files else None
@@ -190,6 +198,7 @@ class SafetensorsCheckpoint(Checkpoint):
 
     def close(self) -> None:
         # safe_open handles free their mmap when dropped
+        """Drop the safetensors handles (their memory maps go with them)."""
         self._handles = {}
 
 
@@ -201,15 +210,19 @@ class StateDictCheckpoint(Checkpoint):
         self._state = state
 
     def keys(self) -> list[str]:
+        """Names of the tensors."""
         return list(self._state)
 
     def shape(self, name: str) -> tuple[int, ...]:
+        """Shape of one tensor."""
         return tuple(self._state[name].shape)
 
     def dtype(self, name: str) -> str:
+        """Torch dtype name of one tensor."""
         return dtype_name(self._state[name].dtype)
 
     def get(self, name: str) -> torch.Tensor:
+        """One tensor (memory-mapped where the file allowed it)."""
         return self._state[name]
 
 
@@ -540,7 +553,7 @@ def _umask() -> int:
 IN_PLACE: set[Path] = set()
 
 
-def _replace(tmp: Path, final: Path) -> None:
+def replace_into(tmp: Path, final: Path) -> None:
     """Move ``tmp`` onto ``final``; an existing folder at ``final`` is removed only after that.
 
     ``mkstemp``/``mkdtemp`` create private (0600/0700) entries: give the result the usual mode.
@@ -588,7 +601,7 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: 
         try:
             save_file(_storage_safe(tensors), tmp, metadata=metadata)
             _fsync_file(Path(tmp))
-            _replace(Path(tmp), path)
+            replace_into(Path(tmp), path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
@@ -604,7 +617,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
         try:
             yield Path(tmp)
             _fsync_file(Path(tmp))
-            _replace(Path(tmp), path)
+            replace_into(Path(tmp), path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise

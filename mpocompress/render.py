@@ -17,6 +17,7 @@ _BLOCKS = "▁▂▃▄▅▆▇█"
 
 
 def human_bytes(n: float | None) -> str:
+    """``1536`` -> ``'1.5 KB'``."""
     if n is None:
         return "-"
     for unit in ("B", "KB", "MB", "GB", "TB"):

@@ -48,6 +48,7 @@ class LayerRow:
         return self.dense_bytes / self.bytes if self.bytes else float("inf")
 
     def to_dict(self) -> dict[str, Any]:
+        """The row as JSON-ready data, with its ratio."""
         d = asdict(self)
         d["ratio"] = self.ratio
         return d
@@ -73,6 +74,7 @@ class Report:
     work: dict[str, Any] = field(default_factory=dict)
 
     def totals(self) -> dict[str, Any]:
+        """Totals over the whole checkpoint: bytes, params, ratios, errors."""
         mpo = [r for r in self.rows if r.status != "dense"]
         dense_bytes = sum(r.dense_bytes for r in self.rows) + self.passthrough_bytes
         stored_bytes = sum(r.bytes for r in self.rows) + self.passthrough_bytes
@@ -100,6 +102,7 @@ class Report:
         }
 
     def to_dict(self) -> dict[str, Any]:
+        """The report as JSON-ready data (what ``--json`` prints)."""
         return {
             "report_version": REPORT_VERSION,
             "input": self.input,

@@ -69,6 +69,7 @@ class Codec:
         return self.name if p is None else f"{self.name}:{p}"
 
     def to_dict(self) -> dict[str, Any]:
+        """The codec as JSON-ready data (its string form)."""
         return {"codec": str(self)}
 
 

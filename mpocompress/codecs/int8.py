@@ -20,6 +20,7 @@ class Int8(Codec):
     parts = ("codes", "scale", "zero_point")
 
     def encode(self, values: torch.Tensor, rows: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Quantize ``values`` (flat) per row of ``rows`` (one scale and zero point each)."""
         flat = values.reshape(-1)
         r = rows if rows and flat.numel() % rows == 0 else 1
         m = flat.reshape(r, -1).double()
@@ -30,6 +31,7 @@ class Int8(Codec):
         return {"codes": q.reshape(-1), "scale": scale.float(), "zero_point": zero.to(torch.int16)}, {"n": flat.numel()}
 
     def decode(self, parts: dict[str, torch.Tensor], meta: dict[str, Any], dtype: torch.dtype) -> torch.Tensor:
+        """The flat values :meth:`encode` stored, in ``dtype``."""
         scale, zero = parts["scale"].double(), parts["zero_point"].double()
         q = parts["codes"].double().reshape(scale.numel(), -1)
         return ((q - zero[:, None]) * scale[:, None]).reshape(-1).to(dtype)

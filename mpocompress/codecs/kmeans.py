@@ -34,11 +34,13 @@ class KMeans(Codec):
             raise ValueError(f"kmeans K must be an integer in 2..256, got {self.k}")
 
     def encode(self, values: torch.Tensor, rows: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """A codebook of ``k`` centroids and the packed index of each value."""
         centroids, codes = kmeans_1d(values.reshape(-1), self.k)
         bits = max(1, math.ceil(math.log2(self.k)))
         return {"codebook": centroids, "codes": pack_bits(codes, bits)}, {"bits": bits, "n": values.numel()}
 
     def decode(self, parts: dict[str, torch.Tensor], meta: dict[str, Any], dtype: torch.dtype) -> torch.Tensor:
+        """The flat values :meth:`encode` stored, in ``dtype``."""
         codes = unpack_bits(parts["codes"], meta["bits"], meta["n"])
         return parts["codebook"][codes].to(dtype)
 

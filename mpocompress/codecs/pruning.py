@@ -45,6 +45,7 @@ class Magnitude(Codec):
             raise ValueError(f"magnitude sparsity must be in [0, 1), got {self.sparsity}")
 
     def mask(self, x: torch.Tensor, threshold: float | None = None) -> torch.Tensor:
+        """Keep-mask of ``x`` (or, with a global ``threshold``, the entries above it)."""
         return magnitude_mask(x, self.sparsity, threshold)
 
 
@@ -64,6 +65,7 @@ class Channel(Codec):
             raise ValueError(f"channel theta must be in [0, 1], got {self.theta}")
 
     def mask(self, x: torch.Tensor, threshold: float | None = None) -> torch.Tensor:
+        """Keep-mask of ``x``: kernel slices scoring above ``theta`` removed."""
         return channel_mask(x, self.theta)
 
 
@@ -83,6 +85,7 @@ class Units(Codec):
             raise ValueError(f"units fraction must be in [0, 1), got {self.fraction}")
 
     def mask(self, x: torch.Tensor, threshold: float | None = None) -> torch.Tensor:
+        """Not available from the tensor alone: the units come from the model's code."""
         raise ValueError("unit pruning needs the model's code to find the units (--model, --data)")
 
 

@@ -31,11 +31,13 @@ class SEOFP(Codec):
             raise ValueError(f"seofp E must be an integer in 2..8, got {self.exp_bits}")
 
     def encode(self, values: torch.Tensor, rows: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Packed sign-exponent codes of the flat ``values`` and the exponent offset."""
         e = self.exp_bits
         codes, offset = seofp_codes(values.reshape(-1), e)
         return {"codes": pack_bits(codes, e + 1)}, {"bits": e + 1, "e_bits": e, "offset": offset, "n": values.numel()}
 
     def decode(self, parts: dict[str, torch.Tensor], meta: dict[str, Any], dtype: torch.dtype) -> torch.Tensor:
+        """The flat values :meth:`encode` stored (signed powers of two), in ``dtype``."""
         codes = unpack_bits(parts["codes"], meta["bits"], meta["n"])
         return seofp_decode(codes, meta["e_bits"], meta["offset"]).to(dtype)
 

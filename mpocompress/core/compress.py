@@ -36,6 +36,7 @@ class Candidate:
     bond_dims: list[int]
 
     def to_dict(self) -> dict[str, Any]:
+        """The candidate as JSON-ready data."""
         return {"cores": self.cores, "params": self.params, "rel_error": self.rel_error, "bond_dims": self.bond_dims}
 
 

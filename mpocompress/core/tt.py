@@ -130,6 +130,7 @@ def cores_to_matrix(cores: list[torch.Tensor], shape: tuple[int, int] | None = N
 
 
 def use_randomized(svd: str, rows: int, cols: int, bond: int | None) -> bool:
+    """Whether the TT-SVD uses a randomized SVD for an unfolding of this size at this bond."""
     if svd == "full" or bond is None:
         return False
     small = min(rows, cols)

@@ -32,12 +32,12 @@ from mpocompress.jobs.plan import (
 from mpocompress.jobs.tune import finetune_in_memory
 from mpocompress.jobs.workdir import GroupStore, OutputLock
 from mpocompress.jobs.workers import (
-    _convert_group,
-    _Job,
-    _job_fingerprint,
-    _one_thread,
-    _worker_init,
-    _worker_run,
+    Job,
+    convert_group,
+    job_fingerprint,
+    one_thread,
+    worker_init,
+    worker_run,
 )
 from mpocompress.report import LayerRow, Report
 
@@ -203,12 +203,12 @@ def _convert_locked(
         )
     groups = plan_groups(ckpt, names, min(max_shard_bytes, GROUP_MAX_BYTES))
     log.info("%d of %d tensors selected (%s); %d group(s) of work", len(layers), len(names), config.to_json(), len(groups))
-    job = _Job(
+    job = Job(
         input_path=input_path, output_path=output_path, config=config, recipe=recipe, layers=set(layers),
         shapes=shapes, groups=groups, fingerprint="", threshold=threshold, tune=tune is not None,
         tuned=tuned, plans=plans, activations=dict(activations or {}), strict=strict,
     )  # fmt: skip
-    job.fingerprint = _job_fingerprint(ckpt, job)
+    job.fingerprint = job_fingerprint(ckpt, job)
     store = GroupStore(output_path, job.fingerprint, len(groups))
     resumed = False
     if rank == 0:
@@ -256,7 +256,7 @@ def _check_no_clash(input_path: Path, names: list[str], layers: list[str]) -> No
 
 
 def _run_groups(
-    job: _Job,
+    job: Job,
     ckpt: Checkpoint,
     store: GroupStore,
     todo: list[int],
@@ -275,8 +275,8 @@ def _run_groups(
         if workers == 1 or len(todo) <= 1:
             done = sum(len(r["rows"]) for r in records.values())
             for i in todo:
-                with _one_thread():
-                    tensors, rec = _convert_group(job, ckpt, i, progress, done, n_layers)
+                with one_thread():
+                    tensors, rec = convert_group(job, ckpt, i, progress, done, n_layers)
                 store.write(i, tensors, rec)
                 del tensors
                 records[i] = rec
@@ -286,9 +286,9 @@ def _run_groups(
             from concurrent.futures import ProcessPoolExecutor, as_completed
 
             ctx = mp.get_context("spawn")  # fork would copy this process's threads and locks
-            with ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx, initializer=_worker_init,
+            with ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx, initializer=worker_init,
                                      initargs=(job,)) as pool:  # fmt: skip
-                futures = [pool.submit(_worker_run, i) for i in todo]
+                futures = [pool.submit(worker_run, i) for i in todo]
                 try:
                     for fut in as_completed(futures):
                         i, rec = fut.result()

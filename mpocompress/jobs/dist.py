@@ -55,6 +55,7 @@ def init_from_env() -> bool:
 
 
 def shutdown() -> None:
+    """Leave the process group, if one is initialised."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

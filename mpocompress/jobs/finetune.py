@@ -59,6 +59,7 @@ class TuneResult:
     trained_params: int = 0
 
     def to_dict(self) -> dict[str, Any]:
+        """The result as JSON-ready data (for the report)."""
         return {
             "steps": self.steps, "seconds": round(self.seconds, 3), "stopped_by": self.stopped_by,
             "val_before": self.val_before, "val_best": self.val_best, "best_step": self.best_step,
@@ -298,11 +299,13 @@ def magnitude_masks(model: nn.Module, names: Sequence[str], sparsity: float, sco
 
 @dataclass
 class IPKDRound:
+    """One IPKD round: the sparsity it pruned to, its teacher, and its training."""
     sparsity: float
     teacher_fingerprint: float
     tune: TuneResult
 
     def to_dict(self) -> dict[str, Any]:
+        """The round as JSON-ready data (for the report)."""
         return {"sparsity": self.sparsity, "teacher_fingerprint": self.teacher_fingerprint, **self.tune.to_dict()}
 
 

@@ -62,7 +62,8 @@ def global_threshold(ckpt: Checkpoint, layers: list[str], sparsity: float) -> fl
     return magnitude_threshold(lambda: (ckpt.get(n) for n in layers), sparsity)
 
 
-def _nbytes(t: torch.Tensor) -> int:
+def nbytes_of(t: torch.Tensor) -> int:
+    """Bytes of a tensor's data."""
     return t.numel() * t.element_size()
 
 
@@ -103,11 +104,11 @@ class LayerPlan:
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def _unchanged_row(name: str, t: torch.Tensor, shapes: dict[str, tuple[int, ...]], reason: str | None = None) -> LayerRow:
+def unchanged_row(name: str, t: torch.Tensor, shapes: dict[str, tuple[int, ...]], reason: str | None = None) -> LayerRow:
     """The report row of a selected weight stored as it is."""
     shape = list(t.shape)
     out_f, in_f = matrix_shape(shape)
-    numel, nbytes = t.numel(), _nbytes(t)
+    numel, nbytes = t.numel(), nbytes_of(t)
     return LayerRow(
         name=name, kind=kind_of(name, shape, shapes), shape=shape, dtype=dtype_name(t.dtype), status="dense",
         dense_params=numel, params=numel, dense_bytes=nbytes, bytes=nbytes, rel_error=0.0,
@@ -143,7 +144,7 @@ def compress_tensor(
     kind = kind_of(name, shape, shapes)
     out_f, in_f = matrix_shape(shape)
     itemsize, numel = t.element_size(), t.numel()
-    row = _unchanged_row(name, t, shapes)
+    row = unchanged_row(name, t, shapes)
     entry = layer_entry(kind, shape, row.dtype, (out_f, in_f))
     stored: dict[str, torch.Tensor] = {name: t}
     tt = None
@@ -178,7 +179,7 @@ def compress_tensor(
             coded = _refit_codes(row, name, tt, chain, threshold, masks, coded, config.als_sweeps)
         trial = dict(entry)
         parts_out = set_encoded(trial, coded)
-        if sum(_nbytes(v) for v in parts_out.values()) < sum(_nbytes(v) for v in stored.values()):
+        if sum(nbytes_of(v) for v in parts_out.values()) < sum(nbytes_of(v) for v in stored.values()):
             entry["encoded"] = trial["encoded"]
             row.codecs = [str(c) for c in chain]
             stored = parts_out
@@ -188,7 +189,7 @@ def compress_tensor(
             row.reason = f"the codecs ({' '.join(map(str, chain))}) would not make it smaller"
     if row.status == "dense":
         return row, {}, {name: t}
-    row.bytes = sum(_nbytes(v) for v in stored.values())
+    row.bytes = sum(nbytes_of(v) for v in stored.values())
     decoded = decode_entry(entry, stored.__getitem__)
     recon = rebuild(entry, [decoded[c] for c in entry["cores"]], name) if entry["method"] == "mpo" else decoded[name]
     row.rel_error = relative_error(reference, recon)

@@ -22,12 +22,12 @@ from mpocompress.errors import OutputError
 from mpocompress.io import (
     INDEX_NAME,
     LOCK_NAME,
-    _replace,
     deferred_interrupts,
     file_sha256,
     pack_safetensors,
     partial_path,
     read_safetensors_header,
+    replace_into,
     save_safetensors,
     write_text,
     writing,
@@ -83,6 +83,7 @@ class OutputLock:
         self._fd = fd
 
     def owner(self) -> dict[str, Any] | None:
+        """The pid and host recorded by the lock's holder (None when unreadable)."""
         try:
             data = json.loads(self.path.read_text())
             return data if isinstance(data, dict) else None
@@ -124,6 +125,7 @@ class GroupStore:
         self.n_groups = n_groups
 
     def group_file(self, i: int) -> Path:
+        """The safetensors file of group ``i``."""
         return self.path / f"group-{i:05d}.safetensors"
 
     def _manifest(self, i: int) -> Path:
@@ -166,12 +168,14 @@ class GroupStore:
         return None
 
     def write(self, i: int, tensors: Mapping[str, torch.Tensor], record: dict[str, Any]) -> None:
+        """Write group ``i``'s tensors, then its manifest (hash, fingerprint, record), each atomically."""
         data = self.group_file(i)
         save_safetensors(tensors, data, {"format": "pt"})
         manifest = {"fingerprint": self.fingerprint, "sha256": file_sha256(data), "record": record}
         write_text(self._manifest(i), json.dumps(manifest, sort_keys=True) + "\n")
 
     def group_bytes(self, i: int) -> int:
+        """Data bytes of group ``i``'s file."""
         header, start = read_safetensors_header(self.group_file(i))
         return self.group_file(i).stat().st_size - start
 
@@ -203,7 +207,7 @@ class GroupStore:
                 index = {"metadata": {"total_size": total, **metadata}, "weight_map": weight_map}
                 with writing(self.output):
                     (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True))
-                    _replace(tmp, self.output)
+                    replace_into(tmp, self.output)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise

@@ -19,14 +19,14 @@ from mpocompress.config import MPOConfig, Recipe
 from mpocompress.errors import ConfigError, InputError
 from mpocompress.format import FORMAT_VERSION
 from mpocompress.io import Checkpoint, dtype_name, open_checkpoint
-from mpocompress.jobs.plan import LayerPlan, Progress, _nbytes, _unchanged_row, compress_tensor
+from mpocompress.jobs.plan import LayerPlan, Progress, compress_tensor, nbytes_of, unchanged_row
 from mpocompress.jobs.workdir import GroupStore
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class _Job:
+class Job:
     """Everything a worker needs to convert any group (picklable: sent once to each worker)."""
 
     input_path: Path
@@ -52,7 +52,7 @@ def _hash_tensors(h: Any, tensors: dict[str, torch.Tensor]) -> None:
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
-def _job_fingerprint(ckpt: Checkpoint, job: _Job) -> str:
+def job_fingerprint(ckpt: Checkpoint, job: Job) -> str:
     """Hash of everything that decides the output: input files and tensors, settings, trained values."""
     import hashlib
 
@@ -79,8 +79,8 @@ def _job_fingerprint(ckpt: Checkpoint, job: _Job) -> str:
     return h.hexdigest()
 
 
-def _convert_group(
-    job: _Job, ckpt: Checkpoint, i: int, progress: Progress | None = None, done: int = 0, total: int = 0
+def convert_group(
+    job: Job, ckpt: Checkpoint, i: int, progress: Progress | None = None, done: int = 0, total: int = 0
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Convert group ``i``: returns the tensors to write and the group's record (report rows,
     metadata entries, pass-through counts)."""
@@ -98,7 +98,7 @@ def _convert_group(
             cfg = job.config if job.recipe is None else job.recipe.config_for(name, job.config)
         if cfg is None:  # not selected, or the recipe skips it
             out[name] = t
-            passthrough = [passthrough[0] + 1, passthrough[1] + t.numel(), passthrough[2] + _nbytes(t)]
+            passthrough = [passthrough[0] + 1, passthrough[1] + t.numel(), passthrough[2] + nbytes_of(t)]
             continue
         if not job.tune and any(c.name == "units" for c in cfg.chain):
             raise ConfigError(
@@ -111,7 +111,7 @@ def _convert_group(
                 raise InputError(f"{name} holds {bad} NaN/Inf value(s) (--strict refuses non-finite weights)")
             log.warning("%s holds %d NaN/Inf value(s): stored unchanged", name, bad)
             out[name] = t
-            rows.append(_unchanged_row(name, t, job.shapes, "non-finite values (NaN/Inf): stored unchanged").to_dict())
+            rows.append(unchanged_row(name, t, job.shapes, "non-finite values (NaN/Inf): stored unchanged").to_dict())
             continue
         row, entry, stored = compress_tensor(
             name, t, cfg, job.shapes, job.threshold if cfg.prune == job.config.prune else None,
@@ -127,7 +127,7 @@ def _convert_group(
 
 
 @contextmanager
-def _one_thread():
+def one_thread():
     """Each tensor is compressed on one thread, so results are bitwise the same for any ``workers``
     (parallelism is across tensors)."""
     old = torch.get_num_threads()
@@ -141,7 +141,8 @@ def _one_thread():
 _WORKER: dict[str, Any] = {}
 
 
-def _worker_init(job: _Job) -> None:
+def worker_init(job: Job) -> None:
+    """Set up a spawned worker process: one thread, the job, the input and the work folder."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the pool
@@ -151,8 +152,9 @@ def _worker_init(job: _Job) -> None:
     _WORKER["store"] = GroupStore(job.output_path, job.fingerprint, len(job.groups))
 
 
-def _worker_run(i: int) -> tuple[int, dict[str, Any]]:
+def worker_run(i: int) -> tuple[int, dict[str, Any]]:
+    """Convert group ``i`` in a worker and write it to the work folder."""
     job, ckpt, store = _WORKER["job"], _WORKER["ckpt"], _WORKER["store"]
-    tensors, record = _convert_group(job, ckpt, i)
+    tensors, record = convert_group(job, ckpt, i)
     store.write(i, tensors, record)
     return i, record

@@ -86,10 +86,12 @@ class MPOMatrices(nn.Module):
         self._shapes[name] = (int(shape[0]), int(shape[1]))
 
     def is_mpo(self, name: str) -> bool:
+        """Whether matrix ``name`` is held as MPO cores."""
         return name in self._shapes
 
     def cores_of(self, name: str) -> list[torch.Tensor]:
         # straight from the ParameterList's dict: iterating the list object costs microseconds per call
+        """The cores of MPO matrix ``name``."""
         return list(self._modules[name + "_cores"]._parameters.values())
 
     def matrix(self, name: str) -> torch.Tensor:
@@ -223,7 +225,7 @@ def _compress_weights(module: nn.Module, config: MPOConfig | None, names: list[s
     }
 
 
-def _random_cores(out_f: int, in_f: int, out_modes, in_modes, bond_dims, device=None, dtype=None) -> list[torch.Tensor]:
+def random_cores(out_f: int, in_f: int, out_modes, in_modes, bond_dims, device=None, dtype=None) -> list[torch.Tensor]:
     """Cores whose product has the variance of ``nn.Linear``'s default init (1 / (3 in))."""
     r = [1, *bond_dims, 1]
     d = len(out_modes)
@@ -249,7 +251,7 @@ class MPOLinear(MPOMatrices):
                  *, mode: str = "auto", device=None, dtype=None) -> None:  # fmt: skip
         super().__init__(mode)
         self.in_features, self.out_features = in_features, out_features
-        cores = _random_cores(out_features, in_features, out_modes, in_modes, bond_dims, device, dtype)
+        cores = random_cores(out_features, in_features, out_modes, in_modes, bond_dims, device, dtype)
         self._set_matrix("weight", cores, (out_features, in_features))
         if bias:
             bound = 1 / math.sqrt(in_features) if in_features else 0
@@ -260,6 +262,7 @@ class MPOLinear(MPOMatrices):
     @classmethod
     def from_cores(cls, cores: list[torch.Tensor] | TTMatrix, in_features: int, out_features: int,
                    bias: torch.Tensor | None = None, *, mode: str = "auto") -> MPOLinear:  # fmt: skip
+        """An ``MPOLinear`` holding the given cores (and bias)."""
         c0 = cores.cores[0] if isinstance(cores, TTMatrix) else cores[0]
         core_list = cores.cores if isinstance(cores, TTMatrix) else cores
         self = cls.__new__(cls)
@@ -290,9 +293,11 @@ class MPOLinear(MPOMatrices):
         return lin
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W^T + bias`` for ``x`` of shape ``(..., in_features)``."""
         return self._linear("weight", x, self.bias)
 
     def extra_repr(self) -> str:
+        """Shapes, modes and bonds, for ``print(model)``."""
         cores = self.cores_of("weight")
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -320,6 +325,7 @@ class MPOConv(MPOMatrices):
 
     @classmethod
     def from_conv(cls, conv: nn.modules.conv._ConvNd, config: MPOConfig | None = None) -> MPOConv:
+        """The MPO version of a ``Conv1d/2d/3d`` (its kernel as an ``(out, in * k...)`` MPO)."""
         return cls(conv, _compress(conv.weight, config, force=True))
 
     @property
@@ -330,6 +336,7 @@ class MPOConv(MPOMatrices):
         return w.reshape(self.kernel_shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The convolution with the kernel rebuilt from the cores."""
         conv = (F.conv1d, F.conv2d, F.conv3d)[self.dims - 1]
         w = self.weight
         if self.padding_mode != "zeros":
@@ -348,6 +355,7 @@ class MPOEmbedding(MPOMatrices):
 
     @classmethod
     def from_embedding(cls, emb: nn.Embedding, config: MPOConfig | None = None) -> MPOEmbedding:
+        """The MPO version of an ``nn.Embedding``."""
         if emb.max_norm is not None or emb.sparse:
             raise ValueError("MPOEmbedding does not support max_norm or sparse embeddings")
         return cls(emb.num_embeddings, emb.embedding_dim, _compress(emb.weight, config, force=True), emb.padding_idx)
@@ -357,6 +365,7 @@ class MPOEmbedding(MPOMatrices):
         return self.matrix("weight")
 
     def forward(self, index: torch.Tensor) -> torch.Tensor:
+        """Rows ``index`` of the table, gathered from the cores without building it."""
         return mpo_rows(self.cores_of("weight"), index, self.embedding_dim)
 
 
@@ -526,6 +535,7 @@ class MPOLSTM(_MPORNNBase):
 
     @classmethod
     def from_lstm(cls, lstm: nn.LSTM, config: MPOConfig | None = None, **kwargs: Any) -> MPOLSTM:
+        """The MPO version of an ``nn.LSTM`` (each stacked-gate matrix one MPO, as in MPO-LSTM)."""
         return cls.from_rnn(lstm, config, **kwargs)
 
 
@@ -539,6 +549,7 @@ class MPOGRU(_MPORNNBase):
 
     @classmethod
     def from_gru(cls, gru: nn.GRU, config: MPOConfig | None = None, **kwargs: Any) -> MPOGRU:
+        """The MPO version of an ``nn.GRU``."""
         return cls.from_rnn(gru, config, **kwargs)
 
 

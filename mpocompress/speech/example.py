@@ -18,30 +18,24 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
-SR = 16000
-N_FFT = 512
-HOP = 256
-BINS = N_FFT // 2 + 1  # 257
+from mpocompress.speech.features import DEFAULT_STFT, ideal_ratio_mask, log_power, stft
+from mpocompress.speech.models import LSTMMask
+
+SR = DEFAULT_STFT.sample_rate
+BINS = DEFAULT_STFT.bins  # 257
+LN10 = math.log(10.0)
 
 
-class SELSTM(nn.Module):
-    """Causal LSTM mask estimator: (batch, frames, 257) log-power -> (batch, frames, 257) mask (IRM)."""
+class SELSTM(LSTMMask):
+    """The example's architecture: :class:`~mpocompress.speech.models.LSTMMask` with one LSTM layer of
+    128 units and one scalar input normalisation (as the bundled checkpoint stores it)."""
 
     def __init__(self, bins: int = BINS, hidden: int = 128):
-        super().__init__()
-        # input normalisation, measured on held-out data at training time and stored with the weights
+        super().__init__(bins, hidden, layers=1)
+        # the checkpoint was trained with one mean and std over all bins
         self.register_buffer("feature_mean", torch.zeros(1))
         self.register_buffer("feature_std", torch.ones(1))
-        self.inp = nn.Linear(bins, hidden)
-        self.lstm = nn.LSTM(hidden, hidden, batch_first=True)
-        self.out = nn.Linear(hidden, bins)
-
-    def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        x = (feats - self.feature_mean) / self.feature_std
-        h, _ = self.lstm(torch.relu(self.inp(x)))
-        return torch.sigmoid(self.out(h))
 
 
 def _voiced(n: int, g: torch.Generator) -> torch.Tensor:
@@ -75,20 +69,17 @@ def _noise(n: int, g: torch.Generator) -> torch.Tensor:
 
 
 def make_batch(batch: int, seconds: float, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-power features, IRM targets), each (batch, frames, 257)."""
+    """(log10-power features, IRM targets), each (batch, frames, 257), through
+    :mod:`mpocompress.speech.features` (the example was trained on log10 power)."""
     n = int(SR * seconds)
     feats, masks = [], []
-    win = torch.hann_window(N_FFT)
     for _ in range(batch):
         clean = _voiced(n, g)
         noise = _noise(n, g)
         snr = -5 + 20 * float(torch.rand(1, generator=g))
         noise = noise * (clean.norm() / (noise.norm() * 10 ** (snr / 20) + 1e-8))
-        c = torch.stft(clean, N_FFT, HOP, window=win, return_complex=True).abs() ** 2
-        v = torch.stft(noise, N_FFT, HOP, window=win, return_complex=True).abs() ** 2
-        x = torch.stft(clean + noise, N_FFT, HOP, window=win, return_complex=True).abs() ** 2
-        feats.append(torch.log10(x + 1e-8).T)
-        masks.append(torch.sqrt(c / (c + v + 1e-8)).T)
+        feats.append(log_power(stft(clean + noise)) / LN10)
+        masks.append(ideal_ratio_mask(stft(clean), stft(noise)))
     return torch.stack(feats), torch.stack(masks)
 
 

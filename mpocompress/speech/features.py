@@ -34,6 +34,7 @@ class STFTConfig:
         return self.n_fft // 2 + 1
 
     def to_dict(self) -> dict[str, object]:
+        """The settings as JSON-ready data."""
         return asdict(self)
 
 

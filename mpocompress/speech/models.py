@@ -25,7 +25,7 @@ from torch import nn
 
 from mpocompress.core.modes import bond_dims_for, choose_modes
 from mpocompress.core.tt import TTMatrix
-from mpocompress.nn.layers import MPOLSTM, MPOLinear, _random_cores
+from mpocompress.nn.layers import MPOLSTM, MPOLinear, random_cores
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ def lstm(in_f: int, hidden: int, layers: int, mpo: MPOSpec | None) -> nn.Module:
     for name, p in rnn.named_parameters():
         if name.startswith("weight_"):
             out_f, in_f_ = p.shape
-            cores = _random_cores(out_f, in_f_, *_structure(out_f, in_f_, mpo), None, None)
+            cores = random_cores(out_f, in_f_, *_structure(out_f, in_f_, mpo), None, None)
             tts[name] = TTMatrix(cores, (out_f, in_f_))
     return MPOLSTM(rnn, tts)
 
@@ -91,6 +91,7 @@ class LSTMMask(_Normalised):
         self.out = linear(hidden, bins, mpo)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Mask ``(batch, frames, bins)`` from log-power features of the same shape."""
         h = torch.relu(self.inp(self.normalise(x)))
         h, _ = self.lstm(h)
         return torch.sigmoid(self.out(h))
@@ -111,6 +112,7 @@ class MLPMask(_Normalised):
         )  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Mask ``(batch, frames, bins)`` from log-power features of the same shape."""
         x = self.normalise(x)
         frames = x.shape[1]
         padded = nn.functional.pad(x, (0, 0, self.past, self.future))  # repeat nothing: zeros = mean
@@ -155,6 +157,7 @@ class GCRN(_Normalised):
         self.head = nn.Conv2d(8, 1, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Mask ``(batch, frames, bins)`` from log-power features of the same shape."""
         b, t, _ = x.shape
         h = self.normalise(x).unsqueeze(1)  # (batch, 1, frames, bins)
         skips = []
