@@ -137,7 +137,7 @@ def magnitude_threshold(
         c = torch.bincount(bins_of(t.detach().abs().float().reshape(-1)), minlength=THRESHOLD_BINS).cpu()
         counts = c if counts is None else counts + c
     cum = counts.cumsum(0)
-    b = int(torch.searchsorted(cum, torch.tensor(k)))
+    b = int(torch.searchsorted(cum, torch.tensor(k, device=cum.device)))
     below = int(cum[b - 1]) if b > 0 else 0
     inside = []
     for t in passes():

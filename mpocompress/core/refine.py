@@ -47,7 +47,7 @@ def _interleaved(weight: torch.Tensor, tt: TTMatrix) -> torch.Tensor:
     out_modes, in_modes = tt.out_modes, tt.in_modes
     d = len(out_modes)
     rows, cols = tt.padded_shape
-    w = torch.zeros(rows, cols, dtype=torch.float64)
+    w = torch.zeros(rows, cols, dtype=torch.float64, device=weight.device)
     w[: weight.shape[0], : weight.shape[1]] = weight.double()
     perm = [p for k in range(d) for p in (k, d + k)]
     return w.reshape(*out_modes, *in_modes).permute(perm).reshape([o * i for o, i in zip(out_modes, in_modes)])
@@ -77,11 +77,11 @@ def _sweep(target: torch.Tensor, cores3: list[torch.Tensor], frozen: set[int], o
         if k in frozen:
             continue
         # left interface L: (N_<k, r_{k-1}); right interface R: (r_k, N_>k)
-        left = torch.ones(1, 1, dtype=torch.float64)
+        left = torch.ones(1, 1, dtype=torch.float64, device=target.device)
         for j in range(k):
             c = cores3[j]
             left = (left @ c.reshape(c.shape[0], -1)).reshape(-1, c.shape[-1])
-        right = torch.ones(1, 1, dtype=torch.float64)
+        right = torch.ones(1, 1, dtype=torch.float64, device=target.device)
         for j in range(d - 1, k, -1):
             c = cores3[j]
             right = (c.reshape(-1, c.shape[-1]) @ right).reshape(c.shape[0], -1)
