@@ -246,3 +246,30 @@ def test_recipe_per_layer_choices(tmp_path, trained_like):
     recipe.write_text("[[layers]\nbroken")
     res = CliRunner().invoke(main, ["convert", str(trained_like), "-o", str(out), "--recipe", str(recipe), "--ratio", "2", "--force"])
     assert res.exit_code == 3 and "not valid TOML" in res.stderr
+
+
+@pytest.mark.parametrize("dist", ["normal", "laplace", "student-t2", "mixture", "few-values"])
+@pytest.mark.parametrize("k", [4, 16, 64])
+def test_kmeans_is_within_one_percent_of_the_optimum(dist, k):
+    """kmeans_1d against the exact dynamic program on all values (no grouping)."""
+    import numpy as np
+
+    from mpocompress.codecs.kmeans import _dp_boundaries, kmeans_1d
+
+    g = torch.Generator().manual_seed(7)
+    n = 6000
+    v = {
+        "normal": lambda: torch.randn(n, generator=g),
+        "laplace": lambda: torch.randn(n, generator=g).sign() * torch.rand(n, generator=g).log().neg(),
+        "student-t2": lambda: torch.randn(n, generator=g) / (torch.randn(n, 2, generator=g).square().mean(1)).sqrt(),
+        "mixture": lambda: torch.cat([torch.randn(n // 2, generator=g) * 0.01, torch.randn(n // 2, generator=g) * 2 + 3]),
+        "few-values": lambda: torch.randint(0, 40, (n,), generator=g).float() / 7,
+    }[dist]()
+    s = np.sort(v.double().numpy())
+    ends = _dp_boundaries(s, np.ones_like(s), k)
+    optimum = sum(float(((s[a:b] - s[a:b].mean()) ** 2).sum()) for a, b in zip(ends[:-1], ends[1:]))
+    centroids, codes = kmeans_1d(v, k)
+    ours = float((v.double() - centroids.double()[codes]).square().sum())
+    assert ours <= optimum * 1.01 + 1e-12, (ours / optimum)
+    again = kmeans_1d(v, k)
+    assert torch.equal(again[0], centroids) and torch.equal(again[1], codes)  # deterministic

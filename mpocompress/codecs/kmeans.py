@@ -1,7 +1,8 @@
 """``kmeans:K`` -- PQ of PP+PQ (Chen et al. 2019): per-tensor k-means weight sharing.
 
-``K`` float32 centroids and packed ``ceil(log2 K)``-bit indices. Initialised at evenly spaced
-quantiles, Lloyd iterations until the centroids stop moving (our choice).
+``K`` float32 centroids and packed ``ceil(log2 K)``-bit indices. The centroids are the optimal 1-D
+k-means (a dynamic program, then Lloyd to convergence: see :func:`kmeans_1d`); PP+PQ does not say
+how its k-means is solved, so this is our choice.
 """
 
 from __future__ import annotations
@@ -10,12 +11,15 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from mpocompress.codecs.base import Codec, register
 from mpocompress.codecs.packing import pack_bits, unpack_bits
 
-KMEANS_ITERS = 25
+#: the dynamic program runs on at most this many weighted points (contiguous groups of sorted
+#: values), or 32 per centroid where that is more
+KMEANS_DP_POINTS = 4096
 
 
 @register
@@ -45,27 +49,115 @@ class KMeans(Codec):
         return parts["codebook"][codes].to(dtype)
 
 
-def kmeans_1d(values: torch.Tensor, k: int, iters: int = KMEANS_ITERS) -> tuple[torch.Tensor, torch.Tensor]:
-    """1-D k-means (Lloyd), centroids initialised at evenly spaced quantiles. Returns (centroids, codes)."""
+def kmeans_1d(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Optimal 1-D k-means (least squared error), deterministic. Returns ``(centroids, codes)``:
+    ``k`` sorted float32 centroids (repeated when there are fewer distinct values) and each value's index.
+
+    The sorted values are grouped into at most ``KMEANS_DP_POINTS`` contiguous weighted points, an
+    exact dynamic program (Wang and Song 2011, Ckmeans.1d.dp, with the divide-and-conquer speed-up of
+    Gronlund et al. 2017) clusters those, and Lloyd iterations on the sorted raw values (prefix sums:
+    ``O(k log n)`` each) run until no boundary moves. With no grouping (up to ``KMEANS_DP_POINTS``
+    distinct values) the result is the exact optimum; with grouping it was within 1 % of it on every
+    tensor tried (normal, Laplace, Student-t(2), mixtures, k = 4..256; ``tests/test_codecs.py``).
+    """
     v = values.reshape(-1).double()
-    k = max(1, min(k, v.numel()))
+    device = values.device
+    k = max(1, int(k))
     if v.numel() == 0:
-        return torch.zeros(k, device=values.device), torch.zeros(0, dtype=torch.int64, device=values.device)
-    q = torch.linspace(0, 1, k + 2, dtype=torch.float64, device=v.device)[1:-1]
-    c = torch.quantile(v, q) if v.numel() <= 16_000_000 else torch.sort(v).values[(q * (v.numel() - 1)).long()]
-    for _ in range(iters):
-        c, _ = torch.sort(c)
-        bounds = (c[1:] + c[:-1]) / 2
-        codes = torch.bucketize(v, bounds)
-        sums = torch.zeros(k, dtype=torch.float64, device=v.device).index_add_(0, codes, v)
-        counts = torch.bincount(codes, minlength=k).double()
-        new = torch.where(counts > 0, sums / counts.clamp(min=1), c)
-        if torch.allclose(new, c):
-            c = new
+        return torch.zeros(k, device=device), torch.zeros(0, dtype=torch.int64, device=device)
+    s = np.sort(v.cpu().numpy())
+    uniq, first = np.unique(s, return_index=True)
+    if uniq.size <= k:
+        c = np.concatenate([uniq, np.full(k - uniq.size, uniq[-1])])
+    else:
+        bounds = np.concatenate([first, [s.size]])  # groups of equal values ...
+        points = max(KMEANS_DP_POINTS, 32 * k)
+        if uniq.size > points:  # ... or runs of sorted values, cut both at quantiles and at evenly
+            # spaced values, so no group holds many values nor spans a wide range (the tails)
+            half = points // 2
+            at_quantiles = s[np.linspace(0, s.size - 1, half + 1).astype(np.int64)[1:-1]]
+            scale = float(np.median(np.abs(s))) or 1.0  # evenly spaced in asinh(v / scale): linear near
+            at_values = scale * np.sinh(np.linspace(np.arcsinh(s[0] / scale), np.arcsinh(s[-1] / scale), half + 1)[1:-1])  # 0, log in the tails
+            cut = np.searchsorted(s, np.concatenate([at_quantiles, at_values]))
+            bounds = np.unique(np.concatenate([[0], cut, [s.size]]))
+        prefix = np.concatenate([[0.0], np.cumsum(s)])
+        weights = np.diff(bounds).astype(np.float64)
+        means = (prefix[bounds[1:]] - prefix[bounds[:-1]]) / weights
+        ends = _dp_boundaries(means, weights, k)  # cluster j covers groups [ends[j-1], ends[j])
+        c = _lloyd_sorted(s, prefix, bounds[ends])
+    cent = torch.from_numpy(c).to(device)
+    codes = torch.bucketize(v, (cent[1:] + cent[:-1]) / 2)
+    return cent.float(), codes
+
+
+def _dp_boundaries(x: np.ndarray, w: np.ndarray, k: int) -> np.ndarray:
+    """Optimal clustering of sorted weighted points into ``k`` contiguous clusters: the end index
+    (exclusive) of each cluster, ``k + 1`` values starting at 0.
+
+    ``D_j(i) = min_a D_{j-1}(a) + cost(a, i)``; the best ``a`` is non-decreasing in ``i`` (the cost is
+    Monge), so each level is solved by divide and conquer, all intervals of one depth at once in numpy.
+    """
+    m = x.size
+    p1 = np.concatenate([[0.0], np.cumsum(w * x)])
+    p2 = np.concatenate([[0.0], np.cumsum(w * x * x)])
+    pw = np.concatenate([[0.0], np.cumsum(w)])
+
+    def cost(a: np.ndarray, b: np.ndarray) -> np.ndarray:  # points a..b-1
+        sw = pw[b] - pw[a]
+        s1 = p1[b] - p1[a]
+        return np.maximum(p2[b] - p2[a] - s1 * s1 / np.where(sw > 0, sw, 1.0), 0.0)
+
+    prev = np.maximum(p2 - p1 * p1 / np.where(pw > 0, pw, 1.0), 0.0)  # one cluster over the first i points
+    arg = np.zeros((k + 1, m + 1), dtype=np.int64)
+    for j in range(2, k + 1):
+        cur = np.full(m + 1, np.inf)
+        # intervals of i = lo..hi whose best a lies in olo..ohi
+        lo, hi, olo, ohi = (np.array([v], dtype=np.int64) for v in (j, m, j - 1, m - 1))
+        while lo.size:
+            mid = (lo + hi) // 2
+            lens = np.minimum(mid - 1, ohi) - olo + 1
+            offsets = np.concatenate([[0], np.cumsum(lens)[:-1]])
+            seg = np.repeat(np.arange(lo.size), lens)
+            a = olo[seg] + np.arange(seg.size) - offsets[seg]
+            vals = prev[a] + cost(a, mid[seg])
+            minima = np.minimum.reduceat(vals, offsets)
+            hits = np.flatnonzero(vals <= minima[seg])
+            _, first = np.unique(seg[hits], return_index=True)
+            best = a[hits[first]]
+            cur[mid], arg[j, mid] = minima, best
+            lo, hi, olo, ohi = (np.concatenate(pair) for pair in ((lo, mid + 1), (mid - 1, hi), (olo, best), (best, ohi)))
+            keep = lo <= hi
+            lo, hi, olo, ohi = lo[keep], hi[keep], olo[keep], ohi[keep]
+        prev = cur
+    ends = [m]
+    for j in range(k, 1, -1):
+        ends.append(int(arg[j, ends[-1]]))
+    ends.append(0)
+    return np.array(ends[::-1])
+
+
+def _lloyd_sorted(s: np.ndarray, prefix: np.ndarray, starts: np.ndarray, max_iters: int = 1000) -> np.ndarray:
+    """Lloyd iterations on sorted values from cluster boundaries ``starts`` (k + 1 indices into ``s``)
+    until no boundary moves; returns the sorted centroids."""
+    cuts = starts.copy()
+    for _ in range(max_iters):
+        counts = np.diff(cuts)
+        sums = prefix[cuts[1:]] - prefix[cuts[:-1]]
+        c = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+        c = _fill_empty(c, s)
+        new = np.concatenate([[0], np.searchsorted(s, (c[1:] + c[:-1]) / 2, side="right"), [s.size]])
+        if np.array_equal(new, cuts):
             break
-        c = new
-    c, _ = torch.sort(c)
-    codes = torch.bucketize(v, (c[1:] + c[:-1]) / 2)
-    return c.float(), codes
+        cuts = new
+    return c
 
 
+def _fill_empty(c: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """Give empty clusters (NaN) the value of their nearest non-empty neighbour, keeping the order."""
+    if not np.isnan(c).any():
+        return c
+    c = c.copy()
+    for i in range(c.size):
+        if np.isnan(c[i]):
+            c[i] = c[i - 1] if i > 0 else s[0]
+    return c
