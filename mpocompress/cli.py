@@ -277,11 +277,14 @@ def main(verbose: int) -> None:
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Local processes converting tensor groups in parallel (the output is the same for any N).")
 @click.option("--ipkd", "ipkd_rounds", type=click.IntRange(min=1), help="Iterative pruning with distillation in N rounds (with --prune magnitude:S).")
+@click.option("--target-size", metavar="SIZE", help="Make the whole file <= SIZE (12.5% of the input, or 900KB / 2.1GB), choosing each layer's method and setting.")
+@click.option("--target-ratio", type=click.FloatRange(1, min_open=True), help="The same as --target-size INPUT/R.")
 @_errors
 @click.pass_context
 def convert(ctx: click.Context, input_path: Path, output_path: Path, bond_dim, tol, ratio, cores, svd, prune, quantize, prune_scope, recipe_path, include, exclude, seed,
             as_json, report_path, force, strict, max_error, min_ratio, max_shard_size, als_sweeps, activations_path, model_spec, data_spec,
-            val_spec, steps, time_limit, lr, train_sel, kd_weight, task_loss, batch_size, task, workers, ipkd_rounds) -> None:  # fmt: skip
+            val_spec, steps, time_limit, lr, train_sel, kd_weight, task_loss, batch_size, task, workers, ipkd_rounds,
+            target_size, target_ratio) -> None:  # fmt: skip
     """Compress the weight matrices of INPUT into MPO cores and write a compact checkpoint.
 
     \b
@@ -314,6 +317,9 @@ def convert(ctx: click.Context, input_path: Path, output_path: Path, bond_dim, t
 
     given, recipe = _given_options(ctx, recipe_path, bond_dim=bond_dim, tol=tol, ratio=ratio, prune=prune, quantize=quantize,
                                    cores=cores, svd=svd, prune_scope=prune_scope, seed=seed, als_sweeps=als_sweeps)  # fmt: skip
+    target = _target(ctx, target_size, target_ratio, input_path)
+    if target is not None:  # the allocation chooses every layer's method: a placeholder base config
+        given = {"quantize": "int8", "seed": seed}
     config = MPOConfig(**given, include=include, exclude=exclude)
     gates = Gates(max_error=max_error, min_ratio=min_ratio)
 
@@ -347,8 +353,15 @@ def convert(ctx: click.Context, input_path: Path, output_path: Path, bond_dim, t
     try:
         leader = dist.rank_world()[0] == 0
         with _Progress("converting", leader) as progress, _TuneProgress(leader) as tune_progress:
-            report = run_convert(input_path, output_path, config, force=force, max_shard_bytes=shard_bytes, workers=workers,
-                                 progress=progress, recipe=recipe, tune_progress=tune_progress, strict=strict, **extra)  # fmt: skip
+            if target is not None:
+                from mpocompress.jobs.budget import convert_to_size
+
+                report = convert_to_size(input_path, output_path, target, config, recipe=recipe, force=force,
+                                         max_shard_bytes=shard_bytes, workers=workers, progress=progress,
+                                         tune_progress=tune_progress, strict=strict, **_calibration(extra))  # fmt: skip
+            else:
+                report = run_convert(input_path, output_path, config, force=force, max_shard_bytes=shard_bytes, workers=workers,
+                                     progress=progress, recipe=recipe, tune_progress=tune_progress, strict=strict, **extra)  # fmt: skip
     finally:
         if started:
             dist.shutdown()
@@ -445,9 +458,13 @@ def evaluate(checkpoints: tuple[Path, ...], model_spec: str, data_dir: Path, met
 @click.option("--json", "as_json", is_flag=True, help="Print the spectra as JSON on stdout.")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="Write a PNG of the spectra and error curves (needs matplotlib).")
 @click.option("--force", is_flag=True, help="Replace an existing --plot written by mpocompress.")
+@click.option("--target-size", metavar="SIZE", help="Show what convert --target-size SIZE would choose per layer (nothing is written).")
 @_errors
-def inspect(path: Path, cores: int, include, exclude, as_json: bool, plot_path: Path | None, force: bool) -> None:
+def inspect(path: Path, cores: int, include, exclude, as_json: bool, plot_path: Path | None, force: bool, target_size: str | None) -> None:
     """Show each layer's bond-dimension spectra (dense CKPT) or the kept bonds (compressed CKPT)."""
+    if target_size is not None:
+        _inspect_plan(path, target_size, include, exclude, as_json)
+        return
     from mpocompress.errors import ConfigError
     from mpocompress.jobs.inspect import inspect_checkpoint as run_inspect
 
@@ -556,3 +573,52 @@ def _show_report(data: dict[str, Any], as_json: bool, output_path: Path) -> None
         click.echo(f"mpocompress: fine-tuned {ft['steps']} steps in {ft['seconds']:.1f}s: held-out distillation loss "
                    f"{kd['compressed']:.4g} -> {kd['finetuned']:.4g}", err=True)  # fmt: skip
     click.echo(f"mpocompress: wrote {output_path} ({t['ratio']:.2f}x smaller tensors)", err=True)
+
+
+def _target(ctx: click.Context, target_size: str | None, target_ratio: float | None, input_path: Path) -> int | None:
+    """The byte budget of ``--target-size``/``--target-ratio`` (None when neither is given)."""
+    if target_size is None and target_ratio is None:
+        return None
+    if target_size is not None and target_ratio is not None:
+        raise click.UsageError("give --target-size or --target-ratio, not both")
+    chosen = [f for o, f in (("bond_dim", "--bond-dim"), ("tol", "--tol"), ("ratio", "--ratio"), ("prune", "--prune"),
+                             ("quantize", "--quantize"), ("als_sweeps", "--als"), ("cores", "--cores"))
+              if ctx.get_parameter_source(o) is not click.core.ParameterSource.DEFAULT]  # fmt: skip
+    if chosen:
+        raise click.UsageError(f"{chosen[0]} fixes every layer's setting; --target-size chooses them (use --recipe to fix some layers)")
+    from mpocompress.io import open_checkpoint
+    from mpocompress.jobs.budget import parse_target
+
+    with open_checkpoint(input_path) as ckpt:
+        input_bytes = ckpt.nbytes_on_disk
+    return parse_target(target_size, input_bytes) if target_size is not None else int(input_bytes / target_ratio)
+
+
+def _calibration(extra: dict[str, Any]) -> dict[str, Any]:
+    """``convert`` arguments for ``--target-size``: the model and a few batches also measure each
+    layer's effect on the output (calibration), before any fine-tuning."""
+    out = dict(extra)
+    if "model" in extra:
+        batches = extra.get("val_batches") or extra["train_batches"][-8:]
+        out.update(calibration_model=extra["model"], calibration_batches=batches[:8])
+    return out
+
+
+def _inspect_plan(path: Path, target_size: str, include: tuple[str, ...], exclude: tuple[str, ...], as_json: bool) -> None:
+    """``inspect --target-size``: the allocation and its predicted damage, without writing."""
+    from mpocompress.config import MPOConfig
+    from mpocompress.io import open_checkpoint
+    from mpocompress.jobs.budget import parse_target, plan_budget
+
+    with open_checkpoint(path) as ckpt:
+        input_bytes = ckpt.nbytes_on_disk
+    target = parse_target(target_size, input_bytes)
+    with _Progress("measuring") as progress:
+        plan, _ = plan_budget(path, target, MPOConfig(quantize="int8", include=include, exclude=exclude), progress=progress)
+    data = {"path": str(path), "input_bytes": input_bytes, "plan": plan.to_dict()}
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    from mpocompress.render import render_plan
+
+    render_plan(data, _stdout_console())

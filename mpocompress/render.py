@@ -115,6 +115,13 @@ def render_report(report: dict[str, Any], console: Console) -> None:
             f"  files on disk {human_bytes(t['input_file_bytes'])} -> {human_bytes(t['output_file_bytes'])} "
             f"({t['file_ratio']:.2f}x)"
         )
+    alloc = report.get("allocation")
+    if alloc:
+        console.print(
+            f"  target {human_bytes(alloc['target_bytes'])}: wrote {human_bytes(alloc['written_bytes'])} "
+            f"({alloc['passes']} pass(es)); predicted damage {alloc['predicted_damage']:.4g} ({alloc['damage']}); "
+            "each layer's choice is in --json under allocation"
+        )
     ft = report.get("finetune")
     what = "weight error vs the original (after fine-tuning)" if ft else "relative error"
     console.print(f"  {what}: max {t['max_rel_error']:.4f}, mean {t['mean_rel_error']:.4f}")
@@ -237,3 +244,21 @@ def plot_inspect(result: dict[str, Any], path: Path, max_layers: int = 16) -> No
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=90, metadata={"Software": "mpocompress"})
     plt.close(fig)
+
+
+def render_plan(data: dict[str, Any], console: Console) -> None:
+    """``inspect --target-size``: each layer's choice, its bytes and predicted damage, and the totals."""
+    plan = data["plan"]
+    table = Table(title=f"plan for {data['path']} at {human_bytes(plan['target_bytes'])} "
+                        f"({plan['target_bytes'] / data['input_bytes']:.1%} of {human_bytes(data['input_bytes'])})",
+                  title_justify="left")  # fmt: skip
+    for col in ("layer", "choice", "bytes", "rel. error", "damage"):
+        table.add_column(col, justify="left" if col in ("layer", "choice") else "right", overflow="fold")
+    for name, layer in plan["layers"].items():
+        table.add_row(name, layer["label"], human_bytes(layer["bytes"]), f"{layer['error']:.4g}", f"{layer['damage']:.4g}")
+    console.print(table)
+    console.print(
+        f"  layers {human_bytes(plan['allocated_bytes'])} + other tensors {human_bytes(plan['fixed_bytes'])} + header "
+        f"~{human_bytes(plan['header_estimate'])}; predicted damage {plan['predicted_damage']:.4g} ({plan['damage']}); "
+        f"smallest possible layers {human_bytes(plan['smallest_bytes'])}"
+    )

@@ -72,6 +72,8 @@ class Report:
     finetune: dict[str, Any] | None = None
     #: how the work was done: groups, groups reused from an interrupted run, workers, ranks
     work: dict[str, Any] = field(default_factory=dict)
+    #: ``--target-size``: the budget, each layer's choice and its predicted damage
+    allocation: dict[str, Any] | None = None
 
     def totals(self) -> dict[str, Any]:
         """Totals over the whole checkpoint: bytes, params, ratios, errors."""
@@ -113,6 +115,7 @@ class Report:
             "gates": self.gates,
             **({"finetune": self.finetune} if self.finetune is not None else {}),
             **({"work": self.work} if self.work else {}),
+            **({"allocation": self.allocation} if self.allocation is not None else {}),
         }
 
 

@@ -1,0 +1,321 @@
+"""``convert --target-size``: measure every layer's rate-distortion curve, allocate the budget, convert.
+
+Each selected weight is read once and stored every way we know (keep dense; fp16/bf16; int8; k-means
+at 2-8 bits; MPO with 2 (SVD) or 3 cores at a grid of bonds, alone or with int8/k-means cores;
+magnitude pruning with k-means), each option's bytes and relative squared error measured exactly
+(:func:`measure_options`). Damage is that error times a per-layer weight: 1 without data (every
+layer's relative error counts alike), or with ``--model`` and ``--data`` the layer's measured effect
+on the model's output (:func:`sensitivities`). :func:`mpocompress.core.allocate.allocate` picks one
+option per layer; the picks become per-layer recipe rules for :func:`mpocompress.jobs.convert.convert`;
+the written file is checked against the budget: the first pass uses a generous estimate of the
+header (the metadata grows with every layer), and a second pass allocates again with the header as
+measured, so the file ends as close under the target as the options allow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mpocompress.codecs import decode, encode, parse_codec
+from mpocompress.config import MPOConfig, Recipe
+from mpocompress.core.allocate import Allocation, Option, allocate
+from mpocompress.core.modes import choose_modes
+from mpocompress.core.tt import cores_to_matrix, tt_svd
+from mpocompress.errors import ConfigError, GateError
+from mpocompress.io import Checkpoint, open_checkpoint, path_size
+from mpocompress.jobs.plan import Progress, compress_tensor, nbytes_of, select_layers
+from mpocompress.select import matrix_shape
+
+log = logging.getLogger(__name__)
+
+KMEANS_BITS = (2, 3, 4, 5, 6, 8)
+#: MPO structures tried: 2 cores (a truncated SVD) and 3 cores, at bonds spaced by this factor
+MPO_CORES = (2, 3)
+BOND_STEP = 1.5
+#: MPO options stored at most this share of the dense bytes (above it a codec is smaller and better)
+MPO_MAX_SHARE = 0.5
+CORE_CODECS = (None, "int8", "kmeans:16")
+PRUNE_LEVELS = (0.5, 0.75, 0.9)
+#: header bytes a conversion adds, per compressed layer and per stored tensor (a first estimate; a
+#: pass that overshoots is redone with the overshoot taken off)
+HEADER_BASE, HEADER_PER_LAYER, HEADER_PER_TENSOR = 2048, 1600, 120
+#: bytes kept free for a header that grows a little when the choices change between passes
+HEADER_MARGIN = 512
+#: a pass that leaves less than this share of the target unused is final
+CLOSE_ENOUGH = 0.01
+MAX_PASSES = 3
+
+
+def parse_target(text: str, input_bytes: int) -> int:
+    """``"12.5%"`` (of ``input_bytes``) or ``"900KB"``/``"2.1GB"`` (powers of 1024) -> bytes.
+
+    Raises:
+        ConfigError: not a share in (0, 100) % nor a positive size.
+    """
+    s = text.strip()
+    if s.endswith("%"):
+        try:
+            share = float(s[:-1])
+        except ValueError:
+            raise ConfigError(f"--target-size {text!r}: expected a share like 12.5% or a size like 900KB") from None
+        if not (math.isfinite(share) and 0 < share < 100):
+            raise ConfigError(f"--target-size {text!r}: a share must be between 0 and 100 %")
+        return int(input_bytes * share / 100)
+    from mpocompress.jobs.plan import parse_size
+
+    try:
+        return parse_size(s)
+    except ConfigError:
+        raise ConfigError(f"--target-size {text!r}: expected a share like 12.5% or a size like 900KB") from None
+
+
+def _rel2(reference: torch.Tensor, approx: torch.Tensor, norm2: float) -> float:
+    d = (reference.double() - approx.double()).reshape(-1)
+    return float(d @ d) / norm2 if norm2 > 0 else 0.0
+
+
+def _codec_option(label: str, overrides: dict[str, Any], t: torch.Tensor, chain: list[str], norm2: float) -> Option | None:
+    parts, meta = encode(t, [parse_codec(c) for c in chain])
+    nbytes = sum(nbytes_of(v) for v in parts.values())
+    if nbytes >= nbytes_of(t):  # convert would keep it as it is
+        return None
+    return Option(label, overrides, nbytes, _rel2(t, decode(parts, meta), norm2))
+
+
+_CLEAR = {"bond_dim": None, "ratio": None, "tol": None, "prune": "none", "quantize": "none"}
+
+
+def _mpo_options(matrix: torch.Tensor, itemsize: int, norm2: float) -> list[Option]:
+    """MPO/SVD options at a grid of bonds, alone and with quantized cores."""
+    out_f, in_f = matrix.shape
+    dense_bytes = out_f * in_f * itemsize
+    options = []
+    for cores in MPO_CORES:
+        modes = choose_modes(out_f, in_f, cores)
+        cache: dict = {}
+        bond, seen = 1, set()
+        while True:
+            tt = tt_svd(matrix, *modes, max_bond=bond, svd="full", svd_cache=cache)
+            params = tt.num_params
+            if params * itemsize > MPO_MAX_SHARE * dense_bytes or tuple(tt.bond_dims) in seen:
+                break
+            seen.add(tuple(tt.bond_dims))
+            base = {**_CLEAR, "bond_dim": bond, "cores": cores, "svd": "full"}
+            label = f"mpo{cores} bond {bond}"
+            options.append(Option(label, base, params * itemsize, _rel2(matrix, tt.to_matrix(), norm2)))
+            for codec in CORE_CODECS[1:]:
+                coded = [encode(c, [parse_codec(codec)]) for c in tt.cores]
+                nbytes = sum(nbytes_of(v) for parts, _ in coded for v in parts.values())
+                if nbytes < params * itemsize:
+                    rebuilt = cores_to_matrix([decode(p, m) for p, m in coded], (out_f, in_f))
+                    options.append(Option(f"{label} + {codec}", {**base, "quantize": codec}, nbytes, _rel2(matrix, rebuilt, norm2)))
+            bond = max(bond + 1, int(bond * BOND_STEP))
+    return options
+
+
+def measure_options(name: str, t: torch.Tensor, shapes: dict[str, tuple[int, ...]]) -> list[Option]:
+    """Every option for one weight, with its exact stored bytes and relative squared error."""
+    w = t if t.dtype in (torch.float32, torch.float64) else t.float()
+    norm2 = float(w.double().reshape(-1) @ w.double().reshape(-1))
+    itemsize = t.element_size()
+    options = [Option("dense", {"skip": True}, nbytes_of(t), 0.0)]
+    chains: list[tuple[str, list[str]]] = []
+    if itemsize >= 4:
+        chains += [("fp16", ["fp16"]), ("bf16", ["bf16"])]
+    chains += [("int8", ["int8"])] + [(f"kmeans:{2**b}", [f"kmeans:{2**b}"]) for b in KMEANS_BITS]
+    chains += [(f"magnitude:{p} + kmeans:16", [f"magnitude:{p}", "kmeans:16"]) for p in PRUNE_LEVELS]
+    for label, chain in chains:
+        pruner = next((c for c in chain if c.startswith("magnitude")), "none")
+        quant = next((c for c in chain if not c.startswith("magnitude")), "none")
+        opt = _codec_option(label, {**_CLEAR, "prune": pruner, "quantize": quant}, t, chain, norm2)
+        if opt is not None:
+            options.append(opt)
+    out_f, in_f = matrix_shape(list(t.shape))
+    if min(out_f, in_f) > 1:
+        options += _mpo_options(w.reshape(out_f, in_f), itemsize, norm2)
+    return options
+
+
+def sensitivities(
+    model: torch.nn.Module, batches: list[Any], curves: dict[str, list[Option]], dense: Checkpoint, progress: Progress | None = None
+) -> dict[str, float]:
+    """Each layer's damage per unit of relative squared weight error, measured on the model's output.
+
+    For each layer alone, its probe option (the option nearest to 1 % relative squared error, our
+    choice) replaces the weight; the distillation loss (MSE between the model's outputs with and
+    without it) over ``batches``, divided by the probe's weight error, is the layer's weight.
+    """
+    from mpocompress.config import TuneConfig
+    from mpocompress.jobs.finetune import evaluate
+
+    own = model.state_dict()
+    model.load_state_dict({k: dense.get(k) for k in own}, strict=True)
+    teacher = __import__("copy").deepcopy(model).eval()
+    model.eval()
+    kd = TuneConfig(kd_weight=1.0)
+    weights: dict[str, float] = {}
+    for i, (name, options) in enumerate(curves.items()):
+        if progress is not None:
+            progress(name, i, len(curves))
+        lossy = [o for o in options if o.error > 0]
+        if name not in own or not lossy:
+            continue
+        probe = min(lossy, key=lambda o: abs(math.log(o.error / 1e-2)))
+        original = own[name].detach().clone()
+        with torch.no_grad():
+            own[name].copy_(_decoded(name, dense.get(name), probe).to(original.dtype))
+            loss = evaluate(model, teacher, batches, kd)
+            own[name].copy_(original)
+        weights[name] = loss / probe.error
+    if weights:  # layers the model lacks get the median weight
+        median = sorted(weights.values())[len(weights) // 2]
+        weights = {n: weights.get(n, median) for n in curves}
+    return weights
+
+
+def _decoded(name: str, t: torch.Tensor, option: Option) -> torch.Tensor:
+    """The weight as ``option`` would store it (through the same code as ``convert``)."""
+    if option.overrides.get("skip"):
+        return t
+    from mpocompress.config import apply_overrides
+
+    cfg = apply_overrides(MPOConfig(quantize="int8"), option.overrides)
+    from mpocompress.format import decode_entry, rebuild
+
+    _, entry, stored = compress_tensor(name, t, cfg, {name: tuple(t.shape)})
+    if not entry:
+        return t
+    decoded = decode_entry(entry, stored.__getitem__)
+    return rebuild(entry, [decoded[c] for c in entry["cores"]], name) if entry["method"] == "mpo" else decoded[name]
+
+
+@dataclasses.dataclass
+class BudgetPlan:
+    """What ``--target-size`` decided before converting."""
+
+    target: int
+    fixed_bytes: int
+    header_estimate: int
+    allocation: Allocation
+    recipe: Recipe
+    config: MPOConfig
+    data_driven: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plan as JSON-ready data (the report's ``allocation``; what ``inspect --target-size`` prints)."""
+        return {
+            "target_bytes": self.target,
+            "fixed_bytes": self.fixed_bytes,
+            "header_estimate": self.header_estimate,
+            "damage": "model output (measured sensitivity)" if self.data_driven else "relative weight error",
+            **self.allocation.to_dict(),
+        }
+
+
+def plan_budget(
+    input_path: str | Path,
+    target: int,
+    config: MPOConfig,
+    *,
+    recipe: Recipe | None = None,
+    model: torch.nn.Module | None = None,
+    batches: list[Any] | None = None,
+    progress: Progress | None = None,
+    header: int | None = None,
+    curves: dict[str, list[Option]] | None = None,
+) -> tuple[BudgetPlan, dict[str, list[Option]]]:
+    """Measure the curves (unless given) and allocate ``target`` bytes for the whole output file.
+
+    ``config`` supplies ``include``/``exclude`` (the options themselves are chosen here); layers a
+    user ``recipe`` matches keep the recipe's setting and their measured bytes count as fixed.
+
+    Raises:
+        GateError: the target cannot be met even with the smallest option of every layer.
+    """
+    with open_checkpoint(input_path) as ckpt:
+        layers = select_layers(ckpt, config.include, config.exclude)
+        shapes = {n: ckpt.shape(n) for n in ckpt.keys()}
+        chosen = set(layers)
+        fixed = sum(nbytes_of(ckpt.get(n)) for n in ckpt.keys() if n not in chosen)
+        free: list[str] = []
+        for n in layers:
+            cfg = recipe.config_for(n, config) if recipe is not None else config
+            if cfg is not config:  # a user's recipe rule fixes this layer: it is not reallocated
+                if cfg is None:
+                    fixed += nbytes_of(ckpt.get(n))
+                else:
+                    _, _, stored = compress_tensor(n, ckpt.get(n), cfg, shapes)
+                    fixed += sum(nbytes_of(v) for v in stored.values())
+            else:
+                free.append(n)
+        if curves is None:
+            curves = {}
+            for i, n in enumerate(free):
+                if progress is not None:
+                    progress(n, i, len(free))
+                t = ckpt.get(n)
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    curves[n] = [Option("dense", {"skip": True}, nbytes_of(t), 0.0)]
+                else:
+                    curves[n] = measure_options(n, t, shapes)
+        weights = None
+        if model is not None and batches:
+            weights = sensitivities(model, batches, curves, ckpt)
+        if header is None:  # a first, generous estimate; the next pass uses the measured one
+            header = HEADER_BASE + HEADER_PER_LAYER * len(layers) + HEADER_PER_TENSOR * (len(shapes) + 3 * len(layers))
+        smallest = fixed + header + sum(min(o.nbytes for o in opts) for opts in curves.values())
+        if smallest > target:
+            raise GateError(f"a file of {target:,} bytes cannot be reached: the smallest choice for every layer gives "
+                            f"about {smallest:,} bytes ({fixed:,} in tensors left as they are, ~{header:,} of header)")  # fmt: skip
+        alloc = allocate(curves, target - fixed - header, weights)
+    rules = [((f"re:^{re.escape(n)}$",), tuple(sorted(o.overrides.items()))) for n, o in alloc.picks.items()]
+    ours = Recipe(tuple((recipe.rules if recipe is not None else ()) + tuple(rules)))
+    base = dataclasses.replace(config, bond_dim=None, tol=None, ratio=None, prune=None, quantize="int8", als_sweeps=0)
+    plan = BudgetPlan(target=target, fixed_bytes=fixed, header_estimate=header, allocation=alloc, recipe=ours,
+                      config=base, data_driven=weights is not None)  # fmt: skip
+    return plan, curves
+
+
+def convert_to_size(
+    input_path: str | Path,
+    output_path: str | Path,
+    target: int,
+    config: MPOConfig,
+    *,
+    recipe: Recipe | None = None,
+    calibration_model: torch.nn.Module | None = None,
+    calibration_batches: list[Any] | None = None,
+    progress: Progress | None = None,
+    **convert_kwargs: Any,
+) -> Any:
+    """Plan, convert, and check the file against ``target`` (redone with the overshoot taken off
+    when the header was larger than estimated). ``calibration_model``/``calibration_batches`` make the
+    damage data-driven (:func:`sensitivities`); ``convert_kwargs`` go to
+    :func:`mpocompress.jobs.convert.convert` (fine-tuning, if asked, runs after the allocation).
+    Returns the :class:`~mpocompress.report.Report`, with the plan under ``report.allocation``."""
+    from mpocompress.jobs.convert import convert
+
+    header, curves = None, None
+    force = convert_kwargs.pop("force", False)
+    for attempt in range(MAX_PASSES):
+        plan, curves = plan_budget(input_path, target, config, recipe=recipe, model=calibration_model,
+                                   batches=calibration_batches, progress=progress, header=header, curves=curves)  # fmt: skip
+        report = convert(input_path, output_path, plan.config, recipe=plan.recipe, force=force or attempt > 0,
+                         progress=progress, **convert_kwargs)  # fmt: skip
+        size = path_size(Path(output_path))
+        report.allocation = {**plan.to_dict(), "written_bytes": size, "passes": attempt + 1}
+        measured = size - report.totals()["bytes"] + HEADER_MARGIN  # header and other overhead, as written
+        fits = size <= target
+        if fits and (target - size <= CLOSE_ENOUGH * target or measured >= plan.header_estimate or attempt == MAX_PASSES - 1):
+            return report
+        log.info("written %d bytes for a target of %d (header %d, estimated %d): allocating again", size, target,
+                 measured - HEADER_MARGIN, plan.header_estimate)  # fmt: skip
+        header = measured
+    raise GateError(f"{output_path} is {size:,} bytes, over the target of {target:,} after {MAX_PASSES} passes")

@@ -1,0 +1,150 @@
+"""--target-size: per-layer rate-distortion curves, one global allocation, a file under the budget."""
+
+import itertools
+import json
+import random
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from mpocompress import MPOConfig
+from mpocompress.cli import main
+from mpocompress.core.allocate import Option, allocate, lower_hull, pareto
+from mpocompress.errors import ConfigError, GateError
+from mpocompress.jobs.budget import convert_to_size, measure_options, parse_target, plan_budget
+from mpocompress.jobs.convert import convert
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_allocation_matches_brute_force_on_small_problems():
+    rng = random.Random(0)
+    for _ in range(200):
+        curves = {
+            f"l{i}": [Option(f"o{j}", {}, rng.randint(1, 10**5), rng.random()) for j in range(rng.randint(1, 6))]
+            for i in range(rng.randint(1, 4))
+        }
+        weights = {n: rng.choice([0.1, 1.0, 10.0]) for n in curves}
+        budget = sum(min(o.nbytes for o in v) for v in curves.values()) + rng.randint(0, 2 * 10**5)
+        a = allocate(curves, budget, weights)
+        assert a.nbytes <= budget
+        best = min(
+            sum(o.error * weights[n] for n, o in zip(curves, combo))
+            for combo in itertools.product(*curves.values())
+            if sum(o.nbytes for o in combo) <= budget
+        )
+        assert sum(a.damage.values()) <= best * 1.001 + 1e-12
+
+
+def test_infeasible_budget_names_the_smallest_total():
+    curves = {"a": [Option("x", {}, 100, 0.5), Option("y", {}, 300, 0.0)], "b": [Option("x", {}, 50, 0.2)]}
+    with pytest.raises(GateError, match="150 bytes"):
+        allocate(curves, 120)
+
+
+def test_pareto_and_hull():
+    opts = [Option("a", {}, 10, 1.0), Option("b", {}, 20, 1.2), Option("c", {}, 30, 0.4), Option("d", {}, 40, 0.35), Option("e", {}, 50, 0.0)]
+    assert [o.label for o in pareto(opts)] == ["a", "c", "d", "e"]
+    assert [o.label for o in lower_hull(pareto(opts))] == ["a", "c", "e"]  # d lies above the segment c-e
+
+
+@pytest.mark.parametrize("text", ["0%", "150%", "-3MB", "abc", "nan%", "0KB"])
+def test_bad_targets_are_usage_errors(text):
+    with pytest.raises(ConfigError):
+        parse_target(text, 1000)
+
+
+def test_parse_target():
+    assert parse_target("12.5%", 8000) == 1000
+    assert parse_target("2KB", 10) == 2048
+
+
+def test_measured_options_are_exact(trained_like):
+    w = load_file(str(trained_like))["a.weight"]
+    options = measure_options("a.weight", w, {"a.weight": tuple(w.shape)})
+    labels = {o.label for o in options}
+    assert {"dense", "fp16", "int8", "kmeans:16", "kmeans:4"} <= labels and any(o.label.startswith("mpo2 bond") for o in options)
+    assert any(o.label.startswith("mpo3 bond") for o in options) and any("+ int8" in o.label for o in options)
+    dense = w.numel() * 4
+    for o in options:
+        assert 0 <= o.error <= 1.0 + 1e-9 and o.nbytes <= dense
+    int8 = next(o for o in options if o.label == "int8")
+    assert int8.nbytes == w.numel() + w.shape[0] * (4 + 2) and int8.error < 1e-3
+
+
+def test_target_size_end_to_end(tmp_path, trained_like):
+    size = trained_like.stat().st_size
+    out = tmp_path / "o.safetensors"
+    report = convert_to_size(trained_like, out, size // 8, MPOConfig(quantize="int8"))
+    written = out.stat().st_size
+    assert written <= size // 8 and written >= 0.9 * (size // 8)  # under the budget, and close to it
+    alloc = report.allocation
+    assert alloc["written_bytes"] == written and set(alloc["layers"]) == {"a.weight", "b.weight", "c.weight"}
+    # never worse than the best uniform setting that fits the same budget (the data-free damage)
+    ours = sum(layer["error"] for layer in alloc["layers"].values())
+    uniform = []
+    for quantize in ("int8", "kmeans:4", "kmeans:8", "kmeans:16"):
+        r = convert(trained_like, tmp_path / "u.safetensors", MPOConfig(quantize=quantize), force=True)
+        if (tmp_path / "u.safetensors").stat().st_size <= size // 8:
+            uniform.append(sum(row.rel_error**2 for row in r.rows))
+    assert uniform and ours <= min(uniform) * 1.05
+
+
+def test_a_recipe_fixes_layers_and_include_exclude_compose(tmp_path, trained_like):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[[layers]]\nmatch = "c.*"\nquantize = "int8"\n')
+    out = tmp_path / "o.safetensors"
+    res = run("convert", trained_like, "-o", out, "--target-size", "70%", "--recipe", recipe, "--exclude", "b.*", "--json")
+    assert res.exit_code == 0, res.stderr
+    data = json.loads(res.stdout)
+    assert set(data["allocation"]["layers"]) == {"a.weight"}  # c is fixed by the recipe, b excluded
+    rows = {r["name"]: r for r in data["layers"]}
+    assert rows["c.weight"]["codecs"] == ["int8"] and "b.weight" not in rows
+    assert out.stat().st_size <= 0.7 * trained_like.stat().st_size
+
+
+def test_cli_target_errors(tmp_path, trained_like):
+    out = tmp_path / "o.safetensors"
+    for args, code in ((["--target-size", "1%"], 5), (["--target-size", "150%"], 2), (["--target-size", "10%", "--ratio", "3"], 2),
+                       (["--target-size", "10%", "--target-ratio", "3"], 2), (["--target-ratio", "0.5"], 2)):  # fmt: skip
+        res = run("convert", trained_like, "-o", out, *args)
+        assert res.exit_code == code, (args, res.stderr)
+        assert res.stderr.startswith("mpocompress: error: ")
+    assert "smallest choice" in run("convert", trained_like, "-o", out, "--target-size", "1%").stderr
+    res = run("convert", trained_like, "-o", out, "--target-ratio", "4", "--json")
+    assert res.exit_code == 0 and out.stat().st_size <= trained_like.stat().st_size / 4
+
+
+def test_inspect_plans_without_writing(tmp_path, trained_like):
+    res = run("inspect", trained_like, "--target-size", "20%", "--json")
+    assert res.exit_code == 0, res.stderr
+    plan = json.loads(res.stdout)["plan"]
+    assert plan["allocated_bytes"] + plan["fixed_bytes"] + plan["header_estimate"] <= plan["target_bytes"]
+    assert [p.name for p in tmp_path.iterdir()] == ["trained.safetensors"]
+
+
+def test_data_driven_damage_weights_layers_by_their_effect(tmp_path):
+    """A layer whose output the model ignores gets no weight; the one that matters gets it all."""
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used = torch.nn.Linear(128, 128)
+            self.unused = torch.nn.Linear(128, 128)
+
+        def forward(self, x):
+            return self.used(x) + 0.0 * self.unused(x)
+
+    torch.manual_seed(0)
+    model = Net()
+    src = tmp_path / "n.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(src))
+    batches = [torch.randn(16, 128) for _ in range(3)]
+    plan, _ = plan_budget(src, src.stat().st_size // 4, MPOConfig(quantize="int8"), model=Net(), batches=batches)
+    layers = plan.allocation.to_dict()["layers"]
+    assert plan.data_driven and layers["unused.weight"]["damage"] == 0.0
+    assert layers["used.weight"]["bytes"] > layers["unused.weight"]["bytes"]  # the budget goes where it matters
