@@ -60,43 +60,56 @@ def kmeans_1d(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
     distinct values) the result is the exact optimum; with grouping it was within 1 % of it on every
     tensor tried (normal, Laplace, Student-t(2), mixtures, k = 4..256; ``tests/test_codecs.py``).
     """
+    return kmeans_1d_many(values, [k])[int(k)]
+
+
+def kmeans_1d_many(values: torch.Tensor, ks: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`kmeans_1d` for several ``k`` at once: one sort, one grouping and one dynamic program
+    (its level ``j`` is the optimal ``j``-cluster solution), then Lloyd per ``k``."""
     v = values.reshape(-1).double()
     device = values.device
-    k = max(1, int(k))
+    ks = sorted({max(1, int(k)) for k in ks})
     if v.numel() == 0:
-        return torch.zeros(k, device=device), torch.zeros(0, dtype=torch.int64, device=device)
+        return {k: (torch.zeros(k, device=device), torch.zeros(0, dtype=torch.int64, device=device)) for k in ks}
     s = np.sort(v.cpu().numpy())
     uniq, first = np.unique(s, return_index=True)
-    if uniq.size <= k:
-        c = np.concatenate([uniq, np.full(k - uniq.size, uniq[-1])])
-    else:
-        bounds = np.concatenate([first, [s.size]])  # groups of equal values ...
-        points = max(KMEANS_DP_POINTS, 32 * k)
-        if uniq.size > points:  # ... or runs of sorted values, cut both at quantiles and at evenly
-            # spaced values, so no group holds many values nor spans a wide range (the tails)
-            half = points // 2
-            at_quantiles = s[np.linspace(0, s.size - 1, half + 1).astype(np.int64)[1:-1]]
-            scale = float(np.median(np.abs(s))) or 1.0  # evenly spaced in asinh(v / scale): linear near
-            at_values = scale * np.sinh(np.linspace(np.arcsinh(s[0] / scale), np.arcsinh(s[-1] / scale), half + 1)[1:-1])  # 0, log in the tails
-            cut = np.searchsorted(s, np.concatenate([at_quantiles, at_values]))
-            bounds = np.unique(np.concatenate([[0], cut, [s.size]]))
-        prefix = np.concatenate([[0.0], np.cumsum(s)])
-        weights = np.diff(bounds).astype(np.float64)
-        means = (prefix[bounds[1:]] - prefix[bounds[:-1]]) / weights
-        ends = _dp_boundaries(means, weights, k)  # cluster j covers groups [ends[j-1], ends[j])
-        c = _lloyd_sorted(s, prefix, bounds[ends])
-    cent = torch.from_numpy(c).to(device)
-    codes = torch.bucketize(v, (cent[1:] + cent[:-1]) / 2)
-    return cent.float(), codes
+    prefix = np.concatenate([[0.0], np.cumsum(s)])
+    bounds = np.concatenate([first, [s.size]])  # groups of equal values ...
+    points = max(KMEANS_DP_POINTS, 32 * ks[-1])
+    if uniq.size > points:  # ... or runs of sorted values, cut both at quantiles and at evenly
+        # spaced values, so no group holds many values nor spans a wide range (the tails)
+        half = points // 2
+        at_quantiles = s[np.linspace(0, s.size - 1, half + 1).astype(np.int64)[1:-1]]
+        scale = float(np.median(np.abs(s))) or 1.0  # evenly spaced in asinh(v / scale): linear near
+        at_values = scale * np.sinh(np.linspace(np.arcsinh(s[0] / scale), np.arcsinh(s[-1] / scale), half + 1)[1:-1])  # 0, log in the tails
+        cut = np.searchsorted(s, np.concatenate([at_quantiles, at_values]))
+        bounds = np.unique(np.concatenate([[0], cut, [s.size]]))
+    weights = np.diff(bounds).astype(np.float64)
+    means = (prefix[bounds[1:]] - prefix[bounds[:-1]]) / weights
+    big = [k for k in ks if uniq.size > k]
+    ends = _dp_boundaries(means, weights, big) if big else {}
+    out = {}
+    for k in ks:
+        if uniq.size <= k:
+            c = np.concatenate([uniq, np.full(k - uniq.size, uniq[-1])])
+        else:
+            c = _lloyd_sorted(s, prefix, bounds[ends[k]])
+        cent = torch.from_numpy(c).to(device)
+        out[k] = (cent.float(), torch.bucketize(v, (cent[1:] + cent[:-1]) / 2))
+    return out
 
 
-def _dp_boundaries(x: np.ndarray, w: np.ndarray, k: int) -> np.ndarray:
-    """Optimal clustering of sorted weighted points into ``k`` contiguous clusters: the end index
-    (exclusive) of each cluster, ``k + 1`` values starting at 0.
+def _dp_boundaries(x: np.ndarray, w: np.ndarray, ks: int | list[int]) -> np.ndarray | dict[int, np.ndarray]:
+    """Optimal clustering of sorted weighted points into ``k`` contiguous clusters: the ``k + 1``
+    cluster boundaries (indices into ``x``, from 0 to ``len(x)``); for a list of ``k``, a dict of them
+    (one program: its level ``j`` is the optimal ``j``-cluster solution).
 
     ``D_j(i) = min_a D_{j-1}(a) + cost(a, i)``; the best ``a`` is non-decreasing in ``i`` (the cost is
     Monge), so each level is solved by divide and conquer, all intervals of one depth at once in numpy.
     """
+    many = not isinstance(ks, int)
+    wanted = sorted(set(ks)) if many else [ks]
+    k = wanted[-1]
     m = x.size
     p1 = np.concatenate([[0.0], np.cumsum(w * x)])
     p2 = np.concatenate([[0.0], np.cumsum(w * x * x)])
@@ -129,11 +142,14 @@ def _dp_boundaries(x: np.ndarray, w: np.ndarray, k: int) -> np.ndarray:
             keep = lo <= hi
             lo, hi, olo, ohi = lo[keep], hi[keep], olo[keep], ohi[keep]
         prev = cur
-    ends = [m]
-    for j in range(k, 1, -1):
-        ends.append(int(arg[j, ends[-1]]))
-    ends.append(0)
-    return np.array(ends[::-1])
+    result = {}
+    for kk in wanted:
+        ends = [m]
+        for j in range(kk, 1, -1):
+            ends.append(int(arg[j, ends[-1]]))
+        ends.append(0)
+        result[kk] = np.array(ends[::-1])
+    return result if many else result[k]
 
 
 def _lloyd_sorted(s: np.ndarray, prefix: np.ndarray, starts: np.ndarray, max_iters: int = 1000) -> np.ndarray:

@@ -36,9 +36,11 @@ from mpocompress.select import matrix_shape
 log = logging.getLogger(__name__)
 
 KMEANS_BITS = (2, 3, 4, 5, 6, 8)
-#: MPO structures tried: 2 cores (a truncated SVD) and 3 cores, at bonds spaced by this factor
+#: MPO structures tried: 2 cores (a truncated SVD, ranks spaced by BOND_STEP) and 3 cores (bonds
+#: spaced by MPO_BOND_STEP)
 MPO_CORES = (2, 3)
 BOND_STEP = 1.5
+MPO_BOND_STEP = 2.0
 #: MPO options stored at most this share of the dense bytes (above it a codec is smaller and better)
 MPO_MAX_SHARE = 0.5
 CORE_CODECS = (None, "int8", "kmeans:16")
@@ -81,65 +83,112 @@ def _rel2(reference: torch.Tensor, approx: torch.Tensor, norm2: float) -> float:
     return float(d @ d) / norm2 if norm2 > 0 else 0.0
 
 
-def _codec_option(label: str, overrides: dict[str, Any], t: torch.Tensor, chain: list[str], norm2: float) -> Option | None:
-    parts, meta = encode(t, [parse_codec(c) for c in chain])
-    nbytes = sum(nbytes_of(v) for v in parts.values())
-    if nbytes >= nbytes_of(t):  # convert would keep it as it is
-        return None
-    return Option(label, overrides, nbytes, _rel2(t, decode(parts, meta), norm2))
-
-
 _CLEAR = {"bond_dim": None, "ratio": None, "tol": None, "prune": "none", "quantize": "none"}
 
 
-def _mpo_options(matrix: torch.Tensor, itemsize: int, norm2: float) -> list[Option]:
-    """MPO/SVD options at a grid of bonds, alone and with quantized cores."""
-    out_f, in_f = matrix.shape
-    dense_bytes = out_f * in_f * itemsize
-    options = []
-    for cores in MPO_CORES:
-        modes = choose_modes(out_f, in_f, cores)
-        cache: dict = {}
-        bond, seen = 1, set()
-        while True:
-            tt = tt_svd(matrix, *modes, max_bond=bond, svd="full", svd_cache=cache)
-            params = tt.num_params
-            if params * itemsize > MPO_MAX_SHARE * dense_bytes or tuple(tt.bond_dims) in seen:
-                break
-            seen.add(tuple(tt.bond_dims))
-            base = {**_CLEAR, "bond_dim": bond, "cores": cores, "svd": "full"}
-            label = f"mpo{cores} bond {bond}"
-            options.append(Option(label, base, params * itemsize, _rel2(matrix, tt.to_matrix(), norm2)))
-            for codec in CORE_CODECS[1:]:
-                coded = [encode(c, [parse_codec(codec)]) for c in tt.cores]
-                nbytes = sum(nbytes_of(v) for parts, _ in coded for v in parts.values())
-                if nbytes < params * itemsize:
-                    rebuilt = cores_to_matrix([decode(p, m) for p, m in coded], (out_f, in_f))
-                    options.append(Option(f"{label} + {codec}", {**base, "quantize": codec}, nbytes, _rel2(matrix, rebuilt, norm2)))
-            bond = max(bond + 1, int(bond * BOND_STEP))
+def _coded_cores(cores: list[torch.Tensor], codec: str) -> tuple[list[torch.Tensor], int]:
+    """Cores through a codec as ``convert`` stores them (each core its own tensor): decoded, and bytes."""
+    coded = [encode(c, [parse_codec(codec)]) for c in cores]
+    return [decode(p, m) for p, m in coded], sum(nbytes_of(v) for p, _ in coded for v in p.values())
+
+
+def _codec_options(t: torch.Tensor, v: torch.Tensor, norm2: float, itemsize: int) -> list[Option]:
+    """Casts, int8, k-means at every bit width (one dynamic program) and magnitude pruning + k-means,
+    with the bytes ``convert`` would store, computed without packing."""
+    from mpocompress.codecs import Int8, kmeans_1d_many
+
+    n, options = v.numel(), []
+    dense = n * itemsize
+
+    def add(label: str, overrides: dict[str, Any], nbytes: int, error: float) -> None:
+        if nbytes < dense:  # convert keeps a tensor no codec makes smaller as it is
+            options.append(Option(label, {**_CLEAR, **overrides}, nbytes, error))
+
+    if itemsize >= 4:
+        for name, dt in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
+            add(name, {"quantize": name}, n * 2, _rel2(v, v.to(dt), norm2))
+    parts, meta = Int8().encode(v, t.shape[0] if t.dim() >= 1 else None)
+    add("int8", {"quantize": "int8"}, sum(nbytes_of(x) for x in parts.values()), _rel2(v, Int8().decode(parts, meta, torch.float64), norm2))
+    ks = [2**b for b in KMEANS_BITS]
+    for k, (c, codes) in kmeans_1d_many(v, ks).items():
+        bits = max(1, math.ceil(math.log2(k)))
+        add(f"kmeans:{k}", {"quantize": f"kmeans:{k}"}, math.ceil(n * bits / 8) + 4 * k, _rel2(v, c.double()[codes], norm2))
+    order = torch.argsort(v.abs(), stable=True)
+    for level in PRUNE_LEVELS:
+        n_prune = int(round(level * n))
+        kept = torch.ones(n, dtype=torch.bool, device=v.device)
+        kept[order[:n_prune]] = False
+        (c, codes), = kmeans_1d_many(v[kept], [16]).values()
+        pruned = v.clone()
+        pruned[~kept] = 0
+        pruned[kept] = c.double()[codes]
+        nnz = n - n_prune
+        positions = min(math.ceil(n / 8), 4 * nnz)
+        add(f"magnitude:{level} + kmeans:16", {"prune": f"magnitude:{level}", "quantize": "kmeans:16"},
+            positions + math.ceil(nnz * 4 / 8) + 64, _rel2(v, pruned, norm2))  # fmt: skip
     return options
 
 
+def _svd_options(matrix: torch.Tensor, itemsize: int, norm2: float) -> list[Option]:
+    """2 cores (a truncated SVD) at a grid of ranks, alone (error from the spectrum) and with
+    int8 / k-means cores."""
+    out_f, in_f = matrix.shape
+    u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+    tail = torch.flip(torch.cumsum(torch.flip(s**2, [0]), 0), [0])
+    options, rank = [], 1
+    while rank < min(out_f, in_f) and rank * (out_f + in_f) * itemsize <= MPO_MAX_SHARE * out_f * in_f * itemsize:
+        base = {**_CLEAR, "bond_dim": rank, "cores": 2, "svd": "full"}
+        label = f"mpo2 bond {rank}"
+        options.append(Option(label, base, rank * (out_f + in_f) * itemsize, float(tail[rank]) / norm2 if norm2 else 0.0))
+        cores = [u[:, :rank].reshape(1, out_f, 1, rank).to(matrix.dtype),
+                 (s[:rank, None] * vh[:rank]).reshape(rank, 1, in_f, 1).to(matrix.dtype)]  # fmt: skip
+        for codec in CORE_CODECS[1:]:
+            dec, nbytes = _coded_cores(cores, codec)
+            if nbytes < rank * (out_f + in_f) * itemsize:
+                options.append(Option(f"{label} + {codec}", {**base, "quantize": codec}, nbytes,
+                                      _rel2(matrix, dec[0].reshape(out_f, rank) @ dec[1].reshape(rank, in_f), norm2)))  # fmt: skip
+        rank = max(rank + 1, int(rank * BOND_STEP))
+    return options
+
+
+def _mpo_options(matrix: torch.Tensor, itemsize: int, norm2: float, cores: int) -> list[Option]:
+    """MPO with ``cores`` cores at a grid of bonds (exact SVDs shared between bonds), alone and with
+    quantized cores."""
+    out_f, in_f = matrix.shape
+    dense_bytes = out_f * in_f * itemsize
+    modes = choose_modes(out_f, in_f, cores)
+    cache: dict = {}
+    options, bond, seen = [], 1, set()
+    while True:
+        tt = tt_svd(matrix, *modes, max_bond=bond, svd="full", svd_cache=cache)
+        params = tt.num_params
+        if params * itemsize > MPO_MAX_SHARE * dense_bytes or tuple(tt.bond_dims) in seen:
+            return options
+        seen.add(tuple(tt.bond_dims))
+        base = {**_CLEAR, "bond_dim": bond, "cores": cores, "svd": "full"}
+        label = f"mpo{cores} bond {bond}"
+        options.append(Option(label, base, params * itemsize, _rel2(matrix, tt.to_matrix(), norm2)))
+        for codec in CORE_CODECS[1:]:
+            dec, nbytes = _coded_cores(tt.cores, codec)
+            if nbytes < params * itemsize:
+                options.append(Option(f"{label} + {codec}", {**base, "quantize": codec}, nbytes,
+                                      _rel2(matrix, cores_to_matrix(dec, (out_f, in_f)), norm2)))  # fmt: skip
+        bond = max(bond + 1, int(bond * MPO_BOND_STEP))
+
+
 def measure_options(name: str, t: torch.Tensor, shapes: dict[str, tuple[int, ...]]) -> list[Option]:
-    """Every option for one weight, with its exact stored bytes and relative squared error."""
+    """Every option for one weight, with the bytes ``convert`` stores and its relative squared error."""
     w = t if t.dtype in (torch.float32, torch.float64) else t.float()
-    norm2 = float(w.double().reshape(-1) @ w.double().reshape(-1))
+    v = w.reshape(-1).double()
+    norm2 = float(v @ v)
     itemsize = t.element_size()
-    options = [Option("dense", {"skip": True}, nbytes_of(t), 0.0)]
-    chains: list[tuple[str, list[str]]] = []
-    if itemsize >= 4:
-        chains += [("fp16", ["fp16"]), ("bf16", ["bf16"])]
-    chains += [("int8", ["int8"])] + [(f"kmeans:{2**b}", [f"kmeans:{2**b}"]) for b in KMEANS_BITS]
-    chains += [(f"magnitude:{p} + kmeans:16", [f"magnitude:{p}", "kmeans:16"]) for p in PRUNE_LEVELS]
-    for label, chain in chains:
-        pruner = next((c for c in chain if c.startswith("magnitude")), "none")
-        quant = next((c for c in chain if not c.startswith("magnitude")), "none")
-        opt = _codec_option(label, {**_CLEAR, "prune": pruner, "quantize": quant}, t, chain, norm2)
-        if opt is not None:
-            options.append(opt)
+    options = [Option("dense", {"skip": True}, nbytes_of(t), 0.0)] + _codec_options(t, v, norm2, itemsize)
     out_f, in_f = matrix_shape(list(t.shape))
     if min(out_f, in_f) > 1:
-        options += _mpo_options(w.reshape(out_f, in_f), itemsize, norm2)
+        matrix = w.reshape(out_f, in_f)
+        options += _svd_options(matrix, itemsize, norm2)
+        for cores in MPO_CORES[1:]:
+            options += _mpo_options(matrix, itemsize, norm2, cores)
     return options
 
 
