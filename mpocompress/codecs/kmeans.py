@@ -63,9 +63,13 @@ def kmeans_1d(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
     return kmeans_1d_many(values, [k])[int(k)]
 
 
-def kmeans_1d_many(values: torch.Tensor, ks: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+def kmeans_1d_many(
+    values: torch.Tensor, ks: list[int], *, errors_only: bool = False
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]] | dict[int, float]:
     """:func:`kmeans_1d` for several ``k`` at once: one sort, one grouping and one dynamic program
-    (its level ``j`` is the optimal ``j``-cluster solution), then Lloyd per ``k``."""
+    (its level ``j`` is the optimal ``j``-cluster solution), then Lloyd per ``k``. With
+    ``errors_only``, each ``k``'s sum of squared errors instead, from prefix sums of the sorted values
+    (no pass over the values per ``k``)."""
     v = values.reshape(-1).double()
     device = values.device
     ks = sorted({max(1, int(k)) for k in ks})
@@ -89,13 +93,20 @@ def kmeans_1d_many(values: torch.Tensor, ks: list[int]) -> dict[int, tuple[torch
     big = [k for k in ks if uniq.size > k]
     ends = _dp_boundaries(means, weights, big) if big else {}
     out = {}
+    squares = np.concatenate([[0.0], np.cumsum(s * s)]) if errors_only else None
     for k in ks:
         if uniq.size <= k:
             c = np.concatenate([uniq, np.full(k - uniq.size, uniq[-1])])
         else:
             c = _lloyd_sorted(s, prefix, bounds[ends[k]])
         cent = torch.from_numpy(c).to(device)
-        out[k] = (cent.float(), torch.bucketize(v, (cent[1:] + cent[:-1]) / 2))
+        if errors_only:  # the float32 centroids, as stored; sorted values fall into contiguous clusters
+            c32 = cent.float().double().numpy()
+            cut = np.concatenate([[0], np.searchsorted(s, (c32[1:] + c32[:-1]) / 2, side="left"), [s.size]])
+            n_j, s1, s2 = np.diff(cut), np.diff(prefix[cut]), np.diff(squares[cut])
+            out[k] = float(np.sum(s2 - 2 * c32 * s1 + n_j * c32 * c32))
+        else:
+            out[k] = (cent.float(), torch.bucketize(v, (cent[1:] + cent[:-1]) / 2))
     return out
 
 

@@ -110,22 +110,21 @@ def _codec_options(t: torch.Tensor, v: torch.Tensor, norm2: float, itemsize: int
     parts, meta = Int8().encode(v, t.shape[0] if t.dim() >= 1 else None)
     add("int8", {"quantize": "int8"}, sum(nbytes_of(x) for x in parts.values()), _rel2(v, Int8().decode(parts, meta, torch.float64), norm2))
     ks = [2**b for b in KMEANS_BITS]
-    for k, (c, codes) in kmeans_1d_many(v, ks).items():
+    for k, sse in kmeans_1d_many(v, ks, errors_only=True).items():
         bits = max(1, math.ceil(math.log2(k)))
-        add(f"kmeans:{k}", {"quantize": f"kmeans:{k}"}, math.ceil(n * bits / 8) + 4 * k, _rel2(v, c.double()[codes], norm2))
+        add(f"kmeans:{k}", {"quantize": f"kmeans:{k}"}, math.ceil(n * bits / 8) + 4 * k, max(sse, 0.0) / norm2 if norm2 else 0.0)
     order = torch.argsort(v.abs(), stable=True)
     for level in PRUNE_LEVELS:
         n_prune = int(round(level * n))
         kept = torch.ones(n, dtype=torch.bool, device=v.device)
         kept[order[:n_prune]] = False
-        (c, codes), = kmeans_1d_many(v[kept], [16]).values()
-        pruned = v.clone()
-        pruned[~kept] = 0
-        pruned[kept] = c.double()[codes]
+        (sse,) = kmeans_1d_many(v[kept], [16], errors_only=True).values()
+        dropped = v[~kept]
         nnz = n - n_prune
         positions = min(math.ceil(n / 8), 4 * nnz)
+        error = (float(dropped @ dropped) + max(sse, 0.0)) / norm2 if norm2 else 0.0
         add(f"magnitude:{level} + kmeans:16", {"prune": f"magnitude:{level}", "quantize": "kmeans:16"},
-            positions + math.ceil(nnz * 4 / 8) + 64, _rel2(v, pruned, norm2))  # fmt: skip
+            positions + math.ceil(nnz * 4 / 8) + 64, error)  # fmt: skip
     return options
 
 
