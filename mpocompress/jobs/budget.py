@@ -134,19 +134,19 @@ def _svd_options(matrix: torch.Tensor, itemsize: int, norm2: float) -> list[Opti
     out_f, in_f = matrix.shape
     u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
     tail = torch.flip(torch.cumsum(torch.flip(s**2, [0]), 0), [0])
-    options, rank = [], 1
+    options, rank, step = [], 1, 0
     while rank < min(out_f, in_f) and rank * (out_f + in_f) * itemsize <= MPO_MAX_SHARE * out_f * in_f * itemsize:
         base = {**_CLEAR, "bond_dim": rank, "cores": 2, "svd": "full"}
         label = f"mpo2 bond {rank}"
         options.append(Option(label, base, rank * (out_f + in_f) * itemsize, float(tail[rank]) / norm2 if norm2 else 0.0))
         cores = [u[:, :rank].reshape(1, out_f, 1, rank).to(matrix.dtype),
                  (s[:rank, None] * vh[:rank]).reshape(rank, 1, in_f, 1).to(matrix.dtype)]  # fmt: skip
-        for codec in CORE_CODECS[1:]:
+        for codec in CORE_CODECS[1:] if step % 2 == 0 else CORE_CODECS[1:2]:  # k-means factors at every other rank
             dec, nbytes = _coded_cores(cores, codec)
             if nbytes < rank * (out_f + in_f) * itemsize:
                 options.append(Option(f"{label} + {codec}", {**base, "quantize": codec}, nbytes,
                                       _rel2(matrix, dec[0].reshape(out_f, rank) @ dec[1].reshape(rank, in_f), norm2)))  # fmt: skip
-        rank = max(rank + 1, int(rank * BOND_STEP))
+        rank, step = max(rank + 1, int(rank * BOND_STEP)), step + 1
     return options
 
 
