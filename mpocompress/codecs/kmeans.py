@@ -146,8 +146,8 @@ def _dp_boundaries(x: np.ndarray, w: np.ndarray, ks: int | list[int]) -> np.ndar
             vals = prev[a] + cost(a, mid[seg])
             minima = np.minimum.reduceat(vals, offsets)
             hits = np.flatnonzero(vals <= minima[seg])
-            _, first = np.unique(seg[hits], return_index=True)
-            best = a[hits[first]]
+            first = hits[np.flatnonzero(np.diff(seg[hits], prepend=-1))]  # the leftmost best of each interval
+            best = a[first]
             cur[mid], arg[j, mid] = minima, best
             lo, hi, olo, ohi = (np.concatenate(pair) for pair in ((lo, mid + 1), (mid - 1, hi), (olo, best), (best, ohi)))
             keep = lo <= hi
