@@ -1,6 +1,7 @@
 """--target-size: per-layer rate-distortion curves, one global allocation, a file under the budget."""
 
 import itertools
+import math
 import json
 import random
 
@@ -148,3 +149,11 @@ def test_data_driven_damage_weights_layers_by_their_effect(tmp_path):
     layers = plan.allocation.to_dict()["layers"]
     assert plan.data_driven and layers["unused.weight"]["damage"] == 0.0
     assert layers["used.weight"]["bytes"] > layers["unused.weight"]["bytes"]  # the budget goes where it matters
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 3), (2, 1), (3, 2)])
+def test_tiny_tensors_have_options(shape):
+    """A 1x1 PReLU weight (real ONNX exports have them): pruning everything leaves nothing to cluster."""
+    t = torch.arange(1, 1 + math.prod(shape), dtype=torch.float32).reshape(shape)
+    options = measure_options("w", t, {"w": shape})
+    assert options[0].label == "dense" and all(isinstance(o.error, float) for o in options)

@@ -74,6 +74,8 @@ def kmeans_1d_many(
     device = values.device
     ks = sorted({max(1, int(k)) for k in ks})
     if v.numel() == 0:
+        if errors_only:
+            return dict.fromkeys(ks, 0.0)
         return {k: (torch.zeros(k, device=device), torch.zeros(0, dtype=torch.int64, device=device)) for k in ks}
     s = np.sort(v.cpu().numpy())
     uniq, first = np.unique(s, return_index=True)
