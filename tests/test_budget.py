@@ -1,8 +1,8 @@
 """--target-size: per-layer rate-distortion curves, one global allocation, a file under the budget."""
 
 import itertools
-import math
 import json
+import math
 import random
 
 import pytest
