@@ -14,6 +14,7 @@ measured, so the file ends as close under the target as the options allow.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -205,7 +206,7 @@ def sensitivities(
 
     own = model.state_dict()
     model.load_state_dict({k: dense.get(k) for k in own}, strict=True)
-    teacher = __import__("copy").deepcopy(model).eval()
+    teacher = copy.deepcopy(model).eval()
     model.eval()
     kd = TuneConfig(kd_weight=1.0)
     weights: dict[str, float] = {}
