@@ -220,16 +220,24 @@ class OnnxModel(nn.Module):
                        if t.name in self.names})  # fmt: skip
 
     def session(self):
+        """An onnxruntime session with the current weights (rebuilt only after they change: a new
+        session per call leaks memory in onnxruntime over a long run)."""
         import onnxruntime as ort
         from onnx import numpy_helper
 
+        key = tuple(b._version for b in self.buffers())
+        cached = getattr(self, "_session", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
         sd = self.state_dict()
         for t in self.proto.graph.initializer:
             if t.name in sd:
                 t.CopyFrom(numpy_helper.from_array(sd[t.name].float().numpy(), t.name))
         so = ort.SessionOptions()
         so.intra_op_num_threads = 1
-        return ort.InferenceSession(self.proto.SerializeToString(), so)
+        so.enable_cpu_mem_arena = False
+        self._session = (key, ort.InferenceSession(self.proto.SerializeToString(), so))
+        return self._session[1]
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         out = self.session().run(None, {"input": wave.reshape(1, 1, -1).float().numpy()})[0]
