@@ -239,6 +239,11 @@ class OnnxModel(nn.Module):
         self._session = (key, ort.InferenceSession(self.proto.SerializeToString(), so))
         return self._session[1]
 
+    def __getstate__(self):  # copies (the calibration's teacher) leave the session behind
+        state = dict(self.__dict__)
+        state.pop("_session", None)
+        return state
+
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         out = self.session().run(None, {"input": wave.reshape(1, 1, -1).float().numpy()})[0]
         return torch.from_numpy(out).reshape(-1)

@@ -53,7 +53,7 @@ HEADER_BASE, HEADER_PER_LAYER, HEADER_PER_TENSOR = 2048, 1600, 120
 HEADER_MARGIN = 512
 #: a pass that leaves less than this share of the target unused is final
 CLOSE_ENOUGH = 0.01
-MAX_PASSES = 3
+MAX_PASSES = 4
 
 
 def parse_target(text: str, input_bytes: int) -> int:
@@ -366,5 +366,7 @@ def convert_to_size(
             return report
         log.info("written %d bytes for a target of %d (header %d, estimated %d): allocating again", size, target,
                  measured - HEADER_MARGIN, plan.header_estimate)  # fmt: skip
-        header = measured
+        # after an overshoot, never allocate more than the pass that overshot (the header can grow
+        # when choices change), so the passes converge under the target
+        header = measured if fits else max(measured, plan.header_estimate) + (size - target)
     raise GateError(f"{output_path} is {size:,} bytes, over the target of {target:,} after {MAX_PASSES} passes")
