@@ -88,12 +88,16 @@ class Checkpoint:
         """String metadata (safetensors ``__metadata__`` or the index's ``metadata``)."""
         return {}
 
+    def nbytes(self, name: str) -> int:
+        """Bytes of one tensor's data, from its shape and dtype (without reading it)."""
+        return math.prod(self.shape(name)) * _itemsize(self.dtype(name))
+
     @property
     def nbytes_on_disk(self) -> int:
         """Bytes of the input as the report compares them: the files, or for a training checkpoint
         that also holds an optimizer, EMA weights or the like, the model's tensors only."""
         if self.dropped:
-            return sum(math.prod(self.shape(n)) * _itemsize(self.dtype(n)) for n in self.keys())
+            return sum(self.nbytes(n) for n in self.keys())
         return sum(f.stat().st_size for f in self.files)
 
     def close(self) -> None:  # noqa: B027 - optional hook

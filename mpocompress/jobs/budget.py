@@ -25,11 +25,12 @@ from typing import Any
 import torch
 
 from mpocompress.codecs import decode, encode, parse_codec
-from mpocompress.config import MPOConfig, Recipe
+from mpocompress.config import MPOConfig, Recipe, apply_overrides
 from mpocompress.core.allocate import Allocation, Option, allocate
 from mpocompress.core.modes import choose_modes
 from mpocompress.core.tt import cores_to_matrix, tt_svd
 from mpocompress.errors import ConfigError, GateError
+from mpocompress.format import decode_entry, rebuild
 from mpocompress.io import Checkpoint, open_checkpoint, path_size
 from mpocompress.jobs.plan import Progress, compress_tensor, nbytes_of, select_layers
 from mpocompress.select import matrix_shape
@@ -233,11 +234,7 @@ def _decoded(name: str, t: torch.Tensor, option: Option) -> torch.Tensor:
     """The weight as ``option`` would store it (through the same code as ``convert``)."""
     if option.overrides.get("skip"):
         return t
-    from mpocompress.config import apply_overrides
-
     cfg = apply_overrides(MPOConfig(quantize="int8"), option.overrides)
-    from mpocompress.format import decode_entry, rebuild
-
     _, entry, stored = compress_tensor(name, t, cfg, {name: tuple(t.shape)})
     if not entry:
         return t
@@ -292,7 +289,7 @@ def plan_budget(
         layers = select_layers(ckpt, config.include, config.exclude)
         shapes = {n: ckpt.shape(n) for n in ckpt.keys()}
         chosen = set(layers)
-        fixed = sum(nbytes_of(ckpt.get(n)) for n in ckpt.keys() if n not in chosen)
+        fixed = sum(ckpt.nbytes(n) for n in ckpt.keys() if n not in chosen)  # header sizes: no reads
         free: list[str] = []
         for n in layers:
             cfg = recipe.config_for(n, config) if recipe is not None else config
