@@ -32,9 +32,22 @@ class Codec:
     #: what the parameter is called in messages (``"K"``); empty when the codec takes none
     arg: ClassVar[str] = ""
 
+    #: whether the quantizer stores values on a grid fixed before encoding (:meth:`grid`,
+    #: :meth:`snap`, ``encode(..., grid=)``), which error-compensating quantization (GPTQ) needs
+    has_grid: ClassVar[bool] = False
+
     @property
     def is_pruner(self) -> bool:
         return self.kind == "pruner"
+
+    def grid(self, matrix: Any, importance: Any = None) -> Any:
+        """The grid a ``(rows, cols)`` matrix is quantized on (``importance``: a weight per entry, or
+        None). Only for codecs with ``has_grid``."""
+        raise NotImplementedError(f"{self.name} has no fixed grid")
+
+    def snap(self, grid: Any, column: Any) -> Any:
+        """One column of the matrix (a value per row) rounded to the nearest point of ``grid``."""
+        raise NotImplementedError(f"{self.name} has no fixed grid")
 
     @property
     def param(self) -> float | None:

@@ -37,11 +37,27 @@ class KMeans(Codec):
         if not (isinstance(self.k, int) and 2 <= self.k <= 256):
             raise ValueError(f"kmeans K must be an integer in 2..256, got {self.k}")
 
-    def encode(self, values: torch.Tensor, rows: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """A codebook of ``k`` centroids and the packed index of each value."""
-        centroids, codes = kmeans_1d(values.reshape(-1), self.k)
+    has_grid = True
+
+    def encode(
+        self, values: torch.Tensor, rows: int | None = None, grid: torch.Tensor | None = None
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """A codebook of ``k`` centroids (``grid``: those of :meth:`grid`) and the packed index of each value."""
+        if grid is None:
+            centroids, codes = kmeans_1d(values.reshape(-1), self.k)
+        else:
+            centroids, codes = grid.float(), _nearest(values.reshape(-1), grid.float())
         bits = max(1, math.ceil(math.log2(self.k)))
         return {"codebook": centroids, "codes": pack_bits(codes, bits)}, {"bits": bits, "n": values.numel()}
+
+    def grid(self, matrix: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
+        """The ``k`` centroids of the values, each value counted with its ``importance`` (e.g. the
+        energy of the input it multiplies) when given: optimal weighted 1-D k-means."""
+        return kmeans_1d_many(matrix.reshape(-1), [self.k], sample_weight=importance)[self.k][0]
+
+    def snap(self, grid: torch.Tensor, column: torch.Tensor) -> torch.Tensor:
+        """Each value of ``column`` replaced by its nearest centroid."""
+        return grid.to(column.dtype)[_nearest(column, grid)]
 
     def decode(self, parts: dict[str, torch.Tensor], meta: dict[str, Any], dtype: torch.dtype) -> torch.Tensor:
         """The flat values :meth:`encode` stored, in ``dtype``."""
@@ -63,23 +79,40 @@ def kmeans_1d(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
     return kmeans_1d_many(values, [k])[int(k)]
 
 
+def _nearest(values: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest of the sorted ``centroids`` for each value."""
+    c = centroids.double()
+    return torch.bucketize(values.double().reshape(-1), (c[1:] + c[:-1]) / 2)
+
+
 def kmeans_1d_many(
-    values: torch.Tensor, ks: list[int], *, errors_only: bool = False
+    values: torch.Tensor, ks: list[int], *, errors_only: bool = False, sample_weight: torch.Tensor | None = None
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor]] | dict[int, float]:
     """:func:`kmeans_1d` for several ``k`` at once: one sort, one grouping and one dynamic program
     (its level ``j`` is the optimal ``j``-cluster solution), then Lloyd per ``k``. With
     ``errors_only``, each ``k``'s sum of squared errors instead, from prefix sums of the sorted values
-    (no pass over the values per ``k``)."""
+    (no pass over the values per ``k``). ``sample_weight``: a non-negative weight per value (the
+    weighted squared error is minimised; not with ``errors_only``)."""
     v = values.reshape(-1).double()
+    if sample_weight is not None:
+        if errors_only:
+            raise ValueError("errors_only takes no sample_weight")
+        sw = sample_weight.reshape(-1).double().clamp(min=0)
+        if sw.numel() != v.numel():
+            raise ValueError(f"{sw.numel()} sample weights for {v.numel()} values")
+        sw = sw + 1e-6 * float(sw.mean()) if float(sw.sum()) > 0 else torch.ones_like(sw)
     device = values.device
     ks = sorted({max(1, int(k)) for k in ks})
     if v.numel() == 0:
         if errors_only:
             return dict.fromkeys(ks, 0.0)
         return {k: (torch.zeros(k, device=device), torch.zeros(0, dtype=torch.int64, device=device)) for k in ks}
-    s = np.sort(v.cpu().numpy())
+    order = np.argsort(v.cpu().numpy(), kind="stable")
+    s = v.cpu().numpy()[order]
+    ws = np.ones_like(s) if sample_weight is None else sw.cpu().numpy()[order]
     uniq, first = np.unique(s, return_index=True)
-    prefix = np.concatenate([[0.0], np.cumsum(s)])
+    prefix = np.concatenate([[0.0], np.cumsum(ws * s)])
+    cum_w = np.concatenate([[0.0], np.cumsum(ws)])
     bounds = np.concatenate([first, [s.size]])  # groups of equal values ...
     points = max(KMEANS_DP_POINTS, 32 * ks[-1])
     if uniq.size > points:  # ... or runs of sorted values, cut both at quantiles and at evenly
@@ -90,7 +123,7 @@ def kmeans_1d_many(
         at_values = scale * np.sinh(np.linspace(np.arcsinh(s[0] / scale), np.arcsinh(s[-1] / scale), half + 1)[1:-1])  # 0, log in the tails
         cut = np.searchsorted(s, np.concatenate([at_quantiles, at_values]))
         bounds = np.unique(np.concatenate([[0], cut, [s.size]]))
-    weights = np.diff(bounds).astype(np.float64)
+    weights = np.diff(cum_w[bounds])
     means = (prefix[bounds[1:]] - prefix[bounds[:-1]]) / weights
     big = [k for k in ks if uniq.size > k]
     ends = _dp_boundaries(means, weights, big) if big else {}
@@ -100,7 +133,7 @@ def kmeans_1d_many(
         if uniq.size <= k:
             c = np.concatenate([uniq, np.full(k - uniq.size, uniq[-1])])
         else:
-            c = _lloyd_sorted(s, prefix, bounds[ends[k]])
+            c = _lloyd_sorted(s, prefix, bounds[ends[k]], cum_w)
         cent = torch.from_numpy(c).to(device)
         if errors_only:  # the float32 centroids, as stored; sorted values fall into contiguous clusters
             c32 = cent.float().double().numpy()
@@ -165,14 +198,15 @@ def _dp_boundaries(x: np.ndarray, w: np.ndarray, ks: int | list[int]) -> np.ndar
     return result if many else result[k]
 
 
-def _lloyd_sorted(s: np.ndarray, prefix: np.ndarray, starts: np.ndarray, max_iters: int = 1000) -> np.ndarray:
+def _lloyd_sorted(s: np.ndarray, prefix: np.ndarray, starts: np.ndarray, cum_w: np.ndarray, max_iters: int = 1000) -> np.ndarray:
     """Lloyd iterations on sorted values from cluster boundaries ``starts`` (k + 1 indices into ``s``)
-    until no boundary moves; returns the sorted centroids."""
+    until no boundary moves; returns the sorted centroids (``prefix``/``cum_w``: prefix sums of the
+    weighted values and of the weights)."""
     cuts = starts.copy()
     for _ in range(max_iters):
-        counts = np.diff(cuts)
+        counts = np.diff(cum_w[cuts])
         sums = prefix[cuts[1:]] - prefix[cuts[:-1]]
-        c = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+        c = np.where(counts > 0, sums / np.where(counts > 0, counts, 1.0), np.nan)
         c = _fill_empty(c, s)
         new = np.concatenate([[0], np.searchsorted(s, (c[1:] + c[:-1]) / 2, side="right"), [s.size]])
         if np.array_equal(new, cuts):

@@ -201,6 +201,7 @@ def tt_svd(
     svd: str = "auto",
     seed: int = 0,
     svd_cache: dict | None = None,
+    bond_dims: list[int] | tuple[int, ...] | None = None,
 ) -> TTMatrix:
     """Decompose a matrix into MPO cores by TT-SVD.
 
@@ -217,6 +218,8 @@ def tt_svd(
             different bonds): the exact SVD of an unfolding is computed once and reused by every call
             that reaches that unfolding with the same ranks before it (results are unchanged: an
             exact SVD is used there even where ``svd`` would pick a randomized one).
+        bond_dims: a cap on each of the ``d - 1`` bond dimensions (on top of ``max_bond``/``tol``), to
+            reproduce the bonds of another decomposition of the same modes.
 
     Returns:
         A :class:`TTMatrix` whose cores have ``matrix``'s dtype (computed in at least float32).
@@ -275,6 +278,8 @@ def tt_svd(
             r = min(r, _rank_for_tol(s, delta))
         if max_bond is not None:
             r = min(r, max_bond)
+        if bond_dims is not None:
+            r = min(r, int(bond_dims[k]))
         r = max(r, 1)
         cores.append(u[:, :r].reshape(r_prev, out_modes[k], in_modes[k], r))
         c = s[:r, None] * vh[:r]

@@ -1,0 +1,160 @@
+"""Data-aware low rank: fit SVD factors and MPO cores to a layer's *outputs* on recorded inputs (no I/O).
+
+With the inputs ``X`` (one row per sample) a layer sees and ``C = X^T X`` their Gram matrix, the
+output error of an approximation ``V`` of the weight ``W`` is
+``||X W^T - X V^T||_F^2 = tr((W - V) C (W - V)^T) = ||(W - V) S||_F^2`` for any square root
+``S S^T = C``. So:
+
+* :func:`whitened_svd` - SVD-LLM's truncation-aware whitening (Wang et al. 2024): the truncated SVD
+  of ``W S`` times ``S^{-1}``. Its dropped singular values are exactly the output error, so it is
+  the best rank-``r`` weight for these inputs (up to the ridge).
+* :func:`activation_aware_tt` - the same idea for MPO cores (ours; no published method does this):
+  ``C`` is approximated by a Kronecker product ``C_1 (x) ... (x) C_d`` whose factors match the
+  cores' input modes, ``W`` is whitened mode by mode, cut by TT-SVD, and each core's input leg is
+  multiplied by ``S_k^{-1}``: an exact unwhitening, because the Kronecker structure matches the MPO.
+* :func:`fit_to_inputs` - the data-aware decomposition of a layer at the bond dimensions a data-free
+  TT-SVD chose: whitened SVD for 2 cores; for more, both the TT-SVD and the activation-aware cores
+  are refit on the true Gram (:func:`mpocompress.core.refine.activation_refit`) and the better kept.
+
+**Ridge** (our choice): every Gram is used as ``C + ridge * mean(diag C) * I``. Inputs rarely span
+every direction (dead channels, fewer samples than features); without it the fit is free to put
+arbitrary weight where the calibration data has no energy, and the weight error there then shows on
+new data. It is the output error plus a small weight error, so unseen directions keep the weight.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from mpocompress.core.refine import activation_refit, output_error
+from mpocompress.core.tt import TTMatrix, relative_error, tt_svd
+
+#: ridge added to every Gram matrix, relative to its mean diagonal (see the module docstring)
+DEFAULT_RIDGE = 1e-2
+
+
+def ridged(gram: torch.Tensor, ridge: float = DEFAULT_RIDGE) -> torch.Tensor:
+    """``gram`` (symmetrised, float64) plus ``ridge * mean(diag) * I``."""
+    c = gram.double()
+    c = (c + c.T) / 2
+    scale = float(torch.diagonal(c).mean())
+    if not scale > 0:
+        raise ValueError("the recorded inputs are all zero: nothing to fit")
+    return c + (ridge * scale) * torch.eye(c.shape[0], dtype=torch.float64, device=c.device)
+
+
+def _roots(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric square root of a positive definite ``c`` and its inverse (from one eigendecomposition)."""
+    lam, q = torch.linalg.eigh(c)
+    lam = lam.clamp(min=float(lam.max()) * 1e-12)
+    root = (q * lam.sqrt()) @ q.T
+    inv = (q * lam.rsqrt()) @ q.T
+    return root, inv
+
+
+def whitened_svd(weight: torch.Tensor, gram: torch.Tensor, rank: int, *, ridge: float = DEFAULT_RIDGE) -> TTMatrix:
+    """Rank-``rank`` factors minimising the output error on inputs with Gram ``gram``, as a 2-core MPO.
+
+    The left core holds ``U_r`` and the right one ``S_r V_r^T S^{-1}``, the layout of a 2-core
+    TT-SVD (:func:`mpocompress.core.tt.tt_svd`).
+    """
+    out_f, in_f = weight.shape
+    if tuple(gram.shape) != (in_f, in_f):
+        raise ValueError(f"Gram matrix must be ({in_f}, {in_f}) for a weight with {in_f} inputs, got {tuple(gram.shape)}")
+    root, inv = _roots(ridged(gram, ridge))
+    u, s, vh = torch.linalg.svd(weight.double() @ root, full_matrices=False)
+    r = max(1, min(int(rank), s.numel()))
+    left = u[:, :r]
+    right = (s[:r, None] * vh[:r]) @ inv
+    dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+    cores = [left.reshape(1, out_f, 1, r).to(dtype).contiguous(), right.reshape(r, 1, in_f, 1).to(dtype).contiguous()]
+    return TTMatrix(cores, (out_f, in_f), spectra=[s.to(dtype)])
+
+
+def kron_factors(gram: torch.Tensor, in_modes: tuple[int, ...]) -> list[torch.Tensor]:
+    """A Kronecker approximation ``C ~ C_1 (x) ... (x) C_d`` matching ``in_modes``: each factor is the
+    partial trace of ``C`` (zero-padded to ``prod(in_modes)``) over the other modes, scaled to unit
+    mean diagonal (the overall scale does not change a whitening). Exact, up to scale, when ``C`` is a
+    Kronecker product of positive definite factors."""
+    n = math.prod(in_modes)
+    c = torch.zeros(n, n, dtype=torch.float64, device=gram.device)
+    c[: gram.shape[0], : gram.shape[1]] = gram.double()
+    d = len(in_modes)
+    t = c.reshape(*in_modes, *in_modes)
+    factors = []
+    for k in range(d):
+        m = in_modes[k]
+        moved = t.movedim((k, d + k), (0, d)).reshape(m, n // m, m, n // m)
+        f = torch.einsum("arbr->ab", moved)
+        f = (f + f.T) / 2
+        mean = float(torch.diagonal(f).mean())
+        factors.append(f / mean if mean > 0 else torch.eye(m, dtype=torch.float64, device=gram.device))
+    return factors
+
+
+def activation_aware_tt(
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    out_modes: tuple[int, ...],
+    in_modes: tuple[int, ...],
+    bond_dims: list[int],
+    *,
+    ridge: float = DEFAULT_RIDGE,
+) -> TTMatrix:
+    """MPO cores at bond dimensions ``bond_dims`` that approximately minimise the output error: TT-SVD of
+    ``W (S_1 (x) ... (x) S_d)`` with ``S_k`` the square roots of :func:`kron_factors` (each with
+    the ridge), then each core's input leg multiplied by ``S_k^{-1}`` (exact: the whitening has the
+    cores' own Kronecker structure)."""
+    out_f, in_f = weight.shape
+    out_p, in_p = math.prod(out_modes), math.prod(in_modes)
+    roots = [_roots(ridged(f, ridge)) for f in kron_factors(gram, in_modes)]
+    w = torch.zeros(out_p, in_p, dtype=torch.float64, device=weight.device)
+    w[:out_f, :in_f] = weight.double()
+    t = w.reshape(out_p, *in_modes)
+    for k, (root, _) in enumerate(roots):
+        t = (t.movedim(1 + k, -1) @ root).movedim(-1, 1 + k)
+    tt = tt_svd(t.reshape(out_p, in_p), out_modes, in_modes, bond_dims=bond_dims, svd="full")
+    cores = [torch.einsum("aoib,ij->aojb", g.double(), inv) for g, (_, inv) in zip(tt.cores, roots)]
+    dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+    return TTMatrix([c.to(dtype).contiguous() for c in cores], (out_f, in_f))
+
+
+def fit_to_inputs(
+    weight: torch.Tensor,
+    tt: TTMatrix,
+    gram: torch.Tensor,
+    *,
+    sweeps: int = 4,
+    ridge: float = DEFAULT_RIDGE,
+) -> tuple[TTMatrix, dict[str, Any]]:
+    """Data-aware cores with ``tt``'s modes and bond dimensions (``tt``: a data-free TT-SVD).
+
+    2 cores: :func:`whitened_svd`. More: ``tt`` and :func:`activation_aware_tt` are each refit on the
+    ridged Gram by :func:`mpocompress.core.refine.activation_refit` and the one with the lower output
+    error is kept (never worse than ``tt`` refit alone). Returns ``(cores, info)``; ``info`` holds the
+    method, the relative output errors (on the Gram as given) before and after, and the weight error.
+    """
+    w = weight.double()
+    c = ridged(gram, ridge)
+    before = output_error(w, tt.to_matrix().double(), gram)
+    info: dict[str, Any] = {"output_error_before": before}
+    if len(tt.cores) == 2:
+        best = whitened_svd(weight, gram, tt.bond_dims[0], ridge=ridge)
+        info["method"] = "whitened_svd"
+    else:
+        plain = activation_refit(w, tt, c, sweeps=sweeps).tt
+        aware0 = activation_aware_tt(w, gram, tt.out_modes, tt.in_modes, tt.bond_dims, ridge=ridge)
+        info["output_error_aware_init"] = output_error(w, aware0.to_matrix(), gram)
+        aware = activation_refit(w, aware0, c, sweeps=sweeps).tt
+        e_plain, e_aware = output_error(w, plain.to_matrix(), gram), output_error(w, aware.to_matrix(), gram)
+        info["output_error_refit"] = e_plain
+        info["output_error_aware_refit"] = e_aware
+        best = aware if e_aware <= e_plain else plain
+        info["method"] = "activation_aware_mpo" if e_aware <= e_plain else "tt_svd_refit"
+        best = TTMatrix([g.to(tt.cores[0].dtype) for g in best.cores], tt.shape)
+    info["output_error_after"] = output_error(w, best.to_matrix().double(), gram)
+    info["weight_error_after"] = relative_error(w, best.to_matrix().double())
+    return best, info

@@ -1,0 +1,168 @@
+"""Data-aware compression: whitened SVD, activation-aware MPO, GPTQ, and Gram recording from a model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from mpocompress.codecs import parse_codec
+from mpocompress.core.gptq import gptq
+from mpocompress.core.modes import choose_modes
+from mpocompress.core.refine import output_error
+from mpocompress.core.tt import tt_svd
+from mpocompress.core.whiten import activation_aware_tt, fit_to_inputs, kron_factors, whitened_svd
+from mpocompress.jobs.calibrate import record_grams
+
+
+def _correlated(n: int, feats: int, seed: int) -> torch.Tensor:
+    mix = torch.randn(feats, feats, generator=torch.Generator().manual_seed(99)) / math.sqrt(feats)
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, feats, generator=g) @ mix.T) * torch.logspace(0, -1.5, feats)
+
+
+@pytest.fixture
+def layer():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(48, 60, generator=g) * 0.1
+    x = _correlated(3000, 60, 1)
+    return w, x.T @ x, _correlated(3000, 60, 2)
+
+
+def test_whitened_svd_error_is_its_dropped_singular_values(layer):
+    w, c, _ = layer
+    for r in (4, 12):
+        tt = whitened_svd(w, c, r, ridge=0.0)
+        s = tt.spectra[0].double()
+        predicted = math.sqrt(float((s[r:] ** 2).sum() / (s**2).sum()))
+        assert output_error(w, tt.to_matrix(), c) == pytest.approx(predicted, rel=1e-6)
+        plain = tt_svd(w, (48, 1), (1, 60), max_bond=r)
+        assert output_error(w, tt.to_matrix(), c) < 0.9 * output_error(w, plain.to_matrix(), c)
+
+
+def test_whitened_svd_generalises_to_held_out_inputs(layer):
+    w, c, held_out = layer
+    ch = held_out.T @ held_out
+    tt = whitened_svd(w, c, 8)
+    plain = tt_svd(w, (48, 1), (1, 60), max_bond=8)
+    assert output_error(w, tt.to_matrix(), ch) < output_error(w, plain.to_matrix(), ch)
+
+
+def test_kron_factors_recover_a_kronecker_gram():
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(4, 4, generator=g).double()
+    b = torch.randn(5, 5, generator=g).double()
+    a, b = a @ a.T + torch.eye(4, dtype=torch.float64), b @ b.T + torch.eye(5, dtype=torch.float64)
+    fa, fb = kron_factors(torch.kron(a, b), (4, 5))
+    assert torch.allclose(torch.kron(fa, fb) / torch.kron(fa, fb)[0, 0], torch.kron(a, b) / torch.kron(a, b)[0, 0])
+
+
+def test_activation_aware_mpo_is_exact_whitening_for_kronecker_inputs():
+    """With a Kronecker Gram, the whitened TT-SVD is the output-optimal TT-SVD: far better than plain."""
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(40, 60, generator=g)
+    om, im = choose_modes(40, 60, 3)
+    facs = []
+    for m in im:
+        f = torch.randn(m, m, generator=g).double()
+        facs.append(f @ f.T * torch.logspace(0, -2, m, dtype=torch.float64) + 1e-3 * torch.eye(m, dtype=torch.float64))
+    c = torch.kron(torch.kron(facs[0], facs[1]), facs[2])[:60, :60]
+    plain = tt_svd(w, om, im, max_bond=6)
+    aware = activation_aware_tt(w, c, om, im, plain.bond_dims, ridge=1e-9)
+    assert aware.bond_dims == plain.bond_dims
+    assert output_error(w, aware.to_matrix(), c) < 0.8 * output_error(w, plain.to_matrix(), c)
+
+
+def test_fit_to_inputs_never_worse_than_refit_and_keeps_bonds(layer):
+    w, c, _ = layer
+    om, im = choose_modes(48, 60, 3)
+    tt = tt_svd(w, om, im, max_bond=5)
+    best, info = fit_to_inputs(w, tt, c)
+    assert best.bond_dims == tt.bond_dims and best.num_params == tt.num_params
+    assert info["output_error_after"] <= min(info["output_error_refit"], info["output_error_aware_refit"]) * (1 + 1e-5)
+    assert info["output_error_after"] < info["output_error_before"]
+    two = tt_svd(w, (48, 1), (1, 60), max_bond=7)
+    best2, info2 = fit_to_inputs(w, two, c)
+    assert info2["method"] == "whitened_svd" and best2.bond_dims == [7]
+
+
+@pytest.mark.parametrize("spec", ["int8", "kmeans:16", "kmeans:4"])
+def test_gptq_beats_rounding_on_held_out_outputs_and_is_stored_exactly(layer, spec):
+    w, c, held_out = layer
+    ch = held_out.T @ held_out
+    codec = parse_codec(spec)
+    grid = codec.grid(w)
+    rounded = torch.stack([codec.snap(grid, w[:, j]) for j in range(w.shape[1])], 1)
+    q = gptq(w, c, lambda col: codec.snap(grid, col))
+    assert output_error(w, q, ch) < 0.9 * output_error(w, rounded, ch)
+    parts, meta = codec.encode(q.reshape(-1), w.shape[0], grid=grid)
+    assert torch.equal(codec.decode(parts, meta, torch.float32).reshape(w.shape), q)
+
+
+def test_weighted_kmeans_follows_the_weights():
+    values = torch.tensor([0.0, 0.1, 0.2, 1.0, 1.1, 5.0])
+    heavy = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 1e6])
+    c = parse_codec("kmeans:2").grid(values, heavy)
+    assert float(c[-1]) == pytest.approx(5.0, abs=1e-3)
+    c_plain = parse_codec("kmeans:2").grid(values)
+    assert torch.equal(c_plain, parse_codec("kmeans:2").encode(values)[0]["codebook"])
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv1d(3, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(1, 2, (2, 3), stride=(1, 2), padding="valid")
+        self.rnn = nn.LSTM(4, 5, num_layers=2, bidirectional=True, batch_first=True)
+        self.cell = nn.GRUCell(10, 6)
+        self.fc = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, 3, T)
+        y = self.conv1(x)  # (B, 4, T)
+        z = self.conv2(y[:, None])  # (B, 2, 3, T')
+        h, _ = self.rnn(y.transpose(1, 2))  # (B, T, 10)
+        hx = torch.zeros(x.shape[0], 6) + z.mean()
+        for t in range(h.shape[1]):
+            hx = self.cell(h[:, t], hx)
+        return self.fc(hx)
+
+
+def _energy(w: torch.Tensor, gram: torch.Tensor) -> float:
+    w = w.detach().reshape(w.shape[0], -1).double()
+    return float(torch.einsum("oi,ij,oj->", w, gram, w))
+
+
+def test_record_grams_match_each_layers_outputs():
+    torch.manual_seed(0)
+    net = _Net()
+    x = torch.randn(3, 3, 7)
+    grams, info = record_grams(net, [x[:2], x[2:]])
+    assert info["samples"] == 3
+    # tr(W C W^T) is the energy of the weight's part of the layer's output
+    y = net.conv1(x)
+    assert _energy(net.conv1.weight, grams["conv1.weight"]) == pytest.approx(float(((y - net.conv1.bias[:, None]) ** 2).sum()), rel=1e-6)
+    z = net.conv2(y[:, None])
+    assert _energy(net.conv2.weight, grams["conv2.weight"]) == pytest.approx(float(((z - net.conv2.bias[:, None, None]) ** 2).sum()), rel=1e-6)
+    # layer 1 of the LSTM sees layer 0's outputs (both directions)
+    first = nn.LSTM(4, 5, bidirectional=True, batch_first=True)
+    first.load_state_dict({k.replace("_l0", "_l0"): v for k, v in net.rnn.state_dict().items() if "_l0" in k})
+    y0, _ = first(y.transpose(1, 2))
+    assert torch.allclose(grams["rnn.weight_ih_l1"], (y0.reshape(-1, 10).double().T @ y0.reshape(-1, 10).double()), atol=1e-8)
+    # the recurrent weight sees h_{t-1}: outputs one step behind (forward) / ahead (reverse)
+    fwd, bwd = y0[..., :5], y0[..., 5:]
+    prev = fwd[:, :-1].reshape(-1, 5).double()
+    assert torch.allclose(grams["rnn.weight_hh_l0"], prev.T @ prev, atol=1e-8)
+    nxt = bwd[:, 1:].reshape(-1, 5).double()
+    assert torch.allclose(grams["rnn.weight_hh_l0_reverse"], nxt.T @ nxt, atol=1e-8)
+    assert {"cell.weight_ih", "cell.weight_hh", "fc.weight"} <= set(grams)
+    assert grams["fc.weight"].shape == (6, 6)
+
+
+def test_record_grams_sample_cap():
+    net = nn.Sequential(nn.Linear(4, 3))
+    x = torch.randn(10, 4)
+    grams, info = record_grams(net, [x[:4], x[4:8], x[8:]], max_samples=6)
+    assert info["samples"] == 6
+    assert torch.allclose(grams["0.weight"], x[:6].double().T @ x[:6].double())
