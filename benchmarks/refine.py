@@ -5,7 +5,7 @@
 For each weight of the bundled example (``mpocompress/data/se_lstm.safetensors``), 3-core MPOs at max
 bond 8: the relative weight error of TT-SVD and after 2/6 ALS sweeps (``mpocompress.core.refine.als_refine``),
 with the same-size truncated SVD beside it. For the two Linear layers, the relative *output* error on
-recorded inputs (``mpocompress.jobs.finetune.record_inputs`` over 8 fresh batches of the example's data,
+recorded inputs (``mpocompress.jobs.calibrate.record_grams`` over 8 fresh batches of the example's data,
 held-out: a second 8 batches) of TT-SVD vs ``activation_refit`` fitted on the first set.
 
 Writes ``benchmarks/results/refine.json`` and the ``refine`` block of ``docs/benchmarks.md``.
@@ -29,7 +29,7 @@ from mpocompress.core.modes import choose_modes  # noqa: E402
 from mpocompress.core.refine import activation_refit, als_refine, output_error  # noqa: E402
 from mpocompress.core.tt import relative_error, svd_tail_error, tt_svd  # noqa: E402
 from mpocompress.data import example_checkpoint  # noqa: E402
-from mpocompress.jobs.finetune import record_inputs  # noqa: E402
+from mpocompress.jobs.calibrate import record_grams  # noqa: E402
 from mpocompress.speech.example import batches, se_lstm  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,8 +41,8 @@ def main() -> None:
     sd = load_state_dict(example_checkpoint())
     model = se_lstm()
     model.load_state_dict(sd)
-    fit = record_inputs(model, batches(n=8, seed=11))
-    held = record_inputs(model, batches(n=8, seed=12))
+    fit = record_grams(model, batches(n=8, seed=11))[0]
+    held = record_grams(model, batches(n=8, seed=12))[0]
     als_rows, act_rows = [], []
     for name in ("inp.weight", "lstm.weight_ih_l0", "lstm.weight_hh_l0", "out.weight"):
         w = sd[name]

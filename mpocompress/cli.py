@@ -263,7 +263,10 @@ def main(verbose: int) -> None:
 @click.option("--model", "model_spec", metavar="MODULE:FACTORY", help="Fine-tune: a callable (pkg.mod:fn or file.py:fn) returning the nn.Module.")
 @click.option("--data", "data_spec", metavar="PATH|MODULE:FACTORY", help="Fine-tuning batches: safetensors file/folder ('inputs'[, 'targets']) or a factory.")
 @click.option("--val-data", "val_spec", metavar="PATH|MODULE:FACTORY", help="Held-out batches (default: the last 10% of --data).")
-@click.option("--steps", type=click.IntRange(min=0), default=200, show_default=True, help="Fine-tuning steps at most.")
+@click.option("--steps", type=click.IntRange(min=0), default=200, show_default=True, help="Fine-tuning steps at most (0: calibrate only, no training).")
+@click.option("--calibrate/--no-calibrate", default=True, show_default=True,
+              help="With --model/--data, fit each layer to its recorded inputs (whitened SVD, activation-aware MPO, GPTQ) before any training.")
+@click.option("--calibration-samples", type=click.IntRange(min=1), metavar="N", help="Calibrate on at most N samples of --data.")
 @click.option("--time", "time_limit", type=click.FloatRange(min=0, min_open=True), help="Fine-tuning seconds at most (whichever of --steps/--time comes first).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True, help="Fine-tuning learning rate (Adam).")
 @click.option("--train", "train_sel", type=click.Choice(["all", "central", "outer"]), default="all", show_default=True,
@@ -283,8 +286,8 @@ def main(verbose: int) -> None:
 @click.pass_context
 def convert(ctx: click.Context, input_path: Path, output_path: Path, bond_dim, tol, ratio, cores, svd, prune, quantize, prune_scope, recipe_path, include, exclude, seed,
             as_json, report_path, force, strict, max_error, min_ratio, max_shard_size, als_sweeps, activations_path, model_spec, data_spec,
-            val_spec, steps, time_limit, lr, train_sel, kd_weight, task_loss, batch_size, task, workers, ipkd_rounds,
-            target_size, target_ratio) -> None:  # fmt: skip
+            val_spec, steps, calibrate, calibration_samples, time_limit, lr, train_sel, kd_weight, task_loss, batch_size, task, workers,
+            ipkd_rounds, target_size, target_ratio) -> None:  # fmt: skip
     """Compress the weight matrices of INPUT into MPO cores and write a compact checkpoint.
 
     \b
@@ -294,20 +297,23 @@ def convert(ctx: click.Context, input_path: Path, output_path: Path, bond_dim, t
       mpocompress convert big/ -o big-mpo/ --tol 0.2 --json --max-error 0.25 --min-ratio 3
       mpocompress convert se.pt -o se.pq.safetensors --prune channel:0.65 --quantize kmeans:16
       mpocompress convert se.pt -o se.mpo.safetensors --ratio 10 --model mymodels:build --data batches/ --steps 300
+      mpocompress convert se.pt -o se.q.safetensors --quantize kmeans:16 --model mymodels:build --data batches/ --steps 0
       mpocompress convert big/ -o big-mpo/ --ratio 8 --cores 2 --workers 8
       torchrun --nproc-per-node 4 -m mpocompress convert big/ -o big-mpo/ --ratio 8
 
     \b
     MPO is applied when --bond-dim, --tol or --ratio is given; --prune/--quantize
     alone apply only themselves, and with MPO they apply to the cores.
-    With --model and --data the compressed model is fine-tuned against the dense one.
+    With --model and --data every layer is first fitted to the inputs it sees in the dense model
+    (calibration), then the compressed model is fine-tuned against the dense one (--steps 0: not).
     An interrupted conversion resumes from the work folder (.OUTPUT.partial) when run again.
     Under torchrun each rank converts its share (fine-tuning is data-parallel); rank 0 reports.
     """
     from mpocompress.config import Gates, MPOConfig, TuneConfig
 
     tune_opts = {"steps": "--steps", "time_limit": "--time", "lr": "--lr", "train_sel": "--train", "kd_weight": "--kd-weight",
-                 "task_loss": "--task-loss", "batch_size": "--batch-size", "ipkd_rounds": "--ipkd", "val_spec": "--val-data", "task": "--task"}  # fmt: skip
+                 "task_loss": "--task-loss", "batch_size": "--batch-size", "ipkd_rounds": "--ipkd", "val_spec": "--val-data", "task": "--task",
+                 "calibrate": "--calibrate", "calibration_samples": "--calibration-samples"}  # fmt: skip
     if model_spec is None or data_spec is None:
         if model_spec is not None or data_spec is not None:
             raise click.UsageError("fine-tuning needs both --model and --data")
@@ -347,6 +353,7 @@ def convert(ctx: click.Context, input_path: Path, output_path: Path, bond_dim, t
         extra.update(_tuning_inputs(model_spec, data_spec, val_spec, task, prune, seed,
                                     TuneConfig(steps=steps, time=time_limit, lr=lr, train=train_sel, kd_weight=kd_weight,
                                                task_loss=task_loss, batch_size=batch_size, ipkd=ipkd_rounds or 0, seed=seed)))  # fmt: skip
+        extra.update(calibrate=calibrate, calibration_samples=calibration_samples)
     from mpocompress.jobs import dist
 
     started = dist.init_from_env()

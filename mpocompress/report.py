@@ -74,6 +74,8 @@ class Report:
     work: dict[str, Any] = field(default_factory=dict)
     #: ``--target-size``: the budget, each layer's choice and its predicted damage
     allocation: dict[str, Any] | None = None
+    #: ``--model``/``--data``: the calibration (samples, weights recorded, seconds)
+    calibration: dict[str, Any] | None = None
 
     def totals(self) -> dict[str, Any]:
         """Totals over the whole checkpoint: bytes, params, ratios, errors."""
@@ -116,6 +118,7 @@ class Report:
             **({"finetune": self.finetune} if self.finetune is not None else {}),
             **({"work": self.work} if self.work else {}),
             **({"allocation": self.allocation} if self.allocation is not None else {}),
+            **({"calibration": self.calibration} if self.calibration is not None else {}),
         }
 
 

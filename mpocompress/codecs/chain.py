@@ -31,7 +31,12 @@ def split_chain(chain: Sequence[Codec | str]) -> tuple[Codec | None, Codec | Non
 
 
 def encode(
-    x: torch.Tensor, chain: Sequence[Codec | str], *, threshold: float | None = None, mask: torch.Tensor | None = None
+    x: torch.Tensor,
+    chain: Sequence[Codec | str],
+    *,
+    threshold: float | None = None,
+    mask: torch.Tensor | None = None,
+    grid: Any = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Encode ``x`` with at most one pruner followed by at most one quantizer.
 
@@ -41,6 +46,7 @@ def encode(
         threshold: a global magnitude threshold for a ``magnitude`` pruner.
         mask: the keep-mask to use instead of the pruner's own (a model pruned and fine-tuned
             with this mask keeps exactly its zeros).
+        grid: the quantizer's grid (:meth:`Codec.grid`) to encode on, for a quantizer with ``has_grid``.
 
     Returns:
         ``(parts, meta)``: packed tensors by part name, and JSON-ready metadata (the chain, shapes,
@@ -65,7 +71,7 @@ def encode(
         values = values[mask.reshape(-1).bool()]
     if quant is not None:
         rows = None if pruner is not None else (x.shape[0] if x.dim() >= 1 else None)
-        qparts, qmeta = quant.encode(values, rows)
+        qparts, qmeta = quant.encode(values, rows) if grid is None else quant.encode(values, rows, grid=grid)
         parts.update(qparts)
         meta["quant"] = qmeta
     else:

@@ -34,10 +34,14 @@ class Candidate:
     params: int
     rel_error: float
     bond_dims: list[int]
+    output_error: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """The candidate as JSON-ready data."""
-        return {"cores": self.cores, "params": self.params, "rel_error": self.rel_error, "bond_dims": self.bond_dims}
+        """The candidate as JSON-ready data (``output_error`` only when fitted to recorded inputs)."""
+        out = {"cores": self.cores, "params": self.params, "rel_error": self.rel_error, "bond_dims": self.bond_dims}
+        if self.output_error is not None:
+            out["output_error"] = self.output_error
+        return out
 
 
 @dataclass
@@ -56,6 +60,8 @@ class MatrixResult:
         candidates: every structure tried (one unless ``cores="auto"``).
         best_tt: the chosen cores even when the layer is kept dense (for callers that want an MPO
             layer regardless, such as ``MPOLinear.from_linear``).
+        fit: with recorded inputs, how the chosen cores were fitted to them
+            (:func:`mpocompress.core.whiten.fit_to_inputs`); None without.
     """
 
     tt: TTMatrix | None
@@ -68,6 +74,7 @@ class MatrixResult:
     svd_rel_error: float
     candidates: list[Candidate] = field(default_factory=list)
     best_tt: TTMatrix | None = None
+    fit: dict[str, Any] | None = None
 
 
 def singular_values(matrix: torch.Tensor, rank_hint: int | None = None, seed: int = 0) -> tuple[torch.Tensor, bool]:
@@ -111,7 +118,9 @@ def layer_budget(shape: tuple[int, int], config: MPOConfig) -> int | None:
     return None
 
 
-def compress_matrix(matrix: torch.Tensor, config: MPOConfig, *, reference_svd: bool = True) -> MatrixResult:
+def compress_matrix(
+    matrix: torch.Tensor, config: MPOConfig, *, reference_svd: bool = True, gram: torch.Tensor | None = None
+) -> MatrixResult:
     """Compress one ``(out, in)`` matrix under ``config``.
 
     Args:
@@ -119,6 +128,10 @@ def compress_matrix(matrix: torch.Tensor, config: MPOConfig, *, reference_svd: b
         config: bond-dimension choice and structure.
         reference_svd: compute ``svd_rel_error`` (False leaves it NaN, for callers that measure the
             same-size SVD themselves, after encoding).
+        gram: Gram matrix ``X^T X`` of the inputs the layer sees: each candidate's cores (at the bond
+            dimensions the data-free TT-SVD chose) are fitted to the outputs on them
+            (:func:`mpocompress.core.whiten.fit_to_inputs`) and ``cores="auto"`` picks the least
+            *output* error.
 
     Returns:
         A :class:`MatrixResult`; ``tt`` is None when no MPO would be smaller than the matrix.
@@ -131,20 +144,30 @@ def compress_matrix(matrix: torch.Tensor, config: MPOConfig, *, reference_svd: b
     core_counts = AUTO_CORES if config.cores == "auto" else (int(config.cores),)
 
     tried: list[tuple[Candidate, TTMatrix]] = []
+    fits: dict[int, dict[str, Any]] = {}
     for d in core_counts:
         tt = _run(matrix, d, config, budget)
         if config.als_sweeps and d > 2:  # 2 cores: TT-SVD is already the optimal truncated SVD
             from mpocompress.core.refine import als_refine
 
             tt = als_refine(matrix, tt, sweeps=config.als_sweeps).tt
+        out_err = None
+        if gram is not None:
+            from mpocompress.core.whiten import fit_to_inputs
+
+            tt, fits[d] = fit_to_inputs(matrix, tt, gram)
+            out_err = fits[d]["output_error_after"]
         err = relative_error(matrix, tt.to_matrix())
-        tried.append((Candidate(d, tt.num_params, err, tt.bond_dims), tt))
+        tried.append((Candidate(d, tt.num_params, err, tt.bond_dims, out_err), tt))
+
+    def error(c: Candidate) -> float:
+        return c.rel_error if c.output_error is None else c.output_error
 
     if config.tol is not None:
         # every candidate meets the tolerance: the smallest wins
-        best, best_tt = min(tried, key=lambda ct: (ct[0].params, ct[0].rel_error))
+        best, best_tt = min(tried, key=lambda ct: (ct[0].params, error(ct[0])))
     else:
-        best, best_tt = min(tried, key=lambda ct: (ct[0].rel_error, ct[0].params))
+        best, best_tt = min(tried, key=lambda ct: (error(ct[0]), ct[0].params))
 
     candidates = [c for c, _ in tried]
     if best.params >= dense_params:
@@ -159,6 +182,7 @@ def compress_matrix(matrix: torch.Tensor, config: MPOConfig, *, reference_svd: b
             svd_rel_error=0.0,
             candidates=candidates,
             best_tt=best_tt,
+            fit=fits.get(best.cores),
         )
     svd_rank = best.params // (out_f + in_f)
     svd_rel_error = math.nan
@@ -179,4 +203,5 @@ def compress_matrix(matrix: torch.Tensor, config: MPOConfig, *, reference_svd: b
         svd_rel_error=svd_rel_error,
         candidates=candidates,
         best_tt=best_tt,
+        fit=fits.get(best.cores),
     )

@@ -203,3 +203,34 @@ def record_grams(
 def gram_ok(gram: torch.Tensor) -> bool:
     """Whether a Gram matrix is usable: finite, with some energy."""
     return bool(torch.isfinite(gram).all()) and float(torch.diagonal(gram).sum()) > 0 and not math.isnan(float(gram.sum()))
+
+
+def calibrate_checkpoint(
+    ckpt: Any,
+    model: nn.Module,
+    train: list[Any],
+    val: list[Any] | None,
+    layers: list[str],
+    tune: Any,
+    max_samples: int | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The Gram matrices of the selected ``layers``' inputs in the dense model: ``model`` loaded with
+    the checkpoint (checked as for fine-tuning), run over the calibration batches (``train``, less
+    the held-out share when ``val`` is None: calibration never sees the held-out data).
+    Returns ``(grams by weight name, summary)``; weights whose inputs were all zero are left out."""
+    import time
+
+    from mpocompress.jobs.tune import _load_models
+
+    start = time.perf_counter()
+    _, teacher, _, train, _ = _load_models(ckpt, model, train, val, tune)
+    grams, info = record_grams(teacher, train, weights=set(layers), max_samples=max_samples)
+    empty = sorted(k for k, g in grams.items() if not gram_ok(g))
+    for k in empty:
+        del grams[k]
+    return grams, {
+        "samples": info["samples"],
+        "weights": len(grams),
+        "weights_without_inputs": empty,
+        "seconds": round(time.perf_counter() - start, 3),
+    }

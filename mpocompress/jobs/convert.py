@@ -92,6 +92,8 @@ def convert(
     tune_progress: Any = None,
     workers: int = 1,
     strict: bool = False,
+    calibrate: bool = True,
+    calibration_samples: int | None = None,
 ) -> Report:
     """Convert a dense checkpoint into MPO cores and write the compact checkpoint.
 
@@ -116,7 +118,8 @@ def convert(
         activations: Gram matrices ``X^T X`` of recorded layer inputs by weight name; the MPO cores of
             those weights are refit to minimise the output error on them
             (:func:`mpocompress.core.refine.activation_refit`).
-        tune: fine-tune the compressed model (needs ``model`` and ``train_batches``): the model is
+        tune: fine-tune the compressed model (needs ``model`` and ``train_batches``; ``steps=0``:
+            calibrate only, no training): the model is
             loaded with the checkpoint, compressed in memory, trained against the dense one as
             teacher (:mod:`mpocompress.jobs.finetune`; data-parallel under ``torch.distributed``), and
             what it learnt is written.
@@ -128,6 +131,11 @@ def convert(
         workers: local processes converting groups in parallel (1: in this process).
         strict: refuse (:class:`InputError`) a selected weight holding NaN or Inf; by default such a
             weight is stored unchanged, with a warning naming it.
+        calibrate: with ``model`` and ``train_batches``, record the inputs of every selected layer in
+            the dense model first (:func:`mpocompress.jobs.calibrate.calibrate_checkpoint`) and fit
+            each layer to its outputs on them (whitened SVD, activation-aware MPO, GPTQ); recorded
+            ``activations`` given explicitly take precedence.
+        calibration_samples: calibrate on at most this many samples.
 
     Returns:
         The :class:`~mpocompress.report.Report` (also stored, without file sizes, in the output).
@@ -156,7 +164,7 @@ def convert(
                 ckpt, input_path, output_path, config, rank=rank, world=world, max_shard_bytes=max_shard_bytes,
                 progress=progress, recipe=recipe, activations=activations, tune=tune, model=model,
                 train_batches=train_batches, val_batches=val_batches, tune_progress=tune_progress,
-                workers=workers, strict=strict,
+                workers=workers, strict=strict, calibrate=calibrate, calibration_samples=calibration_samples,
             )  # fmt: skip
         finally:
             lock.release()
@@ -183,6 +191,8 @@ def _convert_locked(
     tune_progress: Any,
     workers: int,
     strict: bool,
+    calibrate: bool = True,
+    calibration_samples: int | None = None,
 ) -> Report:
     """The body of :func:`convert`, run while this job holds the output's lock."""
     layers = select_layers(ckpt, config.include, config.exclude)
@@ -195,11 +205,19 @@ def _convert_locked(
     tuned: dict[str, torch.Tensor] = {}
     plans: dict[str, LayerPlan] = {}
     tune_summary = None
-    if tune is not None:
-        if model is None or not train_batches:
-            raise ConfigError("fine-tuning needs the model (--model) and data (--data)")
+    calibration = None
+    if tune is not None and (model is None or not train_batches):
+        raise ConfigError("fine-tuning needs the model (--model) and data (--data)")
+    if calibrate and model is not None and train_batches:
+        from mpocompress.jobs.calibrate import calibrate_checkpoint
+
+        grams, calibration = calibrate_checkpoint(ckpt, model, train_batches, val_batches, layers, tune or TuneConfig(),
+                                                  calibration_samples)  # fmt: skip
+        log.info("calibrated %d weight(s) on %d sample(s) in %.1fs", calibration["weights"], calibration["samples"], calibration["seconds"])
+        activations = {**grams, **(activations or {})}
+    if tune is not None:  # (steps=0 too: the held-out losses, unit masks and cores come from the in-memory model)
         tuned, plans, tune_summary = finetune_in_memory(
-            ckpt, layers, config, recipe, tune, model, train_batches, val_batches, tune_progress
+            ckpt, layers, config, recipe, tune, model, train_batches, val_batches, tune_progress, grams=activations
         )
     groups = plan_groups(ckpt, names, min(max_shard_bytes, GROUP_MAX_BYTES))
     log.info("%d of %d tensors selected (%s); %d group(s) of work", len(layers), len(names), config.to_json(), len(groups))
@@ -230,6 +248,7 @@ def _convert_locked(
     _gather(store, records, len(groups), rank)
     report = _report(ckpt, input_path, output_path, config, recipe, records, len(groups), tune_summary,
                      work={"groups": len(groups), "reused_groups": reused, "workers": workers, "ranks": world})  # fmt: skip
+    report.calibration = calibration
     meta_layers: dict[str, Any] = {}
     for i in range(len(groups)):
         meta_layers.update(records[i]["entries"])

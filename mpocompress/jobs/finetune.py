@@ -360,37 +360,3 @@ def ipkd(
         res = finetune(model, teacher, batches, val_batches=val_batches, config=per_round, masks=masks, progress=report)
         history.append(IPKDRound(s, _fingerprint(teacher), res))
     return masks, history
-
-
-def record_inputs(model: nn.Module, batches: Sequence[Any], names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
-    """Gram matrices ``X^T X`` of the inputs each ``nn.Linear`` (or ``MPOLinear``) sees over ``batches``.
-
-    Keys are weight names (``"fc.weight"``), the format :func:`mpocompress.core.refine.activation_refit`
-    and ``convert --activations`` take. ``names``: module names to record (default: every Linear).
-    """
-    from mpocompress.nn.layers import MPOLinear
-
-    grams: dict[str, torch.Tensor] = {}
-    hooks = []
-    for mod_name, module in model.named_modules():
-        if not isinstance(module, (nn.Linear, MPOLinear)) or (names is not None and mod_name not in names):
-            continue
-
-        def hook(mod: nn.Module, args: tuple, out: Any, key: str = f"{mod_name}.weight") -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            g = x.T @ x
-            grams[key] = grams[key] + g if key in grams else g
-
-        hooks.append(module.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            was = model.training
-            model.eval()
-            for b in batches:
-                xs, _ = split_batch(b)
-                model(*xs)
-            model.train(was)
-    finally:
-        for h in hooks:
-            h.remove()
-    return {k: v.float() for k, v in grams.items()}

@@ -102,6 +102,8 @@ class LayerPlan:
     candidates: list[dict[str, Any]] = field(default_factory=list)
     reason: str | None = None
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: how the cores were fitted to recorded inputs before training (None: they were not)
+    fit: dict[str, Any] | None = None
 
 
 def unchanged_row(name: str, t: torch.Tensor, shapes: dict[str, tuple[int, ...]], reason: str | None = None) -> LayerRow:
@@ -154,9 +156,12 @@ def compress_tensor(
             if tt is not None:
                 tt = TTMatrix([c.detach().to(t.dtype) for c in tt.cores], tt.shape)
                 row.refine["finetuned"] = True
+                if plan.fit is not None:
+                    row.refine["calibrated"] = plan.fit
             row.candidates, row.reason = plan.candidates, plan.reason
         else:
-            res = compress_matrix(t.reshape(out_f, in_f), config, reference_svd=False)
+            _check_gram(name, gram, in_f)
+            res = compress_matrix(t.reshape(out_f, in_f), config, reference_svd=False, gram=gram)
             row.candidates = [c.to_dict() for c in res.candidates]
             row.reason = res.reason
             tt = res.tt
@@ -164,8 +169,8 @@ def compress_tensor(
                 row.refine["als_sweeps"] = config.als_sweeps
             elif tt is not None and config.als_sweeps:
                 row.refine["als_skipped"] = "2 cores (a truncated SVD) are already optimal: --als has nothing to refine"
-            if tt is not None and gram is not None:
-                tt = _activation_refit(row, t.reshape(out_f, in_f), tt, gram)
+            if tt is not None and res.fit is not None:
+                row.refine["calibrated"] = res.fit
         log.debug("%s: %s", name, row.reason or f"cores {len(tt.cores)} bonds {tt.bond_dims}" if tt is not None else row.reason)
         if tt is not None:
             row.status = "mpo"
@@ -175,6 +180,9 @@ def compress_tensor(
     chain = config.chain
     if chain:
         coded = {sname: encode(st, chain, threshold=threshold, mask=masks.get(sname)) for sname, st in stored.items()}
+        if gram is not None and tt is None and _gptq_applies(chain, masks.get(name)):
+            _check_gram(name, gram, in_f)
+            coded[name] = _gptq_encode(row, t, chain, gram, coded[name])
         if tt is not None and config.als_sweeps:  # every codec is lossy: refit the cores while encoding
             coded = _refit_codes(row, name, tt, chain, threshold, masks, coded, config.als_sweeps)
         trial = dict(entry)
@@ -210,22 +218,34 @@ def compress_tensor(
     return row, entry, stored
 
 
-def _activation_refit(row: LayerRow, matrix: torch.Tensor, tt: TTMatrix, gram: torch.Tensor) -> TTMatrix:
-    from mpocompress.core.refine import activation_refit, output_error
+def _check_gram(name: str, gram: torch.Tensor | None, in_f: int) -> None:
+    if gram is not None and tuple(gram.shape) != (in_f, in_f):
+        raise InputError(f"recorded inputs: {name} takes {in_f} inputs but its recorded activations have {gram.shape[0]} features")
 
-    if tuple(gram.shape) != (matrix.shape[1], matrix.shape[1]):
-        raise InputError(
-            f"--activations: {row.name} takes {matrix.shape[1]} inputs but its recorded activations have "
-            f"{gram.shape[0]} features"
-        )
-    before = output_error(matrix, tt.to_matrix(), gram)
-    res = activation_refit(matrix, tt, gram)
-    row.refine["activation_refit"] = {
-        "output_error_before": before,
-        "output_error_after": output_error(matrix, res.tt.to_matrix(), gram),
-        "weight_error_before": relative_error(matrix, tt.to_matrix()),
-    }
-    return res.tt
+
+def _gptq_applies(chain: list[Codec], mask: torch.Tensor | None) -> bool:
+    """Error-compensated quantization applies to one grid quantizer on a plain (unpruned) weight."""
+    return len(chain) == 1 and chain[0].has_grid and mask is None
+
+
+def _gptq_encode(
+    row: LayerRow, t: torch.Tensor, chain: list[Codec], gram: torch.Tensor, direct: tuple[dict[str, torch.Tensor], dict[str, Any]]
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The weight quantized by GPTQ on the recorded inputs (k-means centroids weighted by each input's
+    energy), or the plain encoding ``direct`` where that has the lower output error on them."""
+    from mpocompress.core.gptq import gptq
+    from mpocompress.core.refine import output_error
+
+    quant = chain[0]
+    m = t.reshape(t.shape[0], -1)
+    importance = torch.diagonal(gram).to(m.dtype)[None, :].expand_as(m)
+    grid = quant.grid(m, importance)
+    q = gptq(m, gram, lambda col: quant.snap(grid, col))
+    coded = encode(q.reshape(t.shape), chain, grid=grid)
+    before = output_error(m, decode(*direct).reshape(m.shape), gram)
+    after = output_error(m, decode(*coded).reshape(m.shape), gram)
+    row.refine["calibrated"] = {"method": "gptq", "output_error_before": before, "output_error_after": min(before, after)}
+    return coded if after < before else direct
 
 
 def _refit_codes(

@@ -32,9 +32,11 @@ def finetune_in_memory(
     train: list[Any],
     val: list[Any] | None,
     progress: Any,
+    grams: dict[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, LayerPlan], dict[str, Any]]:
     """Load the checkpoint into ``model``, compress/prune it in memory, fine-tune it against the
-    dense model, and return what to write: ``(trained tensors by name, plans by weight, summary)``."""
+    dense model, and return what to write: ``(trained tensors by name, plans by weight, summary)``.
+    ``grams``: recorded inputs by weight name; those layers start from cores fitted to them."""
     import copy
 
     from torch import nn
@@ -50,7 +52,8 @@ def finetune_in_memory(
     from mpocompress.nn.surgery import compress_
 
     dense, teacher, student, train, val = _load_models(ckpt, model, train, val, tune)
-    rows = {r["name"]: r for r in compress_(student, config, recipe=recipe, names=set(layers), include=(), exclude=(), codecs=False)}
+    rows = {r["name"]: r for r in compress_(student, config, recipe=recipe, names=set(layers), include=(), exclude=(), codecs=False,
+                                                grams=grams)}
 
     # what gets pruned: the weight, or its cores when it became an MPO
     params = dict(student.named_parameters())
@@ -186,7 +189,7 @@ def _plans(
         row = rows.get(name)
         plan = LayerPlan(decided=row is not None)
         if row is not None:
-            plan.candidates, plan.reason = row["candidates"], row["reason"]
+            plan.candidates, plan.reason, plan.fit = row["candidates"], row["reason"], row.get("fit")
             if row["status"] == "mpo":
                 mod_name, _, w = name.rpartition(".")
                 module = modules[mod_name]

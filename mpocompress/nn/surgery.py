@@ -77,6 +77,7 @@ def compress_(
     recipe: Recipe | None = None,
     names: set[str] | None = None,
     codecs: bool = True,
+    grams: dict[str, torch.Tensor] | None = None,
 ) -> list[dict[str, Any]]:
     """Compress ``model`` in place under the **whole** ``config``: MPO, pruning and quantization.
 
@@ -93,6 +94,9 @@ def compress_(
         recipe: per-weight overrides of ``config`` (a rule may skip a weight, or leave it without MPO).
         names: compress only these weight names (on top of ``include``/``exclude``).
         codecs: apply the codec chain (False: MPO only, for callers that prune/quantize later).
+        grams: Gram matrices of recorded inputs by weight name
+            (:func:`mpocompress.jobs.calibrate.record_grams`): those weights' cores are fitted to
+            their outputs (:func:`mpocompress.core.compress.compress_matrix`).
 
     Returns:
         One dict per selected weight: ``name``, ``status`` (``"mpo"``/``"codec"``/``"dense"``),
@@ -126,7 +130,8 @@ def compress_(
             if not bool(torch.isfinite(weight).all()):
                 rows.append(_row(full, "dense", weight.numel(), weight.numel(), cfg, reason="non-finite values (NaN/Inf)"))
                 continue
-            res = compress_matrix(weight.reshape(weight.shape[0], -1), cfg)
+            gram = (grams or {}).get(full)
+            res = compress_matrix(weight.reshape(weight.shape[0], -1), cfg, gram=gram)
             rows.append(_row(full, res.status, res.params, res.dense_params, cfg, res=res))
             if res.tt is not None:
                 tts[w] = res.tt
@@ -150,6 +155,7 @@ def _row(name: str, status: str, params: int, dense_params: int, cfg: MPOConfig,
         "bond_dims": res.tt.bond_dims if res is not None and res.tt is not None else None,
         "candidates": [c.to_dict() for c in res.candidates] if res is not None else [],
         "reason": res.reason if res is not None else reason, "codecs": [], "config": cfg.to_dict(),
+        **({"fit": res.fit} if res is not None and res.fit is not None else {}),
     }  # fmt: skip
 
 
