@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -268,7 +269,8 @@ def main(verbose: int) -> None:
               help="With --model/--data, fit each layer to its recorded inputs (whitened SVD, activation-aware MPO, GPTQ) before any training.")
 @click.option("--calibration-samples", type=click.IntRange(min=1), metavar="N", help="Calibrate on at most N samples of --data.")
 @click.option("--time", "time_limit", type=click.FloatRange(min=0, min_open=True), help="Fine-tuning seconds at most (whichever of --steps/--time comes first).")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True, help="Fine-tuning learning rate (Adam).")
+@click.option("--lr", default="auto", show_default=True, callback=lambda c, p, v: _lr(v),
+              help="Fine-tuning learning rate (Adam), or 'auto': a short probe of 1e-3..3e-5 picks the best on held-out data.")
 @click.option("--train", "train_sel", type=click.Choice(["all", "central", "outer"]), default="all", show_default=True,
               help="What trains: all parameters, only each MPO's central core, or only its outer cores.")
 @click.option("--kd-weight", type=click.FloatRange(0, 1), default=1.0, show_default=True,
@@ -545,6 +547,19 @@ def _given_options(ctx: click.Context, recipe_path: Path | None, **options: Any)
     return given, recipe
 
 
+def _lr(value: str) -> float | None:
+    """``--lr``: a positive number, or ``auto`` (None: probe)."""
+    if value == "auto":
+        return None
+    try:
+        lr = float(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a number or 'auto'") from None
+    if not (lr > 0 and math.isfinite(lr)):
+        raise click.BadParameter(f"must be a positive number or 'auto', got {value}")
+    return lr
+
+
 def _tuning_inputs(model_spec: str, data_spec: str, val_spec: str | None, task: str, prune: str | None, seed: int, tune: Any) -> dict[str, Any]:
     """The model and batches fine-tuning needs, from ``--model``/``--data``/``--val-data``."""
     from mpocompress.jobs.inputs import import_object, read_batches
@@ -577,8 +592,10 @@ def _show_report(data: dict[str, Any], as_json: bool, output_path: Path) -> None
     ft = data.get("finetune")
     if ft is not None:
         kd = ft["val_kd_loss"]
-        click.echo(f"mpocompress: fine-tuned {ft['steps']} steps in {ft['seconds']:.1f}s: held-out distillation loss "
+        lr = f" at lr {ft['lr']:g}" if ft.get("lr") else ""
+        click.echo(f"mpocompress: fine-tuned {ft['steps']} steps{lr} in {ft['seconds']:.1f}s: held-out distillation loss "
                    f"{kd['compressed']:.4g} -> {kd['finetuned']:.4g}", err=True)  # fmt: skip
+
     click.echo(f"mpocompress: wrote {output_path} ({t['ratio']:.2f}x smaller tensors)", err=True)
 
 

@@ -189,6 +189,13 @@ TRAIN_CHOICES = ("all", "central", "outer")
 TASK_LOSSES = ("mse", "cross_entropy")
 
 
+#: learning rates tried by the probe of ``TuneConfig(lr=None)``, largest first (our choice: the
+#: 1e-3 our own models were tuned with, down to 3e-5 for converged pretrained models)
+LR_CANDIDATES = (1e-3, 3e-4, 1e-4, 3e-5)
+#: optimizer steps per probed learning rate
+LR_PROBE_STEPS = 10
+
+
 @dataclass(frozen=True)
 class TuneConfig:
     """Brief fine-tuning of the compressed model against the dense one (knowledge distillation).
@@ -196,7 +203,12 @@ class TuneConfig:
     Args:
         steps: optimizer steps at most.
         time: wall-clock seconds at most (None: no limit); whichever of ``steps``/``time`` comes first.
-        lr: Adam learning rate.
+        lr: Adam learning rate; None ("auto", the default): a short probe of
+            :data:`LR_CANDIDATES` from the same start picks the one with the lowest held-out loss
+            (a converged pretrained model can be wrecked by a rate that suits a model we trained).
+        warmup: share of the steps over which the rate rises linearly from 0; it then decays on a
+            half cosine to 10 % at the last step.
+        patience: stop after this many held-out evaluations without a new best (0: never).
         train: ``"all"`` parameters, only the ``"central"`` core of each MPO matrix (its largest core),
             or only the ``"outer"`` cores (the MPO papers' auxiliary tensors); with ``central``/``outer``
             everything else is frozen.
@@ -214,7 +226,9 @@ class TuneConfig:
 
     steps: int = 200
     time: float | None = None
-    lr: float = 1e-3
+    lr: float | None = None
+    warmup: float = 0.05
+    patience: int = 5
     train: str = "all"
     kd_weight: float = 1.0
     task_loss: str = "mse"
@@ -229,8 +243,12 @@ class TuneConfig:
             raise ConfigError(f"steps must be an integer >= 0, got {self.steps!r}")
         if self.time is not None and not self.time > 0:
             raise ConfigError(f"time must be > 0 seconds, got {self.time!r}")
-        if not self.lr > 0:
+        if self.lr is not None and not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr!r}")
+        if not 0.0 <= self.warmup < 1.0:
+            raise ConfigError(f"warmup must be in [0, 1), got {self.warmup!r}")
+        if not isinstance(self.patience, int) or self.patience < 0:
+            raise ConfigError(f"patience must be an integer >= 0, got {self.patience!r}")
         if self.train not in TRAIN_CHOICES:
             raise ConfigError(f"train must be one of {', '.join(TRAIN_CHOICES)}, got {self.train!r}")
         if not 0.0 <= self.kd_weight <= 1.0:

@@ -295,3 +295,87 @@ def test_activation_refit_through_convert(tmp_path, teacher, data):
     save_file({"inp.weight.gram": torch.eye(5)}, str(bad))
     res = run("convert", example_checkpoint(), "-o", tmp_path / "c.safetensors", "--ratio", "8", "--activations", bad)
     assert res.exit_code == 3 and "features" in res.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# safe defaults: learning-rate probe, warm-up, early stop, quantization-aware training
+
+
+def test_lr_schedule_warms_up_then_decays():
+    from mpocompress.jobs.finetune import lr_factor
+
+    f = [lr_factor(s, 100, 0.1) for s in range(1, 101)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[9:], f[10:]))  # non-increasing after the warm-up
+    assert f[-1] == pytest.approx(0.1)
+    assert lr_factor(1, 10, 0.0) == pytest.approx(1.0)
+
+
+def test_lr_probe_picks_a_rate_that_helps_and_reports_it(teacher, data):
+    from mpocompress.config import LR_CANDIDATES
+
+    train, val = data
+    student = copy.deepcopy(teacher)
+    compress_(student, MPOConfig(ratio=10, cores=3))
+    res = finetune(student, teacher, train, val_batches=val, steps=20, eval_every=5)
+    assert set(res.lr_probe) == set(LR_CANDIDATES)
+    assert res.lr == min(res.lr_probe, key=lambda r: (res.lr_probe[r], r))
+    assert res.improved and res.val_best < res.val_before
+    assert res.to_dict()["lr"] == res.lr
+
+
+def test_probe_falls_back_to_the_smallest_rate_when_nothing_helps(teacher, data):
+    from mpocompress.config import LR_CANDIDATES
+
+    train, val = data
+    student = copy.deepcopy(teacher)  # dense: the teacher itself, the loss is 0 and cannot improve
+    res = finetune(student, teacher, train, val_batches=val, steps=10, eval_every=2, patience=2)
+    assert res.lr == min(LR_CANDIDATES)
+    assert not res.improved and res.best_step == 0
+    assert res.stopped_by == "no_improvement" and res.steps == 4
+
+
+def test_quantization_aware_training_ends_on_the_grid(teacher, data):
+    from mpocompress.codecs import parse_codec
+    from mpocompress.jobs.finetune import _FakeQuant
+    from mpocompress.jobs.tune import _grid_quantizer
+
+    train, val = data
+    student = copy.deepcopy(teacher)
+    codec = parse_codec("kmeans:8")
+    w = student.inp.weight.detach()
+    grid = codec.grid(w)
+    quantizers = {"inp.weight": _grid_quantizer(codec, grid, None)}
+    nearest = grid[(w[..., None] - grid).abs().argmin(-1)]  # each value's own nearest centroid
+    assert torch.equal(quantizers["inp.weight"](w), nearest)
+    with _FakeQuant(student, quantizers).applied():
+        start = evaluate(student, teacher, val)
+    res = finetune(student, teacher, train, val_batches=val, steps=20, eval_every=5, quantizers=quantizers)
+    assert res.val_before == pytest.approx(start)
+    assert student.inp.weight.unique().numel() <= 8  # stored exactly by k-means:8
+    assert evaluate(student, teacher, val) == pytest.approx(res.val_best, rel=1e-5)
+    assert res.val_best < res.val_before
+
+
+def test_convert_warns_when_fine_tuning_does_not_help(tmp_path, factory_file, data_file):
+    res = run("convert", example_checkpoint(), "-o", tmp_path / "w.safetensors", "--quantize", "fp16",
+              "--model", f"{factory_file}:build", "--data", data_file, "--batch-size", "4", "--steps", "4", "--json")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    ft = json.loads(res.stdout)["finetune"]
+    assert ft["improved"] is False
+    assert "did not improve" in res.stderr
+
+
+def test_convert_calibrates_without_training(tmp_path, factory_file, data_file):
+    common = [example_checkpoint(), "--ratio", "8", "--cores", "2", "--model", f"{factory_file}:build", "--data", data_file,
+              "--batch-size", "4", "--steps", "0", "--json"]  # fmt: skip
+    cal = run("convert", *common[:1], "-o", tmp_path / "c.safetensors", *common[1:])
+    plain = run("convert", *common[:1], "-o", tmp_path / "p.safetensors", *common[1:], "--no-calibrate")
+    assert cal.exit_code == 0 and plain.exit_code == 0, cal.output + plain.output
+    rc, rp = json.loads(cal.stdout), json.loads(plain.stdout)
+    assert rc["calibration"]["samples"] > 0 and "calibration" not in rp
+    assert rc["totals"]["bytes"] == rp["totals"]["bytes"]
+    assert rc["finetune"]["val_kd_loss"]["compressed"] < 0.7 * rp["finetune"]["val_kd_loss"]["compressed"]
+    assert all(r["refine"]["calibrated"]["method"] == "whitened_svd" for r in rc["layers"] if r["status"] == "mpo")
+    capped = run("convert", *common[:1], "-o", tmp_path / "k.safetensors", *common[1:], "--calibration-samples", "5")
+    assert json.loads(capped.stdout)["calibration"]["samples"] == 5

@@ -57,7 +57,7 @@ class KMeans(Codec):
 
     def snap(self, grid: torch.Tensor, column: torch.Tensor) -> torch.Tensor:
         """Each value of ``column`` replaced by its nearest centroid."""
-        return grid.to(column.dtype)[_nearest(column, grid)]
+        return grid.to(column.dtype)[_nearest(column, grid)].reshape(column.shape)
 
     def decode(self, parts: dict[str, torch.Tensor], meta: dict[str, Any], dtype: torch.dtype) -> torch.Tensor:
         """The flat values :meth:`encode` stored, in ``dtype``."""

@@ -15,7 +15,9 @@ than the one it was given).
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -30,6 +32,8 @@ from mpocompress.config import TuneConfig
 from mpocompress.errors import ConfigError
 from mpocompress.nn.layers import MPOMatrices
 
+log = logging.getLogger(__name__)
+
 #: called as progress(step, total_steps, info) with info = {"loss", "val_loss", "best_val_loss", "round"}
 TuneProgress = Callable[[int, int, dict[str, Any]], None]
 
@@ -41,12 +45,14 @@ class TuneResult:
     Attributes:
         steps: optimizer steps taken.
         seconds: wall-clock seconds.
-        stopped_by: ``"steps"`` or ``"time"``.
+        stopped_by: ``"steps"``, ``"time"`` or ``"no_improvement"`` (``patience`` ran out).
         val_before: held-out loss before training.
         val_best: best held-out loss (the returned parameters have it).
         best_step: step at which ``val_best`` was reached (0: the starting point).
         history: ``[(step, train_loss, val_loss)]`` at each evaluation.
         trained_params: number of trainable parameters.
+        lr: the learning rate used (probed when the config's is None).
+        lr_probe: held-out loss after the probe's few steps, per learning rate tried.
     """
 
     steps: int = 0
@@ -57,6 +63,13 @@ class TuneResult:
     best_step: int = 0
     history: list[tuple[int, float, float]] = field(default_factory=list)
     trained_params: int = 0
+    lr: float | None = None
+    lr_probe: dict[float, float] = field(default_factory=dict)
+
+    @property
+    def improved(self) -> bool:
+        """Whether training found parameters better on the held-out batches than the start."""
+        return self.best_step > 0
 
     def to_dict(self) -> dict[str, Any]:
         """The result as JSON-ready data (for the report)."""
@@ -64,6 +77,7 @@ class TuneResult:
             "steps": self.steps, "seconds": round(self.seconds, 3), "stopped_by": self.stopped_by,
             "val_before": self.val_before, "val_best": self.val_best, "best_step": self.best_step,
             "trained_params": self.trained_params, "history": [list(h) for h in self.history],
+            "lr": self.lr, "lr_probe": {f"{k:g}": v for k, v in self.lr_probe.items()}, "improved": self.improved,
         }  # fmt: skip
 
 
@@ -160,6 +174,122 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
             params[name].mul_(mask.to(params[name].dtype))
 
 
+#: straight-through quantizer of one stored tensor: its values -> the values the codec would store
+Quantizer = Callable[[torch.Tensor], torch.Tensor]
+
+
+class _FakeQuant:
+    """Quantization-aware training by the straight-through estimator: inside :meth:`applied` each
+    quantized parameter holds its quantized values (forward, backward and evaluation see what will
+    be stored); outside, the full-precision values the optimizer updates."""
+
+    def __init__(self, model: nn.Module, quantizers: dict[str, Quantizer] | None) -> None:
+        named = dict(model.named_parameters())
+        self.items = [(named[n], q) for n, q in (quantizers or {}).items() if n in named]
+
+    @contextlib.contextmanager
+    def applied(self):
+        saved = [p.detach().clone() for p, _ in self.items]
+        with torch.no_grad():
+            for p, q in self.items:
+                p.copy_(q(p.detach()))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for (p, _), v in zip(self.items, saved):
+                    p.copy_(v)
+
+    def finalize(self) -> None:
+        """Leave every quantized parameter at its quantized values (what will be stored)."""
+        with torch.no_grad():
+            for p, q in self.items:
+                p.copy_(q(p.detach()))
+
+
+def lr_factor(step: int, total: int, warmup: float) -> float:
+    """The learning-rate multiplier at ``step`` (1-based) of ``total``: linear warm-up over a
+    ``warmup`` share of the steps, then a half cosine down to 0.1 at the last step."""
+    w = max(1, round(warmup * total)) if warmup > 0 else 0
+    if step <= w:
+        return step / w
+    progress = (step - w - 1) / max(1, total - w - 1)
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+class _Trainer:
+    """One fine-tuning run's moving parts: the model (DDP-wrapped under torchrun), the batches, masks
+    and fake quantization, and the held-out evaluation every rank agrees on."""
+
+    def __init__(self, student, teacher, batches, val, config, masks, quantizers) -> None:
+        from mpocompress.jobs.dist import agreed, rank_world
+
+        self.student, self.teacher, self.val, self.config, self.agreed = student, teacher, val, config, agreed
+        selected = trainable(student, config.train)
+        names = {n for n, _ in selected}
+        self.grad_was = {n: p.requires_grad for n, p in student.named_parameters()}
+        for n, p in student.named_parameters():
+            p.requires_grad_(n in names)
+        self.params = [p for _, p in selected]
+        apply_masks(student, masks)
+        named = dict(student.named_parameters())
+        self.mask_of = [(named[n], m.to(named[n].dtype)) for n, m in masks.items() if n in names]
+        self.quant = _FakeQuant(student, quantizers)
+        rank, world = rank_world()
+        self.world = world
+        self.forward: nn.Module = student
+        if world > 1 and self.params:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.forward = DistributedDataParallel(student, find_unused_parameters=True)  # copies rank 0's values
+            if len(batches) >= world:
+                batches = batches[rank::world]
+        self.batches = batches
+
+    def evaluate(self) -> float:
+        with self.quant.applied():
+            return self.agreed(evaluate(self.student, self.teacher, self.val, self.config))
+
+    def step(self, opt: torch.optim.Optimizer, index: int) -> float:
+        with self.quant.applied():
+            loss = batch_loss(self.forward, self.teacher, self.batches[index % len(self.batches)], self.config)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+        for p, m in self.mask_of:  # pruned weights get no update (Adam would move them through momentum)
+            if p.grad is not None:
+                p.grad.mul_(m)
+        opt.step()
+        if self.mask_of:
+            with torch.no_grad():
+                for p, m in self.mask_of:
+                    p.mul_(m)
+        return float(loss.detach())
+
+    def probe(self, start: dict[str, torch.Tensor], val_before: float) -> tuple[float, dict[str, float]]:
+        """Each of :data:`LR_CANDIDATES` for a few steps from ``start``; the rate with the lowest
+        held-out loss (the smallest when none improves on the start)."""
+        from mpocompress.config import LR_CANDIDATES, LR_PROBE_STEPS
+
+        found = {}
+        for lr in LR_CANDIDATES:
+            self.student.load_state_dict(start)
+            opt = torch.optim.Adam(self.params, lr=lr)
+            self.student.train()
+            for i in range(LR_PROBE_STEPS):
+                for g in opt.param_groups:
+                    g["lr"] = lr * (i + 1) / LR_PROBE_STEPS
+                self.step(opt, i)
+            found[lr] = self.evaluate()
+        self.student.load_state_dict(start)
+        best = min(found, key=lambda r: (found[r], r))
+        return (best if found[best] < val_before else min(LR_CANDIDATES)), found
+
+    def close(self) -> None:
+        for n, p in self.student.named_parameters():
+            p.requires_grad_(self.grad_was[n])
+        self.student.eval()
+
+
 def finetune(
     student: nn.Module,
     teacher: nn.Module | None,
@@ -169,6 +299,7 @@ def finetune(
     config: TuneConfig | None = None,
     masks: dict[str, torch.Tensor] | None = None,
     progress: TuneProgress | None = None,
+    quantizers: dict[str, Quantizer] | None = None,
     **overrides: Any,
 ) -> TuneResult:
     """Train ``student`` for a bounded number of steps/seconds against ``teacher``, in place.
@@ -179,14 +310,17 @@ def finetune(
         batches: training batches, cycled in order.
         val_batches: held-out batches for picking the best checkpoint (default: the training batches).
         config: a :class:`~mpocompress.config.TuneConfig`; keyword ``overrides`` replace its fields
-            (``finetune(s, t, b, steps=100, lr=3e-4)``).
+            (``finetune(s, t, b, steps=100, lr=3e-4)``). ``lr=None`` probes the rate first.
         masks: ``{parameter name: bool mask}``; masked-out entries stay exactly zero (pruned models).
         progress: called after each step.
+        quantizers: ``{parameter name: quantizer}``: quantization-aware training (straight-through);
+            those parameters end at their quantized values, and every loss is measured with them.
 
-    Under an initialised ``torch.distributed`` group (``torchrun``) training is data-parallel: the
-    student is wrapped in ``DistributedDataParallel`` (gradients averaged over ranks), each rank
-    trains on every ``world``-th batch, rank 0's held-out loss decides the best checkpoint and the
-    time limit stops every rank at the same step, so all ranks end with the same parameters.
+    Training stops at ``steps``, at ``time`` seconds (the probe included), or after ``patience``
+    held-out evaluations without a new best. Under an initialised ``torch.distributed`` group
+    (``torchrun``) training is data-parallel: the student is wrapped in ``DistributedDataParallel``,
+    each rank trains on every ``world``-th batch, rank 0's held-out loss decides, and every rank
+    stops at the same step, so all ranks end with the same parameters.
 
     Returns:
         A :class:`TuneResult`. ``student`` ends with the best held-out parameters.
@@ -204,73 +338,50 @@ def finetune(
         teacher.eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
-    masks = masks or {}
-    selected = trainable(student, config.train)
-    names = {n for n, _ in selected}
-    grad_was = {n: p.requires_grad for n, p in student.named_parameters()}
-    for n, p in student.named_parameters():
-        p.requires_grad_(n in names)
-    params = [p for _, p in selected]
-    apply_masks(student, masks)
-    named = dict(student.named_parameters())
-    mask_of = [(named[n], m.to(named[n].dtype)) for n, m in masks.items() if n in names]
-
     torch.manual_seed(config.seed)
-    from mpocompress.jobs.dist import agreed, rank_world
-
-    rank, world = rank_world()
-    forward: nn.Module = student
-    if world > 1 and params:
-        from torch.nn.parallel import DistributedDataParallel
-
-        forward = DistributedDataParallel(student, find_unused_parameters=True)  # copies rank 0's values
-        if len(batches) >= world:
-            batches = batches[rank::world]
-    opt = torch.optim.Adam(params, lr=config.lr)
-    result = TuneResult(trained_params=sum(p.numel() for p in params))
-    result.val_before = result.val_best = agreed(evaluate(student, teacher, val, config))
-    best_state = copy.deepcopy(student.state_dict())
+    run = _Trainer(student, teacher, batches, val, config, masks or {}, quantizers)
+    result = TuneResult(trained_params=sum(p.numel() for p in run.params))
     start = time.perf_counter()
+    result.val_before = result.val_best = run.evaluate()
+    best_state = copy.deepcopy(student.state_dict())
+    lr = config.lr
+    if lr is None and config.steps > 0 and run.params:
+        lr, result.lr_probe = run.probe(best_state, result.val_before)
+    result.lr = lr
+    opt = torch.optim.Adam(run.params, lr=lr or 1e-4)
     student.train()
-    running = math.nan
-    step = 0
+    running, step, stale = math.nan, 0, 0
     for step in range(1, config.steps + 1):
-        loss = batch_loss(forward, teacher, batches[(step - 1) % len(batches)], config)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for p, m in mask_of:  # pruned weights get no update (Adam would move them through momentum)
-            if p.grad is not None:
-                p.grad.mul_(m)
-        opt.step()
-        if mask_of:
-            with torch.no_grad():
-                for p, m in mask_of:
-                    p.mul_(m)
-        lv = float(loss.detach())
+        for g in opt.param_groups:
+            g["lr"] = (lr or 1e-4) * lr_factor(step, config.steps, config.warmup)
+        lv = run.step(opt, step - 1)
         running = lv if math.isnan(running) else 0.9 * running + 0.1 * lv
         out_of_time = config.time is not None and time.perf_counter() - start >= config.time
-        if world > 1 and config.time is not None:
-            out_of_time = bool(agreed(float(out_of_time), rank0=False))
+        if run.world > 1 and config.time is not None:
+            out_of_time = bool(run.agreed(float(out_of_time), rank0=False))
         info: dict[str, Any] = {"loss": running}
         if step % config.eval_every == 0 or step == config.steps or out_of_time:
-            v = agreed(evaluate(student, teacher, val, config))
+            v = run.evaluate()
             result.history.append((step, running, v))
             info["val_loss"] = v
+            stale += 1
             if v < result.val_best:
-                result.val_best, result.best_step = v, step
+                result.val_best, result.best_step, stale = v, step, 0
                 best_state = copy.deepcopy(student.state_dict())
         info["best_val_loss"] = result.val_best
         if progress is not None:
             progress(step, config.steps, info)
-        if out_of_time:
-            result.stopped_by = "time"
+        if out_of_time or (config.patience and stale >= config.patience):
+            result.stopped_by = "time" if out_of_time else "no_improvement"
             break
     result.steps = step
     result.seconds = time.perf_counter() - start
     student.load_state_dict(best_state)
-    for n, p in student.named_parameters():
-        p.requires_grad_(grad_was[n])
-    student.eval()
+    run.quant.finalize()
+    run.close()
+    if result.steps > 0 and not result.improved:
+        log.warning("fine-tuning did not improve the held-out loss (%.4g) in %d steps at lr %g: keeping the "
+                    "model as it was before training", result.val_before, result.steps, lr or 0)  # fmt: skip
     return result
 
 

@@ -85,10 +85,13 @@ def finetune_in_memory(
     has_targets = any(split_batch(b)[1] is not None for b in val)
     task_only = dataclasses.replace(tune, kd_weight=0.0)
 
-    def losses(m: nn.Module) -> dict[str, float]:
-        out = {"kd": evaluate(m, teacher, val, kd_only)}
-        if has_targets:
-            out["task"] = evaluate(m, None, val, task_only)
+    def losses(m: nn.Module, quantizers: dict[str, Any] | None = None) -> dict[str, float]:
+        from mpocompress.jobs.finetune import _FakeQuant
+
+        with _FakeQuant(m, quantizers).applied():
+            out = {"kd": evaluate(m, teacher, val, kd_only)}
+            if has_targets:
+                out["task"] = evaluate(m, None, val, task_only)
         return out
 
     if tune.ipkd:
@@ -115,8 +118,10 @@ def finetune_in_memory(
         if unit_summary:
             masks.update(umasks)
         apply_masks(student, masks)
-        before = losses(student)
-        res = finetune(student, teacher, train, val_batches=val, config=tune, masks=masks, progress=progress)
+        quantizers = _quantizers(student, layers, config, recipe, rows, masks, grams or {})
+        before = losses(student, quantizers)
+        res = finetune(student, teacher, train, val_batches=val, config=tune, masks=masks, progress=progress,
+                       quantizers=quantizers)  # fmt: skip
         result = res.to_dict()
         steps, seconds = res.steps, res.seconds
     after = losses(student)
@@ -201,3 +206,62 @@ def _plans(
             plan.masks[name] = torch.ones(dense[name].shape, dtype=torch.bool)  # no removable unit touches it
         plans[name] = plan
     return plans
+
+
+def _quantizers(
+    student: Any,
+    layers: list[str],
+    config: MPOConfig,
+    recipe: Recipe | None,
+    rows: dict[str, dict[str, Any]],
+    masks: dict[str, torch.Tensor],
+    grams: dict[str, torch.Tensor],
+) -> dict[str, Any]:
+    """A straight-through quantizer per stored parameter whose chain quantizes (quantization-aware
+    fine-tuning): a grid codec snaps to the grid of the starting values (a k-means codebook, per-row
+    int8 scales), fixed for the run; other codecs (casts, SEOFP) round-trip through the codec. A
+    plain weight with recorded inputs starts from its GPTQ quantization on that grid."""
+    from mpocompress.codecs import decode, encode, split_chain
+    from mpocompress.core.gptq import gptq
+
+    params = dict(student.named_parameters())
+    out: dict[str, Any] = {}
+    for name in layers:
+        cfg = config if recipe is None else recipe.config_for(name, config)
+        if cfg is None or not cfg.chain:
+            continue
+        _, quant = split_chain(cfg.chain)
+        if quant is None:
+            continue
+        row = rows.get(name)
+        mpo = row is not None and row["status"] == "mpo"
+        stored = [core_name(name, k) for k in range(len(row["bond_dims"]) + 1)] if mpo else [name]
+        for pname in (s for s in stored if s in params):
+            p, mask = params[pname], masks.get(pname)
+            if not quant.has_grid:
+                out[pname] = lambda v, q=quant: decode(*encode(v, [q]))
+                continue
+            m = p.detach().reshape(p.shape[0], -1) if mask is None else p.detach()[mask.bool()].reshape(1, -1)
+            gram = grams.get(name) if not mpo and mask is None else None
+            importance = None if gram is None else torch.diagonal(gram).to(m.dtype)[None, :].expand_as(m)
+            grid = quant.grid(m, importance)
+            if gram is not None and tuple(gram.shape) == (m.shape[1], m.shape[1]):
+                with torch.no_grad():
+                    p.copy_(gptq(m, gram, lambda col, q=quant, g=grid: q.snap(g, col)).reshape(p.shape))
+            out[pname] = _grid_quantizer(quant, grid, mask)
+    return out
+
+
+def _grid_quantizer(quant: Codec, grid: Any, mask: torch.Tensor | None) -> Any:
+    """``values -> values on grid`` for a whole stored tensor (rows as the codec stores them)."""
+
+    def snap(v: torch.Tensor) -> torch.Tensor:
+        if mask is None:
+            m = v.reshape(v.shape[0], -1)
+            return quant.snap(grid, m.T).T.reshape(v.shape)
+        out = torch.zeros_like(v)
+        keep = mask.bool()
+        out[keep] = quant.snap(grid, v[keep].reshape(-1, 1)).reshape(-1)
+        return out
+
+    return snap
