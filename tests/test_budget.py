@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from mpocompress import MPOConfig
 from mpocompress.cli import main
 from mpocompress.core.allocate import Option, allocate, lower_hull, pareto
+from mpocompress.data import example_checkpoint
 from mpocompress.errors import ConfigError, GateError
 from mpocompress.jobs.budget import convert_to_size, measure_options, parse_target, plan_budget
 from mpocompress.jobs.convert import convert
@@ -157,3 +158,37 @@ def test_tiny_tensors_have_options(shape):
     t = torch.arange(1, 1 + math.prod(shape), dtype=torch.float32).reshape(shape)
     options = measure_options("w", t, {"w": shape})
     assert options[0].label == "dense" and all(isinstance(o.error, float) for o in options)
+
+
+def test_with_recorded_inputs_options_are_made_and_measured_the_data_aware_way():
+    """Each option's error is its output error, and the data-aware versions beat the plain ones there."""
+    from mpocompress.core.tt import tt_svd
+
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(96, 64, generator=g) * 0.1
+    x = torch.randn(2000, 64, generator=g) @ torch.randn(64, 64, generator=g) * torch.logspace(0, -1.5, 64)
+    c = (x.T @ x).double()
+    plain = {o.label: o for o in measure_options("w", w, {"w": (96, 64)})}
+    aware = {o.label: o for o in measure_options("w", w, {"w": (96, 64)}, c)}
+    assert set(aware) == set(plain)
+    assert all(o.nbytes == plain[k].nbytes for k, o in aware.items())
+
+    def out_err(approx):
+        e = (w - approx).double()
+        return float(torch.einsum("oi,ij,oj->", e, c, e) / torch.einsum("oi,ij,oj->", w.double(), c, w.double()))
+
+    svd = tt_svd(w, (96, 1), (1, 64), max_bond=4).to_matrix()
+    assert aware["mpo2 bond 4"].error < 0.8 * out_err(svd)
+    assert aware["kmeans:4"].error < plain["kmeans:4"].error  # GPTQ (here the weight error is also the output error's scale)
+
+
+def test_target_size_with_data_calibrates_and_fits(tmp_path):
+    src = example_checkpoint()
+    out = tmp_path / "d.safetensors"
+    res = run("convert", src, "-o", out, "--target-size", "12.5%", "--model", "mpocompress.speech.example:se_lstm",
+              "--data", "mpocompress.speech.example:batches", "--steps", "0", "--json")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.stdout)
+    assert out.stat().st_size <= int(src.stat().st_size * 0.125)
+    assert rep["allocation"]["damage"].startswith("layer output error")
+    assert rep["calibration"]["weights"] >= 3

@@ -55,20 +55,36 @@ def _roots(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return root, inv
 
 
-def whitened_svd(weight: torch.Tensor, gram: torch.Tensor, rank: int, *, ridge: float = DEFAULT_RIDGE) -> TTMatrix:
-    """Rank-``rank`` factors minimising the output error on inputs with Gram ``gram``, as a 2-core MPO.
-
-    The left core holds ``U_r`` and the right one ``S_r V_r^T S^{-1}``, the layout of a 2-core
-    TT-SVD (:func:`mpocompress.core.tt.tt_svd`).
-    """
+def whitened_factors(weight: torch.Tensor, gram: torch.Tensor, *, ridge: float = DEFAULT_RIDGE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(U, s, V^T S^{-1})`` from the SVD of ``W S`` (``S S^T`` = the ridged Gram), float64: the
+    rank-``r`` output-optimal weight is ``U[:, :r] diag(s[:r]) (V^T S^{-1})[:r]``, for every ``r``."""
     out_f, in_f = weight.shape
     if tuple(gram.shape) != (in_f, in_f):
         raise ValueError(f"Gram matrix must be ({in_f}, {in_f}) for a weight with {in_f} inputs, got {tuple(gram.shape)}")
     root, inv = _roots(ridged(gram, ridge))
     u, s, vh = torch.linalg.svd(weight.double() @ root, full_matrices=False)
+    return u, s, vh @ inv
+
+
+def whitened_svd(
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    rank: int,
+    *,
+    ridge: float = DEFAULT_RIDGE,
+    factors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> TTMatrix:
+    """Rank-``rank`` factors minimising the output error on inputs with Gram ``gram``, as a 2-core MPO.
+
+    The left core holds ``U_r`` and the right one ``S_r V_r^T S^{-1}``, the layout of a 2-core
+    TT-SVD (:func:`mpocompress.core.tt.tt_svd`). ``factors``: :func:`whitened_factors` of the same
+    weight and Gram, to share one SVD between ranks.
+    """
+    out_f, in_f = weight.shape
+    u, s, vhi = factors if factors is not None else whitened_factors(weight, gram, ridge=ridge)
     r = max(1, min(int(rank), s.numel()))
     left = u[:, :r]
-    right = (s[:r, None] * vh[:r]) @ inv
+    right = s[:r, None] * vhi[:r]
     dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
     cores = [left.reshape(1, out_f, 1, r).to(dtype).contiguous(), right.reshape(r, 1, in_f, 1).to(dtype).contiguous()]
     return TTMatrix(cores, (out_f, in_f), spectra=[s.to(dtype)])
@@ -103,20 +119,26 @@ def activation_aware_tt(
     bond_dims: list[int],
     *,
     ridge: float = DEFAULT_RIDGE,
+    cache: dict | None = None,
 ) -> TTMatrix:
     """MPO cores at bond dimensions ``bond_dims`` that approximately minimise the output error: TT-SVD of
     ``W (S_1 (x) ... (x) S_d)`` with ``S_k`` the square roots of :func:`kron_factors` (each with
     the ridge), then each core's input leg multiplied by ``S_k^{-1}`` (exact: the whitening has the
-    cores' own Kronecker structure)."""
+    cores' own Kronecker structure). ``cache``: a dict shared by calls on the same weight, Gram and
+    modes (the whitening and the TT-SVD's exact SVDs are computed once)."""
     out_f, in_f = weight.shape
     out_p, in_p = math.prod(out_modes), math.prod(in_modes)
-    roots = [_roots(ridged(f, ridge)) for f in kron_factors(gram, in_modes)]
-    w = torch.zeros(out_p, in_p, dtype=torch.float64, device=weight.device)
-    w[:out_f, :in_f] = weight.double()
-    t = w.reshape(out_p, *in_modes)
-    for k, (root, _) in enumerate(roots):
-        t = (t.movedim(1 + k, -1) @ root).movedim(-1, 1 + k)
-    tt = tt_svd(t.reshape(out_p, in_p), out_modes, in_modes, bond_dims=bond_dims, svd="full")
+    cache = {} if cache is None else cache
+    if "roots" not in cache:
+        roots = [_roots(ridged(f, ridge)) for f in kron_factors(gram, in_modes)]
+        w = torch.zeros(out_p, in_p, dtype=torch.float64, device=weight.device)
+        w[:out_f, :in_f] = weight.double()
+        t = w.reshape(out_p, *in_modes)
+        for k, (root, _) in enumerate(roots):
+            t = (t.movedim(1 + k, -1) @ root).movedim(-1, 1 + k)
+        cache.update(roots=roots, whitened=t.reshape(out_p, in_p), svd={})
+    roots = cache["roots"]
+    tt = tt_svd(cache["whitened"], out_modes, in_modes, bond_dims=bond_dims, svd="full", svd_cache=cache["svd"])
     cores = [torch.einsum("aoib,ij->aojb", g.double(), inv) for g, (_, inv) in zip(tt.cores, roots)]
     dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
     return TTMatrix([c.to(dtype).contiguous() for c in cores], (out_f, in_f))

@@ -177,14 +177,18 @@ def _mpo_options(matrix: torch.Tensor, itemsize: int, norm2: float, cores: int) 
         bond = max(bond + 1, int(bond * MPO_BOND_STEP))
 
 
-def measure_options(name: str, t: torch.Tensor, shapes: dict[str, tuple[int, ...]]) -> list[Option]:
-    """Every option for one weight, with the bytes ``convert`` stores and its relative squared error."""
+def measure_options(name: str, t: torch.Tensor, shapes: dict[str, tuple[int, ...]], gram: torch.Tensor | None = None) -> list[Option]:
+    """Every option for one weight, with the bytes ``convert`` stores and its relative squared error:
+    of the weight, or with ``gram`` (recorded inputs) of the layer's output, each option made the
+    data-aware way ``convert`` makes it with data (:func:`_data_options`)."""
     w = t if t.dtype in (torch.float32, torch.float64) else t.float()
     v = w.reshape(-1).double()
     norm2 = float(v @ v)
     itemsize = t.element_size()
-    options = [Option("dense", {"skip": True}, nbytes_of(t), 0.0)] + _codec_options(t, v, norm2, itemsize)
     out_f, in_f = matrix_shape(list(t.shape))
+    if gram is not None and min(out_f, in_f) > 1:
+        return [Option("dense", {"skip": True}, nbytes_of(t), 0.0)] + _data_options(t, w.reshape(out_f, in_f), gram, itemsize)
+    options = [Option("dense", {"skip": True}, nbytes_of(t), 0.0)] + _codec_options(t, v, norm2, itemsize)
     if min(out_f, in_f) > 1:
         matrix = w.reshape(out_f, in_f)
         options += _svd_options(matrix, itemsize, norm2)
@@ -193,14 +197,91 @@ def measure_options(name: str, t: torch.Tensor, shapes: dict[str, tuple[int, ...
     return options
 
 
+def _data_options(t: torch.Tensor, matrix: torch.Tensor, gram: torch.Tensor, itemsize: int) -> list[Option]:
+    """The options of :func:`measure_options` made and measured with recorded inputs: GPTQ for int8
+    and k-means, whitened SVD factors, activation-aware MPO cores (without the refit ``convert`` adds,
+    so MPO errors are upper bounds); errors are relative squared output errors on the inputs."""
+    from mpocompress.codecs import kmeans_1d_many
+    from mpocompress.core.gptq import gptq
+    from mpocompress.core.whiten import activation_aware_tt, whitened_factors, whitened_svd
+
+    out_f, in_f = matrix.shape
+    c = gram.double()
+    w = matrix.double()
+    norm2 = float(torch.einsum("oi,ij,oj->", w, c, w))
+
+    def error(approx: torch.Tensor) -> float:
+        e = w - approx.double().reshape(out_f, in_f)
+        return float(torch.einsum("oi,ij,oj->", e, c, e)) / norm2 if norm2 > 0 else 0.0
+
+    dense = out_f * in_f * itemsize
+    options = [Option(o.label, o.overrides, o.nbytes, error(_decoded_option(t, o))) for o in _codec_options(t, matrix.reshape(-1).double(), 1.0, itemsize)
+               if not o.overrides.get("quantize", "").startswith(("int8", "kmeans")) or o.overrides.get("prune") != "none"]  # fmt: skip
+    from mpocompress.codecs import Int8, KMeans
+
+    importance = torch.diagonal(c).to(matrix.dtype)[None, :].expand_as(matrix)
+    grids = [("int8", Int8(), Int8().grid(matrix))]
+    cents = kmeans_1d_many(matrix.reshape(-1), [2**b for b in KMEANS_BITS], sample_weight=importance)
+    grids += [(f"kmeans:{k}", KMeans(k), cents[k][0]) for k in sorted(cents)]
+    for label, codec, grid in grids:
+        q = gptq(matrix, gram, lambda col, q=codec, g=grid: q.snap(g, col))
+        nbytes = sum(nbytes_of(x) for x in encode(q.reshape(t.shape), [codec], grid=grid)[0].values())
+        if nbytes < dense:
+            options.append(Option(label, {**_CLEAR, "quantize": label}, nbytes, error(q)))
+    rank, step = 1, 0
+    factors = whitened_factors(matrix, gram)
+    while rank < min(out_f, in_f) and rank * (out_f + in_f) * itemsize <= MPO_MAX_SHARE * dense:
+        tt = whitened_svd(matrix, gram, rank, factors=factors)
+        base = {**_CLEAR, "bond_dim": rank, "cores": 2, "svd": "full"}
+        options += _with_core_codecs(f"mpo2 bond {rank}", base, tt, error, itemsize, CORE_CODECS if step % 2 == 0 else CORE_CODECS[:2])
+        rank, step = max(rank + 1, int(rank * BOND_STEP)), step + 1
+    for cores in MPO_CORES[1:]:
+        modes = choose_modes(out_f, in_f, cores)
+        bond, seen, cache, plain_cache = 1, set(), {}, {}
+        while True:
+            plain = tt_svd(matrix, *modes, max_bond=bond, svd="full", svd_cache=plain_cache)
+            if plain.num_params * itemsize > MPO_MAX_SHARE * dense or tuple(plain.bond_dims) in seen:
+                break
+            seen.add(tuple(plain.bond_dims))
+            tt = activation_aware_tt(matrix, gram, *modes, plain.bond_dims, cache=cache)
+            base = {**_CLEAR, "bond_dim": bond, "cores": cores, "svd": "full"}
+            options += _with_core_codecs(f"mpo{cores} bond {bond}", base, tt, error, itemsize, CORE_CODECS)
+            bond = max(bond + 1, int(bond * MPO_BOND_STEP))
+    return options
+
+
+def _with_core_codecs(label: str, base: dict[str, Any], tt: Any, error: Any, itemsize: int, codecs: tuple) -> list[Option]:
+    """An MPO option alone and with each codec on its cores (those that make it smaller)."""
+    shape = tt.shape
+    plain = tt.num_params * itemsize
+    out = [Option(label, base, plain, error(tt.to_matrix()))]
+    for codec in codecs[1:]:
+        dec, nbytes = _coded_cores(tt.cores, codec)
+        if nbytes < plain:
+            out.append(Option(f"{label} + {codec}", {**base, "quantize": codec}, nbytes, error(cores_to_matrix(dec, shape))))
+    return out
+
+
+def _decoded_option(t: torch.Tensor, option: Option) -> torch.Tensor:
+    """A codec option's stored values (casts, pruning + k-means) as ``convert`` stores them."""
+    chain = [parse_codec(c) for c in (option.overrides.get("prune"), option.overrides.get("quantize")) if c and c != "none"]
+    return decode(*encode(t, chain))
+
+
 def sensitivities(
-    model: torch.nn.Module, batches: list[Any], curves: dict[str, list[Option]], dense: Checkpoint, progress: Progress | None = None
+    model: torch.nn.Module,
+    batches: list[Any],
+    curves: dict[str, list[Option]],
+    dense: Checkpoint,
+    progress: Progress | None = None,
+    grams: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Each layer's damage per unit of relative squared weight error, measured on the model's output.
 
     For each layer alone, its probe option (the option nearest to 1 % relative squared error, our
     choice) replaces the weight; the distillation loss (MSE between the model's outputs with and
-    without it) over ``batches``, divided by the probe's weight error, is the layer's weight.
+    without it) over ``batches``, divided by the probe's error, is the layer's weight. With
+    ``grams`` (the curves then hold output errors) the probe is made the data-aware way too.
     """
     from mpocompress.config import TuneConfig
     from mpocompress.jobs.finetune import evaluate
@@ -220,7 +301,7 @@ def sensitivities(
         probe = min(lossy, key=lambda o: abs(math.log(o.error / 1e-2)))
         original = own[name].detach().clone()
         with torch.no_grad():
-            own[name].copy_(_decoded(name, dense.get(name), probe).to(original.dtype))
+            own[name].copy_(_decoded(name, dense.get(name), probe, (grams or {}).get(name)).to(original.dtype))
             loss = evaluate(model, teacher, batches, kd)
             own[name].copy_(original)
         weights[name] = loss / probe.error
@@ -230,12 +311,13 @@ def sensitivities(
     return weights
 
 
-def _decoded(name: str, t: torch.Tensor, option: Option) -> torch.Tensor:
-    """The weight as ``option`` would store it (through the same code as ``convert``)."""
+def _decoded(name: str, t: torch.Tensor, option: Option, gram: torch.Tensor | None = None) -> torch.Tensor:
+    """The weight as ``option`` would store it (through the same code as ``convert``; with ``gram``,
+    fitted to those recorded inputs as ``convert`` does with data)."""
     if option.overrides.get("skip"):
         return t
     cfg = apply_overrides(MPOConfig(quantize="int8"), option.overrides)
-    _, entry, stored = compress_tensor(name, t, cfg, {name: tuple(t.shape)})
+    _, entry, stored = compress_tensor(name, t, cfg, {name: tuple(t.shape)}, gram=gram)
     if not entry:
         return t
     decoded = decode_entry(entry, stored.__getitem__)
@@ -260,7 +342,7 @@ class BudgetPlan:
             "target_bytes": self.target,
             "fixed_bytes": self.fixed_bytes,
             "header_estimate": self.header_estimate,
-            "damage": "model output (measured sensitivity)" if self.data_driven else "relative weight error",
+            "damage": "layer output error on recorded inputs x measured sensitivity" if self.data_driven else "relative weight error",
             **self.allocation.to_dict(),
         }
 
@@ -301,6 +383,7 @@ def plan_budget(
                     fixed += sum(nbytes_of(v) for v in stored.values())
             else:
                 free.append(n)
+        grams = _grams(model, batches, ckpt, set(free)) if model is not None and batches else {}
         if curves is None:
             curves = {}
             for i, n in enumerate(free):
@@ -310,10 +393,10 @@ def plan_budget(
                 if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                     curves[n] = [Option("dense", {"skip": True}, nbytes_of(t), 0.0)]
                 else:
-                    curves[n] = measure_options(n, t, shapes)
+                    curves[n] = measure_options(n, t, shapes, grams.get(n))
         weights = None
         if model is not None and batches:
-            weights = sensitivities(model, batches, curves, ckpt)
+            weights = sensitivities(model, batches, curves, ckpt, grams=grams)
         if header is None:  # a first, generous estimate; the next pass uses the measured one
             header = HEADER_BASE + HEADER_PER_LAYER * len(layers) + HEADER_PER_TENSOR * (len(shapes) + 3 * len(layers))
         smallest = fixed + header + sum(min(o.nbytes for o in opts) for opts in curves.values())
@@ -327,6 +410,16 @@ def plan_budget(
     plan = BudgetPlan(target=target, fixed_bytes=fixed, header_estimate=header, allocation=alloc, recipe=ours,
                       config=base, data_driven=weights is not None)  # fmt: skip
     return plan, curves
+
+
+def _grams(model: torch.nn.Module, batches: list[Any], ckpt: Checkpoint, layers: set[str]) -> dict[str, torch.Tensor]:
+    """Recorded inputs of ``layers`` in the dense model (loaded into ``model``), usable ones only."""
+    from mpocompress.jobs.calibrate import gram_ok, record_grams
+
+    own = model.state_dict()
+    model.load_state_dict({k: ckpt.get(k) for k in own}, strict=True)
+    grams, _ = record_grams(model, batches, weights=layers)
+    return {k: g for k, g in grams.items() if gram_ok(g)}
 
 
 def convert_to_size(
