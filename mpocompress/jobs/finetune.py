@@ -271,14 +271,22 @@ class _Trainer:
         from mpocompress.config import LR_CANDIDATES, LR_PROBE_STEPS
 
         found = {}
+        steps = LR_PROBE_STEPS
         for lr in LR_CANDIDATES:
             self.student.load_state_dict(start)
             opt = torch.optim.Adam(self.params, lr=lr)
             self.student.train()
-            for i in range(LR_PROBE_STEPS):
+            i = 0
+            while i < steps:
                 for g in opt.param_groups:
-                    g["lr"] = lr * (i + 1) / LR_PROBE_STEPS
+                    g["lr"] = lr * (i + 1) / steps
+                t0 = time.perf_counter()
                 self.step(opt, i)
+                if not found and i == 0 and self.config.time is not None:
+                    # the probe takes at most a quarter of --time (at least 2 steps per rate)
+                    per_step = self.agreed(time.perf_counter() - t0)
+                    steps = max(2, min(steps, int(0.25 * self.config.time / (per_step * len(LR_CANDIDATES)))))
+                i += 1
             found[lr] = self.evaluate()
         self.student.load_state_dict(start)
         best = min(found, key=lambda r: (found[r], r))
