@@ -192,3 +192,17 @@ def test_target_size_with_data_calibrates_and_fits(tmp_path):
     assert out.stat().st_size <= int(src.stat().st_size * 0.125)
     assert rep["allocation"]["damage"].startswith("layer output error")
     assert rep["calibration"]["weights"] >= 3
+
+
+def test_pruning_options_count_exactly_what_the_codec_keeps():
+    """Ties at the threshold (here many exact zeros) still prune exactly the codec's share: the
+    option's error is the stored tensor's."""
+    t = torch.cat([torch.zeros(600), torch.linspace(-1, 1, 400)]).reshape(40, 25)
+    opts = {o.label: o for o in measure_options("w", t, {"w": (40, 25)})}
+    from mpocompress.codecs import decode, encode, parse_codec
+
+    for level in (0.5, 0.75, 0.9):
+        label = f"magnitude:{level} + kmeans:16"
+        if label in opts:
+            stored = decode(*encode(t, [parse_codec(f"magnitude:{level}"), parse_codec("kmeans:16")]))
+            assert opts[label].error == pytest.approx(float(((t - stored) ** 2).sum() / (t**2).sum()), rel=1e-4, abs=1e-9)

@@ -86,14 +86,22 @@ def _nearest(values: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
 
 
 def kmeans_1d_many(
-    values: torch.Tensor, ks: list[int], *, errors_only: bool = False, sample_weight: torch.Tensor | None = None
+    values: torch.Tensor | np.ndarray,
+    ks: list[int],
+    *,
+    errors_only: bool = False,
+    sample_weight: torch.Tensor | None = None,
+    presorted: bool = False,
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor]] | dict[int, float]:
     """:func:`kmeans_1d` for several ``k`` at once: one sort, one grouping and one dynamic program
     (its level ``j`` is the optimal ``j``-cluster solution), then Lloyd per ``k``. With
     ``errors_only``, each ``k``'s sum of squared errors instead, from prefix sums of the sorted values
     (no pass over the values per ``k``). ``sample_weight``: a non-negative weight per value (the
-    weighted squared error is minimised; not with ``errors_only``)."""
-    v = values.reshape(-1).double()
+    weighted squared error is minimised; not with ``errors_only``). ``presorted``: ``values`` (a
+    float64 numpy array, with ``errors_only``) are already sorted, so no sort is needed."""
+    if presorted and (not errors_only or sample_weight is not None):
+        raise ValueError("presorted values are for errors_only without sample weights")
+    v = torch.from_numpy(np.asarray(values, dtype=np.float64).reshape(-1)) if presorted else values.reshape(-1).double()
     if sample_weight is not None:
         if errors_only:
             raise ValueError("errors_only takes no sample_weight")
@@ -101,15 +109,19 @@ def kmeans_1d_many(
         if sw.numel() != v.numel():
             raise ValueError(f"{sw.numel()} sample weights for {v.numel()} values")
         sw = sw + 1e-6 * float(sw.mean()) if float(sw.sum()) > 0 else torch.ones_like(sw)
-    device = values.device
+    device = v.device
     ks = sorted({max(1, int(k)) for k in ks})
     if v.numel() == 0:
         if errors_only:
             return dict.fromkeys(ks, 0.0)
         return {k: (torch.zeros(k, device=device), torch.zeros(0, dtype=torch.int64, device=device)) for k in ks}
-    order = np.argsort(v.cpu().numpy(), kind="stable")
-    s = v.cpu().numpy()[order]
-    ws = np.ones_like(s) if sample_weight is None else sw.cpu().numpy()[order]
+    if sample_weight is None:
+        s = v.numpy() if presorted else np.sort(v.cpu().numpy())
+        ws = np.ones_like(s)
+    else:
+        order = np.argsort(v.cpu().numpy(), kind="stable")
+        s = v.cpu().numpy()[order]
+        ws = sw.cpu().numpy()[order]
     uniq, first = np.unique(s, return_index=True)
     prefix = np.concatenate([[0.0], np.cumsum(ws * s)])
     cum_w = np.concatenate([[0.0], np.cumsum(ws)])

@@ -22,6 +22,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from mpocompress.codecs import decode, encode, parse_codec
@@ -85,6 +86,15 @@ def _rel2(reference: torch.Tensor, approx: torch.Tensor, norm2: float) -> float:
     return float(d @ d) / norm2 if norm2 > 0 else 0.0
 
 
+def _rel2_low_rank(reference: torch.Tensor, a: torch.Tensor, b: torch.Tensor, norm2: float) -> float:
+    """:func:`_rel2` of ``a @ b`` without forming it: ``||W||^2 - 2 <A^T W, B> + <A^T A, B B^T>``."""
+    a, b = a.double(), b.double()
+    w = reference.double()
+    cross = float(((a.T @ w) * b).sum())
+    square = float(((a.T @ a) * (b @ b.T)).sum())
+    return max(norm2 - 2 * cross + square, 0.0) / norm2 if norm2 > 0 else 0.0
+
+
 _CLEAR = {"bond_dim": None, "ratio": None, "tol": None, "prune": "none", "quantize": "none"}
 
 
@@ -115,16 +125,23 @@ def _codec_options(t: torch.Tensor, v: torch.Tensor, norm2: float, itemsize: int
     for k, sse in kmeans_1d_many(v, ks, errors_only=True).items():
         bits = max(1, math.ceil(math.log2(k)))
         add(f"kmeans:{k}", {"quantize": f"kmeans:{k}"}, math.ceil(n * bits / 8) + 4 * k, max(sse, 0.0) / norm2 if norm2 else 0.0)
-    order = torch.argsort(v.abs(), stable=True)
+    # the kept values of magnitude pruning are the two tails of the sorted values: no sort per level
+    s = np.sort(v.cpu().numpy())
+    squares = np.concatenate([[0.0], np.cumsum(s * s)])
+    mags = np.sort(np.abs(s))
     for level in PRUNE_LEVELS:
         n_prune = int(round(level * n))
-        kept = torch.ones(n, dtype=torch.bool, device=v.device)
-        kept[order[:n_prune]] = False
-        (sse,) = kmeans_1d_many(v[kept], [16], errors_only=True).values()
-        dropped = v[~kept]
-        nnz = n - n_prune
+        thr = mags[n_prune - 1] if n_prune > 0 else -1.0
+        lo, hi = np.searchsorted(s, -thr, side="left"), np.searchsorted(s, thr, side="right")  # s[lo:hi] is pruned
+        excess = (hi - lo) - n_prune  # values tied at the threshold: prune exactly n_prune, as the codec does
+        if excess > 0:
+            low_ties = min(excess, int(np.searchsorted(s, -thr, side="right") - lo))
+            lo, hi = lo + low_ties, hi - (excess - low_ties)
+        kept_sorted = np.concatenate([s[:lo], s[hi:]])
+        (sse,) = kmeans_1d_many(kept_sorted, [16], errors_only=True, presorted=True).values()
+        nnz = kept_sorted.size
         positions = min(math.ceil(n / 8), 4 * nnz)
-        error = (float(dropped @ dropped) + max(sse, 0.0)) / norm2 if norm2 else 0.0
+        error = (float(squares[hi] - squares[lo]) + max(sse, 0.0)) / norm2 if norm2 else 0.0
         add(f"magnitude:{level} + kmeans:16", {"prune": f"magnitude:{level}", "quantize": "kmeans:16"},
             positions + math.ceil(nnz * 4 / 8) + 64, error)  # fmt: skip
     return options
@@ -134,7 +151,8 @@ def _svd_options(matrix: torch.Tensor, itemsize: int, norm2: float) -> list[Opti
     """2 cores (a truncated SVD) at a grid of ranks, alone (error from the spectrum) and with
     int8 / k-means cores."""
     out_f, in_f = matrix.shape
-    u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+    ref = matrix.double()  # once: every error below is measured against it
+    u, s, vh = torch.linalg.svd(ref, full_matrices=False)
     tail = torch.flip(torch.cumsum(torch.flip(s**2, [0]), 0), [0])
     options, rank, step = [], 1, 0
     while rank < min(out_f, in_f) and rank * (out_f + in_f) * itemsize <= MPO_MAX_SHARE * out_f * in_f * itemsize:
@@ -147,7 +165,7 @@ def _svd_options(matrix: torch.Tensor, itemsize: int, norm2: float) -> list[Opti
             dec, nbytes = _coded_cores(cores, codec)
             if nbytes < rank * (out_f + in_f) * itemsize:
                 options.append(Option(f"{label} + {codec}", {**base, "quantize": codec}, nbytes,
-                                      _rel2(matrix, dec[0].reshape(out_f, rank) @ dec[1].reshape(rank, in_f), norm2)))  # fmt: skip
+                                      _rel2_low_rank(ref, dec[0].reshape(out_f, rank), dec[1].reshape(rank, in_f), norm2)))  # fmt: skip
         rank, step = max(rank + 1, int(rank * BOND_STEP)), step + 1
     return options
 
@@ -156,6 +174,7 @@ def _mpo_options(matrix: torch.Tensor, itemsize: int, norm2: float, cores: int) 
     """MPO with ``cores`` cores at a grid of bonds (exact SVDs shared between bonds), alone and with
     quantized cores."""
     out_f, in_f = matrix.shape
+    ref = matrix.double()
     dense_bytes = out_f * in_f * itemsize
     modes = choose_modes(out_f, in_f, cores)
     cache: dict = {}
@@ -168,12 +187,12 @@ def _mpo_options(matrix: torch.Tensor, itemsize: int, norm2: float, cores: int) 
         seen.add(tuple(tt.bond_dims))
         base = {**_CLEAR, "bond_dim": bond, "cores": cores, "svd": "full"}
         label = f"mpo{cores} bond {bond}"
-        options.append(Option(label, base, params * itemsize, _rel2(matrix, tt.to_matrix(), norm2)))
+        options.append(Option(label, base, params * itemsize, _rel2(ref, tt.to_matrix(), norm2)))
         for codec in CORE_CODECS[1:]:
             dec, nbytes = _coded_cores(tt.cores, codec)
             if nbytes < params * itemsize:
                 options.append(Option(f"{label} + {codec}", {**base, "quantize": codec}, nbytes,
-                                      _rel2(matrix, cores_to_matrix(dec, (out_f, in_f)), norm2)))  # fmt: skip
+                                      _rel2(ref, cores_to_matrix(dec, (out_f, in_f)), norm2)))  # fmt: skip
         bond = max(bond + 1, int(bond * MPO_BOND_STEP))
 
 
