@@ -265,8 +265,9 @@ def main(verbose: int) -> None:
 @click.option("--data", "data_spec", metavar="PATH|MODULE:FACTORY", help="Fine-tuning batches: safetensors file/folder ('inputs'[, 'targets']) or a factory.")
 @click.option("--val-data", "val_spec", metavar="PATH|MODULE:FACTORY", help="Held-out batches (default: the last 10% of --data).")
 @click.option("--steps", type=click.IntRange(min=0), default=200, show_default=True, help="Fine-tuning steps at most (0: calibrate only, no training).")
-@click.option("--calibrate/--no-calibrate", default=True, show_default=True,
-              help="With --model/--data, fit each layer to its recorded inputs (whitened SVD, activation-aware MPO, GPTQ) before any training.")
+@click.option("--calibration", type=click.Choice(["sequential", "dense", "none"]), default="sequential", show_default=True,
+              help="With --model/--data, fit each layer to its recorded inputs (whitened SVD, activation-aware MPO, GPTQ) before any "
+                   "training: inputs in the model compressed so far (sequential), in the dense model, or not at all.")
 @click.option("--calibration-samples", type=click.IntRange(min=1), metavar="N", help="Calibrate on at most N samples of --data.")
 @click.option("--time", "time_limit", type=click.FloatRange(min=0, min_open=True), help="Fine-tuning seconds at most (whichever of --steps/--time comes first).")
 @click.option("--lr", default="auto", show_default=True, callback=lambda c, p, v: _lr(v),
@@ -288,7 +289,7 @@ def main(verbose: int) -> None:
 @click.pass_context
 def convert(ctx: click.Context, input_path: Path, output_path: Path, bond_dim, tol, ratio, cores, svd, prune, quantize, prune_scope, recipe_path, include, exclude, seed,
             as_json, report_path, force, strict, max_error, min_ratio, max_shard_size, als_sweeps, activations_path, model_spec, data_spec,
-            val_spec, steps, calibrate, calibration_samples, time_limit, lr, train_sel, kd_weight, task_loss, batch_size, task, workers,
+            val_spec, steps, calibration, calibration_samples, time_limit, lr, train_sel, kd_weight, task_loss, batch_size, task, workers,
             ipkd_rounds, target_size, target_ratio) -> None:  # fmt: skip
     """Compress the weight matrices of INPUT into MPO cores and write a compact checkpoint.
 
@@ -315,7 +316,7 @@ def convert(ctx: click.Context, input_path: Path, output_path: Path, bond_dim, t
 
     tune_opts = {"steps": "--steps", "time_limit": "--time", "lr": "--lr", "train_sel": "--train", "kd_weight": "--kd-weight",
                  "task_loss": "--task-loss", "batch_size": "--batch-size", "ipkd_rounds": "--ipkd", "val_spec": "--val-data", "task": "--task",
-                 "calibrate": "--calibrate", "calibration_samples": "--calibration-samples"}  # fmt: skip
+                 "calibration": "--calibration", "calibration_samples": "--calibration-samples"}  # fmt: skip
     if model_spec is None or data_spec is None:
         if model_spec is not None or data_spec is not None:
             raise click.UsageError("fine-tuning needs both --model and --data")
@@ -355,7 +356,7 @@ def convert(ctx: click.Context, input_path: Path, output_path: Path, bond_dim, t
         extra.update(_tuning_inputs(model_spec, data_spec, val_spec, task, prune, seed,
                                     TuneConfig(steps=steps, time=time_limit, lr=lr, train=train_sel, kd_weight=kd_weight,
                                                task_loss=task_loss, batch_size=batch_size, ipkd=ipkd_rounds or 0, seed=seed)))  # fmt: skip
-        extra.update(calibrate=calibrate, calibration_samples=calibration_samples)
+        extra.update(calibrate=calibration != "none", sequential=calibration == "sequential", calibration_samples=calibration_samples)
     from mpocompress.jobs import dist
 
     started = dist.init_from_env()

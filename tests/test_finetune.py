@@ -173,7 +173,7 @@ def test_convert_fine_tunes_and_the_output_loads_and_runs(tmp_path, factory_file
     out = tmp_path / "ft.safetensors"
     res = run("convert", example_checkpoint(), "-o", out, "--ratio", "10", "--cores", "3",
               "--model", f"{factory_file}:build", "--data", data_file, "--batch-size", "4",
-              "--steps", "20", "--kd-weight", "0.5", "--json")  # fmt: skip
+              "--steps", "20", "--kd-weight", "0.5", "--calibration", "none", "--json")  # fmt: skip
     assert res.exit_code == 0, res.output
     rep = json.loads(res.stdout)
     ft = rep["finetune"]
@@ -370,7 +370,7 @@ def test_convert_calibrates_without_training(tmp_path, factory_file, data_file):
     common = [example_checkpoint(), "--ratio", "8", "--cores", "2", "--model", f"{factory_file}:build", "--data", data_file,
               "--batch-size", "4", "--steps", "0", "--json"]  # fmt: skip
     cal = run("convert", *common[:1], "-o", tmp_path / "c.safetensors", *common[1:])
-    plain = run("convert", *common[:1], "-o", tmp_path / "p.safetensors", *common[1:], "--no-calibrate")
+    plain = run("convert", *common[:1], "-o", tmp_path / "p.safetensors", *common[1:], "--calibration", "none")
     assert cal.exit_code == 0 and plain.exit_code == 0, cal.output + plain.output
     rc, rp = json.loads(cal.stdout), json.loads(plain.stdout)
     assert rc["calibration"]["samples"] > 0 and "calibration" not in rp
@@ -379,3 +379,26 @@ def test_convert_calibrates_without_training(tmp_path, factory_file, data_file):
     assert all(r["refine"]["calibrated"]["method"] == "whitened_svd" for r in rc["layers"] if r["status"] == "mpo")
     capped = run("convert", *common[:1], "-o", tmp_path / "k.safetensors", *common[1:], "--calibration-samples", "5")
     assert json.loads(capped.stdout)["calibration"]["samples"] == 5
+
+
+def test_sequential_calibration_corrects_for_upstream_layers(tmp_path, factory_file, data_file):
+    """Each layer fitted to reproduce the dense outputs from the compressed model's inputs beats
+    fitting every layer to the dense model's own inputs (measured: 2.5x lower held-out loss here)."""
+    losses = {}
+    for mode in ("sequential", "dense"):
+        res = run("convert", example_checkpoint(), "-o", tmp_path / f"{mode}.safetensors", "--ratio", "8", "--cores", "3",
+                  "--model", f"{factory_file}:build", "--data", data_file, "--batch-size", "4", "--steps", "0",
+                  "--calibration", mode, "--json")  # fmt: skip
+        assert res.exit_code == 0, res.output
+        losses[mode] = json.loads(res.stdout)["finetune"]["val_kd_loss"]["compressed"]
+    assert losses["sequential"] < 0.8 * losses["dense"]
+
+
+def test_record_pairs_of_identical_models_is_the_gram_twice(teacher, data):
+    from mpocompress.jobs.calibrate import record_pairs
+
+    train, _ = data
+    grams, cross = record_pairs(copy.deepcopy(teacher), teacher, train[:2], weights={"inp.weight", "lstm.weight_hh_l0"})
+    dense, _ = record_grams(teacher, train[:2], weights={"inp.weight", "lstm.weight_hh_l0"})
+    for k in ("inp.weight", "lstm.weight_hh_l0"):
+        assert torch.allclose(grams[k], dense[k]) and torch.allclose(cross[k], dense[k])

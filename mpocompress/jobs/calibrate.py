@@ -34,12 +34,18 @@ _CELLS = (nn.LSTMCell, nn.GRUCell, nn.RNNCell)
 class _Grams:
     """Gram matrices accumulated in float64 by weight name."""
 
-    def __init__(self) -> None:
+    def __init__(self, collect: bool = False) -> None:
         self.grams: dict[str, torch.Tensor] = {}
         self.rows: dict[str, int] = {}
+        #: with ``collect``, the input rows of the current batch by weight name, kept instead of summed
+        self.collect = collect
+        self.seen: dict[str, list[torch.Tensor]] = {}
 
     def add(self, key: str, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).double()
+        if self.collect:
+            self.seen.setdefault(key, []).append(x)
+            return
         g = x.T @ x
         self.grams[key] = self.grams[key] + g if key in self.grams else g
         self.rows[key] = self.rows.get(key, 0) + x.shape[0]
@@ -148,6 +154,78 @@ def _hook(module: nn.Module, acc: _Grams, names: dict[int, str]):
     return None
 
 
+def _register(model: nn.Module, acc: _Grams, weights: set[str] | None) -> list[Any]:
+    """Forward hooks recording the inputs of ``weights`` (state-dict names; None: all) into ``acc``."""
+    names = {id(t): k for k, t in model.state_dict(keep_vars=True).items() if weights is None or k in weights}
+    hooks = []
+    for module in model.modules():
+        fn = _hook(module, acc, names)
+        if fn is not None:
+            hooks.append(module.register_forward_hook(fn))
+    return hooks
+
+
+def _capped(batches: Sequence[Any], max_samples: int | None):
+    """``(inputs, samples)`` of each batch, the last one cut so that at most ``max_samples`` are used."""
+    from mpocompress.jobs.finetune import split_batch
+
+    used = 0
+    for b in batches:
+        xs, _ = split_batch(b)
+        n = xs[0].shape[0] if xs and isinstance(xs[0], torch.Tensor) and xs[0].dim() else 1
+        if max_samples is not None:
+            room = max_samples - used
+            if room <= 0:
+                return
+            if n > room:
+                xs = tuple(x[:room] if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == n else x for x in xs)
+                n = room
+        used += n
+        yield xs, n
+
+
+def record_pairs(
+    student: nn.Module,
+    teacher: nn.Module,
+    batches: Sequence[Any],
+    *,
+    weights: set[str],
+    max_samples: int | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """For each of ``weights`` (present, uncompressed, in both models), the Gram matrix ``X_s^T X_s``
+    of its inputs in ``student`` and the cross matrix ``X_s^T X_t`` with its inputs in ``teacher`` on
+    the same batches: what sequential calibration needs to make the student's layer reproduce the
+    teacher's outputs from the student's inputs."""
+    s_acc, t_acc = _Grams(collect=True), _Grams(collect=True)
+    hooks = _register(student, s_acc, weights) + _register(teacher, t_acc, weights)
+    grams: dict[str, torch.Tensor] = {}
+    cross: dict[str, torch.Tensor] = {}
+    was = student.training, teacher.training
+    try:
+        student.eval()
+        teacher.eval()
+        with torch.no_grad():
+            for xs, _ in _capped(batches, max_samples):
+                s_acc.seen.clear()
+                t_acc.seen.clear()
+                student(*xs)
+                teacher(*xs)
+                for key, rows in s_acc.seen.items():
+                    if key not in t_acc.seen:
+                        continue
+                    xs_, xt = torch.cat(rows), torch.cat(t_acc.seen[key])
+                    if xs_.shape != xt.shape:
+                        continue
+                    grams[key] = grams[key] + xs_.T @ xs_ if key in grams else xs_.T @ xs_
+                    cross[key] = cross[key] + xs_.T @ xt if key in cross else xs_.T @ xt
+    finally:
+        student.train(was[0])
+        teacher.train(was[1])
+        for h in hooks:
+            h.remove()
+    return grams, cross
+
+
 def record_grams(
     model: nn.Module,
     batches: Sequence[Any],
@@ -164,33 +242,15 @@ def record_grams(
         max_samples: use at most this many samples (entries along the first dimension of a batch's
             inputs; the last batch used is cut), like the calibration-set size of PTQ tools.
     """
-    from mpocompress.jobs.finetune import split_batch
-
-    names = {id(t): k for k, t in model.state_dict(keep_vars=True).items() if weights is None or k in weights}
     acc = _Grams()
-    hooks = []
-    for module in model.modules():
-        fn = _hook(module, acc, names)
-        if fn is not None:
-            hooks.append(module.register_forward_hook(fn))
+    hooks = _register(model, acc, weights)
     samples = 0
     was = model.training
     try:
         model.eval()
         with torch.no_grad():
-            for b in batches:
-                xs, _ = split_batch(b)
-                if max_samples is not None:
-                    room = max_samples - samples
-                    if room <= 0:
-                        break
-                    n = xs[0].shape[0] if xs and isinstance(xs[0], torch.Tensor) and xs[0].dim() else 1
-                    if n > room:
-                        xs = tuple(x[:room] if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == n else x for x in xs)
-                        n = room
-                    samples += n
-                else:
-                    samples += xs[0].shape[0] if xs and isinstance(xs[0], torch.Tensor) and xs[0].dim() else 1
+            for xs, n in _capped(batches, max_samples):
+                samples += n
                 model(*xs)
     finally:
         model.train(was)
@@ -205,32 +265,125 @@ def gram_ok(gram: torch.Tensor) -> bool:
     return bool(torch.isfinite(gram).all()) and float(torch.diagonal(gram).sum()) > 0 and not math.isnan(float(gram.sum()))
 
 
-def calibrate_checkpoint(
-    ckpt: Any,
+#: sequential calibration records the inputs again after compressing each of at most this many groups
+#: of layers (in the order the model runs them): more groups follow the compressed model more closely
+#: and cost one pass over the calibration batches each
+SEQUENTIAL_GROUPS = 8
+
+
+def forward_order(model: nn.Module, batch: Any, weights: set[str]) -> list[list[str]]:
+    """The selected weights grouped by module, modules in the order ``model`` first runs them on
+    ``batch`` (modules that do not run, last)."""
+    from mpocompress.jobs.finetune import split_batch
+
+    by_module: dict[str, list[str]] = {}
+    owners = {id(t): k for k, t in model.state_dict(keep_vars=True).items() if k in weights}
+    for mod_name, module in model.named_modules():
+        own = [owners[id(p)] for p in module.parameters(recurse=False) if id(p) in owners]
+        if own:
+            by_module[mod_name] = own
+    seen: list[str] = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: seen.append(n) if n not in seen else None)
+             for n, m in model.named_modules() if n in by_module]  # fmt: skip
+    try:
+        with torch.no_grad():
+            was = model.training
+            model.eval()
+            model(*split_batch(batch)[0])
+            model.train(was)
+    finally:
+        for h in hooks:
+            h.remove()
+    order = seen + [n for n in by_module if n not in seen]
+    return [by_module[n] for n in order]
+
+
+def compress_sequentially_(
     model: nn.Module,
-    train: list[Any],
-    val: list[Any] | None,
+    teacher: nn.Module,
+    config: Any,
+    recipe: Any,
     layers: list[str],
-    tune: Any,
+    batches: list[Any],
     max_samples: int | None = None,
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The Gram matrices of the selected ``layers``' inputs in the dense model: ``model`` loaded with
-    the checkpoint (checked as for fine-tuning), run over the calibration batches (``train``, less
-    the held-out share when ``val`` is None: calibration never sees the held-out data).
-    Returns ``(grams by weight name, summary)``; weights whose inputs were all zero are left out."""
-    import time
+) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
+    """``compress_`` (MPO only) in the order the model runs its layers, each group of layers fitted
+    so that, fed the inputs ``X_s`` it gets in the model *as compressed so far*, it reproduces the
+    dense layer's outputs on the dense model's inputs ``X_t`` (sequential calibration, as GPTQ
+    quantizes layer after layer, but with the target corrected): each weight is first replaced by
+    ``W_t = (W X_t^T X_s + lam W)(X_s^T X_s + lam I)^{-1}``, the least-squares weight for that
+    (``lam``: the ridge of :mod:`mpocompress.core.whiten`, so ``W_t = W`` when nothing upstream
+    changed), then compressed under ``X_s^T X_s`` -- later layers undo part of what earlier ones lost.
+    A plain weight stored by a grid codec (int8, k-means) is quantized by GPTQ in its turn, so the
+    layers after it see it quantized; a layer kept dense keeps its own weight. Returns
+    ``(compress_'s rows, the Gram matrices used, by weight name)``."""
+    from mpocompress.core.whiten import DEFAULT_RIDGE
+    from mpocompress.nn.surgery import compress_
 
-    from mpocompress.jobs.tune import _load_models
+    order = forward_order(model, batches[0], set(layers))
+    in_order = {w for group in order for w in group}
+    chunks = max(1, min(SEQUENTIAL_GROUPS, len(order)))
+    size = math.ceil(len(order) / chunks)
+    groups = [[w for g in order[i : i + size] for w in g] for i in range(0, len(order), size)]
+    rest = [w for w in layers if w not in in_order]
+    if rest:
+        groups.append(rest)
+    params = dict(model.named_parameters())
+    rows: list[dict[str, Any]] = []
+    used: dict[str, torch.Tensor] = {}
+    for group in groups:
+        grams, cross = record_pairs(model, teacher, batches, weights=set(group), max_samples=max_samples)
+        grams = {k: g for k, g in grams.items() if gram_ok(g)}
+        originals = {}
+        for k, c in grams.items():
+            if k in params:
+                p = params[k]
+                originals[k] = p.detach().clone()
+                w = p.detach().reshape(p.shape[0], -1).double()
+                lam = DEFAULT_RIDGE * float(torch.diagonal(c).mean())
+                eye = torch.eye(c.shape[0], dtype=torch.float64)
+                target = torch.linalg.solve(c + lam * eye, (w @ cross[k].T + lam * w).T).T
+                with torch.no_grad():
+                    p.copy_(target.reshape(p.shape).to(p.dtype))
+        used.update(grams)
+        new_rows = compress_(model, config, recipe=recipe, names=set(group), include=(), exclude=(), codecs=False, grams=grams)
+        rows += new_rows
+        params = dict(model.named_parameters())
+        for r in new_rows:  # a layer kept dense keeps its own weight (unless a codec stores it: GPTQ below)
+            if r["status"] == "dense" and r["name"] in originals and not _gptq_applies(r["name"], config, recipe):
+                with torch.no_grad():
+                    params[r["name"]].copy_(originals[r["name"]])
+        _gptq_in_place(model, group, config, recipe, rows, grams)
+    return rows, used
 
-    start = time.perf_counter()
-    _, teacher, _, train, _ = _load_models(ckpt, model, train, val, tune)
-    grams, info = record_grams(teacher, train, weights=set(layers), max_samples=max_samples)
-    empty = sorted(k for k, g in grams.items() if not gram_ok(g))
-    for k in empty:
-        del grams[k]
-    return grams, {
-        "samples": info["samples"],
-        "weights": len(grams),
-        "weights_without_inputs": empty,
-        "seconds": round(time.perf_counter() - start, 3),
-    }
+
+def _gptq_applies(name: str, config: Any, recipe: Any) -> bool:
+    from mpocompress.codecs import split_chain
+
+    cfg = config if recipe is None else recipe.config_for(name, config)
+    if cfg is None:
+        return False
+    pruner, quant = split_chain(cfg.chain)
+    return pruner is None and quant is not None and quant.has_grid
+
+
+def _gptq_in_place(model: nn.Module, group: list[str], config: Any, recipe: Any, rows: list[dict[str, Any]],
+                   grams: dict[str, torch.Tensor]) -> None:  # fmt: skip
+    """Plain weights of ``group`` whose chain is one grid quantizer: replaced by their GPTQ quantization."""
+    from mpocompress.codecs import split_chain
+    from mpocompress.core.gptq import gptq
+
+    params = dict(model.named_parameters())
+    mpo = {r["name"] for r in rows if r["status"] == "mpo"}
+    for name in group:
+        if name in mpo or name not in params or name not in grams or not _gptq_applies(name, config, recipe):
+            continue
+        cfg = config if recipe is None else recipe.config_for(name, config)
+        quant = split_chain(cfg.chain)[1]
+        p = params[name]
+        m = p.detach().reshape(p.shape[0], -1)
+        if tuple(grams[name].shape) != (m.shape[1], m.shape[1]):
+            continue
+        grid = quant.grid(m, torch.diagonal(grams[name]).to(m.dtype)[None, :].expand_as(m))
+        with torch.no_grad():
+            p.copy_(gptq(m, grams[name], lambda col, q=quant, g=grid: q.snap(g, col)).reshape(p.shape))

@@ -94,6 +94,7 @@ def convert(
     strict: bool = False,
     calibrate: bool = True,
     calibration_samples: int | None = None,
+    sequential: bool = True,
 ) -> Report:
     """Convert a dense checkpoint into MPO cores and write the compact checkpoint.
 
@@ -132,10 +133,14 @@ def convert(
         strict: refuse (:class:`InputError`) a selected weight holding NaN or Inf; by default such a
             weight is stored unchanged, with a warning naming it.
         calibrate: with ``model`` and ``train_batches``, record the inputs of every selected layer in
-            the dense model first (:func:`mpocompress.jobs.calibrate.calibrate_checkpoint`) and fit
+            the dense model first (:func:`mpocompress.jobs.tune.calibrate_checkpoint`) and fit
             each layer to its outputs on them (whitened SVD, activation-aware MPO, GPTQ); recorded
             ``activations`` given explicitly take precedence.
         calibration_samples: calibrate on at most this many samples.
+        sequential: with fine-tuning (``tune``, ``steps=0`` included), calibrate sequentially: each
+            group of layers is fitted to its inputs in the model compressed so far
+            (:func:`mpocompress.jobs.calibrate.compress_sequentially_`); False: every layer to its
+            inputs in the dense model.
 
     Returns:
         The :class:`~mpocompress.report.Report` (also stored, without file sizes, in the output).
@@ -165,6 +170,7 @@ def convert(
                 progress=progress, recipe=recipe, activations=activations, tune=tune, model=model,
                 train_batches=train_batches, val_batches=val_batches, tune_progress=tune_progress,
                 workers=workers, strict=strict, calibrate=calibrate, calibration_samples=calibration_samples,
+                sequential=sequential,
             )  # fmt: skip
         finally:
             lock.release()
@@ -193,6 +199,7 @@ def _convert_locked(
     strict: bool,
     calibrate: bool = True,
     calibration_samples: int | None = None,
+    sequential: bool = True,
 ) -> Report:
     """The body of :func:`convert`, run while this job holds the output's lock."""
     layers = select_layers(ckpt, config.include, config.exclude)
@@ -209,7 +216,7 @@ def _convert_locked(
     if tune is not None and (model is None or not train_batches):
         raise ConfigError("fine-tuning needs the model (--model) and data (--data)")
     if calibrate and model is not None and train_batches:
-        from mpocompress.jobs.calibrate import calibrate_checkpoint
+        from mpocompress.jobs.tune import calibrate_checkpoint
 
         grams, calibration = calibrate_checkpoint(ckpt, model, train_batches, val_batches, layers, tune or TuneConfig(),
                                                   calibration_samples)  # fmt: skip
@@ -217,8 +224,9 @@ def _convert_locked(
         activations = {**grams, **(activations or {})}
     if tune is not None:  # (steps=0 too: the held-out losses, unit masks and cores come from the in-memory model)
         tuned, plans, tune_summary = finetune_in_memory(
-            ckpt, layers, config, recipe, tune, model, train_batches, val_batches, tune_progress, grams=activations
-        )
+            ckpt, layers, config, recipe, tune, model, train_batches, val_batches, tune_progress, grams=activations,
+            sequential=calibration is not None and sequential, calibration_samples=calibration_samples,
+        )  # fmt: skip
     groups = plan_groups(ckpt, names, min(max_shard_bytes, GROUP_MAX_BYTES))
     log.info("%d of %d tensors selected (%s); %d group(s) of work", len(layers), len(names), config.to_json(), len(groups))
     job = Job(

@@ -33,10 +33,14 @@ def finetune_in_memory(
     val: list[Any] | None,
     progress: Any,
     grams: dict[str, torch.Tensor] | None = None,
+    sequential: bool = False,
+    calibration_samples: int | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, LayerPlan], dict[str, Any]]:
     """Load the checkpoint into ``model``, compress/prune it in memory, fine-tune it against the
     dense model, and return what to write: ``(trained tensors by name, plans by weight, summary)``.
-    ``grams``: recorded inputs by weight name; those layers start from cores fitted to them."""
+    ``grams``: recorded inputs by weight name; those layers start from cores fitted to them.
+    ``sequential``: fit each layer to its inputs in the model compressed so far
+    (:func:`mpocompress.jobs.calibrate.compress_sequentially_`; ``grams`` is updated with them)."""
     import copy
 
     from torch import nn
@@ -49,11 +53,9 @@ def finetune_in_memory(
         magnitude_masks,
         split_batch,
     )
-    from mpocompress.nn.surgery import compress_
 
     dense, teacher, student, train, val = _load_models(ckpt, model, train, val, tune)
-    rows = {r["name"]: r for r in compress_(student, config, recipe=recipe, names=set(layers), include=(), exclude=(), codecs=False,
-                                                grams=grams)}
+    rows = _compress_student(student, teacher, config, recipe, layers, train, grams, sequential, calibration_samples)
 
     # what gets pruned: the weight, or its cores when it became an MPO
     params = dict(student.named_parameters())
@@ -126,22 +128,32 @@ def finetune_in_memory(
         steps, seconds = res.steps, res.seconds
     after = losses(student)
     summary: dict[str, Any] = {
-        "config": tune.to_dict(),
-        "train_batches": len(train),
-        "val_batches": len(val),
-        "steps": steps,
-        "seconds": round(seconds, 3),
+        "config": tune.to_dict(), "train_batches": len(train), "val_batches": len(val), "steps": steps, "seconds": round(seconds, 3),
         "val_kd_loss": {"compressed": before["kd"], "finetuned": after["kd"]},
         **({"val_task_loss": {"dense": evaluate(teacher, None, val, task_only), "compressed": before["task"], "finetuned": after["task"]}}
            if has_targets else {}),
-        **result,
-        **({"units": unit_summary} if unit_summary else {}),
+        **result, **({"units": unit_summary} if unit_summary else {}),
     }  # fmt: skip
-
     sd = student.state_dict()
     tensors = {n: sd[n].detach().to(dense[n].dtype) for n in dense if n in sd}
     plans = _plans(student, layers, config, recipe, rows, masks, dense)
     return tensors, plans, summary
+
+
+def _compress_student(student: Any, teacher: Any, config: MPOConfig, recipe: Recipe | None, layers: list[str], train: list[Any],
+                      grams: dict[str, torch.Tensor] | None, sequential: bool, samples: int | None) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """MPO cores for the student in memory (codecs come later), by weight name: fitted to recorded
+    inputs, sequentially (``grams`` is then updated with the inputs used) or to the dense ones."""
+    if sequential:
+        from mpocompress.jobs.calibrate import compress_sequentially_
+
+        seq_rows, seq_grams = compress_sequentially_(student, teacher, config, recipe, layers, train, samples)
+        if grams is not None:
+            grams.update(seq_grams)  # the write (GPTQ of what training left) sees the same inputs
+        return {r["name"]: r for r in seq_rows}
+    from mpocompress.nn.surgery import compress_
+
+    return {r["name"]: r for r in compress_(student, config, recipe=recipe, names=set(layers), include=(), exclude=(), codecs=False, grams=grams)}
 
 
 def _load_models(
@@ -265,3 +277,34 @@ def _grid_quantizer(quant: Codec, grid: Any, mask: torch.Tensor | None) -> Any:
         return out
 
     return snap
+
+
+def calibrate_checkpoint(
+    ckpt: Any,
+    model: Any,
+    train: list[Any],
+    val: list[Any] | None,
+    layers: list[str],
+    tune: Any,
+    max_samples: int | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The Gram matrices of the selected ``layers``' inputs in the dense model: ``model`` loaded with
+    the checkpoint (checked as for fine-tuning), run over the calibration batches (``train``, less
+    the held-out share when ``val`` is None: calibration never sees the held-out data).
+    Returns ``(grams by weight name, summary)``; weights whose inputs were all zero are left out."""
+    import time
+
+    from mpocompress.jobs.calibrate import gram_ok, record_grams
+
+    start = time.perf_counter()
+    _, teacher, _, train, _ = _load_models(ckpt, model, train, val, tune)
+    grams, info = record_grams(teacher, train, weights=set(layers), max_samples=max_samples)
+    empty = sorted(k for k, g in grams.items() if not gram_ok(g))
+    for k in empty:
+        del grams[k]
+    return grams, {
+        "samples": info["samples"],
+        "weights": len(grams),
+        "weights_without_inputs": empty,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
