@@ -166,3 +166,19 @@ def test_record_grams_sample_cap():
     grams, info = record_grams(net, [x[:4], x[4:8], x[8:]], max_samples=6)
     assert info["samples"] == 6
     assert torch.allclose(grams["0.weight"], x[:6].double().T @ x[:6].double())
+
+
+@pytest.mark.parametrize("spec", ["kmeans:4", "kmeans:16"])
+def test_gptq_factors_beat_rounding_the_factors(layer, spec):
+    """(int8's rounding error is too small for compensation to matter: convert keeps the better of the two.)"""
+    from mpocompress.codecs import decode, encode
+    from mpocompress.jobs.plan import gptq_factor_codes
+
+    w, c, held_out = layer
+    ch = held_out.T @ held_out
+    tt = whitened_svd(w, c, 12)
+    codec = parse_codec(spec)
+    plain = [decode(*encode(core, [codec])) for core in tt.cores]
+    ours = [decode(p, m) for p, m in gptq_factor_codes(w, tt, codec, c)]
+    recon = lambda cores: cores[0].reshape(48, 12) @ cores[1].reshape(12, 60)  # noqa: E731
+    assert output_error(w, recon(ours), ch) < output_error(w, recon(plain), ch)

@@ -63,3 +63,29 @@ def gptq(
             err1[:, i] = e
         w[:, i2:] -= err1 @ u[i1:i2, i2:]
     return q[:, inv_perm].to(weight.dtype)
+
+
+def gptq_factors(
+    weight: torch.Tensor,
+    left: torch.Tensor,
+    right: torch.Tensor,
+    gram: torch.Tensor,
+    snapper: Callable[[torch.Tensor, int], Callable[[torch.Tensor], torch.Tensor]],
+    *,
+    damp: float = DEFAULT_DAMP,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both factors of ``weight ~ left @ right`` quantized with error compensation on inputs with
+    Gram ``gram`` (ours, after GPTQ): ``right`` (r, in) first, by :func:`gptq` on ``gram``; then
+    ``left`` is refit by least squares to the outputs of the quantized ``right``
+    (``left = W C R_q^T (R_q C R_q^T)^{-1}``) and quantized by :func:`gptq` on ``R_q C R_q^T``, the Gram
+    of its own inputs. ``snapper(tensor, k)`` gives the snap of factor ``k`` (0: left, 1: right) on
+    a grid made for that tensor. Returns ``(left_q, right_q)``."""
+    c = gram.double()
+    right_q = gptq(right, gram, snapper(right, 1), damp=damp).double()
+    mid = right_q @ c @ right_q.T
+    mid = (mid + mid.T) / 2
+    eye = torch.eye(mid.shape[0], dtype=torch.float64, device=mid.device)
+    reg = damp * float(torch.diagonal(mid).mean()) if float(torch.diagonal(mid).mean()) > 0 else 1.0
+    left_t = torch.linalg.solve(mid + reg * eye, (weight.double() @ c @ right_q.T).T).T.to(left.dtype)
+    left_q = gptq(left_t, mid, snapper(left_t, 0), damp=damp)
+    return left_q, right_q.to(right.dtype)

@@ -33,7 +33,13 @@ from mpocompress.core.tt import cores_to_matrix, tt_svd
 from mpocompress.errors import ConfigError, GateError
 from mpocompress.format import decode_entry, rebuild
 from mpocompress.io import Checkpoint, open_checkpoint, path_size
-from mpocompress.jobs.plan import Progress, compress_tensor, nbytes_of, select_layers
+from mpocompress.jobs.plan import (
+    Progress,
+    compress_tensor,
+    gptq_factor_codes,
+    nbytes_of,
+    select_layers,
+)
 from mpocompress.select import matrix_shape
 
 log = logging.getLogger(__name__)
@@ -252,7 +258,8 @@ def _data_options(t: torch.Tensor, matrix: torch.Tensor, gram: torch.Tensor, ite
     while rank < min(out_f, in_f) and rank * (out_f + in_f) * itemsize <= MPO_MAX_SHARE * dense:
         tt = whitened_svd(matrix, gram, rank, factors=factors)
         base = {**_CLEAR, "bond_dim": rank, "cores": 2, "svd": "full"}
-        options += _with_core_codecs(f"mpo2 bond {rank}", base, tt, error, itemsize, CORE_CODECS if step % 2 == 0 else CORE_CODECS[:2])
+        options += _with_core_codecs(f"mpo2 bond {rank}", base, tt, error, itemsize, CORE_CODECS if step % 2 == 0 else CORE_CODECS[:2],
+                                     matrix, gram)  # fmt: skip
         rank, step = max(rank + 1, int(rank * BOND_STEP)), step + 1
     for cores in MPO_CORES[1:]:
         modes = choose_modes(out_f, in_f, cores)
@@ -269,13 +276,19 @@ def _data_options(t: torch.Tensor, matrix: torch.Tensor, gram: torch.Tensor, ite
     return options
 
 
-def _with_core_codecs(label: str, base: dict[str, Any], tt: Any, error: Any, itemsize: int, codecs: tuple) -> list[Option]:
-    """An MPO option alone and with each codec on its cores (those that make it smaller)."""
+def _with_core_codecs(label: str, base: dict[str, Any], tt: Any, error: Any, itemsize: int, codecs: tuple,
+                      matrix: torch.Tensor | None = None, gram: torch.Tensor | None = None) -> list[Option]:  # fmt: skip
+    """An MPO option alone and with each codec on its cores (those that make it smaller); 2 cores with
+    recorded inputs: quantized with error compensation, as ``convert`` does with data."""
     shape = tt.shape
     plain = tt.num_params * itemsize
     out = [Option(label, base, plain, error(tt.to_matrix()))]
     for codec in codecs[1:]:
-        dec, nbytes = _coded_cores(tt.cores, codec)
+        if gram is not None and len(tt.cores) == 2:
+            coded = gptq_factor_codes(matrix, tt, parse_codec(codec), gram)
+            dec, nbytes = [decode(p, m) for p, m in coded], sum(nbytes_of(v) for p, _ in coded for v in p.values())
+        else:
+            dec, nbytes = _coded_cores(tt.cores, codec)
         if nbytes < plain:
             out.append(Option(f"{label} + {codec}", {**base, "quantize": codec}, nbytes, error(cores_to_matrix(dec, shape))))
     return out

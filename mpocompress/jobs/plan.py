@@ -183,6 +183,8 @@ def compress_tensor(
         if gram is not None and tt is None and _gptq_applies(chain, masks.get(name)):
             _check_gram(name, gram, in_f)
             coded[name] = _gptq_encode(row, t, chain, gram, coded[name])
+        elif gram is not None and plan is None and tt is not None and len(tt.cores) == 2 and not masks and _gptq_applies(chain, None):
+            coded = _gptq_factor_encode(row, t.reshape(out_f, in_f), tt, chain, gram, coded)
         if tt is not None and config.als_sweeps:  # every codec is lossy: refit the cores while encoding
             coded = _refit_codes(row, name, tt, chain, threshold, masks, coded, config.als_sweeps)
         trial = dict(entry)
@@ -245,6 +247,49 @@ def _gptq_encode(
     before = output_error(m, decode(*direct).reshape(m.shape), gram)
     after = output_error(m, decode(*coded).reshape(m.shape), gram)
     row.refine["calibrated"] = {"method": "gptq", "output_error_before": before, "output_error_after": min(before, after)}
+    return coded if after < before else direct
+
+
+def gptq_factor_codes(
+    matrix: torch.Tensor, tt: TTMatrix, quant: Codec, gram: torch.Tensor, grids_out: dict[int, Any] | None = None
+) -> list[tuple[dict[str, torch.Tensor], dict[str, Any]]]:
+    """The two cores of a 2-core MPO (a truncated SVD) encoded by ``quant`` with error compensation on
+    recorded inputs (:func:`mpocompress.core.gptq.gptq_factors`), each on a grid made for it as the
+    codec stores it (rows = the core's first dimension); ``grids_out`` receives those grids."""
+    from mpocompress.core.gptq import gptq_factors
+
+    out_f, in_f = matrix.shape
+    r = tt.bond_dims[0]
+    shapes = [tuple(c.shape) for c in tt.cores]
+    grids: dict[int, Any] = {}
+
+    def snapper(factor: torch.Tensor, k: int):
+        grids[k] = quant.grid(factor.reshape(shapes[k][0], -1))
+        return lambda col, g=grids[k]: quant.snap(g, col)
+
+    left, right = gptq_factors(matrix, tt.cores[0].reshape(out_f, r), tt.cores[1].reshape(r, in_f), gram, snapper)
+    if grids_out is not None:
+        grids_out.update(grids)
+    return [encode(f.reshape(shapes[k]).to(tt.cores[k].dtype), [quant], grid=grids[k]) for k, f in enumerate((left, right))]
+
+
+def _gptq_factor_encode(
+    row: LayerRow, matrix: torch.Tensor, tt: TTMatrix, chain: list[Codec], gram: torch.Tensor,
+    direct: dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]],
+) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]]:  # fmt: skip
+    """The factors quantized with error compensation, or the plain encoding where that has the
+    lower output error on the recorded inputs."""
+    from mpocompress.core.refine import output_error
+
+    names = list(direct)
+    coded = dict(zip(names, gptq_factor_codes(matrix, tt, chain[0], gram)))
+    shape = (matrix.shape[0], matrix.shape[1])
+
+    def err(c: dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]]) -> float:
+        return output_error(matrix, cores_to_matrix([decode(*c[n]) for n in names], shape), gram)
+
+    before, after = err(direct), err(coded)
+    row.refine["calibrated_codes"] = {"method": "gptq_factors", "output_error_before": before, "output_error_after": min(before, after)}
     return coded if after < before else direct
 
 
