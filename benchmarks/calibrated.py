@@ -262,6 +262,8 @@ def main() -> None:
             results[name]["model"] = model_table(name, spec, batches, test, 0 if args.quick else args.ft_seconds, args.quick)
         elif name in old and "model" in old[name]:
             results[name]["model"] = old[name]["model"]
+    if path.exists() and not args.quick:  # re-read: another run (other models) may have written since
+        old = json.loads(path.read_text())["results"]
     results = {**old, **results}
     lay, mod = tables(results)
     print(lay + "\n\n" + mod)
