@@ -37,6 +37,7 @@ _LAZY = {
     "MPOLinear": "mpocompress.nn.layers",
     "MPOConv": "mpocompress.nn.layers",
     "MPOEmbedding": "mpocompress.nn.layers",
+    "MPOMultiheadAttention": "mpocompress.nn.layers",
     "MPOLSTM": "mpocompress.nn.layers",
     "MPOGRU": "mpocompress.nn.layers",
     "MPOLSTMCell": "mpocompress.nn.layers",

@@ -345,6 +345,40 @@ class MPOConv(MPOMatrices):
         return conv(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
+class MPOMultiheadAttention(MPOMatrices):
+    """``nn.MultiheadAttention`` whose input projections (the packed ``in_proj_weight``, or
+    ``q/k/v_proj_weight`` when key and value sizes differ) are MPO cores; ``out_proj`` is an
+    ``MPOLinear`` when it was compressed. The forward pass is ``nn.MultiheadAttention``'s own (fast
+    path included): it reads each projection as a dense matrix, rebuilt from the cores."""
+
+    _MATRICES = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+
+    def __init__(self, mha: nn.MultiheadAttention, tts: dict[str, TTMatrix], *, mode: str = "auto") -> None:
+        super().__init__(mode)
+        for key, value in mha.__dict__.items():  # sizes, flags (batch_first, dropout, ...)
+            if not key.startswith("_") or key == "_qkv_same_embed_dim":
+                if key != "training":
+                    setattr(self, key, value)
+        self.train(mha.training)
+        for name, p in mha._parameters.items():
+            if name in tts:
+                self._set_matrix(name, tts[name])
+            else:
+                self.register_parameter(name, p)
+        self.out_proj = mha.out_proj
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in self.__dict__.get("_shapes", {}):
+                return self.matrix(name)
+            raise
+
+    forward = nn.MultiheadAttention.forward
+    merge_masks = nn.MultiheadAttention.merge_masks
+
+
 class MPOEmbedding(MPOMatrices):
     """``nn.Embedding`` whose table is MPO cores; lookups contract only the rows asked for."""
 

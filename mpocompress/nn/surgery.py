@@ -25,17 +25,20 @@ from mpocompress.nn.layers import (
     MPOLinear,
     MPOLSTMCell,
     MPOMatrices,
+    MPOMultiheadAttention,
 )
 from mpocompress.select import layer_filter
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _RNN = {nn.LSTM: MPOLSTM, nn.GRU: MPOGRU, nn.LSTMCell: MPOLSTMCell, nn.GRUCell: MPOGRUCell}
-SUPPORTED = (nn.Linear, nn.Embedding, *_CONV, *_RNN)
+SUPPORTED = (nn.Linear, nn.Embedding, nn.MultiheadAttention, *_CONV, *_RNN)
 
 
 def _weights(module: nn.Module) -> list[str]:
     if isinstance(module, tuple(_RNN)):
         return [n for n, _ in module.named_parameters(recurse=False) if n.startswith("weight_")]
+    if type(module) is nn.MultiheadAttention:
+        return [n for n, p in module.named_parameters(recurse=False) if n.endswith("proj_weight") and p is not None]
     return ["weight"]
 
 
@@ -46,8 +49,10 @@ def _replacement(module: nn.Module, tts: dict[str, TTMatrix], mode: str) -> nn.M
         for name, tt in tts.items():
             module._set_matrix(name, tt)
         return module
-    if type(module) is nn.Linear:
+    if isinstance(module, nn.Linear):
         new = MPOLinear.from_cores(tts["weight"], module.in_features, module.out_features, module.bias, mode=mode)
+    elif type(module) is nn.MultiheadAttention:
+        new = MPOMultiheadAttention(module, tts, mode=mode)
     elif isinstance(module, _CONV):
         new = MPOConv(module, tts["weight"])
     elif type(module) is nn.Embedding:
@@ -143,9 +148,13 @@ def compress_(
 
 
 def _supported(module: nn.Module) -> bool:
-    """Modules with an MPO form, by exact type: a subclass may compute differently (``nn.MultiheadAttention``
-    reads its ``out_proj.weight`` directly), so it is left dense."""
-    return type(module) in SUPPORTED
+    """Modules with an MPO form: the supported types, and subclasses of ``nn.Linear`` that compute
+    as it does (no ``forward`` of their own, e.g. ``nn.MultiheadAttention``'s ``out_proj``, which
+    the attention reads as ``out_proj.weight``: ``MPOLinear.weight`` rebuilds it). Other subclasses
+    may compute differently and are left dense."""
+    if type(module) in SUPPORTED:
+        return True
+    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
 
 
 def _row(name: str, status: str, params: int, dense_params: int, cfg: MPOConfig, *, res=None, reason=None) -> dict[str, Any]:
@@ -240,7 +249,7 @@ def load_compressed_(model: nn.Module, path: str | Path, *, mode: str = "auto") 
                 raise InputError(f"{path}: {full} has shape {list(entry['shape'])} in the checkpoint but {list(current)} in the model")
             cores = [tensors[c] for c in entry["cores"]]
             tts[w] = TTMatrix(cores, tuple(entry["matrix_shape"]))
-        if not isinstance(module, MPOMatrices) and type(module) not in SUPPORTED:
+        if not isinstance(module, MPOMatrices) and not _supported(module):
             raise InputError(f"{path}: {mod_name!r} is a {type(module).__name__}, which has no MPO form")
         _set_module(model, mod_name, _replacement(module, tts, mode))
     try:

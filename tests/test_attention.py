@@ -1,0 +1,75 @@
+"""Transformers run compressed: nn.MultiheadAttention (packed and separate projections), its out_proj
+(an nn.Linear subclass), and nn.Linear subclasses in general."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+from torch import nn
+
+from mpocompress import MPOConfig
+from mpocompress.cli import main
+from mpocompress.jobs.decompress import load_state_dict
+from mpocompress.nn.layers import MPOLinear, MPOMultiheadAttention
+from mpocompress.nn.surgery import _supported, compress_, load_compressed_
+
+
+def _encoder(seed: int = 0) -> nn.TransformerEncoder:
+    torch.manual_seed(seed)
+    layer = nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=64, dropout=0.0, batch_first=True)
+    return nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False).eval()
+
+
+def test_a_transformer_encoder_converts_and_runs_with_its_cores(tmp_path):
+    src, out = tmp_path / "enc.safetensors", tmp_path / "enc.mpo.safetensors"
+    save_file({k: v.contiguous() for k, v in _encoder().state_dict().items()}, str(src))
+    res = CliRunner().invoke(main, ["convert", str(src), "-o", str(out), "--ratio", "2", "--json"])
+    assert res.exit_code == 0, res.output
+    model = load_compressed_(_encoder(1), out)
+    attn = model.layers[0].self_attn
+    assert isinstance(attn, MPOMultiheadAttention) and attn.is_mpo("in_proj_weight")
+    assert isinstance(attn.out_proj, MPOLinear)
+    dense = _encoder(2)
+    dense.load_state_dict(load_state_dict(out))
+    x = torch.randn(3, 7, 32)
+    mask = nn.Transformer.generate_square_subsequent_mask(7)
+    with torch.no_grad():
+        for kwargs in ({}, {"mask": mask, "is_causal": True}):
+            assert torch.allclose(model(x, **kwargs), dense(x, **kwargs), atol=1e-5)
+    model.train()
+    model(x).sum().backward()  # trains through the cores
+    assert attn.cores_of("in_proj_weight")[0].grad is not None
+
+
+def test_separate_q_k_v_projections():
+    import copy
+
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 2, kdim=8, vdim=12, batch_first=True).eval()
+    reference = copy.deepcopy(mha)
+    holder = nn.Module()
+    holder.attn = mha
+    q, k, v = torch.randn(2, 5, 16), torch.randn(2, 6, 8), torch.randn(2, 6, 12)
+    rows = compress_(holder, MPOConfig(bond_dim=3, cores=2))
+    assert {r["name"] for r in rows if r["status"] == "mpo"} >= {"attn.q_proj_weight", "attn.k_proj_weight", "attn.v_proj_weight"}
+    with torch.no_grad():
+        for name in ("q_proj_weight", "k_proj_weight", "v_proj_weight"):
+            getattr(reference, name).copy_(holder.attn.matrix(name))
+        reference.out_proj.weight.copy_(holder.attn.out_proj.weight)
+        assert torch.allclose(holder.attn(q, k, v)[0], reference(q, k, v)[0], atol=1e-5)
+
+
+class _Scaled(nn.Linear):
+    def forward(self, x):  # computes differently from nn.Linear: must not become an MPOLinear
+        return 2 * super().forward(x)
+
+
+class _Plain(nn.Linear):
+    pass
+
+
+@pytest.mark.parametrize("cls, ok", [(nn.Linear, True), (_Plain, True), (_Scaled, False)])
+def test_linear_subclasses_are_compressed_only_when_they_compute_as_linear(cls, ok):
+    assert _supported(cls(4, 4)) is ok
