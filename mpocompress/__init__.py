@@ -38,6 +38,7 @@ _LAZY = {
     "MPOConv": "mpocompress.nn.layers",
     "MPOEmbedding": "mpocompress.nn.layers",
     "MPOMultiheadAttention": "mpocompress.nn.layers",
+    "MPOConv1D": "mpocompress.nn.layers",
     "MPOLSTM": "mpocompress.nn.layers",
     "MPOGRU": "mpocompress.nn.layers",
     "MPOLSTMCell": "mpocompress.nn.layers",

@@ -73,3 +73,53 @@ class _Plain(nn.Linear):
 @pytest.mark.parametrize("cls, ok", [(nn.Linear, True), (_Plain, True), (_Scaled, False)])
 def test_linear_subclasses_are_compressed_only_when_they_compute_as_linear(cls, ok):
     assert _supported(cls(4, 4)) is ok
+
+
+class Conv1D(nn.Module):
+    """Hugging Face's GPT-2 Conv1D as transformers defines it (weight (nx, nf); y = x W + b)."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf, self.nx = nf, nx
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.1)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).reshape(*x.shape[:-1], self.nf)
+
+
+def test_gpt2_conv1d_converts_and_runs_with_its_cores(tmp_path):
+    from mpocompress.nn.layers import MPOConv1D
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv1D(48, 32), nn.GELU(), Conv1D(32, 48))
+    src, out = tmp_path / "g.safetensors", tmp_path / "g.mpo.safetensors"
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(src))
+    res = CliRunner().invoke(main, ["convert", str(src), "-o", str(out), "--ratio", "2", "--cores", "2"])
+    assert res.exit_code == 0, res.output
+    torch.manual_seed(1)
+    loaded = load_compressed_(nn.Sequential(Conv1D(48, 32), nn.GELU(), Conv1D(32, 48)), out)
+    assert isinstance(loaded[0], MPOConv1D)
+    dense = nn.Sequential(Conv1D(48, 32), nn.GELU(), Conv1D(32, 48))
+    dense.load_state_dict(load_state_dict(out))
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), dense(x), atol=1e-5)
+    loaded(x).sum().backward()
+    assert loaded[0].cores_of("weight")[0].grad is not None
+
+
+def test_a_real_gpt2_block_from_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=16)
+    torch.manual_seed(0)
+    src, out = tmp_path / "gpt2.safetensors", tmp_path / "gpt2.mpo.safetensors"
+    save_file({k: v.detach().contiguous() for k, v in transformers.GPT2Model(cfg).state_dict().items()}, str(src))
+    res = CliRunner().invoke(main, ["convert", str(src), "-o", str(out), "--ratio", "2", "--exclude", "w*e.weight"])
+    assert res.exit_code == 0, res.output
+    loaded = load_compressed_(transformers.GPT2Model(cfg).eval(), out)
+    dense = transformers.GPT2Model(cfg).eval()
+    dense.load_state_dict(load_state_dict(out))
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).last_hidden_state, dense(ids).last_hidden_state, atol=1e-4)

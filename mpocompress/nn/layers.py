@@ -345,6 +345,28 @@ class MPOConv(MPOMatrices):
         return conv(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
+class MPOConv1D(MPOMatrices):
+    """Hugging Face's GPT-2 ``Conv1D`` (a linear layer whose weight is stored ``(in, out)``:
+    ``y = x W + b``) with that weight as MPO cores, in its stored orientation (so the checkpoint's
+    cores load as they are). The weight is rebuilt (cached in no-grad inference) and multiplied."""
+
+    def __init__(self, module: nn.Module, tt: TTMatrix, *, mode: str = "auto") -> None:
+        super().__init__(mode)
+        self.nf, self.nx = int(module.nf), int(getattr(module, "nx", tt.shape[0]))
+        self._set_matrix("weight", tt)
+        self.bias = nn.Parameter(module.bias.detach().clone())
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.matrix("weight")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W + bias`` for ``x`` of shape ``(..., nx)``."""
+        cores = self.cores_of("weight")
+        w = cores_to_matrix(cores, self._shapes["weight"]) if torch.is_grad_enabled() or _tracing() else self._cached("dense", "weight", cores)
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], self.nf)
+
+
 class MPOMultiheadAttention(MPOMatrices):
     """``nn.MultiheadAttention`` whose input projections (the packed ``in_proj_weight``, or
     ``q/k/v_proj_weight`` when key and value sizes differ) are MPO cores; ``out_proj`` is an

@@ -20,6 +20,7 @@ from mpocompress.nn.layers import (
     MPOGRU,
     MPOLSTM,
     MPOConv,
+    MPOConv1D,
     MPOEmbedding,
     MPOGRUCell,
     MPOLinear,
@@ -53,6 +54,8 @@ def _replacement(module: nn.Module, tts: dict[str, TTMatrix], mode: str) -> nn.M
         new = MPOLinear.from_cores(tts["weight"], module.in_features, module.out_features, module.bias, mode=mode)
     elif type(module) is nn.MultiheadAttention:
         new = MPOMultiheadAttention(module, tts, mode=mode)
+    elif _is_hf_conv1d(module):
+        new = MPOConv1D(module, tts["weight"], mode=mode)
     elif isinstance(module, _CONV):
         new = MPOConv(module, tts["weight"])
     elif type(module) is nn.Embedding:
@@ -152,9 +155,17 @@ def _supported(module: nn.Module) -> bool:
     as it does (no ``forward`` of their own, e.g. ``nn.MultiheadAttention``'s ``out_proj``, which
     the attention reads as ``out_proj.weight``: ``MPOLinear.weight`` rebuilds it). Other subclasses
     may compute differently and are left dense."""
-    if type(module) in SUPPORTED:
+    if type(module) in SUPPORTED or _is_hf_conv1d(module):
         return True
     return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+
+
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    """Hugging Face's GPT-2 ``Conv1D`` (``transformers.pytorch_utils``), recognised without importing
+    transformers: by name, its ``nf`` and an ``(in, out)`` weight."""
+    w = getattr(module, "weight", None)
+    return (type(module).__name__ == "Conv1D" and isinstance(getattr(module, "nf", None), int)
+            and isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[1] == module.nf)  # fmt: skip
 
 
 def _row(name: str, status: str, params: int, dense_params: int, cfg: MPOConfig, *, res=None, reason=None) -> dict[str, Any]:
