@@ -123,3 +123,15 @@ def test_a_real_gpt2_block_from_transformers(tmp_path):
     ids = torch.randint(0, 64, (2, 9))
     with torch.no_grad():
         assert torch.allclose(loaded(ids).last_hidden_state, dense(ids).last_hidden_state, atol=1e-4)
+
+
+def test_calibration_records_self_attention_inputs():
+    from mpocompress.jobs.calibrate import record_grams
+
+    enc = _encoder()
+    x = torch.randn(3, 7, 32)
+    grams, _ = record_grams(enc, [x])
+    key = "layers.0.self_attn.in_proj_weight"
+    assert key in grams and grams[key].shape == (32, 32)
+    xs = x.reshape(-1, 32).double()
+    assert torch.allclose(grams[key], xs.T @ xs, atol=1e-8)  # the first layer's attention sees the input

@@ -11,7 +11,8 @@ one ``in x in`` matrix per weight, whatever the number of samples):
   (the data, or the previous layer's outputs), ``weight_hh_l{k}`` from the hidden states the
   recurrence multiplies (``h_{t-1}``: the layer's outputs one step behind; the initial state counts
   when it is given); ``_reverse`` weights likewise for the backward direction;
-* ``nn.LSTMCell``/``nn.GRUCell``/``nn.RNNCell``: the input and the hidden state passed in.
+* ``nn.LSTMCell``/``nn.GRUCell``/``nn.RNNCell``: the input and the hidden state passed in;
+* ``nn.MultiheadAttention``: the input projections (the query, in self-attention).
 
 Other modules (embeddings, attention internals) are not recorded: their weights keep the data-free
 methods. Keys are state-dict names (``"fc.weight"``), the keys of ``convert --activations``.
@@ -118,6 +119,29 @@ def _rnn_layers(module: nn.RNNBase, x: torch.Tensor, hx: Any, acc: _Grams, names
         x = torch.cat(outs, -1)
 
 
+def _attention_hook(module: nn.MultiheadAttention, acc: _Grams, names: dict[int, str]):
+    """``nn.MultiheadAttention``'s input projections: the packed ``in_proj_weight`` sees the query in
+    self-attention (query, key and value one tensor); otherwise its three row blocks see query, key
+    and value, recorded here as one Gram of all three (an approximation); separate ``q/k/v_proj_weight``
+    each see their own input. ``out_proj`` is not called as a module: its inputs are not recorded."""
+    packed = names.get(id(module.in_proj_weight)) if module.in_proj_weight is not None else None
+    parts = [names.get(id(getattr(module, f"{c}_proj_weight"))) if getattr(module, f"{c}_proj_weight", None) is not None else None
+             for c in "qkv"]  # fmt: skip
+
+    def hook(m: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+        q = args[0] if args else kwargs.get("query")
+        k = args[1] if len(args) > 1 else kwargs.get("key", q)
+        v = args[2] if len(args) > 2 else kwargs.get("value", k)
+        if packed:
+            for x in (q,) if (k is q and v is q) else (q, k, v):
+                acc.add(packed, x)
+        for key, x in zip(parts, (q, k, v)):
+            if key:
+                acc.add(key, x)
+
+    return hook
+
+
 def _hook(module: nn.Module, acc: _Grams, names: dict[int, str]):
     """A forward hook recording ``module``'s inputs into ``acc`` (None: nothing to record)."""
     weight = getattr(module, "weight", None)
@@ -138,6 +162,8 @@ def _hook(module: nn.Module, acc: _Grams, names: dict[int, str]):
             _rnn_layers(m, args[0], args[1] if len(args) > 1 else None, acc, names)
             if isinstance(args[0], torch.Tensor) else None
         )  # fmt: skip
+    if type(module) is nn.MultiheadAttention:
+        return _attention_hook(module, acc, names)
     if isinstance(module, _CELLS):
 
         def cell(m: nn.Module, args: tuple, out: Any) -> None:
@@ -161,7 +187,8 @@ def _register(model: nn.Module, acc: _Grams, weights: set[str] | None) -> list[A
     for module in model.modules():
         fn = _hook(module, acc, names)
         if fn is not None:
-            hooks.append(module.register_forward_hook(fn))
+            with_kwargs = type(module) is nn.MultiheadAttention
+            hooks.append(module.register_forward_hook(fn, with_kwargs=with_kwargs))
     return hooks
 
 
