@@ -260,9 +260,9 @@ def main(verbose: int) -> None:
 @click.option("--als", "als_sweeps", default=0, show_default=True, type=click.IntRange(min=0),
               help="ALS sweeps refining the cores after TT-SVD (data-free); with a lossy codec, also refit the cores while quantizing.")
 @click.option("--activations", "activations_path", type=click.Path(path_type=Path),
-              help="safetensors of recorded layer inputs by weight name: refit those cores to the output error.")
-@click.option("--model", "model_spec", metavar="MODULE:FACTORY", help="Fine-tune: a callable (pkg.mod:fn or file.py:fn) returning the nn.Module.")
-@click.option("--data", "data_spec", metavar="PATH|MODULE:FACTORY", help="Fine-tuning batches: safetensors file/folder ('inputs'[, 'targets']) or a factory.")
+              help="safetensors of recorded layer inputs by weight name: fit those layers to their outputs on them.")
+@click.option("--model", "model_spec", metavar="MODULE:FACTORY", help="Calibrate and fine-tune: a callable (pkg.mod:fn or file.py:fn) returning the nn.Module.")
+@click.option("--data", "data_spec", metavar="PATH|MODULE:FACTORY", help="Calibration and fine-tuning batches: safetensors file/folder ('inputs'[, 'targets']) or a factory.")
 @click.option("--val-data", "val_spec", metavar="PATH|MODULE:FACTORY", help="Held-out batches (default: the last 10% of --data).")
 @click.option("--steps", type=click.IntRange(min=0), default=200, show_default=True, help="Fine-tuning steps at most (0: calibrate only, no training).")
 @click.option("--calibration", type=click.Choice(["sequential", "dense", "none"]), default="sequential", show_default=True,
@@ -307,8 +307,9 @@ def convert(ctx: click.Context, input_path: Path, output_path: Path, bond_dim, t
     \b
     MPO is applied when --bond-dim, --tol or --ratio is given; --prune/--quantize
     alone apply only themselves, and with MPO they apply to the cores.
-    With --model and --data every layer is first fitted to the inputs it sees in the dense model
-    (calibration), then the compressed model is fine-tuned against the dense one (--steps 0: not).
+    With --model and --data every layer is first fitted to reproduce the dense model's outputs from
+    the inputs it sees (calibration), then the compressed model is fine-tuned against the dense one
+    (--steps 0: not).
     An interrupted conversion resumes from the work folder (.OUTPUT.partial) when run again.
     Under torchrun each rank converts its share (fine-tuning is data-parallel); rank 0 reports.
     """
