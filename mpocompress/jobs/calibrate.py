@@ -398,7 +398,7 @@ def _gptq_in_place(model: nn.Module, group: list[str], config: Any, recipe: Any,
                    grams: dict[str, torch.Tensor]) -> None:  # fmt: skip
     """Plain weights of ``group`` whose chain is one grid quantizer: replaced by their GPTQ quantization."""
     from mpocompress.codecs import split_chain
-    from mpocompress.core.gptq import gptq
+    from mpocompress.jobs.plan import gptq_codec
 
     params = dict(model.named_parameters())
     mpo = {r["name"] for r in rows if r["status"] == "mpo"}
@@ -411,6 +411,5 @@ def _gptq_in_place(model: nn.Module, group: list[str], config: Any, recipe: Any,
         m = p.detach().reshape(p.shape[0], -1)
         if tuple(grams[name].shape) != (m.shape[1], m.shape[1]):
             continue
-        grid = quant.grid(m, torch.diagonal(grams[name]).to(m.dtype)[None, :].expand_as(m))
         with torch.no_grad():
-            p.copy_(gptq(m, grams[name], lambda col, q=quant, g=grid: q.snap(g, col)).reshape(p.shape))
+            p.copy_(gptq_codec(m, grams[name], quant)[0].reshape(p.shape))

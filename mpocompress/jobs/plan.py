@@ -230,19 +230,25 @@ def _gptq_applies(chain: list[Codec], mask: torch.Tensor | None) -> bool:
     return len(chain) == 1 and chain[0].has_grid and mask is None
 
 
+def gptq_codec(matrix: torch.Tensor, gram: torch.Tensor, quant: Codec) -> tuple[torch.Tensor, Any]:
+    """``matrix`` (rows as the codec stores them) quantized by GPTQ on recorded inputs with Gram
+    ``gram``, on the codec's grid made with each value weighted by its input's energy (``diag C``).
+    Returns ``(quantized matrix, grid)``."""
+    from mpocompress.core.gptq import gptq
+
+    grid = quant.grid(matrix, torch.diagonal(gram).to(matrix.dtype)[None, :].expand_as(matrix))
+    return gptq(matrix, gram, lambda col: quant.snap(grid, col)), grid
+
+
 def _gptq_encode(
     row: LayerRow, t: torch.Tensor, chain: list[Codec], gram: torch.Tensor, direct: tuple[dict[str, torch.Tensor], dict[str, Any]]
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The weight quantized by GPTQ on the recorded inputs (k-means centroids weighted by each input's
     energy), or the plain encoding ``direct`` where that has the lower output error on them."""
-    from mpocompress.core.gptq import gptq
     from mpocompress.core.refine import output_error
 
-    quant = chain[0]
     m = t.reshape(t.shape[0], -1)
-    importance = torch.diagonal(gram).to(m.dtype)[None, :].expand_as(m)
-    grid = quant.grid(m, importance)
-    q = gptq(m, gram, lambda col: quant.snap(grid, col))
+    q, grid = gptq_codec(m, gram, chain[0])
     coded = encode(q.reshape(t.shape), chain, grid=grid)
     before = output_error(m, decode(*direct).reshape(m.shape), gram)
     after = output_error(m, decode(*coded).reshape(m.shape), gram)

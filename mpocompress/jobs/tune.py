@@ -234,7 +234,7 @@ def _quantizers(
     int8 scales), fixed for the run; other codecs (casts, SEOFP) round-trip through the codec. A
     plain weight with recorded inputs starts from its GPTQ quantization on that grid."""
     from mpocompress.codecs import decode, encode, split_chain
-    from mpocompress.core.gptq import gptq
+    from mpocompress.jobs.plan import gptq_codec
 
     params = dict(student.named_parameters())
     out: dict[str, Any] = {}
@@ -255,11 +255,12 @@ def _quantizers(
                 continue
             m = p.detach().reshape(p.shape[0], -1) if mask is None else p.detach()[mask.bool()].reshape(1, -1)
             gram = grams.get(name) if not mpo and mask is None else None
-            importance = None if gram is None else torch.diagonal(gram).to(m.dtype)[None, :].expand_as(m)
-            grid = quant.grid(m, importance)
             if gram is not None and tuple(gram.shape) == (m.shape[1], m.shape[1]):
+                q, grid = gptq_codec(m, gram, quant)
                 with torch.no_grad():
-                    p.copy_(gptq(m, gram, lambda col, q=quant, g=grid: q.snap(g, col)).reshape(p.shape))
+                    p.copy_(q.reshape(p.shape))
+            else:
+                grid = quant.grid(m)
             out[pname] = _grid_quantizer(quant, grid, mask)
     return out
 
