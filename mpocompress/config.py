@@ -192,7 +192,8 @@ TASK_LOSSES = ("mse", "cross_entropy")
 #: learning rates tried by the probe of ``TuneConfig(lr=None)``, largest first (our choice: the
 #: 1e-3 our own models were tuned with, down to 3e-5 for converged pretrained models)
 LR_CANDIDATES = (1e-3, 3e-4, 1e-4, 3e-5)
-#: optimizer steps per probed learning rate (fewer when the probe would take over a quarter of ``time``)
+#: optimizer steps per probed learning rate (at most a quarter of ``steps``, at least 2; fewer when the
+#: probe would take over a quarter of ``time``)
 LR_PROBE_STEPS = 10
 
 

@@ -271,7 +271,7 @@ class _Trainer:
         from mpocompress.config import LR_CANDIDATES, LR_PROBE_STEPS
 
         found = {}
-        steps = LR_PROBE_STEPS
+        steps = max(2, min(LR_PROBE_STEPS, self.config.steps // 4))  # a short run gets a short probe
         for lr in LR_CANDIDATES:
             self.student.load_state_dict(start)
             opt = torch.optim.Adam(self.params, lr=lr)
