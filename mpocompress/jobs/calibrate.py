@@ -289,7 +289,7 @@ def record_grams(
 
 def gram_ok(gram: torch.Tensor) -> bool:
     """Whether a Gram matrix is usable: finite, with some energy."""
-    return bool(torch.isfinite(gram).all()) and float(torch.diagonal(gram).sum()) > 0 and not math.isnan(float(gram.sum()))
+    return bool(torch.isfinite(gram).all()) and float(torch.diagonal(gram).sum()) > 0
 
 
 #: sequential calibration records the inputs again after compressing each of at most this many groups
