@@ -261,8 +261,16 @@ def main(verbose: int) -> None:
               help="ALS sweeps refining the cores after TT-SVD (data-free); with a lossy codec, also refit the cores while quantizing.")
 @click.option("--activations", "activations_path", type=click.Path(path_type=Path),
               help="safetensors of recorded layer inputs by weight name: fit those layers to their outputs on them.")
-@click.option("--model", "model_spec", metavar="MODULE:FACTORY", help="Calibrate and fine-tune: a callable (pkg.mod:fn or file.py:fn) returning the nn.Module.")
-@click.option("--data", "data_spec", metavar="PATH|MODULE:FACTORY", help="Calibration and fine-tuning batches: safetensors file/folder ('inputs'[, 'targets']) or a factory.")
+@click.option("--model", "model_spec", metavar="MODULE:FACTORY|hf",
+              help="Calibrate and fine-tune: a callable (pkg.mod:fn or file.py:fn) returning the nn.Module; 'hf' (the default for a "
+                   "model folder with config.json): built by transformers from the folder's config.")
+@click.option("--data", "data_spec", metavar="PATH|MODULE:FACTORY",
+              help="Calibration and fine-tuning batches: safetensors file/folder ('inputs'[, 'targets']), a factory, or a .txt/.jsonl "
+                   "text file (tokenized with the model folder's tokenizer into --seq-len windows).")
+@click.option("--seq-len", type=click.IntRange(min=2), default=512, show_default=True, help="Tokens per window of text --data.")
+@click.option("--kd-loss", type=click.Choice(["auto", "mse", "kl"]), default="auto", show_default=True,
+              help="Distillation loss: MSE between outputs, or KL between softmaxes (auto: KL for text data, else MSE).")
+@click.option("--temperature", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True, help="Softmax temperature of --kd-loss kl.")
 @click.option("--val-data", "val_spec", metavar="PATH|MODULE:FACTORY", help="Held-out batches (default: the last 10% of --data).")
 @click.option("--steps", type=click.IntRange(min=0), default=200, show_default=True, help="Fine-tuning steps at most (0: calibrate only, no training).")
 @click.option("--calibration", type=click.Choice(["sequential", "dense", "none"]), default="sequential", show_default=True,
@@ -290,7 +298,7 @@ def main(verbose: int) -> None:
 def convert(ctx: click.Context, input_path: Path, output_path: Path, bond_dim, tol, ratio, cores, svd, prune, quantize, prune_scope, recipe_path, include, exclude, seed,
             as_json, report_path, force, strict, max_error, min_ratio, max_shard_size, als_sweeps, activations_path, model_spec, data_spec,
             val_spec, steps, calibration, calibration_samples, time_limit, lr, train_sel, kd_weight, task_loss, batch_size, task, workers,
-            ipkd_rounds, target_size, target_ratio) -> None:  # fmt: skip
+            ipkd_rounds, target_size, target_ratio, seq_len, kd_loss, temperature) -> None:  # fmt: skip
     """Compress the weight matrices of INPUT into MPO cores and write a compact checkpoint.
 
     \b
@@ -301,6 +309,7 @@ def convert(ctx: click.Context, input_path: Path, output_path: Path, bond_dim, t
       mpocompress convert se.pt -o se.pq.safetensors --prune channel:0.65 --quantize kmeans:16
       mpocompress convert se.pt -o se.mpo.safetensors --ratio 10 --model mymodels:build --data batches/ --steps 300
       mpocompress convert se.pt -o se.q.safetensors --quantize kmeans:16 --model mymodels:build --data batches/ --steps 0
+      mpocompress convert SmolLM2/ -o small/ --ratio 2 --include "*proj*" --data calib.txt --seq-len 256 --steps 0
       mpocompress convert big/ -o big-mpo/ --ratio 8 --cores 2 --workers 8
       torchrun --nproc-per-node 4 -m mpocompress convert big/ -o big-mpo/ --ratio 8
 
@@ -317,7 +326,12 @@ def convert(ctx: click.Context, input_path: Path, output_path: Path, bond_dim, t
 
     tune_opts = {"steps": "--steps", "time_limit": "--time", "lr": "--lr", "train_sel": "--train", "kd_weight": "--kd-weight",
                  "task_loss": "--task-loss", "batch_size": "--batch-size", "ipkd_rounds": "--ipkd", "val_spec": "--val-data", "task": "--task",
-                 "calibration": "--calibration", "calibration_samples": "--calibration-samples"}  # fmt: skip
+                 "calibration": "--calibration", "calibration_samples": "--calibration-samples", "seq_len": "--seq-len",
+                 "kd_loss": "--kd-loss", "temperature": "--temperature"}  # fmt: skip
+    from mpocompress.text.hf import is_model_folder
+
+    if model_spec is None and data_spec is not None and is_model_folder(input_path):
+        model_spec = "hf"  # a Hugging Face folder: the model is built from its config.json
     if model_spec is None or data_spec is None:
         if model_spec is not None or data_spec is not None:
             raise click.UsageError("fine-tuning needs both --model and --data")
@@ -354,9 +368,13 @@ def convert(ctx: click.Context, input_path: Path, output_path: Path, bond_dim, t
 
         extra["activations"] = read_activations(activations_path)
     if model_spec is not None:
-        extra.update(_tuning_inputs(model_spec, data_spec, val_spec, task, prune, seed,
-                                    TuneConfig(steps=steps, time=time_limit, lr=lr, train=train_sel, kd_weight=kd_weight,
-                                               task_loss=task_loss, batch_size=batch_size, ipkd=ipkd_rounds or 0, seed=seed)))  # fmt: skip
+        from mpocompress.text.data import is_text
+
+        if kd_loss == "auto":
+            kd_loss = "kl" if is_text(data_spec) else "mse"
+        tune = TuneConfig(steps=steps, time=time_limit, lr=lr, train=train_sel, kd_weight=kd_weight, kd_loss=kd_loss, temperature=temperature,
+                          task_loss=task_loss, batch_size=batch_size, ipkd=ipkd_rounds or 0, seed=seed)  # fmt: skip
+        extra.update(_tuning_inputs(model_spec, data_spec, val_spec, task, prune, seed, tune, input_path, seq_len))
         extra.update(calibrate=calibration != "none", sequential=calibration == "sequential", calibration_samples=calibration_samples)
     from mpocompress.jobs import dist
 
@@ -394,27 +412,40 @@ def convert(ctx: click.Context, input_path: Path, output_path: Path, bond_dim, t
 
 @main.command()
 @click.argument("checkpoints", metavar="CKPT...", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--model", "model_spec", required=True, metavar="MODULE:FACTORY",
-              help="A callable returning the mask model (e.g. mpocompress.speech.models:lstm_mask).")
-@click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path), help="Folder with noisy/ and clean/ wav files (16 kHz).")
+@click.option("--task", type=click.Choice(["speech-enhancement", "lm"]), default="speech-enhancement", show_default=True,
+              help="speech-enhancement: PESQ/STOI on noisy/clean wavs; lm: perplexity of causal language models on a text file.")
+@click.option("--model", "model_spec", metavar="MODULE:FACTORY",
+              help="A callable returning the mask model (e.g. mpocompress.speech.models:lstm_mask); --task lm builds it from config.json.")
+@click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path),
+              help="Folder with noisy/ and clean/ wav files (16 kHz); --task lm: a .txt/.jsonl file.")
+@click.option("--seq-len", type=click.IntRange(min=2), default=512, show_default=True, help="--task lm: tokens per window.")
+@click.option("--stride", type=click.IntRange(min=1), help="--task lm: tokens between window starts (default --seq-len: disjoint windows).")
+@click.option("--max-tokens", type=click.IntRange(min=2), help="--task lm: score only the first N tokens of the text.")
 @click.option("--metrics", default="pesq_wb,pesq_nb,stoi,estoi,si_sdr", show_default=True,
               help="Comma-separated; PESQ and STOI need the speech extra.")
 @click.option("--limit", type=click.IntRange(min=1), help="Score only the first N utterances.")
 @click.option("--no-noisy", is_flag=True, help="Leave out the unprocessed noisy input as a system.")
 @click.option("--json", "as_json", is_flag=True, help="Print the scores (means, per utterance, paired CIs) as JSON on stdout.")
 @_errors
-def evaluate(checkpoints: tuple[Path, ...], model_spec: str, data_dir: Path, metrics: str, limit: int | None,
-             no_noisy: bool, as_json: bool) -> None:  # fmt: skip
-    """Score speech-enhancement checkpoints (dense or compressed) on a noisy/clean set.
+def evaluate(checkpoints: tuple[Path, ...], task: str, model_spec: str | None, data_dir: Path, seq_len: int, stride: int | None,
+             max_tokens: int | None, metrics: str, limit: int | None, no_noisy: bool, as_json: bool) -> None:  # fmt: skip
+    """Score speech-enhancement checkpoints (dense or compressed) on a noisy/clean set, or language
+    models (model folders, dense or compressed) by perplexity on a text file.
 
     \b
     The first CKPT is the baseline: every other system's mean difference from it is shown with a
-    paired 95 % bootstrap confidence interval over utterances.
+    paired 95 % bootstrap confidence interval over utterances (--task lm: its perplexity ratio).
     \b
-    Example:
+    Examples:
       mpocompress evaluate dense.safetensors small.safetensors \\
           --model mpocompress.speech.models:lstm_mask --data corpus/test
+      mpocompress evaluate --task lm SmolLM2/ small/ --data persuasion.txt --seq-len 512 --json
     """
+    if task == "lm":
+        _evaluate_lm(checkpoints, data_dir, seq_len, stride, max_tokens, as_json)
+        return
+    if model_spec is None:
+        raise click.UsageError("--task speech-enhancement needs --model")
     from mpocompress.errors import ConfigError, InputError
     from mpocompress.jobs.decompress import load_state_dict
     from mpocompress.jobs.inputs import import_object
@@ -562,14 +593,23 @@ def _lr(value: str) -> float | None:
     return lr
 
 
-def _tuning_inputs(model_spec: str, data_spec: str, val_spec: str | None, task: str, prune: str | None, seed: int, tune: Any) -> dict[str, Any]:
+def _tuning_inputs(model_spec: str, data_spec: str, val_spec: str | None, task: str, prune: str | None, seed: int, tune: Any,
+                   input_path: Path, seq_len: int) -> dict[str, Any]:  # fmt: skip
     """The model and batches fine-tuning needs, from ``--model``/``--data``/``--val-data``."""
     from mpocompress.jobs.inputs import import_object, read_batches
+    from mpocompress.text.data import is_text
 
     batch_size = tune.batch_size
     if tune.ipkd and (prune is None or not prune.startswith("magnitude")):
         raise click.UsageError("--ipkd needs --prune magnitude:SPARSITY")
-    factory = import_object(model_spec, "--model")
+    if model_spec == "hf":
+        from mpocompress.text.hf import is_model_folder, model_factory
+
+        if not is_model_folder(input_path):
+            raise click.UsageError(f"--model hf needs a model folder with config.json as INPUT, not {input_path}")
+        factory = model_factory(input_path)
+    else:
+        factory = import_object(model_spec, "--model")
     if not callable(factory):
         raise click.UsageError(f"--model {model_spec!r} is not callable")
     import torch
@@ -578,8 +618,47 @@ def _tuning_inputs(model_spec: str, data_spec: str, val_spec: str | None, task: 
     reader = read_batches
     if task == "speech-enhancement":
         from mpocompress.speech.data import folder_batches as reader
+    elif is_text(data_spec) or (val_spec is not None and is_text(val_spec)):
+        reader = _text_reader(input_path, seq_len)
     return {"tune": tune, "model": factory(), "train_batches": reader(data_spec, batch_size),
             "val_batches": reader(val_spec, batch_size) if val_spec else None}  # fmt: skip
+
+
+def _text_reader(input_path: Path, seq_len: int) -> Any:
+    """A batch reader for text ``--data``: tokenized with the input folder's tokenizer."""
+    from mpocompress.text.data import is_text, text_batches
+    from mpocompress.text.hf import is_model_folder, load_tokenizer
+
+    if not is_model_folder(input_path):
+        raise click.UsageError(f"text --data needs a model folder (config.json and tokenizer) as INPUT, not {input_path}")
+    tokenizer = load_tokenizer(input_path)
+
+    def read(spec: str, batch_size: int) -> list[Any]:
+        if not is_text(spec):
+            raise click.UsageError(f"{spec}: mix of text and tensor data; give .txt/.jsonl files for both --data and --val-data")
+        return text_batches(Path(spec), tokenizer, seq_len, batch_size)
+
+    return read
+
+
+def _evaluate_lm(checkpoints: tuple[Path, ...], data: Path, seq_len: int, stride: int | None, max_tokens: int | None, as_json: bool) -> None:
+    """``evaluate --task lm``: perplexity of each checkpoint, as JSON or a table."""
+    from mpocompress.text.evaluate import evaluate_lm
+
+    with _Progress("scoring") as progress:
+        result = evaluate_lm(list(checkpoints), data, seq_len, stride, max_tokens, progress=progress)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    from rich.table import Table
+
+    first = next(iter(result["systems"].values()))
+    table = Table(title=f"perplexity on {data}: {first['tokens']} tokens, windows of {seq_len} every {first['stride']}")
+    for col in ("system", "perplexity", "vs baseline", "nll/token", "seconds"):
+        table.add_column(col, justify="left" if col == "system" else "right")
+    for name, r in result["systems"].items():
+        table.add_row(name, f"{r['ppl']:.3f}", f"{r['ppl_ratio']:.3f}x", f"{r['nll']:.4f}", f"{r['seconds']:.1f}")
+    _stdout_console().print(table)
 
 
 def _show_report(data: dict[str, Any], as_json: bool, output_path: Path) -> None:

@@ -187,6 +187,7 @@ class Gates:
 
 TRAIN_CHOICES = ("all", "central", "outer")
 TASK_LOSSES = ("mse", "cross_entropy")
+KD_LOSSES = ("mse", "kl")
 
 
 #: learning rates tried by the probe of ``TuneConfig(lr=None)``, largest first (our choice: the
@@ -213,8 +214,12 @@ class TuneConfig:
         train: ``"all"`` parameters, only the ``"central"`` core of each MPO matrix (its largest core),
             or only the ``"outer"`` cores (the MPO papers' auxiliary tensors); with ``central``/``outer``
             everything else is frozen.
-        kd_weight: weight of the distillation loss (MSE between student and teacher outputs); the task
+        kd_weight: weight of the distillation loss (between student and teacher outputs); the task
             loss against the batch's targets, when it has them, gets ``1 - kd_weight``.
+        kd_loss: the distillation loss: ``"mse"`` between the outputs, or ``"kl"``: KL divergence of
+            the student's softmax from the teacher's over the last dimension at ``temperature``, times
+            ``temperature**2`` (Hinton et al.; for logits: language models, classifiers).
+        temperature: softmax temperature of ``kd_loss="kl"``.
         task_loss: ``"mse"`` or ``"cross_entropy"`` (targets as class indices).
         eval_every: steps between held-out evaluations (the best checkpoint by held-out loss is kept).
         batch_size: batch size when a data file holds one ``inputs`` tensor to split.
@@ -232,6 +237,8 @@ class TuneConfig:
     patience: int = 5
     train: str = "all"
     kd_weight: float = 1.0
+    kd_loss: str = "mse"
+    temperature: float = 1.0
     task_loss: str = "mse"
     eval_every: int = 20
     batch_size: int = 16
@@ -254,6 +261,10 @@ class TuneConfig:
             raise ConfigError(f"train must be one of {', '.join(TRAIN_CHOICES)}, got {self.train!r}")
         if not 0.0 <= self.kd_weight <= 1.0:
             raise ConfigError(f"kd_weight must be in [0, 1], got {self.kd_weight!r}")
+        if self.kd_loss not in KD_LOSSES:
+            raise ConfigError(f"kd_loss must be one of {', '.join(KD_LOSSES)}, got {self.kd_loss!r}")
+        if not self.temperature > 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature!r}")
         if self.task_loss not in TASK_LOSSES:
             raise ConfigError(f"task_loss must be one of {', '.join(TASK_LOSSES)}, got {self.task_loss!r}")
         if not isinstance(self.eval_every, int) or self.eval_every < 1:

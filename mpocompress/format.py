@@ -104,6 +104,7 @@ def file_metadata(
     totals: dict[str, Any] | None = None,
     finetune: dict[str, Any] | None = None,
     source: str = "convert",
+    tied: dict[str, str] | None = None,
 ) -> dict[str, str]:
     """The safetensors ``__metadata__`` of a compressed checkpoint: ``{"format": "pt", META_KEY: json}``.
 
@@ -126,6 +127,8 @@ def file_metadata(
     }
     if finetune is not None:
         meta["finetune"] = finetune
+    if tied:  # names that were the very same tensor as another (tied weights): stored once
+        meta["tied"] = dict(tied)
     return {"format": "pt", META_KEY: json.dumps(meta, sort_keys=True)}
 
 
@@ -159,7 +162,18 @@ def read_meta(ckpt: StoredCheckpoint) -> dict[str, Any] | None:
         problem = _entry_problem(entry)
         if problem:
             raise InputError(f"{ckpt.path}: corrupt mpocompress metadata for {name!r}: {problem}")
+    tied = meta.get("tied", {})
+    if not isinstance(tied, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tied.items()):
+        raise InputError(f"{ckpt.path}: corrupt mpocompress metadata ('tied' is not a mapping of names)")
     return meta
+
+
+def untie(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Give every tied name (stored once, see :func:`file_metadata`) its tensor again, in place."""
+    for alias, source in meta.get("tied", {}).items():
+        if source in tensors and alias not in tensors:
+            tensors[alias] = tensors[source]
+    return tensors
 
 
 def _ints(v: Any, n: int | None = None) -> bool:

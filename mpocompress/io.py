@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 INDEX_NAME = "model.safetensors.index.json"
+#: index/file metadata key listing the files copied beside the weights (config, tokenizer...)
+SIDE_FILES_KEY = "mpocompress.side_files"
+#: suffixes of weight files a model folder may hold in other formats: never copied as side files
+_WEIGHT_SUFFIXES = (*TORCH_SUFFIXES, ".safetensors", ".gguf", ".h5", ".msgpack", ".onnx", ".tflite", ".npz")
 #: keys under which training scripts nest the state dict, tried in this order
 NESTING_KEYS = ("state_dict", "model_state_dict", "model_state", "model", "module", "net", "network", "weights")
 
@@ -67,6 +71,8 @@ class Checkpoint:
         self.inputs: list[Path] = [path, *files]
         #: top-level entries of a training checkpoint that are not model weights (optimizer, EMA...)
         self.dropped: list[str] = []
+        #: names of tensors that are the same tensor as another one (tied weights): ``{alias: name}``
+        self.tied: dict[str, str] = {}
 
     def keys(self) -> list[str]:
         """Names of the tensors, in file order."""
@@ -211,10 +217,11 @@ class StateDictCheckpoint(Checkpoint):
 
     def __init__(self, path: Path, state: dict[str, torch.Tensor]):
         super().__init__(path, [path])
-        self._state = state
+        self.tied = tied_aliases(state)
+        self._state = {k: v for k, v in state.items() if k not in self.tied}
 
     def keys(self) -> list[str]:
-        """Names of the tensors."""
+        """Names of the tensors (a tied tensor once: its other names are in :attr:`tied`)."""
         return list(self._state)
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -228,6 +235,52 @@ class StateDictCheckpoint(Checkpoint):
     def get(self, name: str) -> torch.Tensor:
         """One tensor (memory-mapped where the file allowed it)."""
         return self._state[name]
+
+
+def tied_aliases(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """``{alias: first name}`` for every tensor that is the very same tensor as an earlier one (the
+    same storage, offset, shape and strides: a tied ``lm_head``/embedding saved by ``torch.save``)."""
+    first: dict[tuple[Any, ...], str] = {}
+    out = {}
+    for name, t in tensors.items():
+        if t.device.type == "meta" or t.numel() == 0:
+            continue
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        if key in first:
+            out[name] = first[key]
+        else:
+            first[key] = name
+    return out
+
+
+def fill_tied(own: Mapping[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Add to ``tensors`` the names a model ties to one of them (``own``: the model's state dict; a
+    Hugging Face folder stores a tied ``lm_head.weight`` only as the embedding), in place."""
+    for alias, source in tied_aliases(own).items():
+        if alias not in tensors and source in tensors:
+            tensors[alias] = tensors[source]
+        elif source not in tensors and alias in tensors:
+            tensors[source] = tensors[alias]
+    return tensors
+
+
+def side_files(folder: Path) -> list[Path]:
+    """The files of a model folder that are not weights (``config.json``, tokenizer and generation
+    files, README...): copied beside a folder output so it stays a loadable model folder."""
+    if not folder.is_dir():
+        return []
+    return sorted(
+        f for f in folder.iterdir()
+        if f.is_file() and not f.is_symlink() and not f.name.startswith(".")
+        and not f.name.endswith(_WEIGHT_SUFFIXES) and not f.name.endswith(".index.json")
+    )  # fmt: skip
+
+
+def copy_side_files(files: list[Path], folder: Path) -> list[str]:
+    """Copy ``files`` into ``folder`` (a temporary output folder); their names."""
+    for f in files:
+        shutil.copyfile(f, folder / f.name)
+    return [f.name for f in files]
 
 
 def _first_line(e: BaseException) -> str:
@@ -428,9 +481,21 @@ def _is_ours(path: Path, kind: str) -> bool:
             entries = list(path.iterdir())
             if not any(e.name == INDEX_NAME for e in entries):
                 return False
-            if any(not e.is_file() or not (e.name == INDEX_NAME or _SHARD_NAME.fullmatch(e.name)) for e in entries):
+            meta = json.loads((path / INDEX_NAME).read_text()).get("metadata") or {}
+            copied = set(json.loads(meta.get(SIDE_FILES_KEY, "[]")))
+            if any(not e.is_file() or not (e.name == INDEX_NAME or _SHARD_NAME.fullmatch(e.name) or e.name in copied)
+                   for e in entries):  # fmt: skip
                 return False
-            return META_KEY in (json.loads((path / INDEX_NAME).read_text()).get("metadata") or {})
+            return META_KEY in meta
+        if kind == "dense" and path.is_dir():
+            weights = path / "model.safetensors"
+            if not weights.is_file() or weights.is_symlink():
+                return False
+            meta = read_safetensors_header(weights)[0].get("__metadata__") or {}
+            copied = set(json.loads(meta.get(SIDE_FILES_KEY, "[]")))
+            if any(not e.is_file() or e.is_symlink() or e.name not in copied | {"model.safetensors"} for e in path.iterdir()):
+                return False
+            return DECOMPRESSED_KEY in meta
         if not path.is_file():
             return False
         if kind in ("checkpoint", "dense") and path.suffix == ".safetensors":
@@ -611,6 +676,23 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: 
             raise
 
 
+def save_model_folder(tensors: Mapping[str, torch.Tensor], folder: Path, metadata: dict[str, str], side: list[Path]) -> None:
+    """Write a model folder atomically: ``model.safetensors`` plus copies of ``side`` files (config,
+    tokenizer...), built in a temporary folder beside ``folder`` and renamed into place."""
+    from safetensors.torch import save_file
+
+    with writing(folder):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    try:
+        with writing(folder):
+            names = copy_side_files(side, tmp)
+            save_file(_storage_safe(tensors), tmp / "model.safetensors", metadata={**metadata, SIDE_FILES_KEY: json.dumps(names)})
+            replace_into(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; fsync it and rename it onto ``path`` if the block
@@ -763,9 +845,10 @@ def read_toml(path: Path) -> dict[str, Any]:
 
 
 def path_size(path: Path) -> int:
-    """Bytes on disk of a file, or of every file in a folder."""
+    """Bytes on disk of a file, or of a folder's weights (its ``.safetensors`` files and index; the
+    config and tokenizer files copied beside them are not counted)."""
     if path.is_dir():
-        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and f.name.endswith((".safetensors", INDEX_NAME)))
     return path.stat().st_size
 
 

@@ -20,7 +20,7 @@ LAYERS = [
     {"mpocompress.format", "mpocompress.report"},
     {"mpocompress.io"},
     {"mpocompress.nn", "mpocompress.render", "mpocompress.data"},
-    {"mpocompress.jobs", "mpocompress.speech"},
+    {"mpocompress.jobs", "mpocompress.speech", "mpocompress.text"},
     {"mpocompress.cli", "mpocompress.__main__"},
 ]
 

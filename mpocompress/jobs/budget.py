@@ -316,10 +316,11 @@ def sensitivities(
     ``grams`` (the curves then hold output errors) the probe is made the data-aware way too.
     """
     from mpocompress.config import TuneConfig
+    from mpocompress.io import fill_tied
     from mpocompress.jobs.finetune import evaluate
 
     own = model.state_dict()
-    model.load_state_dict({k: dense.get(k) for k in own}, strict=True)
+    model.load_state_dict(fill_tied(own, {k: dense[k] for k in own if k in dense}), strict=True)
     teacher = copy.deepcopy(model).eval()
     model.eval()
     kd = TuneConfig(kd_weight=1.0)
@@ -446,10 +447,11 @@ def plan_budget(
 
 def _grams(model: torch.nn.Module, batches: list[Any], ckpt: Checkpoint, layers: set[str]) -> dict[str, torch.Tensor]:
     """Recorded inputs of ``layers`` in the dense model (loaded into ``model``), usable ones only."""
+    from mpocompress.io import fill_tied
     from mpocompress.jobs.calibrate import gram_ok, record_grams
 
     own = model.state_dict()
-    model.load_state_dict({k: ckpt.get(k) for k in own}, strict=True)
+    model.load_state_dict(fill_tied(own, {k: ckpt.get(k) for k in own if k in ckpt.keys()}), strict=True)
     grams, _ = record_grams(model, batches, weights=layers)
     return {k: g for k, g in grams.items() if gram_ok(g)}
 

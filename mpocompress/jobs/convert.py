@@ -17,7 +17,14 @@ import torch
 from mpocompress.config import MAX_CORES, MPOConfig, Recipe, TuneConfig
 from mpocompress.errors import ConfigError, InputError, Interrupted, OutputError
 from mpocompress.format import core_name, file_metadata, part_suffixes
-from mpocompress.io import IN_PLACE, Checkpoint, check_output, open_checkpoint, path_size
+from mpocompress.io import (
+    IN_PLACE,
+    Checkpoint,
+    check_output,
+    open_checkpoint,
+    path_size,
+    side_files,
+)
 from mpocompress.jobs.dist import barrier, rank_world, shared_error
 from mpocompress.jobs.plan import (
     DEFAULT_MAX_SHARD_BYTES,
@@ -264,9 +271,11 @@ def _convert_locked(
         config.to_dict(), meta_layers, recipe=recipe.to_list() if recipe is not None else [],
         totals={k: v for k, v in report.totals().items() if not k.startswith(("output_", "file_"))},
         finetune={k: v for k, v in tune_summary.items() if k != "history"} if tune_summary is not None else None,
+        tied=ckpt.tied,
     )  # fmt: skip
     if rank == 0:
-        _finish(store, output_path, metadata, max_shard_bytes)
+        side = side_files(input_path) if output_path.suffix != ".safetensors" else []
+        _finish(store, output_path, metadata, max_shard_bytes, side)
     barrier()
     return report
 
@@ -383,11 +392,12 @@ def _report(
     )
 
 
-def _finish(store: GroupStore, output_path: Path, metadata: dict[str, str], max_shard_bytes: int) -> None:
-    """Pack the groups into the output; an interrupt's message says whether it is in place."""
+def _finish(store: GroupStore, output_path: Path, metadata: dict[str, str], max_shard_bytes: int, side: list[Path]) -> None:
+    """Pack the groups into the output (with the input folder's ``side`` files: config, tokenizer...);
+    an interrupt's message says whether it is in place."""
     IN_PLACE.discard(output_path.resolve())
     try:
-        store.finish(metadata, max_shard_bytes)
+        store.finish(metadata, max_shard_bytes, side)
     except KeyboardInterrupt:
         if output_path.resolve() in IN_PLACE:
             raise Interrupted(f"interrupted after {output_path} was written completely") from None

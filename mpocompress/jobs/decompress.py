@@ -9,15 +9,16 @@ from typing import Any
 import torch
 
 from mpocompress import __version__
-from mpocompress.errors import ConfigError
-from mpocompress.format import DECOMPRESSED_KEY, read_meta, rebuild, stored_tensors
+from mpocompress.format import DECOMPRESSED_KEY, read_meta, rebuild, stored_tensors, untie
 from mpocompress.io import (
     check_output,
     input_paths,
     open_checkpoint,
     path_size,
+    save_model_folder,
     save_safetensors,
     save_torch,
+    side_files,
 )
 
 
@@ -41,21 +42,23 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         for name, entry in meta["layers"].items():
             if entry.get("method", "mpo") == "mpo":
                 out[name] = rebuild(entry, [out.pop(c) for c in entry["cores"]], name)
-        return out
+        return untie(meta, out)
 
 
 def decompress(input_path: str | Path, output_path: str | Path, *, force: bool = False) -> dict[str, Any]:
-    """Write the dense state dict of a compressed checkpoint (``.safetensors``, or ``.pt/.pth``).
+    """Write the dense state dict of a compressed checkpoint: a ``.safetensors`` or ``.pt/.pth/.bin``
+    file, or (any other name) a model folder: ``model.safetensors`` beside the input folder's config,
+    tokenizer and other files, which ``transformers``' ``from_pretrained`` loads.
 
     Returns:
         A small summary: tensors written, bytes on disk.
     """
     input_path, output_path = Path(input_path), Path(output_path)
-    if output_path.suffix not in (".pt", ".pth", ".bin", ".safetensors"):
-        raise ConfigError(f"{output_path}: decompress writes .safetensors or .pt/.pth/.bin files")
     check_output(output_path, input_paths(input_path), force, kind="dense")
     sd = load_state_dict(input_path)
-    if output_path.suffix == ".safetensors":
+    if output_path.suffix not in (".pt", ".pth", ".bin", ".safetensors"):
+        save_model_folder(sd, output_path, {"format": "pt", DECOMPRESSED_KEY: __version__}, side_files(input_path))
+    elif output_path.suffix == ".safetensors":
         save_safetensors(sd, output_path, {"format": "pt", DECOMPRESSED_KEY: __version__})
     else:
         save_torch(sd, output_path)

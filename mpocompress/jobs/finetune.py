@@ -6,7 +6,8 @@ A *batch* is an input tensor, or a pair ``(inputs, targets)`` where ``inputs`` i
 tuple of tensors (passed as positional arguments to the model). A model's output is its first tensor
 when it returns a tuple or list (``nn.LSTM`` style).
 
-The loss of a batch is ``kd_weight * MSE(student(x), teacher(x)) + (1 - kd_weight) * task(student(x), y)``,
+The loss of a batch is ``kd_weight * KD(student(x), teacher(x)) + (1 - kd_weight) * task(student(x), y)``
+(KD: MSE, or KL divergence of softmaxes at a temperature for logits),
 the task term only when the batch has targets. Training uses Adam, a fixed seed, a fixed batch order
 (cycling over the training batches), and keeps the parameters with the lowest held-out loss seen
 (the starting point included, so fine-tuning never returns a model worse on the held-out batches
@@ -107,6 +108,16 @@ def first_tensor(out: Any) -> torch.Tensor:
     return out
 
 
+def distill_loss(out: torch.Tensor, ref: torch.Tensor, config: TuneConfig) -> torch.Tensor:
+    """The distillation loss between the student's and the teacher's outputs (``config.kd_loss``)."""
+    if config.kd_loss == "kl":
+        t = config.temperature
+        s = F.log_softmax(out.float() / t, dim=-1).reshape(-1, out.shape[-1])
+        r = F.log_softmax(ref.float() / t, dim=-1).reshape(-1, ref.shape[-1])
+        return F.kl_div(s, r, log_target=True, reduction="batchmean") * (t * t)
+    return F.mse_loss(out, ref)
+
+
 def batch_loss(student: nn.Module, teacher: nn.Module | None, batch: Any, config: TuneConfig) -> torch.Tensor:
     """The training loss of one batch (see the module docstring)."""
     xs, y = split_batch(batch)
@@ -116,7 +127,7 @@ def batch_loss(student: nn.Module, teacher: nn.Module | None, batch: Any, config
     if kd_w > 0 and teacher is not None:
         with torch.no_grad():
             ref = first_tensor(teacher(*xs))
-        loss = loss + kd_w * F.mse_loss(out, ref)
+        loss = loss + kd_w * distill_loss(out, ref, config)
     if y is not None and kd_w < 1.0:
         if config.task_loss == "cross_entropy":
             task = F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1).long())

@@ -15,8 +15,8 @@ from mpocompress.codecs import Codec, magnitude_threshold
 from mpocompress.config import MPOConfig, Recipe, TuneConfig
 from mpocompress.core.tt import TTMatrix
 from mpocompress.errors import ConfigError, InputError
-from mpocompress.format import core_name
-from mpocompress.io import Checkpoint
+from mpocompress.format import core_name, untie
+from mpocompress.io import Checkpoint, fill_tied
 from mpocompress.jobs.plan import LayerPlan
 
 log = logging.getLogger(__name__)
@@ -172,8 +172,8 @@ def _load_models(
             raise ConfigError(f"fine-tuning needs at least 2 batches (one is held out), got {len(train)}")
         n_val = max(1, round(tune.val_fraction * len(train)))
         train, val = train[:-n_val], train[-n_val:]
-    dense = {n: ckpt.get(n) for n in ckpt.keys()}
     own = model.state_dict()
+    dense = fill_tied(own, untie({"tied": ckpt.tied}, {n: ckpt.get(n) for n in ckpt.keys()}))
     missing = [k for k in own if k not in dense]
     if missing:
         raise InputError(f"{ckpt.path}: lacks {len(missing)} tensor(s) the --model has, e.g. {missing[0]!r}")

@@ -22,6 +22,8 @@ from mpocompress.errors import OutputError
 from mpocompress.io import (
     INDEX_NAME,
     LOCK_NAME,
+    SIDE_FILES_KEY,
+    copy_side_files,
     deferred_interrupts,
     file_sha256,
     pack_safetensors,
@@ -179,9 +181,10 @@ class GroupStore:
         header, start = read_safetensors_header(self.group_file(i))
         return self.group_file(i).stat().st_size - start
 
-    def finish(self, metadata: dict[str, str], max_shard_bytes: int) -> None:
+    def finish(self, metadata: dict[str, str], max_shard_bytes: int, side: list[Path] | None = None) -> None:
         """Pack the groups into ``output`` (one file if it ends in ``.safetensors``, else a sharded
-        folder with ``model.safetensors.index.json``), atomically, then remove the work folder."""
+        folder with ``model.safetensors.index.json`` and copies of the ``side`` files: config,
+        tokenizer...), atomically, then remove the work folder."""
         groups = [self.group_file(i) for i in range(self.n_groups)]
         if self.output.suffix == ".safetensors":
             pack_safetensors(groups, self.output, metadata)
@@ -199,12 +202,14 @@ class GroupStore:
                 tmp = Path(tempfile.mkdtemp(prefix=f".{self.output.name}.", suffix=".tmp", dir=self.output.parent))
             try:
                 weight_map, total = {}, 0
+                with writing(self.output):
+                    copied = copy_side_files(side or [], tmp)
                 for k, members in enumerate(shards):
                     final = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
                     names, nbytes = pack_safetensors([groups[i] for i in members], tmp / final, {"format": "pt"})
                     weight_map.update(dict.fromkeys(names, final))
                     total += nbytes
-                index = {"metadata": {"total_size": total, **metadata}, "weight_map": weight_map}
+                index = {"metadata": {"total_size": total, **metadata, SIDE_FILES_KEY: json.dumps(copied)}, "weight_map": weight_map}
                 with writing(self.output):
                     (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True))
                     replace_into(tmp, self.output)

@@ -231,8 +231,8 @@ def load_compressed_(model: nn.Module, path: str | Path, *, mode: str = "auto") 
         InputError: not a compressed checkpoint, a layer the model lacks, a shape mismatch, or
             missing/unexpected tensors (named in the message).
     """
-    from mpocompress.format import read_meta, stored_tensors
-    from mpocompress.io import open_checkpoint
+    from mpocompress.format import read_meta, stored_tensors, untie
+    from mpocompress.io import fill_tied, open_checkpoint
 
     with open_checkpoint(path) as ckpt:
         meta = read_meta(ckpt)
@@ -245,6 +245,7 @@ def load_compressed_(model: nn.Module, path: str | Path, *, mode: str = "auto") 
             continue  # a pruned/quantized dense weight: decoded above, loaded as a plain tensor
         mod_name, _, w = full.rpartition(".")
         groups.setdefault(mod_name, {})[w] = entry
+    shared = _tied_mpo(model, meta, groups)
     modules = dict(model.named_modules())
     for mod_name, entries in groups.items():
         module = modules.get(mod_name)
@@ -263,12 +264,32 @@ def load_compressed_(model: nn.Module, path: str | Path, *, mode: str = "auto") 
         if not isinstance(module, MPOMatrices) and not _supported(module):
             raise InputError(f"{path}: {mod_name!r} is a {type(module).__name__}, which has no MPO form")
         _set_module(model, mod_name, _replacement(module, tts, mode))
+    modules = dict(model.named_modules())
+    for alias, source in shared:  # one set of cores for both (tied again)
+        (am, _, aw), (sm, _, sw) = alias.rpartition("."), source.rpartition(".")
+        setattr(modules[am], aw + "_cores", getattr(modules[sm], sw + "_cores"))
     try:
-        model.load_state_dict(tensors, strict=True)
+        model.load_state_dict(fill_tied(model.state_dict(), untie(meta, tensors)), strict=True)
     except RuntimeError as e:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         raise InputError(f"{path}: does not fit the model: {' '.join(lines[1:3])[:300]}") from e
     return model
+
+
+def _tied_mpo(model: nn.Module, meta: dict[str, Any], groups: dict[str, dict[str, dict[str, Any]]]) -> list[tuple[str, str]]:
+    """Weights tied to a weight stored as cores (by the checkpoint's ``tied`` names or by the model
+    itself, e.g. an ``lm_head`` tied to its embedding): added to ``groups`` with the same cores;
+    ``[(alias, source)]`` whose modules then share one set of core parameters."""
+    from mpocompress.io import tied_aliases
+
+    shared = []
+    for alias, source in {**tied_aliases(model.state_dict()), **meta.get("tied", {})}.items():
+        entry = meta["layers"].get(source)
+        if entry is not None and entry.get("method", "mpo") == "mpo" and alias not in meta["layers"]:
+            mod_name, _, w = alias.rpartition(".")
+            groups.setdefault(mod_name, {})[w] = entry
+            shared.append((alias, source))
+    return shared
 
 
 def _current_shape(module: nn.Module, w: str) -> tuple[int, ...] | None:
