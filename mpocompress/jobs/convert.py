@@ -222,7 +222,8 @@ def _convert_locked(
     calibration = None
     if tune is not None and (model is None or not train_batches):
         raise ConfigError("fine-tuning needs the model (--model) and data (--data)")
-    if calibrate and model is not None and train_batches:
+    calibrating = calibrate and model is not None and bool(train_batches)
+    if calibrating and not (tune is not None and sequential):  # (sequential calibration records its own inputs)
         from mpocompress.jobs.tune import calibrate_checkpoint
 
         grams, calibration = calibrate_checkpoint(ckpt, model, train_batches, val_batches, layers, tune or TuneConfig(),
@@ -230,10 +231,16 @@ def _convert_locked(
         log.info("calibrated %d weight(s) on %d sample(s) in %.1fs", calibration["weights"], calibration["samples"], calibration["seconds"])
         activations = {**grams, **(activations or {})}
     if tune is not None:  # (steps=0 too: the held-out losses, unit masks and cores come from the in-memory model)
+        if calibrating and sequential:
+            activations = dict(activations or {})  # filled with the inputs the sequential calibration records
         tuned, plans, tune_summary = finetune_in_memory(
             ckpt, layers, config, recipe, tune, model, train_batches, val_batches, tune_progress, grams=activations,
-            sequential=calibration is not None and sequential, calibration_samples=calibration_samples,
+            sequential=calibrating and sequential, calibration_samples=calibration_samples,
         )  # fmt: skip
+        if "calibration" in tune_summary:
+            calibration = tune_summary.pop("calibration")
+            log.info("calibrated %d weight(s) sequentially on %d sample(s) in %.1fs", calibration["weights"], calibration["samples"],
+                     calibration["seconds"])  # fmt: skip
     groups = plan_groups(ckpt, names, min(max_shard_bytes, GROUP_MAX_BYTES))
     log.info("%d of %d tensors selected (%s); %d group(s) of work", len(layers), len(names), config.to_json(), len(groups))
     job = Job(

@@ -42,6 +42,7 @@ def finetune_in_memory(
     ``sequential``: fit each layer to its inputs in the model compressed so far
     (:func:`mpocompress.jobs.calibrate.compress_sequentially_`; ``grams`` is updated with them)."""
     import copy
+    import time
 
     from torch import nn
 
@@ -55,7 +56,13 @@ def finetune_in_memory(
     )
 
     dense, teacher, student, train, val = _load_models(ckpt, model, train, val, tune)
+    start = time.perf_counter()
     rows = _compress_student(student, teacher, config, recipe, layers, train, grams, sequential, calibration_samples)
+    calibration = None
+    if sequential:  # the calibration's summary: it recorded the inputs itself, group by group
+        samples = sum(split_batch(b)[0][0].shape[0] for b in train)
+        calibration = {"samples": samples if calibration_samples is None else min(samples, calibration_samples),
+                       "weights": len(grams or {}), "seconds": round(time.perf_counter() - start, 3)}  # fmt: skip
 
     # what gets pruned: the weight, or its cores when it became an MPO
     params = dict(student.named_parameters())
@@ -133,6 +140,7 @@ def finetune_in_memory(
         **({"val_task_loss": {"dense": evaluate(teacher, None, val, task_only), "compressed": before["task"], "finetuned": after["task"]}}
            if has_targets else {}),
         **result, **({"units": unit_summary} if unit_summary else {}),
+        **({"calibration": calibration} if calibration is not None else {}),
     }  # fmt: skip
     sd = student.state_dict()
     tensors = {n: sd[n].detach().to(dense[n].dtype) for n in dense if n in sd}

