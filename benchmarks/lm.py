@@ -95,7 +95,8 @@ class _RReader:
         version = self.int()
         self.int(), self.int()
         if version == 3:
-            self.i += self.int()  # the native encoding's name
+            n = self.int()  # the native encoding's name
+            self.i += n
 
     def item(self) -> Any:
         flags = self.int()

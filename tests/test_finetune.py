@@ -402,3 +402,18 @@ def test_record_pairs_of_identical_models_is_the_gram_twice(teacher, data):
     dense, _ = record_grams(teacher, train[:2], weights={"inp.weight", "lstm.weight_hh_l0"})
     for k in ("inp.weight", "lstm.weight_hh_l0"):
         assert torch.allclose(grams[k], dense[k]) and torch.allclose(cross[k], dense[k])
+
+
+def test_record_pairs_ends_each_pass_after_the_group_and_records_the_same():
+    from mpocompress.jobs.calibrate import record_grams, record_pairs
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    student = copy.deepcopy(model)
+    calls = []
+    model[4].register_forward_hook(lambda *_: calls.append(1))
+    batches = [torch.randn(5, 6) for _ in range(4)]
+    grams, cross = record_pairs(student, model, batches, weights={"2.weight"})
+    assert len(calls) == 1  # the last layer ran in the first (full) pass only
+    full, _ = record_grams(model, batches, weights={"2.weight"})
+    assert torch.allclose(grams["2.weight"], full["2.weight"]) and torch.allclose(cross["2.weight"], full["2.weight"])

@@ -20,13 +20,17 @@ methods. Keys are state-dict names (``"fc.weight"``), the keys of ``convert --ac
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
+
+log = logging.getLogger(__name__)
 
 _RNNS = (nn.LSTM, nn.GRU, nn.RNN)
 _CELLS = (nn.LSTMCell, nn.GRUCell, nn.RNNCell)
@@ -211,6 +215,41 @@ def _capped(batches: Sequence[Any], max_samples: int | None):
         yield xs, n
 
 
+class _Stop(Exception):
+    """Raised by :class:`_StopAfter` to end a forward pass early."""
+
+
+class _StopAfter:
+    """Forward hooks that end a forward pass once every module holding one of ``weights`` has run as
+    many times as it did in the first full pass (the layers after them are not needed)."""
+
+    def __init__(self, model: nn.Module, weights: set[str]) -> None:
+        ids = {id(t) for k, t in model.state_dict(keep_vars=True).items() if k in weights}
+        mods = [m for m in model.modules() if any(id(t) in ids for t in (*m.parameters(recurse=False), *m.buffers(recurse=False)))]
+        self.counts = {id(m): 0 for m in mods}
+        self.expected: dict[int, int] | None = None
+        self.hooks = [m.register_forward_hook(self._ran) for m in mods]
+
+    def _ran(self, module: nn.Module, *_: Any) -> None:
+        self.counts[id(module)] += 1
+        if self.expected is not None and all(self.counts[k] >= n for k, n in self.expected.items()):
+            raise _Stop
+
+    def run(self, model: nn.Module, xs: tuple[Any, ...]) -> None:
+        """One forward pass, ended early after the first."""
+        self.counts = dict.fromkeys(self.counts, 0)
+        try:
+            model(*xs)
+        except _Stop:
+            return
+        if self.expected is None:
+            self.expected = dict(self.counts)
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+
 def record_pairs(
     student: nn.Module,
     teacher: nn.Module,
@@ -225,6 +264,7 @@ def record_pairs(
     teacher's outputs from the student's inputs."""
     s_acc, t_acc = _Grams(collect=True), _Grams(collect=True)
     hooks = _register(student, s_acc, weights) + _register(teacher, t_acc, weights)
+    stops = _StopAfter(student, weights), _StopAfter(teacher, weights)  # registered after the recorders: they run first
     grams: dict[str, torch.Tensor] = {}
     cross: dict[str, torch.Tensor] = {}
     was = student.training, teacher.training
@@ -235,8 +275,8 @@ def record_pairs(
             for xs, _ in _capped(batches, max_samples):
                 s_acc.seen.clear()
                 t_acc.seen.clear()
-                student(*xs)
-                teacher(*xs)
+                stops[0].run(student, xs)
+                stops[1].run(teacher, xs)
                 for key, rows in s_acc.seen.items():
                     if key not in t_acc.seen:
                         continue
@@ -250,6 +290,8 @@ def record_pairs(
         teacher.train(was[1])
         for h in hooks:
             h.remove()
+        for s in stops:
+            s.remove()
     return grams, cross
 
 
@@ -358,7 +400,8 @@ def compress_sequentially_(
     params = dict(model.named_parameters())
     rows: list[dict[str, Any]] = []
     used: dict[str, torch.Tensor] = {}
-    for group in groups:
+    for i, group in enumerate(groups):
+        start = time.perf_counter()
         grams, cross = record_pairs(model, teacher, batches, weights=set(group), max_samples=max_samples)
         grams = {k: g for k, g in grams.items() if gram_ok(g)}
         originals = {}
@@ -381,6 +424,7 @@ def compress_sequentially_(
                 with torch.no_grad():
                     params[r["name"]].copy_(originals[r["name"]])
         _gptq_in_place(model, group, config, recipe, rows, grams)
+        log.info("sequential calibration: group %d/%d (%d weights) in %.1fs", i + 1, len(groups), len(group), time.perf_counter() - start)
     return rows, used
 
 
