@@ -320,7 +320,8 @@ def sensitivities(
     from mpocompress.jobs.finetune import evaluate
 
     own = model.state_dict()
-    model.load_state_dict(fill_tied(own, {k: dense[k] for k in own if k in dense}), strict=True)
+    have = set(dense.keys())
+    model.load_state_dict(fill_tied(own, {k: dense.get(k) for k in own if k in have}), strict=True)
     teacher = copy.deepcopy(model).eval()
     model.eval()
     kd = TuneConfig(kd_weight=1.0)
@@ -451,7 +452,8 @@ def _grams(model: torch.nn.Module, batches: list[Any], ckpt: Checkpoint, layers:
     from mpocompress.jobs.calibrate import gram_ok, record_grams
 
     own = model.state_dict()
-    model.load_state_dict(fill_tied(own, {k: ckpt.get(k) for k in own if k in ckpt.keys()}), strict=True)
+    have = set(ckpt.keys())
+    model.load_state_dict(fill_tied(own, {k: ckpt.get(k) for k in own if k in have}), strict=True)
     grams, _ = record_grams(model, batches, weights=layers)
     return {k: g for k, g in grams.items() if gram_ok(g)}
 

@@ -45,14 +45,23 @@ class _Grams:
         #: with ``collect``, the input rows of the current batch by weight name, kept instead of summed
         self.collect = collect
         self.seen: dict[str, list[torch.Tensor]] = {}
+        #: the last input and its float64 rows and Gram: layers fed the same tensor (q/k/v, gate/up
+        #: projections) share one product
+        self._last: tuple[Any, torch.Tensor | None, torch.Tensor | None] = (None, None, None)
 
     def add(self, key: str, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).double()
+        src, rows, g = self._last
+        if src is None or src[0] is not x or src[1] != x._version:  # (not the same tensor, or changed in place)
+            src, rows, g = (x, x._version), x.detach().reshape(-1, x.shape[-1]).double(), None
         if self.collect:
-            self.seen.setdefault(key, []).append(x)
+            self._last = (src, rows, None)
+            self.seen.setdefault(key, []).append(rows)
             return
-        g = x.T @ x
-        self.grams[key] = self.grams[key] + g if key in self.grams else g
+        x = rows
+        if g is None:
+            g = x.T @ x
+        self._last = (src, rows, g)
+        self.grams[key] = self.grams[key] + g if key in self.grams else g.clone()
         self.rows[key] = self.rows.get(key, 0) + x.shape[0]
 
 
@@ -277,14 +286,19 @@ def record_pairs(
                 t_acc.seen.clear()
                 stops[0].run(student, xs)
                 stops[1].run(teacher, xs)
+                done: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}  # weights fed the same inputs
                 for key, rows in s_acc.seen.items():
                     if key not in t_acc.seen:
                         continue
-                    xs_, xt = torch.cat(rows), torch.cat(t_acc.seen[key])
-                    if xs_.shape != xt.shape:
-                        continue
-                    grams[key] = grams[key] + xs_.T @ xs_ if key in grams else xs_.T @ xs_
-                    cross[key] = cross[key] + xs_.T @ xt if key in cross else xs_.T @ xt
+                    same = tuple(id(r) for r in rows) + (-1,) + tuple(id(r) for r in t_acc.seen[key])
+                    if same not in done:
+                        xs_, xt = torch.cat(rows), torch.cat(t_acc.seen[key])
+                        if xs_.shape != xt.shape:
+                            continue
+                        done[same] = (xs_.T @ xs_, xs_.T @ xt)
+                    g, c = done[same]
+                    grams[key] = grams[key] + g if key in grams else g.clone()
+                    cross[key] = cross[key] + c if key in cross else c.clone()
     finally:
         student.train(was[0])
         teacher.train(was[1])
