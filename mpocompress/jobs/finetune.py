@@ -319,9 +319,11 @@ def finetune(
     masks: dict[str, torch.Tensor] | None = None,
     progress: TuneProgress | None = None,
     quantizers: dict[str, Quantizer] | None = None,
+    val_before: float | None = None,
     **overrides: Any,
 ) -> TuneResult:
     """Train ``student`` for a bounded number of steps/seconds against ``teacher``, in place.
+    ``val_before``: the held-out loss of the start, when the caller has measured it already.
 
     Args:
         student: the compressed model (any ``nn.Module``; MPO layers train their cores).
@@ -361,7 +363,7 @@ def finetune(
     run = _Trainer(student, teacher, batches, val, config, masks or {}, quantizers)
     result = TuneResult(trained_params=sum(p.numel() for p in run.params))
     start = time.perf_counter()
-    result.val_before = result.val_best = run.evaluate()
+    result.val_before = result.val_best = run.evaluate() if val_before is None else val_before
     best_state = copy.deepcopy(student.state_dict())
     lr = config.lr
     if lr is None and config.steps > 0 and run.params:

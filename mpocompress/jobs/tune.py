@@ -130,10 +130,10 @@ def finetune_in_memory(
         quantizers = _quantizers(student, layers, config, recipe, rows, masks, grams or {})
         before = losses(student, quantizers)
         res = finetune(student, teacher, train, val_batches=val, config=tune, masks=masks, progress=progress,
-                       quantizers=quantizers)  # fmt: skip
+                       quantizers=quantizers, val_before=None if has_targets else before["kd"])  # fmt: skip
         result = res.to_dict()
         steps, seconds = res.steps, res.seconds
-    after = losses(student)
+    after = losses(student) if steps else before  # (no step taken: the model is the start, quantized as measured)
     summary: dict[str, Any] = {
         "config": tune.to_dict(), "train_batches": len(train), "val_batches": len(val), "steps": steps, "seconds": round(seconds, 3),
         "val_kd_loss": {"compressed": before["kd"], "finetuned": after["kd"]},
