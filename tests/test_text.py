@@ -201,7 +201,7 @@ def test_a_hugging_face_folder_calibrates_trains_and_evaluates_with_no_user_code
               "--seq-len", "32", "--batch-size", "4", "--steps", "4", "--lr", "1e-4", "--json")  # fmt: skip
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout)
-    assert report["calibration"]["weights"] == 14 and report["finetune"]["config"]["kd_loss"] == "kl"
+    assert report["calibration"]["weights"] == 14 and report["calibration"]["mode"] == "sequential-plain" and report["finetune"]["config"]["kd_loss"] == "kl"
     assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
     res = run("evaluate", "--task", "lm", folder, out, "--data", tmp_path / "eval.txt", "--seq-len", "32", "--json")
     assert res.exit_code == 0, res.output

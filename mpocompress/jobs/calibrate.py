@@ -389,6 +389,7 @@ def compress_sequentially_(
     layers: list[str],
     batches: list[Any],
     max_samples: int | None = None,
+    correct: bool = True,
 ) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
     """``compress_`` (MPO only) in the order the model runs its layers, each group of layers fitted
     so that, fed the inputs ``X_s`` it gets in the model *as compressed so far*, it reproduces the
@@ -398,8 +399,10 @@ def compress_sequentially_(
     (``lam``: the ridge of :mod:`mpocompress.core.whiten`, so ``W_t = W`` when nothing upstream
     changed), then compressed under ``X_s^T X_s`` -- later layers undo part of what earlier ones lost.
     A plain weight stored by a grid codec (int8, k-means) is quantized by GPTQ in its turn, so the
-    layers after it see it quantized; a layer kept dense keeps its own weight. Returns
-    ``(compress_'s rows, the Gram matrices used, by weight name)``."""
+    layers after it see it quantized; a layer kept dense keeps its own weight. ``correct=False``:
+    each layer is fitted to its *own* outputs on ``X_s`` (target ``W``; GPTQ's and SVD-LLM's
+    convention) -- on a small language model the corrected targets overfit the calibration windows
+    and lose badly (docs/methods.md). Returns ``(compress_'s rows, the Gram matrices used, by weight name)``."""
     from mpocompress.core.whiten import DEFAULT_RIDGE
     from mpocompress.nn.surgery import compress_
 
@@ -424,6 +427,8 @@ def compress_sequentially_(
                 p = params[k]
                 originals[k] = p.detach().clone()
                 w = p.detach().reshape(p.shape[0], -1).double()
+                if not correct:
+                    continue
                 lam = DEFAULT_RIDGE * float(torch.diagonal(c).mean())
                 eye = torch.eye(c.shape[0], dtype=torch.float64)
                 target = torch.linalg.solve(c + lam * eye, (w @ cross[k].T + lam * w).T).T

@@ -101,7 +101,7 @@ def convert(
     strict: bool = False,
     calibrate: bool = True,
     calibration_samples: int | None = None,
-    sequential: bool = True,
+    sequential: bool | str = True,
 ) -> Report:
     """Convert a dense checkpoint into MPO cores and write the compact checkpoint.
 
@@ -146,7 +146,8 @@ def convert(
         calibration_samples: calibrate on at most this many samples.
         sequential: with fine-tuning (``tune``, ``steps=0`` included), calibrate sequentially: each
             group of layers is fitted to its inputs in the model compressed so far
-            (:func:`mpocompress.jobs.calibrate.compress_sequentially_`); False: every layer to its
+            (:func:`mpocompress.jobs.calibrate.compress_sequentially_`; ``"plain"``: each layer fitted
+            to its own outputs there, not the dense layer's); False: every layer to its
             inputs in the dense model.
 
     Returns:
@@ -206,7 +207,7 @@ def _convert_locked(
     strict: bool,
     calibrate: bool = True,
     calibration_samples: int | None = None,
-    sequential: bool = True,
+    sequential: bool | str = True,
 ) -> Report:
     """The body of :func:`convert`, run while this job holds the output's lock."""
     layers = select_layers(ckpt, config.include, config.exclude)

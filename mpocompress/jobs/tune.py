@@ -33,14 +33,15 @@ def finetune_in_memory(
     val: list[Any] | None,
     progress: Any,
     grams: dict[str, torch.Tensor] | None = None,
-    sequential: bool = False,
+    sequential: bool | str = False,
     calibration_samples: int | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, LayerPlan], dict[str, Any]]:
     """Load the checkpoint into ``model``, compress/prune it in memory, fine-tune it against the
     dense model, and return what to write: ``(trained tensors by name, plans by weight, summary)``.
     ``grams``: recorded inputs by weight name; those layers start from cores fitted to them.
     ``sequential``: fit each layer to its inputs in the model compressed so far
-    (:func:`mpocompress.jobs.calibrate.compress_sequentially_`; ``grams`` is updated with them)."""
+    (:func:`mpocompress.jobs.calibrate.compress_sequentially_`; ``grams`` is updated with them), to
+    the dense layer's outputs (True) or to its own (``"plain"``)."""
     import copy
     import time
 
@@ -61,7 +62,8 @@ def finetune_in_memory(
     calibration = None
     if sequential:  # the calibration's summary: it recorded the inputs itself, group by group
         samples = sum(split_batch(b)[0][0].shape[0] for b in train)
-        calibration = {"samples": samples if calibration_samples is None else min(samples, calibration_samples),
+        calibration = {"mode": "sequential-plain" if sequential == "plain" else "sequential",
+                       "samples": samples if calibration_samples is None else min(samples, calibration_samples),
                        "weights": len(grams or {}), "seconds": round(time.perf_counter() - start, 3)}  # fmt: skip
 
     # what gets pruned: the weight, or its cores when it became an MPO
@@ -149,13 +151,13 @@ def finetune_in_memory(
 
 
 def _compress_student(student: Any, teacher: Any, config: MPOConfig, recipe: Recipe | None, layers: list[str], train: list[Any],
-                      grams: dict[str, torch.Tensor] | None, sequential: bool, samples: int | None) -> dict[str, dict[str, Any]]:  # fmt: skip
+                      grams: dict[str, torch.Tensor] | None, sequential: bool | str, samples: int | None) -> dict[str, dict[str, Any]]:  # fmt: skip
     """MPO cores for the student in memory (codecs come later), by weight name: fitted to recorded
     inputs, sequentially (``grams`` is then updated with the inputs used) or to the dense ones."""
     if sequential:
         from mpocompress.jobs.calibrate import compress_sequentially_
 
-        seq_rows, seq_grams = compress_sequentially_(student, teacher, config, recipe, layers, train, samples)
+        seq_rows, seq_grams = compress_sequentially_(student, teacher, config, recipe, layers, train, samples, correct=sequential != "plain")
         if grams is not None:
             grams.update(seq_grams)  # the write (GPTQ of what training left) sees the same inputs
         return {r["name"]: r for r in seq_rows}
