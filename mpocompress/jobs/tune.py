@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from typing import Any
 
 import torch
@@ -43,7 +44,6 @@ def finetune_in_memory(
     (:func:`mpocompress.jobs.calibrate.compress_sequentially_`; ``grams`` is updated with them), to
     the dense layer's outputs (True) or to its own (``"plain"``)."""
     import copy
-    import time
 
     from torch import nn
 
@@ -59,12 +59,7 @@ def finetune_in_memory(
     dense, teacher, student, train, val = _load_models(ckpt, model, train, val, tune)
     start = time.perf_counter()
     rows = _compress_student(student, teacher, config, recipe, layers, train, grams, sequential, calibration_samples)
-    calibration = None
-    if sequential:  # the calibration's summary: it recorded the inputs itself, group by group
-        samples = sum(split_batch(b)[0][0].shape[0] for b in train)
-        calibration = {"mode": "sequential-plain" if sequential == "plain" else "sequential",
-                       "samples": samples if calibration_samples is None else min(samples, calibration_samples),
-                       "weights": len(grams or {}), "seconds": round(time.perf_counter() - start, 3)}  # fmt: skip
+    calibration = _sequential_summary(sequential, train, calibration_samples, grams, time.perf_counter() - start)
 
     # what gets pruned: the weight, or its cores when it became an MPO
     params = dict(student.named_parameters())
@@ -148,6 +143,18 @@ def finetune_in_memory(
     tensors = {n: sd[n].detach().to(dense[n].dtype) for n in dense if n in sd}
     plans = _plans(student, layers, config, recipe, rows, masks, dense)
     return tensors, plans, summary
+
+
+def _sequential_summary(sequential: bool | str, train: list[Any], cap: int | None, grams: dict[str, Any] | None,
+                        seconds: float) -> dict[str, Any] | None:  # fmt: skip
+    """The report's ``calibration`` object of a sequential calibration (it recorded the inputs itself)."""
+    if not sequential:
+        return None
+    from mpocompress.jobs.finetune import split_batch
+
+    samples = sum(split_batch(b)[0][0].shape[0] for b in train)
+    return {"mode": "sequential-plain" if sequential == "plain" else "sequential",
+            "samples": samples if cap is None else min(samples, cap), "weights": len(grams or {}), "seconds": round(seconds, 3)}  # fmt: skip
 
 
 def _compress_student(student: Any, teacher: Any, config: MPOConfig, recipe: Recipe | None, layers: list[str], train: list[Any],
@@ -303,7 +310,6 @@ def calibrate_checkpoint(
     the checkpoint (checked as for fine-tuning), run over the calibration batches (``train``, less
     the held-out share when ``val`` is None: calibration never sees the held-out data).
     Returns ``(grams by weight name, summary)``; weights whose inputs were all zero are left out."""
-    import time
 
     from mpocompress.jobs.calibrate import gram_ok, record_grams
 
