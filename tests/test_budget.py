@@ -206,3 +206,22 @@ def test_pruning_options_count_exactly_what_the_codec_keeps():
         if label in opts:
             stored = decode(*encode(t, [parse_codec(f"magnitude:{level}"), parse_codec("kmeans:16")]))
             assert opts[label].error == pytest.approx(float(((t - stored) ** 2).sum() / (t**2).sum()), rel=1e-4, abs=1e-9)
+
+
+def test_a_tied_embedding_counts_once_per_use_without_data(tmp_path):
+    from safetensors.torch import save_file
+
+    from mpocompress.io import open_checkpoint
+    from mpocompress.jobs.budget import _uses
+
+    folder = tmp_path / "lm"
+    folder.mkdir()
+    save_file({"model.embed_tokens.weight": torch.randn(50, 8), "model.layers.0.mlp.up_proj.weight": torch.randn(16, 8)},
+              str(folder / "model.safetensors"))  # fmt: skip
+    layers = ["model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight"]
+    (folder / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')  # tie_word_embeddings: true by default
+    with open_checkpoint(folder) as ckpt:
+        assert _uses(ckpt, folder, layers) == {"model.embed_tokens.weight": 2.0}
+    (folder / "config.json").write_text('{"tie_word_embeddings": false}')
+    with open_checkpoint(folder) as ckpt:
+        assert _uses(ckpt, folder, layers) is None
