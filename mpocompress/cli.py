@@ -271,6 +271,8 @@ def main(verbose: int) -> None:
 @click.option("--kd-loss", type=click.Choice(["auto", "mse", "kl"]), default="auto", show_default=True,
               help="Distillation loss: MSE between outputs, or KL between softmaxes (auto: KL for text data, else MSE).")
 @click.option("--temperature", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True, help="Softmax temperature of --kd-loss kl.")
+@click.option("--kd-hidden", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="Weight of an added hidden-state MSE between student and teacher blocks (a transformer's layers; 0: off).")
 @click.option("--val-data", "val_spec", metavar="PATH|MODULE:FACTORY", help="Held-out batches (default: the last 10% of --data).")
 @click.option("--steps", type=click.IntRange(min=0), default=200, show_default=True, help="Fine-tuning steps at most (0: calibrate only, no training).")
 @click.option("--calibration", type=click.Choice(["auto", "sequential", "sequential-plain", "dense", "none"]), default="auto", show_default=True,
@@ -300,7 +302,7 @@ def main(verbose: int) -> None:
 def convert(ctx: click.Context, input_path: Path, output_path: Path, bond_dim, tol, ratio, cores, svd, prune, quantize, prune_scope, recipe_path, include, exclude, seed,
             as_json, report_path, force, strict, max_error, min_ratio, max_shard_size, als_sweeps, activations_path, model_spec, data_spec,
             val_spec, steps, calibration, calibration_samples, time_limit, lr, train_sel, kd_weight, task_loss, batch_size, task, workers,
-            ipkd_rounds, target_size, target_ratio, seq_len, kd_loss, temperature) -> None:  # fmt: skip
+            ipkd_rounds, target_size, target_ratio, seq_len, kd_loss, temperature, kd_hidden) -> None:  # fmt: skip
     """Compress the weight matrices of INPUT into MPO cores and write a compact checkpoint.
 
     \b
@@ -329,7 +331,7 @@ def convert(ctx: click.Context, input_path: Path, output_path: Path, bond_dim, t
     tune_opts = {"steps": "--steps", "time_limit": "--time", "lr": "--lr", "train_sel": "--train", "kd_weight": "--kd-weight",
                  "task_loss": "--task-loss", "batch_size": "--batch-size", "ipkd_rounds": "--ipkd", "val_spec": "--val-data", "task": "--task",
                  "calibration": "--calibration", "calibration_samples": "--calibration-samples", "seq_len": "--seq-len",
-                 "kd_loss": "--kd-loss", "temperature": "--temperature"}  # fmt: skip
+                 "kd_loss": "--kd-loss", "temperature": "--temperature", "kd_hidden": "--kd-hidden"}  # fmt: skip
     from mpocompress.text.hf import is_model_folder
 
     if model_spec is None and data_spec is not None and is_model_folder(input_path):
@@ -375,7 +377,7 @@ def convert(ctx: click.Context, input_path: Path, output_path: Path, bond_dim, t
         if kd_loss == "auto":
             kd_loss = "kl" if is_text(data_spec) else "mse"
         tune = TuneConfig(steps=steps, time=time_limit, lr=lr, train=train_sel, kd_weight=kd_weight, kd_loss=kd_loss, temperature=temperature,
-                          task_loss=task_loss, batch_size=batch_size, ipkd=ipkd_rounds or 0, seed=seed)  # fmt: skip
+                          kd_hidden=kd_hidden, task_loss=task_loss, batch_size=batch_size, ipkd=ipkd_rounds or 0, seed=seed)  # fmt: skip
         extra.update(_tuning_inputs(model_spec, data_spec, val_spec, task, prune, seed, tune, input_path, seq_len))
         if calibration == "auto":  # measured: corrected targets help SE/encoder models, overfit on a language model
             calibration = "sequential-plain" if is_text(data_spec) else "sequential"

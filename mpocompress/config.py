@@ -220,6 +220,9 @@ class TuneConfig:
             the student's softmax from the teacher's over the last dimension at ``temperature``, times
             ``temperature**2`` (Hinton et al.; for logits: language models, classifiers).
         temperature: softmax temperature of ``kd_loss="kl"``.
+        kd_hidden: weight of an added hidden-state term: the mean over the model's blocks (the
+            children of its longest ``nn.ModuleList``: a transformer's layers) of the MSE between
+            student's and teacher's block outputs, each divided by the teacher's mean square (0: off).
         task_loss: ``"mse"`` or ``"cross_entropy"`` (targets as class indices).
         eval_every: steps between held-out evaluations (the best checkpoint by held-out loss is kept).
         batch_size: batch size when a data file holds one ``inputs`` tensor to split.
@@ -239,6 +242,7 @@ class TuneConfig:
     kd_weight: float = 1.0
     kd_loss: str = "mse"
     temperature: float = 1.0
+    kd_hidden: float = 0.0
     task_loss: str = "mse"
     eval_every: int = 20
     batch_size: int = 16
@@ -265,6 +269,8 @@ class TuneConfig:
             raise ConfigError(f"kd_loss must be one of {', '.join(KD_LOSSES)}, got {self.kd_loss!r}")
         if not self.temperature > 0:
             raise ConfigError(f"temperature must be > 0, got {self.temperature!r}")
+        if not (isinstance(self.kd_hidden, (int, float)) and 0 <= self.kd_hidden < float("inf")):
+            raise ConfigError(f"kd_hidden must be a finite number >= 0, got {self.kd_hidden!r}")
         if self.task_loss not in TASK_LOSSES:
             raise ConfigError(f"task_loss must be one of {', '.join(TASK_LOSSES)}, got {self.task_loss!r}")
         if not isinstance(self.eval_every, int) or self.eval_every < 1:

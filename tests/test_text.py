@@ -3,6 +3,7 @@ and (with transformers installed) a Hugging Face causal LM end to end with no us
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -16,7 +17,7 @@ from mpocompress.cli import main
 from mpocompress.config import TuneConfig
 from mpocompress.errors import InputError
 from mpocompress.jobs.decompress import load_state_dict
-from mpocompress.jobs.finetune import distill_loss
+from mpocompress.jobs.finetune import batch_loss, distill_loss, hidden_blocks, hidden_loss
 from mpocompress.nn.layers import MPOLinear
 from mpocompress.nn.surgery import load_compressed_
 from mpocompress.text.data import read_text, text_batches, windows
@@ -169,6 +170,26 @@ def test_kl_distillation_loss():
         TuneConfig(kd_loss="l1")
 
 
+def test_hidden_state_distillation_compares_the_blocks_outputs():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+    teacher = nn.Sequential(nn.TransformerEncoder(layer, 3, enable_nested_tensor=False), nn.Linear(16, 5)).eval()
+    assert hidden_blocks(teacher) == ["0.layers.0", "0.layers.1", "0.layers.2"] and hidden_blocks(nn.Linear(2, 2)) == []
+    student = copy.deepcopy(teacher)
+    x = torch.randn(2, 6, 16)
+    plain, hidden = TuneConfig(kd_loss="mse"), TuneConfig(kd_loss="mse", kd_hidden=2.0)
+    assert batch_loss(student, teacher, x, hidden).item() == pytest.approx(0.0, abs=1e-9)
+    with torch.no_grad():
+        student[0].layers[1].linear2.weight.mul_(1.5)
+    extra = batch_loss(student, teacher, x, hidden) - batch_loss(student, teacher, x, plain)
+    assert extra.item() > 0  # the middle block's change is seen in its own and the next block's output
+    a = [torch.randn(3, 4) * s for s in (1.0, 100.0)]
+    noisy = [t + 0.1 * torch.randn(3, 4) * t.abs().mean() for t in a]
+    assert hidden_loss(a, a).item() == 0.0 and 0 < hidden_loss(noisy, a).item() < 0.1  # scale-free per block
+    with pytest.raises(Exception, match="kd_hidden"):
+        TuneConfig(kd_hidden=-1.0)
+
+
 # ---------------------------------------------------------------------------------------------
 # a Hugging Face causal LM, built from its config.json (needs the [hf] extra)
 
@@ -198,9 +219,10 @@ def test_a_hugging_face_folder_calibrates_trains_and_evaluates_with_no_user_code
     transformers, folder = _hf_folder(tmp_path)
     out, dense = tmp_path / "small", tmp_path / "dense"
     res = run("convert", folder, "-o", out, "--ratio", "2", "--include", "*proj*", "--data", tmp_path / "calib.txt",
-              "--seq-len", "32", "--batch-size", "4", "--steps", "4", "--lr", "1e-4", "--json")  # fmt: skip
+              "--seq-len", "32", "--batch-size", "4", "--steps", "4", "--lr", "1e-4", "--kd-hidden", "0.5", "--json")  # fmt: skip
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout)
+    assert report["finetune"]["config"]["kd_hidden"] == 0.5
     assert report["calibration"]["weights"] == 14 and report["calibration"]["mode"] == "sequential-plain" and report["finetune"]["config"]["kd_loss"] == "kl"
     assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
     res = run("evaluate", "--task", "lm", folder, out, "--data", tmp_path / "eval.txt", "--seq-len", "32", "--json")

@@ -7,7 +7,8 @@ tuple of tensors (passed as positional arguments to the model). A model's output
 when it returns a tuple or list (``nn.LSTM`` style).
 
 The loss of a batch is ``kd_weight * KD(student(x), teacher(x)) + (1 - kd_weight) * task(student(x), y)``
-(KD: MSE, or KL divergence of softmaxes at a temperature for logits),
+(KD: MSE, or KL divergence of softmaxes at a temperature for logits; optionally plus a
+hidden-state MSE over the model's blocks, see :func:`hidden_blocks`),
 the task term only when the batch has targets. Training uses Adam, a fixed seed, a fixed batch order
 (cycling over the training batches), and keeps the parameters with the lowest held-out loss seen
 (the starting point included, so fine-tuning never returns a model worse on the held-out batches
@@ -118,16 +119,53 @@ def distill_loss(out: torch.Tensor, ref: torch.Tensor, config: TuneConfig) -> to
     return F.mse_loss(out, ref)
 
 
+def hidden_blocks(model: nn.Module) -> list[str]:
+    """Names of the modules whose outputs are a model's hidden states: the children of its longest
+    ``nn.ModuleList`` (a transformer's layers; the first such list when several are as long), or
+    ``[]`` when it has none."""
+    best: list[str] = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and len(m) > len(best):
+            best = [f"{name}.{k}" if name else k for k, _ in m.named_children()]
+    return best
+
+
+@contextlib.contextmanager
+def _recording(model: nn.Module, names: Sequence[str]):
+    """Collect the first tensor of each named module's output while the block runs."""
+    mods = dict(model.named_modules())
+    outs: list[torch.Tensor] = []
+    hooks = [mods[n].register_forward_hook(lambda _m, _i, o: outs.append(first_tensor(o))) for n in names if n in mods]
+    try:
+        yield outs
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def hidden_loss(outs: Sequence[torch.Tensor], refs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Mean over blocks of ``MSE(student, teacher) / mean(teacher^2)`` (scale-free: a transformer's
+    residual stream grows by orders of magnitude across its layers)."""
+    if not outs or len(outs) != len(refs):
+        raise ConfigError("hidden-state distillation: the student's and teacher's blocks do not match")
+    terms = [F.mse_loss(o.float(), r.float()) / r.float().pow(2).mean().clamp_min(1e-12) for o, r in zip(outs, refs)]
+    return torch.stack(terms).mean()
+
+
 def batch_loss(student: nn.Module, teacher: nn.Module | None, batch: Any, config: TuneConfig) -> torch.Tensor:
     """The training loss of one batch (see the module docstring)."""
     xs, y = split_batch(batch)
-    out = first_tensor(student(*xs))
-    loss = out.new_zeros(())
     kd_w = config.kd_weight if y is not None else 1.0
+    hidden = hidden_blocks(student) if config.kd_hidden > 0 and kd_w > 0 and teacher is not None else []
+    with _recording(student, hidden) as outs:
+        out = first_tensor(student(*xs))
+    loss = out.new_zeros(())
     if kd_w > 0 and teacher is not None:
-        with torch.no_grad():
+        with torch.no_grad(), _recording(teacher, hidden) as refs:
             ref = first_tensor(teacher(*xs))
         loss = loss + kd_w * distill_loss(out, ref, config)
+        if hidden:
+            loss = loss + kd_w * config.kd_hidden * hidden_loss(outs, refs)
     if y is not None and kd_w < 1.0:
         if config.task_loss == "cross_entropy":
             task = F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1).long())
