@@ -297,12 +297,15 @@ def main(verbose: int) -> None:
 @click.option("--ipkd", "ipkd_rounds", type=click.IntRange(min=1), help="Iterative pruning with distillation in N rounds (with --prune magnitude:S).")
 @click.option("--target-size", metavar="SIZE", help="Make the whole file <= SIZE (12.5% of the input, or 900KB / 2.1GB), choosing each layer's method and setting.")
 @click.option("--target-ratio", type=click.FloatRange(1, min_open=True), help="The same as --target-size INPUT/R.")
+@click.option("--sensitivity", type=click.Choice(["fisher", "probe"]), default="fisher", show_default=True,
+              help="With --target-size and --data: weigh layers by a Fisher estimate (a backward pass per batch) or by probing each "
+                   "layer's effect on the output (a forward pass per batch and layer; output-error curves).")
 @_errors
 @click.pass_context
 def convert(ctx: click.Context, input_path: Path, output_path: Path, bond_dim, tol, ratio, cores, svd, prune, quantize, prune_scope, recipe_path, include, exclude, seed,
             as_json, report_path, force, strict, max_error, min_ratio, max_shard_size, als_sweeps, activations_path, model_spec, data_spec,
             val_spec, steps, calibration, calibration_samples, time_limit, lr, train_sel, kd_weight, task_loss, batch_size, task, workers,
-            ipkd_rounds, target_size, target_ratio, seq_len, kd_loss, temperature, kd_hidden) -> None:  # fmt: skip
+            ipkd_rounds, target_size, target_ratio, seq_len, kd_loss, temperature, kd_hidden, sensitivity) -> None:  # fmt: skip
     """Compress the weight matrices of INPUT into MPO cores and write a compact checkpoint.
 
     \b
@@ -394,7 +397,7 @@ def convert(ctx: click.Context, input_path: Path, output_path: Path, bond_dim, t
 
                 report = convert_to_size(input_path, output_path, target, config, recipe=recipe, force=force,
                                          max_shard_bytes=shard_bytes, workers=workers, progress=progress,
-                                         tune_progress=tune_progress, strict=strict, **_calibration(extra))  # fmt: skip
+                                         tune_progress=tune_progress, strict=strict, sensitivity=sensitivity, **_calibration(extra))  # fmt: skip
             else:
                 report = run_convert(input_path, output_path, config, force=force, max_shard_bytes=shard_bytes, workers=workers,
                                      progress=progress, recipe=recipe, tune_progress=tune_progress, strict=strict, **extra)  # fmt: skip

@@ -182,15 +182,16 @@ def test_with_recorded_inputs_options_are_made_and_measured_the_data_aware_way()
     assert aware["kmeans:4"].error < plain["kmeans:4"].error  # GPTQ (here the weight error is also the output error's scale)
 
 
-def test_target_size_with_data_calibrates_and_fits(tmp_path):
+@pytest.mark.parametrize("sensitivity", ["fisher", "probe"])
+def test_target_size_with_data_calibrates_and_fits(tmp_path, sensitivity):
     src = example_checkpoint()
     out = tmp_path / "d.safetensors"
     res = run("convert", src, "-o", out, "--target-size", "12.5%", "--model", "mpocompress.speech.example:se_lstm",
-              "--data", "mpocompress.speech.example:batches", "--steps", "0", "--json")  # fmt: skip
+              "--data", "mpocompress.speech.example:batches", "--steps", "0", "--sensitivity", sensitivity, "--json")  # fmt: skip
     assert res.exit_code == 0, res.output
     rep = json.loads(res.stdout)
     assert out.stat().st_size <= int(src.stat().st_size * 0.125)
-    assert rep["allocation"]["damage"].startswith("layer output error")
+    assert rep["allocation"]["damage"].startswith("layer output error" if sensitivity == "probe" else "relative weight error x Fisher")
     assert rep["calibration"]["weights"] >= 3
 
 
@@ -225,3 +226,79 @@ def test_a_tied_embedding_counts_once_per_use_without_data(tmp_path):
     (folder / "config.json").write_text('{"tie_word_embeddings": false}')
     with open_checkpoint(folder) as ckpt:
         assert _uses(ckpt, folder, layers) is None
+
+
+def _fisher_of(model, batches, kd_loss):
+    from mpocompress.io import open_checkpoint
+    from mpocompress.jobs.budget import fisher_weights
+
+    def curves(names):
+        return {n: [Option("dense", {"skip": True}, 1, 0.0)] for n in names}
+
+    return lambda path, names: fisher_weights(model, batches, curves(names), open_checkpoint(path), kd_loss=kd_loss)
+
+
+def test_fisher_weights_match_the_gauss_newton_diagonal(tmp_path):
+    """Linear layers: diag(J^T J) of ``W`` is ``sum x_j^2`` for MSE outputs, ``sum p_i (1 - p_i) x_j^2``
+    for logits (the softmax's Fisher); the sampled estimate and its ``mean(H) ||W||^2`` agree."""
+    torch.manual_seed(0)
+
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(6, 5, bias=False), torch.nn.Linear(6, 5, bias=False)
+
+        def forward(self, x):
+            return self.a(x) + 3.0 * self.b(x)
+
+    model = Two()
+    path = tmp_path / "two.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    batches = [torch.randn(512, 6) for _ in range(8)]
+    w = _fisher_of(model, batches, "mse")(path, ["a.weight", "b.weight"])
+    xx = sum(float((x**2).sum()) for x in batches) / len(batches) / 6  # mean over j of sum_samples x_j^2
+    for name, scale in (("a.weight", 1.0), ("b.weight", 9.0)):
+        exact = scale * xx * float((getattr(model, name[0]).weight.detach().double() ** 2).sum())
+        assert w[name] == pytest.approx(exact, rel=0.15), name
+    # logits: exact softmax Fisher of a single linear classifier
+    clf = torch.nn.Linear(6, 4, bias=False)
+    path = tmp_path / "clf.safetensors"
+    save_file({"weight": clf.weight.detach().contiguous()}, str(path))
+    w = _fisher_of(clf, batches, "kl")(path, ["weight"])
+    exact = 0.0
+    for x in batches:
+        p = torch.softmax(clf(x).detach().double(), -1)
+        exact += float(((p * (1 - p)).T @ (x.double() ** 2)).mean())
+    exact = exact / len(batches) * float((clf.weight.detach().double() ** 2).sum())
+    assert w["weight"] == pytest.approx(exact, rel=0.15)
+
+
+def test_target_size_with_fisher_sensitivity_skips_ignored_layers(tmp_path):
+    """The default data-driven damage (Fisher): a layer the output ignores gets no weight; a model
+    whose file stores a tied weight once plans it."""
+
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(40, 64)
+            self.mid = torch.nn.Linear(64, 64)
+            self.dead = torch.nn.Linear(64, 64)
+            self.head = torch.nn.Linear(64, 40, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, ids):
+            h = self.emb(ids)
+            return self.head(h + self.mid(h) + 0.0 * self.dead(h))
+
+    torch.manual_seed(0)
+    model = Tied()
+    src = tmp_path / "t.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "head.weight"}, str(src))
+    batches = [torch.randint(0, 40, (8, 16)) for _ in range(4)]
+    plan, _ = plan_budget(src, src.stat().st_size // 4, MPOConfig(quantize="int8"), model=Tied(), batches=batches, kd_loss="kl")
+    layers = plan.allocation.to_dict()["layers"]
+    assert plan.sensitivity == "fisher" and "Fisher" in plan.damage
+    assert layers["dead.weight"]["damage"] == 0.0 and layers["mid.weight"]["damage"] > 0 and "emb.weight" in layers
+    assert layers["mid.weight"]["bytes"] > layers["dead.weight"]["bytes"]
+    with pytest.raises(ConfigError, match="sensitivity"):
+        plan_budget(src, src.stat().st_size // 4, MPOConfig(quantize="int8"), model=Tied(), batches=batches, sensitivity="hessian")

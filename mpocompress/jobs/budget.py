@@ -63,6 +63,8 @@ HEADER_MARGIN = 512
 #: a pass that leaves less than this share of the target unused is final
 CLOSE_ENOUGH = 0.01
 MAX_PASSES = 4
+#: how data weighs the layers (:func:`plan_budget`)
+SENSITIVITIES = ("fisher", "probe")
 
 
 def parse_target(text: str, input_bytes: int) -> int:
@@ -308,6 +310,7 @@ def sensitivities(
     dense: Checkpoint,
     progress: Progress | None = None,
     grams: dict[str, torch.Tensor] | None = None,
+    kd_loss: str = "mse",
 ) -> dict[str, float]:
     """Each layer's damage per unit of relative squared weight error, measured on the model's output.
 
@@ -325,7 +328,7 @@ def sensitivities(
     model.load_state_dict(fill_tied(own, {k: dense.get(k) for k in own if k in have}), strict=True)
     teacher = copy.deepcopy(model).eval()
     model.eval()
-    kd = TuneConfig(kd_weight=1.0)
+    kd = TuneConfig(kd_weight=1.0, kd_loss=kd_loss)
     weights: dict[str, float] = {}
     for i, (name, options) in enumerate(curves.items()):
         if progress is not None:
@@ -341,6 +344,78 @@ def sensitivities(
             own[name].copy_(original)
         weights[name] = loss / probe.error
     if weights:  # layers the model lacks get the median weight
+        median = sorted(weights.values())[len(weights) // 2]
+        weights = {n: weights.get(n, median) for n in curves}
+    return weights
+
+
+#: samples of the output distribution per batch in :func:`fisher_weights`
+FISHER_SAMPLES = 1
+
+
+def fisher_weights(
+    model: torch.nn.Module,
+    batches: list[Any],
+    curves: dict[str, list[Option]],
+    dense: Checkpoint,
+    kd_loss: str = "mse",
+    progress: Progress | None = None,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Each layer's damage per unit of relative squared weight error, predicted from one backward pass
+    per batch: ``mean(diag H) * ||W||^2``, ``H`` the Gauss-Newton Hessian of the distillation loss at
+    the dense model (the Fisher information of its outputs; an error ``E`` costs about
+    ``E^T H E / 2``, and the errors our codecs make are spread about evenly over a weight's entries).
+
+    ``diag H`` is estimated by sampling the output distribution: for ``kd_loss="mse"`` the gradient
+    of ``<output, eps>`` with ``eps ~ N(0, 1)`` (``E[g^2] = diag J^T J``); for ``"kl"`` (logits) the
+    gradient of the cross-entropy against labels drawn from the model's own softmax (the Fisher of
+    the softmax, the Hessian of the KL at the teacher). A weight used twice (tied) gets both uses'
+    gradient. Layers the model lacks get the median weight.
+    """
+    from torch.nn import functional as F  # noqa: N812
+
+    from mpocompress.io import fill_tied
+    from mpocompress.jobs.finetune import first_tensor, split_batch
+
+    own = model.state_dict()
+    have = set(dense.keys())
+    model.load_state_dict(fill_tied(own, {k: dense.get(k) for k in own if k in have}), strict=True)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    wanted = {n: params[n] for n in curves if n in params and params[n].is_floating_point()}
+    acc = {id(p): torch.zeros_like(p, dtype=torch.float64) for p in wanted.values()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    gen = torch.Generator().manual_seed(seed)
+    was = model.training
+    model.eval()
+    try:
+        for p in model.parameters():
+            p.requires_grad_(id(p) in acc)
+        for i, batch in enumerate(batches):
+            if progress is not None:
+                progress("fisher", i, len(batches))
+            xs, _ = split_batch(batch)
+            out = first_tensor(model(*xs)).float()
+            for k in range(FISHER_SAMPLES):
+                if kd_loss == "kl":
+                    logits = out.reshape(-1, out.shape[-1])
+                    labels = torch.multinomial(F.softmax(logits.detach(), -1), 1, generator=gen).squeeze(-1)
+                    loss = F.cross_entropy(logits, labels, reduction="sum")
+                else:
+                    loss = (out * torch.randn(out.shape, generator=gen)).sum()
+                grads = torch.autograd.grad(loss, list(wanted.values()), retain_graph=k < FISHER_SAMPLES - 1, allow_unused=True)
+                for p, g in zip(wanted.values(), grads):
+                    if g is not None:
+                        acc[id(p)] += g.double() ** 2
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags.get(n, True))
+        model.train(was)
+    weights = {}
+    for n, p in wanted.items():
+        h = acc[id(p)] / max(len(batches) * FISHER_SAMPLES, 1)
+        weights[n] = float(h.mean()) * float(p.detach().double().pow(2).sum())
+    if weights:
         median = sorted(weights.values())[len(weights) // 2]
         weights = {n: weights.get(n, median) for n in curves}
     return weights
@@ -370,6 +445,16 @@ class BudgetPlan:
     recipe: Recipe
     config: MPOConfig
     data_driven: bool
+    sensitivity: str = "fisher"
+
+    @property
+    def damage(self) -> str:
+        """What the allocation minimised, in words."""
+        if not self.data_driven:
+            return "relative weight error (x uses of a tied weight)"
+        if self.sensitivity == "probe":
+            return "layer output error on recorded inputs x measured sensitivity"
+        return "relative weight error x Fisher sensitivity (mean diagonal Gauss-Newton Hessian x ||W||^2)"
 
     def to_dict(self) -> dict[str, Any]:
         """The plan as JSON-ready data (the report's ``allocation``; what ``inspect --target-size`` prints)."""
@@ -377,7 +462,7 @@ class BudgetPlan:
             "target_bytes": self.target,
             "fixed_bytes": self.fixed_bytes,
             "header_estimate": self.header_estimate,
-            "damage": "layer output error on recorded inputs x measured sensitivity" if self.data_driven else "relative weight error",
+            "damage": self.damage,
             **self.allocation.to_dict(),
         }
 
@@ -393,11 +478,17 @@ def plan_budget(
     progress: Progress | None = None,
     header: int | None = None,
     curves: dict[str, list[Option]] | None = None,
+    sensitivity: str = "fisher",
+    kd_loss: str = "mse",
 ) -> tuple[BudgetPlan, dict[str, list[Option]]]:
     """Measure the curves (unless given) and allocate ``target`` bytes for the whole output file.
 
     ``config`` supplies ``include``/``exclude`` (the options themselves are chosen here); layers a
     user ``recipe`` matches keep the recipe's setting and their measured bytes count as fixed.
+    With ``model`` and ``batches``, ``sensitivity`` says how the data weighs the layers:
+    ``"fisher"`` (weight-error curves, each layer weighted by :func:`fisher_weights`: one backward
+    pass per batch) or ``"probe"`` (output-error curves on recorded inputs, each layer weighted by
+    :func:`sensitivities`: one forward pass per batch and layer).
 
     Raises:
         GateError: the target cannot be met even with the smallest option of every layer.
@@ -418,7 +509,10 @@ def plan_budget(
                     fixed += sum(nbytes_of(v) for v in stored.values())
             else:
                 free.append(n)
-        grams = _grams(model, batches, ckpt, set(free)) if model is not None and batches else {}
+        if sensitivity not in SENSITIVITIES:
+            raise ConfigError(f"sensitivity must be one of {', '.join(SENSITIVITIES)}, got {sensitivity!r}")
+        data = model is not None and bool(batches)
+        grams = _grams(model, batches, ckpt, set(free)) if data and sensitivity == "probe" else {}
         if curves is None:
             curves = {}
             for i, n in enumerate(free):
@@ -430,8 +524,10 @@ def plan_budget(
                 else:
                     curves[n] = measure_options(n, t, shapes, grams.get(n))
         weights = _uses(ckpt, input_path, free)  # data-free prior: a tied weight's error counts once per use
-        if model is not None and batches:
-            weights = sensitivities(model, batches, curves, ckpt, grams=grams)
+        if data and sensitivity == "probe":
+            weights = sensitivities(model, batches, curves, ckpt, grams=grams, kd_loss=kd_loss)
+        elif data:
+            weights = fisher_weights(model, batches, curves, ckpt, kd_loss=kd_loss)
         if header is None:  # a first, generous estimate; the next pass uses the measured one
             header = HEADER_BASE + HEADER_PER_LAYER * len(layers) + HEADER_PER_TENSOR * (len(shapes) + 3 * len(layers))
         smallest = fixed + header + sum(min(o.nbytes for o in opts) for opts in curves.values())
@@ -443,7 +539,7 @@ def plan_budget(
     ours = Recipe(tuple((recipe.rules if recipe is not None else ()) + tuple(rules)))
     base = dataclasses.replace(config, bond_dim=None, tol=None, ratio=None, prune=None, quantize="int8", als_sweeps=0)
     plan = BudgetPlan(target=target, fixed_bytes=fixed, header_estimate=header, allocation=alloc, recipe=ours,
-                      config=base, data_driven=model is not None and bool(batches))  # fmt: skip
+                      config=base, data_driven=model is not None and bool(batches), sensitivity=sensitivity)  # fmt: skip
     return plan, curves
 
 
@@ -490,6 +586,7 @@ def convert_to_size(
     calibration_model: torch.nn.Module | None = None,
     calibration_batches: list[Any] | None = None,
     progress: Progress | None = None,
+    sensitivity: str = "fisher",
     **convert_kwargs: Any,
 ) -> Any:
     """Plan, convert, and check the file against ``target`` (redone with the overshoot taken off
@@ -501,9 +598,12 @@ def convert_to_size(
 
     header, curves = None, None
     force = convert_kwargs.pop("force", False)
+    tune = convert_kwargs.get("tune")
+    kd_loss = getattr(tune, "kd_loss", "mse")
     for attempt in range(MAX_PASSES):
         plan, curves = plan_budget(input_path, target, config, recipe=recipe, model=calibration_model,
-                                   batches=calibration_batches, progress=progress, header=header, curves=curves)  # fmt: skip
+                                   batches=calibration_batches, progress=progress, header=header, curves=curves,
+                                   sensitivity=sensitivity, kd_loss=kd_loss)  # fmt: skip
         report = convert(input_path, output_path, plan.config, recipe=plan.recipe, force=force or attempt > 0,
                          progress=progress, **convert_kwargs)  # fmt: skip
         size = path_size(Path(output_path))
