@@ -194,7 +194,7 @@ def test_hidden_state_distillation_compares_the_blocks_outputs():
 # a Hugging Face causal LM, built from its config.json (needs the [hf] extra)
 
 
-def _hf_folder(tmp_path):
+def _hf_folder(tmp_path, arch: str = "llama"):
     transformers = pytest.importorskip("transformers")
     tokenizers = pytest.importorskip("tokenizers")
     words = "the a of and to in was he she it her his that with had for as not but at on be by".split()
@@ -202,11 +202,15 @@ def _hf_folder(tmp_path):
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
-    config = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config)
-    folder = tmp_path / "llama"
+    if arch == "gpt2":  # Conv1D layers (weights stored (in, out))
+        config = transformers.GPT2Config(vocab_size=len(vocab), n_embd=32, n_layer=2, n_head=4, n_positions=64, eos_token_id=0, bos_token_id=0)
+        model = transformers.GPT2LMHeadModel(config)
+    else:
+        config = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
+        model = transformers.LlamaForCausalLM(config)
+    folder = tmp_path / arch
     model.save_pretrained(folder)
     fast.save_pretrained(folder)
     g = torch.Generator().manual_seed(1)
@@ -242,6 +246,33 @@ def test_a_hugging_face_folder_calibrates_trains_and_evaluates_with_no_user_code
     s = scores[str(out)]
     assert s["ppl"] == pytest.approx(json.loads(run("evaluate", "--task", "lm", dense, "--data", tmp_path / "eval.txt",
                                                      "--seq-len", "32", "--json").stdout)["systems"][str(dense)]["ppl"], rel=1e-4)  # fmt: skip
+
+
+def test_gpt2_conv1d_layers_are_calibrated_in_their_stored_orientation(tmp_path):
+    """GPT-2's Conv1D weights (stored (in, out)) are recorded and fitted to their inputs; the cores
+    are of the stored matrix, so the compressed folder runs and decompresses like the model."""
+    transformers, folder = _hf_folder(tmp_path, "gpt2")
+    losses = {}
+    for mode in ("none", "auto"):
+        out = tmp_path / f"small-{mode}"
+        res = run("convert", folder, "-o", out, "--ratio", "2", "--include", "*.h.*", "--data", tmp_path / "calib.txt", "--seq-len", "32",
+                  "--batch-size", "4", "--steps", "0", "--calibration", mode, "--json")  # fmt: skip
+        assert res.exit_code == 0, res.output
+        report = json.loads(res.stdout)
+        losses[mode] = report["finetune"]["val_kd_loss"]["compressed"]
+    assert report["calibration"]["weights"] == 8  # c_attn, attn.c_proj, c_fc, mlp.c_proj in each of 2 blocks
+    fits = {r["name"]: r["refine"].get("calibrated") for r in report["layers"] if r["status"] == "mpo"}
+    assert all(f is not None and f["output_error_after"] < f["output_error_before"] for f in fits.values()), fits
+    assert losses["auto"] < losses["none"]
+    dense = tmp_path / "dense"
+    assert run("decompress", out, "-o", dense).exit_code == 0
+    from mpocompress.text.evaluate import load_lm
+
+    plain = transformers.AutoModelForCausalLM.from_pretrained(dense).eval()
+    cores = load_lm(out, out)
+    ids = torch.randint(0, 20, (1, 12))
+    with torch.no_grad():
+        assert torch.allclose(plain(ids).logits, cores(ids).logits, atol=1e-4)
 
 
 def test_hugging_face_bad_input(tmp_path):

@@ -177,3 +177,14 @@ def test_tensorly_interop_round_trip():
     assert TTMatrix.from_tensorly(padded.to_tensorly(), shape=(11, 19)).to_matrix().shape == (11, 19)
     with pytest.raises(ValueError):
         TTMatrix.from_tensorly([torch.zeros(1, 2, 2)])
+
+
+@pytest.mark.parametrize("cores", [2, 3])
+def test_transposed_cores_are_the_transposed_matrix(cores):
+    from mpocompress.core.modes import choose_modes
+
+    w = torch.randn(12, 20, generator=torch.Generator().manual_seed(3))
+    tt = tt_svd(w, *choose_modes(12, 20, cores), max_bond=4)
+    t = tt.transpose()
+    assert t.shape == (20, 12) and t.bond_dims == tt.bond_dims and t.out_modes == tt.in_modes
+    assert torch.allclose(t.to_matrix(), tt.to_matrix().T, atol=1e-6)

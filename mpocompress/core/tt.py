@@ -70,6 +70,11 @@ class TTMatrix:
         """The dense ``(out_features, in_features)`` matrix (padding cropped)."""
         return cores_to_matrix(self.cores, self.shape)
 
+    def transpose(self) -> TTMatrix:
+        """The cores of the transposed matrix (each core's two mode axes swapped; same bonds)."""
+        return TTMatrix([c.transpose(1, 2).contiguous() for c in self.cores], (self.shape[1], self.shape[0]),
+                        [s.clone() for s in self.spectra])  # fmt: skip
+
 
     def to_tensorly(self):
         """The cores as TensorLy's ``TTMatrix`` (same core layout, shared tensors; TensorLy's own

@@ -567,12 +567,12 @@ def _uses(ckpt: Checkpoint, input_path: str | Path, layers: list[str]) -> dict[s
 def _grams(model: torch.nn.Module, batches: list[Any], ckpt: Checkpoint, layers: set[str]) -> dict[str, torch.Tensor]:
     """Recorded inputs of ``layers`` in the dense model (loaded into ``model``), usable ones only."""
     from mpocompress.io import fill_tied
-    from mpocompress.jobs.calibrate import gram_ok, record_grams
+    from mpocompress.jobs.calibrate import gram_ok, record_grams, transposed_weights
 
     own = model.state_dict()
     have = set(ckpt.keys())
     model.load_state_dict(fill_tied(own, {k: ckpt.get(k) for k in own if k in have}), strict=True)
-    grams, _ = record_grams(model, batches, weights=layers)
+    grams, _ = record_grams(model, batches, weights=layers - transposed_weights(model))
     return {k: g for k, g in grams.items() if gram_ok(g)}
 
 

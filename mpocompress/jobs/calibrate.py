@@ -5,6 +5,9 @@ each weight, the Gram matrix ``X^T X`` of the inputs it multiplies (float64, bat
 one ``in x in`` matrix per weight, whatever the number of samples):
 
 * ``nn.Linear`` (and subclasses): the last dimension of its input;
+* Hugging Face's GPT-2 ``Conv1D`` (weight stored ``(in, out)``): the last dimension of its input --
+  the Gram is of the stored weight's *rows* (:func:`transposed_weights` names these weights; the
+  data-aware methods fit the transposed matrix and store cores of the weight as it is stored);
 * ``nn.Conv1d``/``nn.Conv2d`` (``groups=1``): the unfolded input patches, in the order of
   ``weight.reshape(out, -1)`` (channel, then kernel positions), padding included;
 * ``nn.LSTM``/``nn.GRU``/``nn.RNN`` (no projections): ``weight_ih_l{k}`` from layer ``k``'s input
@@ -155,10 +158,20 @@ def _attention_hook(module: nn.MultiheadAttention, acc: _Grams, names: dict[int,
     return hook
 
 
+def transposed_weights(model: nn.Module) -> set[str]:
+    """State-dict names of the weights stored ``(in, out)`` (Hugging Face ``Conv1D``): their Gram
+    matrices weigh the stored matrix's rows, not its columns."""
+    from mpocompress.nn.surgery import is_hf_conv1d
+
+    return {f"{n}.weight" if n else "weight" for n, m in model.named_modules() if is_hf_conv1d(m)}
+
+
 def _hook(module: nn.Module, acc: _Grams, names: dict[int, str]):
     """A forward hook recording ``module``'s inputs into ``acc`` (None: nothing to record)."""
+    from mpocompress.nn.surgery import is_hf_conv1d
+
     weight = getattr(module, "weight", None)
-    if isinstance(module, nn.Linear) and names.get(id(weight)):
+    if (isinstance(module, nn.Linear) or is_hf_conv1d(module)) and names.get(id(weight)):
         key = names[id(weight)]
         return lambda m, args, out: acc.add(key, args[0])
     if isinstance(module, (nn.Conv1d, nn.Conv2d)) and names.get(id(weight)) and module.groups == 1:
@@ -415,6 +428,7 @@ def compress_sequentially_(
     if rest:
         groups.append(rest)
     params = dict(model.named_parameters())
+    transposed = transposed_weights(model)
     rows: list[dict[str, Any]] = []
     used: dict[str, torch.Tensor] = {}
     for i, group in enumerate(groups):
@@ -427,7 +441,7 @@ def compress_sequentially_(
                 p = params[k]
                 originals[k] = p.detach().clone()
                 w = p.detach().reshape(p.shape[0], -1).double()
-                if not correct:
+                if not correct or k in transposed:  # (a Conv1D keeps its own target)
                     continue
                 lam = DEFAULT_RIDGE * float(torch.diagonal(c).mean())
                 eye = torch.eye(c.shape[0], dtype=torch.float64)

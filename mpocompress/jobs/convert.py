@@ -242,6 +242,11 @@ def _convert_locked(
             calibration = tune_summary.pop("calibration")
             log.info("calibrated %d weight(s) sequentially on %d sample(s) in %.1fs", calibration["weights"], calibration["samples"],
                      calibration["seconds"])  # fmt: skip
+    if model is not None and activations:  # a Conv1D's Gram weighs its stored rows: only the in-memory fit reads it
+        from mpocompress.jobs.calibrate import transposed_weights
+
+        transposed = transposed_weights(model)
+        activations = {k: g for k, g in activations.items() if k not in transposed}
     groups = plan_groups(ckpt, names, min(max_shard_bytes, GROUP_MAX_BYTES))
     log.info("%d of %d tensors selected (%s); %d group(s) of work", len(layers), len(names), config.to_json(), len(groups))
     job = Job(

@@ -251,9 +251,11 @@ def _quantizers(
     int8 scales), fixed for the run; other codecs (casts, SEOFP) round-trip through the codec. A
     plain weight with recorded inputs starts from its GPTQ quantization on that grid."""
     from mpocompress.codecs import decode, encode, split_chain
+    from mpocompress.jobs.calibrate import transposed_weights
     from mpocompress.jobs.plan import gptq_codec
 
     params = dict(student.named_parameters())
+    transposed = transposed_weights(student)
     out: dict[str, Any] = {}
     for name in layers:
         cfg = config if recipe is None else recipe.config_for(name, config)
@@ -271,7 +273,7 @@ def _quantizers(
                 out[pname] = lambda v, q=quant: decode(*encode(v, [q]))
                 continue
             m = p.detach().reshape(p.shape[0], -1) if mask is None else p.detach()[mask.bool()].reshape(1, -1)
-            gram = grams.get(name) if not mpo and mask is None else None
+            gram = grams.get(name) if not mpo and mask is None and name not in transposed else None
             if gram is not None and tuple(gram.shape) == (m.shape[1], m.shape[1]):
                 q, grid = gptq_codec(m, gram, quant)
                 with torch.no_grad():

@@ -54,7 +54,7 @@ def _replacement(module: nn.Module, tts: dict[str, TTMatrix], mode: str) -> nn.M
         new = MPOLinear.from_cores(tts["weight"], module.in_features, module.out_features, module.bias, mode=mode)
     elif type(module) is nn.MultiheadAttention:
         new = MPOMultiheadAttention(module, tts, mode=mode)
-    elif _is_hf_conv1d(module):
+    elif is_hf_conv1d(module):
         new = MPOConv1D(module, tts["weight"], mode=mode)
     elif isinstance(module, _CONV):
         new = MPOConv(module, tts["weight"])
@@ -139,7 +139,11 @@ def compress_(
                 rows.append(_row(full, "dense", weight.numel(), weight.numel(), cfg, reason="non-finite values (NaN/Inf)"))
                 continue
             gram = (grams or {}).get(full)
-            res = compress_matrix(weight.reshape(weight.shape[0], -1), cfg, gram=gram)
+            if gram is not None and is_hf_conv1d(module):  # stored (in, out): fit the (out, in) matrix, store it transposed back
+                res = compress_matrix(weight.T, cfg, gram=gram)
+                res.tt = res.tt.transpose() if res.tt is not None else None
+            else:
+                res = compress_matrix(weight.reshape(weight.shape[0], -1), cfg, gram=gram)
             rows.append(_row(full, res.status, res.params, res.dense_params, cfg, res=res))
             if res.tt is not None:
                 tts[w] = res.tt
@@ -155,12 +159,12 @@ def _supported(module: nn.Module) -> bool:
     as it does (no ``forward`` of their own, e.g. ``nn.MultiheadAttention``'s ``out_proj``, which
     the attention reads as ``out_proj.weight``: ``MPOLinear.weight`` rebuilds it). Other subclasses
     may compute differently and are left dense."""
-    if type(module) in SUPPORTED or _is_hf_conv1d(module):
+    if type(module) in SUPPORTED or is_hf_conv1d(module):
         return True
     return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
 
 
-def _is_hf_conv1d(module: nn.Module) -> bool:
+def is_hf_conv1d(module: nn.Module) -> bool:
     """Hugging Face's GPT-2 ``Conv1D`` (``transformers.pytorch_utils``), recognised without importing
     transformers: by name, its ``nf`` and an ``(in, out)`` weight."""
     w = getattr(module, "weight", None)
