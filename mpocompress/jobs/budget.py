@@ -587,6 +587,7 @@ def convert_to_size(
     calibration_batches: list[Any] | None = None,
     progress: Progress | None = None,
     sensitivity: str = "fisher",
+    kd_loss: str | None = None,
     **convert_kwargs: Any,
 ) -> Any:
     """Plan, convert, and check the file against ``target`` (redone with the overshoot taken off
@@ -598,8 +599,8 @@ def convert_to_size(
 
     header, curves = None, None
     force = convert_kwargs.pop("force", False)
-    tune = convert_kwargs.get("tune")
-    kd_loss = getattr(tune, "kd_loss", "mse")
+    if kd_loss is None:  # the fine-tuning's distillation loss, if any (KL for logits)
+        kd_loss = getattr(convert_kwargs.get("tune"), "kd_loss", "mse")
     for attempt in range(MAX_PASSES):
         plan, curves = plan_budget(input_path, target, config, recipe=recipe, model=calibration_model,
                                    batches=calibration_batches, progress=progress, header=header, curves=curves,
