@@ -31,8 +31,9 @@ at 10 %, 20 % and 40 % fewer parameters in them, the same ratio for every layer.
   the data-aware start, and the whitening peer given the same distillation (its factors written as
   an exact rank-r conversion, then trained by the same code).
 * **--target-size** 50 %, 25 % and 20 % of the fp32 file (all linears and the embedding allocated per
-  layer across SVD/MPO and codecs), without data (``--budget-data``: also with data; each layer's
-  damage is then measured on the model's output, which is slow on this machine).
+  layer across SVD/MPO and codecs): without data, and with ``--budget-data`` also with data
+  (``--data emma.txt --steps 0``: the allocation weighs layers by their Fisher sensitivity, the
+  conversion calibrates sequentially) and, at 20 %, with data for the allocation only.
 
 Writes ``benchmarks/results/lm.json`` and the ``lm`` block of docs/results.md.
 
@@ -267,9 +268,10 @@ def _convert(src: Path, out: Path, config: Any, model_folder: Path | None, batch
         kwargs = {"model": build_model(model_folder or src), "train_batches": batches, "tune": tune, "calibrate": calibrate,
                   "calibration_samples": samples, "sequential": "plain"}  # fmt: skip
     t0 = time.perf_counter()
-    if target is not None:
-        extra = {"calibration_model": kwargs["model"], "calibration_batches": batches[-4:]} if batches else {}
-        report = convert_to_size(src, out, target, config, force=True, **extra, **kwargs)
+    if target is not None:  # data: the allocation's Fisher sensitivity (as the CLI: up to 8 batches, KL), and
+        # with ``calibrate`` the conversion's calibration too
+        extra = {"calibration_model": build_model(model_folder or src), "calibration_batches": batches[-8:], "kd_loss": "kl"} if batches else {}
+        report = convert_to_size(src, out, target, config, force=True, **extra, **(kwargs if calibrate else {}))
     else:
         report = convert(src, out, config, recipe=recipe, force=True, **kwargs)
     return report.to_dict(), time.perf_counter() - t0
@@ -370,17 +372,33 @@ def run_size(p: float, ctx: dict[str, Any], distill: float | None, have: list[di
     return rows
 
 
-def run_budget(share: float, ctx: dict[str, Any]) -> list[dict[str, Any]]:
+def run_budget(share: float, ctx: dict[str, Any], have: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``--target-size`` at ``share`` of the fp32 file: no data; with data (Fisher allocation and
+    sequential calibration, ``--budget-data``); at 20 % also with data for the allocation only."""
     from mpocompress import MPOConfig
 
     src, work, ids, seq_len, dense = ctx["src"], ctx["work"], ctx["ids"], ctx["seq_len"], ctx["dense_ppl"]
-    target = int(share * (src / "model.safetensors").stat().st_size)
-    rows = []
-    for data in (False, True) if ctx["budget_data"] else (False,):
-        out = work / f"target-{share}-{'data' if data else 'posthoc'}"
-        rep, secs = _convert(src, out, MPOConfig(quantize="int8"), None, ctx["cal"] if data else None, target=target, samples=ctx["samples"])
-        rows.append(_row(f"--target-size {share:.0%} {'with data' if data else 'no data'}", rep, perplexity_of(out, src, ids, seq_len), secs,
-                         dense, written_share=rep["totals"]["output_file_bytes"] / (src / "model.safetensors").stat().st_size))  # fmt: skip
+    size = (src / "model.safetensors").stat().st_size
+    target = int(share * size)
+    rows = list(have)
+    variants = [("no data", False, False)]
+    if ctx["budget_data"]:
+        variants += [("with data", True, True)] + ([("data for the allocation only", True, False)] if abs(share - 0.2) < 1e-9 else [])
+    for label, data, calibrate in variants:
+        label = f"--target-size {share:.0%} {label}"
+        if label in {r["method"] for r in rows}:
+            continue
+        out = work / f"target-{share}-{'data' if data else 'posthoc'}{'' if calibrate or not data else '-alloc'}"
+        rep, secs = _convert(src, out, MPOConfig(quantize="int8"), None, ctx["cal"] if data else None, target=target,
+                             samples=ctx["samples"], calibrate=calibrate)  # fmt: skip
+        choices: dict[str, int] = {}
+        for layer in rep["allocation"]["layers"].values():
+            choices[layer["label"]] = choices.get(layer["label"], 0) + 1
+        embed = {n: layer["label"] for n, layer in rep["allocation"]["layers"].items() if "embed" in n}
+        rows.append(_row(label, rep, perplexity_of(out, src, ids, seq_len), secs, dense, written_share=rep["totals"]["output_file_bytes"] / size,
+                         choices=choices, embedding=embed))  # fmt: skip
+        if ctx.get("save"):
+            ctx["save"](rows)
     return rows
 
 
@@ -470,7 +488,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="0.2,0.4,0.1")
     ap.add_argument("--budgets", default="0.2,0.25,0.5")
     ap.add_argument("--resume", action="store_true", help="keep the rows benchmarks/results/lm.json already has")
-    ap.add_argument("--budget-data", action="store_true", help="also --target-size with data (each layer's damage measured: slow)")
+    ap.add_argument("--budget-data", action="store_true", help="also --target-size with data (Fisher allocation; conversion with and without calibration)")
     ap.add_argument("--slow", action="store_true", help="also data-aware 3 cores (over 30 min per size here)")
     args = ap.parse_args()
     if args.step == "prepare":
@@ -519,22 +537,20 @@ def main() -> None:
     steps = [(f"-{p:.0%} params", "size", p) for p in [float(x) for x in args.sizes.split(",") if x]]
     steps += [(f"{s:.0%} of file", "budget", s) for s in [float(x) for x in args.budgets.split(",") if x]]
     for key, kind, value in steps:
-        if key in results["rows"] and kind == "budget":
-            continue
         print(f"{key}", flush=True)
+
+        def save(rows: list[dict[str, Any]], key: str = key) -> None:  # each row as soon as it is done
+            results["rows"][key] = rows
+            results["seconds"] = round(time.perf_counter() - t0)
+            if not args.quick:
+                _save(results)
+
+        ctx["save"] = save
         if kind == "size":
             distill = args.ft_seconds if abs(value - 0.2) < 1e-9 and args.ft_seconds else None
-
-            def save(rows: list[dict[str, Any]], key: str = key) -> None:  # each row as soon as it is done
-                results["rows"][key] = rows
-                results["seconds"] = round(time.perf_counter() - t0)
-                if not args.quick:
-                    _save(results)
-
-            ctx["save"] = save
             results["rows"][key] = run_size(value, ctx, distill, results["rows"].get(key, []))
         else:
-            results["rows"][key] = run_budget(value, ctx)
+            results["rows"][key] = run_budget(value, ctx, results["rows"].get(key, []))
         results["seconds"] = round(time.perf_counter() - t0)
         if not args.quick:
             _save(results)
