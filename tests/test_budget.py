@@ -1,5 +1,6 @@
 """--target-size: per-layer rate-distortion curves, one global allocation, a file under the budget."""
 
+import contextlib
 import itertools
 import json
 import math
@@ -76,6 +77,21 @@ def test_measured_options_are_exact(trained_like):
         assert 0 <= o.error <= 1.0 + 1e-9 and o.nbytes <= dense
     int8 = next(o for o in options if o.label == "int8")
     assert int8.nbytes == w.numel() + w.shape[0] * (4 + 2) and int8.error < 1e-3
+
+
+@pytest.mark.parametrize("scale", [0.0, 1.0])
+def test_options_left_unmeasured_are_dominated(trained_like, scale):
+    """Skipping the options a measured codec already beats leaves the Pareto front as it was."""
+    from mpocompress.jobs import budget
+
+    w = load_file(str(trained_like))["a.weight"]
+    w = w + scale * torch.randn(w.shape, generator=torch.Generator().manual_seed(0)) * w.std()  # (low rank, and not)
+    v = w.reshape(-1).double()
+    norm2 = float(v @ v)
+    every = budget._codec_options(w, v, norm2, 4) + budget._svd_options(w, 4, norm2) + budget._mpo_options(w, 4, norm2, 3)
+    measured = budget.measure_options("a.weight", w, {"a.weight": tuple(w.shape)})
+    assert len(measured) - 1 < len(every) if scale else len(measured) - 1 <= len(every)  # (a full-rank weight: some skipped)
+    assert [(o.label, o.nbytes) for o in pareto(measured[1:])] == [(o.label, o.nbytes) for o in pareto(every)]
 
 
 def test_target_size_end_to_end(tmp_path, trained_like):
@@ -170,8 +186,8 @@ def test_with_recorded_inputs_options_are_made_and_measured_the_data_aware_way()
     c = (x.T @ x).double()
     plain = {o.label: o for o in measure_options("w", w, {"w": (96, 64)})}
     aware = {o.label: o for o in measure_options("w", w, {"w": (96, 64)}, c)}
-    assert set(aware) == set(plain)
-    assert all(o.nbytes == plain[k].nbytes for k, o in aware.items())
+    assert set(plain) <= set(aware)  # (without data, options a codec already beats are not measured)
+    assert all(o.nbytes == plain[k].nbytes for k, o in aware.items() if k in plain)
 
     def out_err(approx):
         e = (w - approx).double()
@@ -302,3 +318,26 @@ def test_target_size_with_fisher_sensitivity_skips_ignored_layers(tmp_path):
     assert layers["mid.weight"]["bytes"] > layers["dead.weight"]["bytes"]
     with pytest.raises(ConfigError, match="sensitivity"):
         plan_budget(src, src.stat().st_size // 4, MPOConfig(quantize="int8"), model=Tied(), batches=batches, sensitivity="hessian")
+
+
+def test_fisher_reads_weights_held_as_buffers_and_falls_back_without_autograd(tmp_path):
+    """Models run from buffers (a wrapped TorchScript/ONNX graph) get Fisher weights; a model run outside
+    autograd is weighed by probing instead (and the plan says so)."""
+
+    class Buffers(torch.nn.Module):
+        def __init__(self, frozen: bool = False):
+            super().__init__()
+            self.register_buffer("a", torch.randn(64, 64, generator=torch.Generator().manual_seed(0)))
+            self.frozen = frozen
+
+        def forward(self, x):
+            with torch.no_grad() if self.frozen else contextlib.nullcontext():
+                return x @ self.a.T
+
+    src = tmp_path / "b.safetensors"
+    save_file({"a": Buffers().a.contiguous()}, str(src))
+    batches = [torch.randn(8, 64) for _ in range(2)]
+    plan, _ = plan_budget(src, src.stat().st_size // 3, MPOConfig(quantize="int8"), model=Buffers(), batches=batches)
+    assert plan.sensitivity == "fisher" and plan.allocation.to_dict()["layers"]["a"]["damage"] > 0
+    plan, _ = plan_budget(src, src.stat().st_size // 3, MPOConfig(quantize="int8"), model=Buffers(frozen=True), batches=batches)
+    assert plan.sensitivity == "probe" and plan.damage.startswith("layer output error")

@@ -14,8 +14,11 @@ measured, so the file ends as close under the target as the options allow.
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import copy
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -156,9 +159,29 @@ def _codec_options(t: torch.Tensor, v: torch.Tensor, norm2: float, itemsize: int
     return options
 
 
-def _svd_options(matrix: torch.Tensor, itemsize: int, norm2: float) -> list[Option]:
+class _Floor:
+    """The best error reachable at each size by options already measured (a layer's codecs): an option
+    whose *lower bound* on error is no better than what a no larger option already reaches can never
+    be chosen, so it is not measured (skipping it leaves every allocation unchanged)."""
+
+    def __init__(self, options: list[Option]) -> None:
+        ranked = sorted(options, key=lambda o: o.nbytes)
+        self.sizes = [o.nbytes for o in ranked]
+        self.best = list(itertools.accumulate((o.error for o in ranked), min))
+
+    def beats(self, nbytes: float, error_bound: float) -> bool:
+        """Whether an option of at most ``nbytes`` already has error ``<= error_bound``."""
+        i = bisect.bisect_right(self.sizes, nbytes)
+        return i > 0 and self.best[i - 1] <= error_bound
+
+
+_CODEC_BITS = {"int8": 8, "kmeans:16": 4}
+
+
+def _svd_options(matrix: torch.Tensor, itemsize: int, norm2: float, floor: _Floor | None = None) -> list[Option]:
     """2 cores (a truncated SVD) at a grid of ranks, alone (error from the spectrum) and with
-    int8 / k-means cores."""
+    int8 / k-means cores (not measured where ``floor`` shows them dominated: no rank-r matrix has
+    less error than the spectrum's tail, and the codes alone take ``bits / 8`` bytes a value)."""
     out_f, in_f = matrix.shape
     ref = matrix.double()  # once: every error below is measured against it
     u, s, vh = torch.linalg.svd(ref, full_matrices=False)
@@ -171,6 +194,9 @@ def _svd_options(matrix: torch.Tensor, itemsize: int, norm2: float) -> list[Opti
         cores = [u[:, :rank].reshape(1, out_f, 1, rank).to(matrix.dtype),
                  (s[:rank, None] * vh[:rank]).reshape(rank, 1, in_f, 1).to(matrix.dtype)]  # fmt: skip
         for codec in CORE_CODECS[1:] if step % 2 == 0 else CORE_CODECS[1:2]:  # k-means factors at every other rank
+            bound = float(tail[rank]) / norm2 if norm2 else 0.0
+            if floor is not None and floor.beats(rank * (out_f + in_f) * _CODEC_BITS[codec] / 8, bound):
+                continue
             dec, nbytes = _coded_cores(cores, codec)
             if nbytes < rank * (out_f + in_f) * itemsize:
                 options.append(Option(f"{label} + {codec}", {**base, "quantize": codec}, nbytes,
@@ -179,9 +205,10 @@ def _svd_options(matrix: torch.Tensor, itemsize: int, norm2: float) -> list[Opti
     return options
 
 
-def _mpo_options(matrix: torch.Tensor, itemsize: int, norm2: float, cores: int) -> list[Option]:
+def _mpo_options(matrix: torch.Tensor, itemsize: int, norm2: float, cores: int, floor: _Floor | None = None) -> list[Option]:
     """MPO with ``cores`` cores at a grid of bonds (exact SVDs shared between bonds), alone and with
-    quantized cores."""
+    quantized cores (not measured where ``floor`` shows them dominated: no MPO with first bond ``r``
+    has less error than the tail of the first unfolding's spectrum beyond ``r``)."""
     out_f, in_f = matrix.shape
     ref = matrix.double()
     dense_bytes = out_f * in_f * itemsize
@@ -196,8 +223,15 @@ def _mpo_options(matrix: torch.Tensor, itemsize: int, norm2: float, cores: int) 
         seen.add(tuple(tt.bond_dims))
         base = {**_CLEAR, "bond_dim": bond, "cores": cores, "svd": "full"}
         label = f"mpo{cores} bond {bond}"
+        s0 = tt.spectra[0].double() if tt.spectra else torch.zeros(0, dtype=torch.float64)
+        bound = float((s0[tt.bond_dims[0]:] ** 2).sum()) / norm2 if norm2 else 0.0
+        if floor is not None and floor.beats(params * itemsize, bound):
+            bond = max(bond + 1, int(bond * MPO_BOND_STEP))
+            continue
         options.append(Option(label, base, params * itemsize, _rel2(ref, tt.to_matrix(), norm2)))
         for codec in CORE_CODECS[1:]:
+            if floor is not None and floor.beats(params * _CODEC_BITS[codec] / 8, bound):
+                continue
             dec, nbytes = _coded_cores(tt.cores, codec)
             if nbytes < params * itemsize:
                 options.append(Option(f"{label} + {codec}", {**base, "quantize": codec}, nbytes,
@@ -219,9 +253,10 @@ def measure_options(name: str, t: torch.Tensor, shapes: dict[str, tuple[int, ...
     options = [Option("dense", {"skip": True}, nbytes_of(t), 0.0)] + _codec_options(t, v, norm2, itemsize)
     if min(out_f, in_f) > 1:
         matrix = w.reshape(out_f, in_f)
-        options += _svd_options(matrix, itemsize, norm2)
+        floor = _Floor(options)
+        options += _svd_options(matrix, itemsize, norm2, floor)
         for cores in MPO_CORES[1:]:
-            options += _mpo_options(matrix, itemsize, norm2, cores)
+            options += _mpo_options(matrix, itemsize, norm2, cores, floor)
     return options
 
 
@@ -353,6 +388,49 @@ def sensitivities(
 FISHER_SAMPLES = 1
 
 
+class NoGradient(RuntimeError):
+    """The model's output does not depend differentiably on its weights (run outside autograd)."""
+
+
+def _weight_tensors(model: torch.nn.Module, names: Any) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    """The model's floating tensors (parameters or buffers: some models run from buffers) among
+    ``names``, by name, and each distinct one once (a tied weight is one tensor)."""
+    tensors = model.state_dict(keep_vars=True)
+    wanted = {n: tensors[n] for n in names if n in tensors and tensors[n].is_floating_point()}
+    return wanted, list({id(p): p for p in wanted.values()}.values())
+
+
+@contextlib.contextmanager
+def _gradients_for(model: torch.nn.Module, tensors: list[torch.Tensor]):
+    """Eval mode, gradients for ``tensors`` only; everything restored after."""
+    flags = {id(p): p.requires_grad for p in (*model.parameters(), *model.buffers())}
+    was = model.training
+    model.eval()
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in tensors:
+            p.requires_grad_(True)
+        yield
+    finally:
+        for p in (*model.parameters(), *model.buffers()):
+            p.requires_grad_(flags.get(id(p), False))
+        model.train(was)
+
+
+def differentiable(model: torch.nn.Module, batch: Any, names: Any) -> bool:
+    """Whether the model's output has a gradient with respect to the weights ``names`` (False for a
+    model run outside autograd, e.g. by an exported runtime): :func:`fisher_weights` needs one."""
+    from mpocompress.jobs.finetune import first_tensor, split_batch
+
+    _, unique = _weight_tensors(model, names)
+    if not unique:
+        return False
+    with _gradients_for(model, unique):
+        xs, _ = split_batch(batch)
+        return bool(first_tensor(model(*xs)).requires_grad)
+
+
 def fisher_weights(
     model: torch.nn.Module,
     batches: list[Any],
@@ -381,21 +459,17 @@ def fisher_weights(
     own = model.state_dict()
     have = set(dense.keys())
     model.load_state_dict(fill_tied(own, {k: dense.get(k) for k in own if k in have}), strict=True)
-    params = dict(model.named_parameters(remove_duplicate=False))
-    wanted = {n: params[n] for n in curves if n in params and params[n].is_floating_point()}
-    acc = {id(p): torch.zeros_like(p, dtype=torch.float64) for p in wanted.values()}
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    wanted, unique = _weight_tensors(model, curves)
+    acc = {id(p): torch.zeros_like(p, dtype=torch.float64) for p in unique}
     gen = torch.Generator().manual_seed(seed)
-    was = model.training
-    model.eval()
-    try:
-        for p in model.parameters():
-            p.requires_grad_(id(p) in acc)
+    with _gradients_for(model, unique):
         for i, batch in enumerate(batches):
             if progress is not None:
                 progress("fisher", i, len(batches))
             xs, _ = split_batch(batch)
             out = first_tensor(model(*xs)).float()
+            if not out.requires_grad:
+                raise NoGradient("the model's output has no gradient with respect to its weights")
             for k in range(FISHER_SAMPLES):
                 if kd_loss == "kl":
                     logits = out.reshape(-1, out.shape[-1])
@@ -403,14 +477,10 @@ def fisher_weights(
                     loss = F.cross_entropy(logits, labels, reduction="sum")
                 else:
                     loss = (out * torch.randn(out.shape, generator=gen)).sum()
-                grads = torch.autograd.grad(loss, list(wanted.values()), retain_graph=k < FISHER_SAMPLES - 1, allow_unused=True)
-                for p, g in zip(wanted.values(), grads):
+                grads = torch.autograd.grad(loss, unique, retain_graph=k < FISHER_SAMPLES - 1, allow_unused=True)
+                for p, g in zip(unique, grads):
                     if g is not None:
                         acc[id(p)] += g.double() ** 2
-    finally:
-        for n, p in model.named_parameters():
-            p.requires_grad_(flags.get(n, True))
-        model.train(was)
     weights = {}
     for n, p in wanted.items():
         h = acc[id(p)] / max(len(batches) * FISHER_SAMPLES, 1)
@@ -512,6 +582,10 @@ def plan_budget(
         if sensitivity not in SENSITIVITIES:
             raise ConfigError(f"sensitivity must be one of {', '.join(SENSITIVITIES)}, got {sensitivity!r}")
         data = model is not None and bool(batches)
+        if data and sensitivity == "fisher" and not differentiable(model, batches[0], free):
+            log.warning("the model's output has no gradient with respect to its weights (run outside autograd): "
+                        "weighing the layers by probing each instead of by their Fisher sensitivity")  # fmt: skip
+            sensitivity = "probe"
         grams = _grams(model, batches, ckpt, set(free)) if data and sensitivity == "probe" else {}
         if curves is None:
             curves = {}
