@@ -28,8 +28,9 @@ at 10 %, 20 % and 40 % fewer parameters in them, the same ratio for every layer.
   sequential calibration -- the default for text, ``sequential-plain`` --, whitened SVD /
   activation-aware MPO, refits).
 * **+ distillation** (at 20 %): ``--time`` seconds of logit distillation (KL, ``--lr auto``) after
-  the data-aware start, and the whitening peer given the same distillation (its factors written as
-  an exact rank-r conversion, then trained by the same code).
+  the data-aware start, and the whitening peer given the same distillation from the dense model (its
+  start made by our code as ``--calibration dense``: whitened SVD on the dense model's inputs, at the
+  same ranks; then trained by the same code).
 * **--target-size** 50 %, 25 % and 20 % of the fp32 file (all linears and the embedding allocated per
   layer across SVD/MPO and codecs): without data, and with ``--budget-data`` also with data
   (``--data emma.txt --steps 0``: the allocation weighs layers by their Fisher sensitivity, the
@@ -255,7 +256,7 @@ def perplexity_of(path: Path, folder: Path, ids: torch.Tensor, seq_len: int) -> 
 
 def _convert(src: Path, out: Path, config: Any, model_folder: Path | None, batches: list[Any] | None, *,
              seconds: float | None = None, calibrate: bool = True, recipe: Any = None, target: int | None = None,
-             samples: int | None = None) -> tuple[dict[str, Any], float]:  # fmt: skip
+             samples: int | None = None, sequential: bool | str = "plain") -> tuple[dict[str, Any], float]:  # fmt: skip
     """Run our conversion in process; ``(report dict, seconds)``."""
     from mpocompress.config import TuneConfig
     from mpocompress.jobs.budget import convert_to_size
@@ -266,7 +267,7 @@ def _convert(src: Path, out: Path, config: Any, model_folder: Path | None, batch
     if batches is not None:
         tune = TuneConfig(steps=100_000 if seconds else 0, time=seconds, kd_loss="kl", batch_size=batches[0].shape[0])
         kwargs = {"model": build_model(model_folder or src), "train_batches": batches, "tune": tune, "calibrate": calibrate,
-                  "calibration_samples": samples, "sequential": "plain"}  # fmt: skip
+                  "calibration_samples": samples, "sequential": sequential}  # fmt: skip
     t0 = time.perf_counter()
     if target is not None:  # data: the allocation's Fisher sensitivity (as the CLI: up to 8 batches, KL), and
         # with ``calibrate`` the conversion's calibration too
@@ -314,7 +315,6 @@ def _ft(rep: dict[str, Any]) -> dict[str, Any]:
 def run_size(p: float, ctx: dict[str, Any], distill: float | None, have: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Every row at ``p`` fewer parameters in the linears; rows already in ``have`` (same label) are kept."""
     from mpocompress import MPOConfig
-    from mpocompress.config import Recipe
     from mpocompress.jobs.decompress import load_state_dict
 
     src, work, ids, seq_len, cal, dense = ctx["src"], ctx["work"], ctx["ids"], ctx["seq_len"], ctx["cal"], ctx["dense_ppl"]
@@ -363,11 +363,12 @@ def run_size(p: float, ctx: dict[str, Any], distill: float | None, have: list[di
         add(_row(label, rep, perplexity_of(out, src, ids, seq_len), secs, dense, **_ft(rep)))
     label = f"SVD-LLM-style whitening + {distill:.0f} s distillation"
     if label not in done:
-        recipe = Recipe.from_dict({"layers": [{"match": n, "bond_dim": r} for n, r in ranks.items()]})[1]
+        # the peer's starting point made by our code: whitened SVD on the *dense* model's inputs
+        # (--calibration dense; the Cholesky peer with a small ridge), at the same ranks, then the same
+        # distillation from the dense model
         out = work / f"peer-whiten-distill-{p}"
-        # the whitened weights are exactly rank r: our 2-core split at that rank stores them losslessly
-        rep, secs = _convert(work / f"peer-whiten-{p}", out, MPOConfig(bond_dim=1, cores=2, include=INCLUDE), src, ctx["ft"],
-                             seconds=distill, calibrate=False, recipe=recipe)  # fmt: skip
+        rep, secs = _convert(src, out, MPOConfig(ratio=ratio, cores=2, include=INCLUDE), None, ctx["ft"], seconds=distill,
+                             samples=ctx["samples"], sequential=False)  # fmt: skip
         add(_row(label, rep, perplexity_of(out, src, ids, seq_len), secs, dense, **_ft(rep)))
     return rows
 
