@@ -28,8 +28,7 @@ Audio: ``examples/speech_enhancement/make_corpus.py`` (espeak-ng speech, speaker
 generated noise at -5..15 dB). For each model and each budget (25, 12.5, 6.25 % of the file: the sizes
 of uniform 8-, 4- and 2-bit weights): every uniform setting is converted and scored, and the best one
 that fits is the baseline; then ``--target-size`` without data and with calibration data (the model
-and 4 training utterances), the layers weighed by their Fisher sensitivity (the default) and by
-probing each layer's effect (``--sensitivity probe``). Differences from dense are per-utterance paired means with 95 % bootstrap
+and 4 training utterances). Differences from dense are per-utterance paired means with 95 % bootstrap
 CIs. Writes ``benchmarks/results/budget.json`` and the ``budget`` block of docs/results.md.
 """
 
@@ -438,11 +437,9 @@ def run_model(name: str, spec: dict[str, Any], pairs, calib, quick: bool) -> dic
         row = {"share": share, "target_bytes": target, "best_uniform": best}
         if best is not None:
             row["uniform"] = {"bytes": fits[best]["bytes"], **paired_ci(base, fits[best]["scores"])}
-        for mode in ("no data", "data", "data (probe)"):
-            path = out_dir / f"target-{share}-{mode.replace(' ', '_').strip('()')}.safetensors"
-            kw = {"calibration_model": calib_model, "calibration_batches": calib_batches} if mode != "no data" else {}
-            if mode == "data (probe)":
-                kw["sensitivity"] = "probe"
+        for mode in ("no data", "data"):
+            path = out_dir / f"target-{share}-{mode.replace(' ', '_')}.safetensors"
+            kw = {"calibration_model": calib_model, "calibration_batches": calib_batches} if mode == "data" else {}
             t0 = time.perf_counter()
             try:
                 report = convert_to_size(src, path, target, MPOConfig(quantize="int8"), force=True, **kw)
@@ -462,14 +459,12 @@ def run_model(name: str, spec: dict[str, Any], pairs, calib, quick: bool) -> dic
 
 def table(results: dict[str, Any]) -> str:
     fmt = lambda r: "-" if not r or "diff" not in r else f"{r['diff']:+.3f} [{r['low']:+.3f}, {r['high']:+.3f}] ({r['bytes'] / 1024:.0f} KB)"  # noqa: E731
-    lines = ["| model (metric, dense) | budget | best uniform | its change | --target-size, no data | with data (Fisher) | with data (probe) |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| model (metric, dense) | budget | best uniform | its change | --target-size, no data | with data |", "|---|---|---|---|---|---|"]
     for name, res in results.items():
         for row in res["rows"]:
             lines.append(
                 f"| {name} ({res['metric']}, {res['dense_mean']:.3f}) | {row['share']:.2%} ({row['target_bytes'] / 1024:.0f} KB) | "
-                f"{row.get('best_uniform') or 'none fits'} | {fmt(row.get('uniform'))} | {fmt(row.get('no data'))} | {fmt(row.get('data'))} | "
-                f"{fmt(row.get('data (probe)'))} |"
+                f"{row.get('best_uniform') or 'none fits'} | {fmt(row.get('uniform'))} | {fmt(row.get('no data'))} | {fmt(row.get('data'))} |"
             )
     return "\n".join(lines)
 
