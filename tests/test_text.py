@@ -295,3 +295,19 @@ def test_hugging_face_bad_input(tmp_path):
     res = run("convert", folder, "-o", tmp_path / "o3", "--ratio", "2", "--data", tmp_path / "short.txt", "--seq-len", "32", "--steps", "0")
     assert res.exit_code == 3 and "fewer than one window" in res.output
     assert not any(p.name.startswith("o") for p in tmp_path.iterdir() if p.name in ("o1", "o2", "o3"))
+
+
+def test_target_size_on_a_hugging_face_folder_with_text_data(tmp_path):
+    """--target-size with text data: the allocation weighs layers by their Fisher sensitivity (KL on
+    the logits), the file fits, and the folder runs."""
+    _, folder = _hf_folder(tmp_path)
+    out = tmp_path / "budget"
+    size = (folder / "model.safetensors").stat().st_size
+    res = run("convert", folder, "-o", out, "--target-size", "75%", "--data", tmp_path / "calib.txt", "--seq-len", "32",
+              "--batch-size", "4", "--steps", "0", "--sensitivity", "fisher", "--json")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert "Fisher" in report["allocation"]["damage"] and report["allocation"]["written_bytes"] <= int(0.75 * size)
+    res = run("evaluate", "--task", "lm", folder, out, "--data", tmp_path / "eval.txt", "--seq-len", "32", "--json")
+    assert res.exit_code == 0, res.output
+    assert all(math.isfinite(s["ppl"]) for s in json.loads(res.stdout)["systems"].values())
