@@ -1,7 +1,7 @@
 """A real small language model compressed: perplexity against low-rank peers.
 
     python benchmarks/lm.py prepare          # once: fetch and convert the model and the text (pinned)
-    python benchmarks/lm.py                  # the run behind docs/results.md (about 90 min)
+    python benchmarks/lm.py --budget-data    # the run behind docs/results.md (about 3 hours)
     python benchmarks/lm.py --resume         # go on after an interrupted run (each row is saved when done)
     python benchmarks/lm.py --quick          # small: fewer tokens, one size, no fine-tuning, no docs
     python benchmarks/lm.py layers           # layer level: output error on held-out inputs, equal params (~10 min)
