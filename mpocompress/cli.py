@@ -349,6 +349,8 @@ def convert(ctx: click.Context, input_path: Path, output_path: Path, bond_dim, t
     given, recipe = _given_options(ctx, recipe_path, bond_dim=bond_dim, tol=tol, ratio=ratio, prune=prune, quantize=quantize,
                                    cores=cores, svd=svd, prune_scope=prune_scope, seed=seed, als_sweeps=als_sweeps)  # fmt: skip
     target = _target(ctx, target_size, target_ratio, input_path)
+    if target is None and ctx.get_parameter_source("sensitivity") is not click.core.ParameterSource.DEFAULT:
+        raise click.UsageError("--sensitivity weighs the layers of a --target-size allocation: give --target-size or --target-ratio")
     if target is not None:  # the allocation chooses every layer's method: a placeholder base config
         given = {"quantize": "int8", "seed": seed}
     config = MPOConfig(**given, include=include, exclude=exclude)

@@ -128,7 +128,8 @@ def test_a_recipe_fixes_layers_and_include_exclude_compose(tmp_path, trained_lik
 def test_cli_target_errors(tmp_path, trained_like):
     out = tmp_path / "o.safetensors"
     for args, code in ((["--target-size", "1%"], 5), (["--target-size", "150%"], 2), (["--target-size", "10%", "--ratio", "3"], 2),
-                       (["--target-size", "10%", "--target-ratio", "3"], 2), (["--target-ratio", "0.5"], 2)):  # fmt: skip
+                       (["--target-size", "10%", "--target-ratio", "3"], 2), (["--target-ratio", "0.5"], 2),
+                       (["--ratio", "2", "--sensitivity", "fisher"], 2), (["--target-size", "50%", "--sensitivity", "hessian"], 2)):  # fmt: skip
         res = run("convert", trained_like, "-o", out, *args)
         assert res.exit_code == code, (args, res.stderr)
         assert res.stderr.startswith("mpocompress: error: ")
