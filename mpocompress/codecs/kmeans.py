@@ -132,8 +132,8 @@ def kmeans_1d_many(
     cum_w = np.concatenate([[0.0], np.cumsum(ws)])
     bounds = np.concatenate([first, [s.size]])  # groups of equal values ...
     points = max(KMEANS_DP_POINTS, min(KMEANS_POINTS_PER_CLUSTER * ks[-1], KMEANS_DP_MAX_POINTS))
-    if uniq.size > 2 * points:  # (up to twice that many values: exact, no grouping)  # ... or runs of sorted values, cut both at quantiles and at evenly
-        # spaced values, so no group holds many values nor spans a wide range (the tails)
+    if uniq.size > 2 * points:  # (up to twice that many: exact) ... or runs of sorted values, cut both at
+        # quantiles and at evenly spaced values, so no group holds many values nor spans a wide range (the tails)
         half = points // 2
         at_quantiles = s[np.linspace(0, s.size - 1, half + 1).astype(np.int64)[1:-1]]
         scale = float(np.median(np.abs(s))) or 1.0  # evenly spaced in asinh(v / scale): linear near
