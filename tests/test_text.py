@@ -275,6 +275,20 @@ def test_gpt2_conv1d_layers_are_calibrated_in_their_stored_orientation(tmp_path)
         assert torch.allclose(plain(ids).logits, cores(ids).logits, atol=1e-4)
 
 
+def test_a_square_conv1d_is_not_error_compensated_in_the_wrong_orientation(tmp_path):
+    """GPTQ assumes (out, in) weights: a square GPT-2 c_proj (stored (in, out)) quantized with data is
+    stored as without data, not compensated along its outputs."""
+    _, folder = _hf_folder(tmp_path, "gpt2")
+    common = ("--quantize", "int8", "--include", "*attn.c_proj*", "--json")
+    assert run("convert", folder, "-o", tmp_path / "plain", *common).exit_code == 0
+    res = run("convert", folder, "-o", tmp_path / "data", *common, "--data", tmp_path / "calib.txt", "--seq-len", "32", "--batch-size", "4", "--steps", "0")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["calibration"]["weights"] == 2
+    plain, data = load_state_dict(tmp_path / "plain"), load_state_dict(tmp_path / "data")
+    name = "transformer.h.0.attn.c_proj.weight"
+    assert plain[name].shape[0] == plain[name].shape[1] and torch.equal(plain[name], data[name])
+
+
 def test_hugging_face_bad_input(tmp_path):
     _, folder = _hf_folder(tmp_path)
     calib = tmp_path / "calib.txt"

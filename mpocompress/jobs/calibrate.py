@@ -478,7 +478,7 @@ def _gptq_in_place(model: nn.Module, group: list[str], config: Any, recipe: Any,
     from mpocompress.jobs.plan import gptq_codec
 
     params = dict(model.named_parameters())
-    mpo = {r["name"] for r in rows if r["status"] == "mpo"}
+    mpo = {r["name"] for r in rows if r["status"] == "mpo"} | transposed_weights(model)  # (GPTQ assumes (out, in))
     for name in group:
         if name in mpo or name not in params or name not in grams or not _gptq_applies(name, config, recipe):
             continue
