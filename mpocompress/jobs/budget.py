@@ -522,6 +522,8 @@ class BudgetPlan:
     config: MPOConfig
     data_driven: bool
     sensitivity: str = "probe"
+    #: each layer's damage weight (None: all alike), for a later pass to reuse
+    weights: dict[str, float] | None = None
 
     @property
     def damage(self) -> str:
@@ -556,8 +558,10 @@ def plan_budget(
     curves: dict[str, list[Option]] | None = None,
     sensitivity: str = "auto",
     kd_loss: str = "mse",
+    weights: dict[str, float] | None = None,
 ) -> tuple[BudgetPlan, dict[str, list[Option]]]:
-    """Measure the curves (unless given) and allocate ``target`` bytes for the whole output file.
+    """Measure the curves and the layers' weights (unless given: an earlier pass's ``curves`` and
+    ``plan.weights``) and allocate ``target`` bytes for the whole output file.
 
     ``config`` supplies ``include``/``exclude`` (the options themselves are chosen here); layers a
     user ``recipe`` matches keep the recipe's setting and their measured bytes count as fixed.
@@ -589,13 +593,14 @@ def plan_budget(
         if sensitivity not in SENSITIVITIES:
             raise ConfigError(f"sensitivity must be one of {', '.join(SENSITIVITIES)}, got {sensitivity!r}")
         data = model is not None and bool(batches)
+        measure = curves is None or (data and weights is None)  # (a later pass reuses both)
         if sensitivity == "auto":
             sensitivity = "probe" if len(free) <= AUTO_PROBE_LAYERS else "fisher"
-        if data and sensitivity == "fisher" and not differentiable(model, batches[0], free):
+        if measure and data and sensitivity == "fisher" and not differentiable(model, batches[0], free):
             log.warning("the model's output has no gradient with respect to its weights (run outside autograd): "
                         "weighing the layers by probing each instead of by their Fisher sensitivity")  # fmt: skip
             sensitivity = "probe"
-        grams = _grams(model, batches, ckpt, set(free)) if data and sensitivity == "probe" else {}
+        grams = _grams(model, batches, ckpt, set(free)) if measure and data and sensitivity == "probe" else {}
         if curves is None:
             curves = {}
             for i, n in enumerate(free):
@@ -606,10 +611,11 @@ def plan_budget(
                     curves[n] = [Option("dense", {"skip": True}, nbytes_of(t), 0.0)]
                 else:
                     curves[n] = measure_options(n, t, shapes, grams.get(n))
-        weights = _uses(ckpt, input_path, free)  # data-free prior: a tied weight's error counts once per use
-        if data and sensitivity == "probe":
+        if not data:
+            weights = _uses(ckpt, input_path, free)  # data-free prior: a tied weight's error counts once per use
+        elif weights is None and sensitivity == "probe":
             weights = sensitivities(model, batches, curves, ckpt, grams=grams, kd_loss=kd_loss)
-        elif data:
+        elif weights is None:
             weights = fisher_weights(model, batches, curves, ckpt, kd_loss=kd_loss)
         if header is None:  # a first, generous estimate; the next pass uses the measured one
             header = HEADER_BASE + HEADER_PER_LAYER * len(layers) + HEADER_PER_TENSOR * (len(shapes) + 3 * len(layers))
@@ -622,7 +628,7 @@ def plan_budget(
     ours = Recipe(tuple((recipe.rules if recipe is not None else ()) + tuple(rules)))
     base = dataclasses.replace(config, bond_dim=None, tol=None, ratio=None, prune=None, quantize="int8", als_sweeps=0)
     plan = BudgetPlan(target=target, fixed_bytes=fixed, header_estimate=header, allocation=alloc, recipe=ours,
-                      config=base, data_driven=model is not None and bool(batches), sensitivity=sensitivity)  # fmt: skip
+                      config=base, data_driven=data, sensitivity=sensitivity, weights=weights)  # fmt: skip
     return plan, curves
 
 
@@ -680,14 +686,15 @@ def convert_to_size(
     Returns the :class:`~mpocompress.report.Report`, with the plan under ``report.allocation``."""
     from mpocompress.jobs.convert import convert
 
-    header, curves = None, None
+    header, curves, weights = None, None, None
     force = convert_kwargs.pop("force", False)
     if kd_loss is None:  # the fine-tuning's distillation loss, if any (KL for logits)
         kd_loss = getattr(convert_kwargs.get("tune"), "kd_loss", "mse")
     for attempt in range(MAX_PASSES):
         plan, curves = plan_budget(input_path, target, config, recipe=recipe, model=calibration_model,
                                    batches=calibration_batches, progress=progress, header=header, curves=curves,
-                                   sensitivity=sensitivity, kd_loss=kd_loss)  # fmt: skip
+                                   sensitivity=sensitivity, kd_loss=kd_loss, weights=weights)  # fmt: skip
+        sensitivity, weights = plan.sensitivity, plan.weights  # (measured once, for every pass)
         report = convert(input_path, output_path, plan.config, recipe=plan.recipe, force=force or attempt > 0,
                          progress=progress, **convert_kwargs)  # fmt: skip
         size = path_size(Path(output_path))
