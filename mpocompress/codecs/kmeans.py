@@ -19,9 +19,9 @@ from mpocompress.codecs.packing import pack_bits, unpack_bits
 
 #: the dynamic program runs on at most this many weighted points (contiguous groups of sorted
 #: values), or KMEANS_POINTS_PER_CLUSTER per centroid where that is more, but not over
-#: KMEANS_DP_MAX_POINTS (16 per centroid at k = 256: the program twice as fast as with 32, and at
-#: most 0.13 % more error on the tensors of all-MiniLM-L6-v2); up to twice as many distinct values
-#: are clustered exactly, without grouping
+#: KMEANS_DP_MAX_POINTS (16 per centroid at k = 256, where the program's cost grows fastest; the
+#: worst ratio to the optimum in benchmarks/kmeans.py is unchanged); up to twice as many distinct
+#: values are clustered exactly, without grouping
 KMEANS_DP_POINTS = 1024
 KMEANS_POINTS_PER_CLUSTER = 32
 KMEANS_DP_MAX_POINTS = 4096
