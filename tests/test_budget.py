@@ -13,11 +13,13 @@ from safetensors.torch import load_file, save_file
 
 from mpocompress import MPOConfig
 from mpocompress.cli import main
+from mpocompress.config import apply_overrides
 from mpocompress.core.allocate import Option, allocate, lower_hull, pareto
 from mpocompress.data import example_checkpoint
 from mpocompress.errors import ConfigError, GateError
-from mpocompress.jobs.budget import convert_to_size, measure_options, parse_target, plan_budget
+from mpocompress.jobs.budget import convert_to_size, parse_target, plan_budget
 from mpocompress.jobs.convert import convert
+from mpocompress.jobs.curves import measure_options
 
 
 def run(*args):
@@ -77,12 +79,23 @@ def test_measured_options_are_exact(trained_like):
         assert 0 <= o.error <= 1.0 + 1e-9 and o.nbytes <= dense
     int8 = next(o for o in options if o.label == "int8")
     assert int8.nbytes == w.numel() + w.shape[0] * (4 + 2) and int8.error < 1e-3
+    # options with coded cores (counted and decoded without packing): what convert stores
+    from mpocompress.jobs.budget import _decoded
+    from mpocompress.jobs.plan import compress_tensor
+
+    norm2 = float(w.double().square().sum())
+    for o in [o for o in options if o.label.startswith("mpo") and "+" in o.label]:
+        cfg = apply_overrides(MPOConfig(quantize="int8"), o.overrides)
+        _, _, stored = compress_tensor("a.weight", w, cfg, {"a.weight": tuple(w.shape)})
+        assert sum(v.numel() * v.element_size() for v in stored.values()) == o.nbytes, o.label
+        error = float((_decoded("a.weight", w, o).double() - w.double()).square().sum()) / norm2
+        assert error == pytest.approx(o.error, rel=1e-4, abs=1e-9), o.label
 
 
 @pytest.mark.parametrize("scale", [0.0, 1.0])
 def test_options_left_unmeasured_are_dominated(trained_like, scale):
     """Skipping the options a measured codec already beats leaves the Pareto front as it was."""
-    from mpocompress.jobs import budget
+    from mpocompress.jobs import curves as budget
 
     w = load_file(str(trained_like))["a.weight"]
     w = w + scale * torch.randn(w.shape, generator=torch.Generator().manual_seed(0)) * w.std()  # (low rank, and not)
@@ -92,6 +105,20 @@ def test_options_left_unmeasured_are_dominated(trained_like, scale):
     measured = budget.measure_options("a.weight", w, {"a.weight": tuple(w.shape)})
     assert len(measured) - 1 < len(every) if scale else len(measured) - 1 <= len(every)  # (a full-rank weight: some skipped)
     assert [(o.label, o.nbytes) for o in pareto(measured[1:])] == [(o.label, o.nbytes) for o in pareto(every)]
+
+
+def test_layers_measured_together_are_measured_as_alone():
+    """measure_many solves several layers' k-means in one program: each curve is what it is alone."""
+    from mpocompress.jobs.curves import measure_many
+
+    g = torch.Generator().manual_seed(3)
+    tensors = [torch.randn(48, 40, generator=g), torch.randn(8, 3, 5, generator=g), torch.randn(64, 24, generator=g).exp(),
+               torch.randint(0, 5, (20, 12), generator=g).float()]  # fmt: skip
+    together = measure_many(tensors)
+    for t, curve in zip(tensors, together):
+        alone = measure_options("w", t, {"w": tuple(t.shape)})
+        assert [(o.label, o.nbytes) for o in curve] == [(o.label, o.nbytes) for o in alone]
+        assert [o.error for o in curve] == pytest.approx([o.error for o in alone], rel=1e-9, abs=1e-15)
 
 
 def test_target_size_end_to_end(tmp_path, trained_like):

@@ -273,3 +273,29 @@ def test_kmeans_is_within_one_percent_of_the_optimum(dist, k):
     assert ours <= optimum * 1.01 + 1e-12, (ours / optimum)
     again = kmeans_1d(v, k)
     assert torch.equal(again[0], centroids) and torch.equal(again[1], codes)  # deterministic
+
+
+def test_kmeans_problems_solved_together_match_each_alone():
+    """One batched program for tensors of different sizes, k and options gives each tensor's own result."""
+    import numpy as np
+
+    from mpocompress.codecs import KMeansProblem, kmeans_1d_many, kmeans_1d_solve
+
+    g = torch.Generator().manual_seed(5)
+    values = [torch.randn(n, generator=g) * s for n, s in ((5000, 1.0), (300, 0.1), (17, 3.0), (3, 1.0), (0, 1.0))]
+    values.append(torch.randint(0, 6, (400,), generator=g).float())
+    weights = torch.rand(300, generator=g)
+    problems = [KMeansProblem(values[0], (4, 256), errors_only=True), KMeansProblem(values[1], (16,), sample_weight=weights),
+                KMeansProblem(values[2], (2, 8)), KMeansProblem(values[3], (4,)), KMeansProblem(values[4], (16,)),
+                KMeansProblem(np.sort(values[5].double().numpy()), (4, 16), errors_only=True, presorted=True)]  # fmt: skip
+    together = kmeans_1d_solve(problems)
+    for p, got in zip(problems, together):
+        alone = kmeans_1d_many(p.values, list(p.ks), errors_only=p.errors_only, sample_weight=p.sample_weight, presorted=p.presorted)
+        assert got.keys() == alone.keys()
+        for k in got:
+            if p.errors_only:
+                assert got[k] == pytest.approx(alone[k], rel=1e-12, abs=1e-12)
+            else:
+                assert torch.equal(got[k][0], alone[k][0]) and torch.equal(got[k][1], alone[k][1])
+    with pytest.raises(ValueError, match="presorted"):
+        KMeansProblem(values[0], (4,), presorted=True)

@@ -19,7 +19,14 @@ from mpocompress.codecs.base import CODECS, Codec, codec_names, parse_codec, reg
 from mpocompress.codecs.casts import BF16, FP16
 from mpocompress.codecs.chain import decode, encode, nbytes, split_chain
 from mpocompress.codecs.int8 import Int8
-from mpocompress.codecs.kmeans import KMEANS_DP_POINTS, KMeans, kmeans_1d, kmeans_1d_many
+from mpocompress.codecs.kmeans import (
+    KMEANS_DP_POINTS,
+    KMeans,
+    KMeansProblem,
+    kmeans_1d,
+    kmeans_1d_many,
+    kmeans_1d_solve,
+)
 from mpocompress.codecs.packing import pack_bits, unpack_bits
 from mpocompress.codecs.pruning import (
     LINEAR_BLOCK,
@@ -46,6 +53,7 @@ def part_names() -> tuple[str, ...]:
 __all__ = [
     "BF16", "CODECS", "FP16", "KMEANS_DP_POINTS", "LINEAR_BLOCK", "POSITION_PARTS", "SEOFP", "Channel", "Codec", "Int8",
     "KMeans", "Magnitude", "Units", "channel_mask", "channel_scores", "codec_names", "decode", "encode", "kmeans_1d_many",
+    "kmeans_1d_solve", "KMeansProblem",
     "kmeans_1d", "magnitude_mask", "magnitude_threshold", "nbytes", "pack_bits", "parse_codec", "part_names",
     "register", "seofp_codes", "seofp_decode", "split_chain", "unpack_bits",
 ]  # fmt: skip

@@ -1,9 +1,7 @@
 """``convert --target-size``: measure every layer's rate-distortion curve, allocate the budget, convert.
 
-Each selected weight is read once and stored every way we know (keep dense; fp16/bf16; int8; k-means
-at 2-8 bits; MPO with 2 (SVD) or 3 cores at a grid of bonds, alone or with int8/k-means cores;
-magnitude pruning with k-means), each option's bytes and relative squared error measured exactly
-(:func:`measure_options`). Damage is that error times a per-layer weight: 1 without data (every
+Each selected weight is read once and stored every way we know, each option's bytes and relative
+squared error measured exactly (its rate-distortion curve: :mod:`mpocompress.jobs.curves`). Damage is that error times a per-layer weight: 1 without data (every
 layer's relative error counts alike), or with ``--model`` and ``--data`` the layer's measured effect
 on the model's output (:func:`sensitivities`). :func:`mpocompress.core.allocate.allocate` picks one
 option per layer; the picks become per-layer recipe rules for :func:`mpocompress.jobs.convert.convert`;
@@ -14,11 +12,9 @@ measured, so the file ends as close under the target as the options allow.
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import copy
 import dataclasses
-import itertools
 import json
 import logging
 import math
@@ -26,38 +22,23 @@ import re
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from mpocompress.codecs import decode, encode, parse_codec
 from mpocompress.config import MPOConfig, Recipe, apply_overrides
 from mpocompress.core.allocate import Allocation, Option, allocate
-from mpocompress.core.modes import choose_modes
-from mpocompress.core.tt import cores_to_matrix, tt_svd
 from mpocompress.errors import ConfigError, GateError
 from mpocompress.format import decode_entry, rebuild
 from mpocompress.io import Checkpoint, open_checkpoint, path_size
+from mpocompress.jobs.curves import measure_many
 from mpocompress.jobs.plan import (
     Progress,
     compress_tensor,
-    gptq_factor_codes,
     nbytes_of,
     select_layers,
 )
-from mpocompress.select import matrix_shape
 
 log = logging.getLogger(__name__)
 
-KMEANS_BITS = (2, 3, 4, 5, 6, 8)
-#: MPO structures tried: 2 cores (a truncated SVD, ranks spaced by BOND_STEP) and 3 cores (bonds
-#: spaced by MPO_BOND_STEP)
-MPO_CORES = (2, 3)
-BOND_STEP = 1.5
-MPO_BOND_STEP = 2.0
-#: MPO options stored at most this share of the dense bytes (above it a codec is smaller and better)
-MPO_MAX_SHARE = 0.5
-CORE_CODECS = (None, "int8", "kmeans:16")
-PRUNE_LEVELS = (0.5, 0.75, 0.9)
 #: header bytes a conversion adds, per compressed layer and per stored tensor (a first estimate; a
 #: pass that overshoots is redone with the overshoot taken off)
 HEADER_BASE, HEADER_PER_LAYER, HEADER_PER_TENSOR = 2048, 1600, 120
@@ -97,251 +78,6 @@ def parse_target(text: str, input_bytes: int) -> int:
         return parse_size(s)
     except ConfigError:
         raise ConfigError(f"--target-size {text!r}: expected a share like 12.5% or a size like 900KB") from None
-
-
-def _rel2(reference: torch.Tensor, approx: torch.Tensor, norm2: float) -> float:
-    d = (reference.double() - approx.double()).reshape(-1)
-    return float(d @ d) / norm2 if norm2 > 0 else 0.0
-
-
-def _rel2_low_rank(reference: torch.Tensor, a: torch.Tensor, b: torch.Tensor, norm2: float) -> float:
-    """:func:`_rel2` of ``a @ b`` without forming it: ``||W||^2 - 2 <A^T W, B> + <A^T A, B B^T>``."""
-    a, b = a.double(), b.double()
-    w = reference.double()
-    cross = float(((a.T @ w) * b).sum())
-    square = float(((a.T @ a) * (b @ b.T)).sum())
-    return max(norm2 - 2 * cross + square, 0.0) / norm2 if norm2 > 0 else 0.0
-
-
-_CLEAR = {"bond_dim": None, "ratio": None, "tol": None, "prune": "none", "quantize": "none"}
-
-
-def _coded_cores(cores: list[torch.Tensor], codec: str) -> tuple[list[torch.Tensor], int]:
-    """Cores through a codec as ``convert`` stores them (each core its own tensor): decoded, and bytes."""
-    coded = [encode(c, [parse_codec(codec)]) for c in cores]
-    return [decode(p, m) for p, m in coded], sum(nbytes_of(v) for p, _ in coded for v in p.values())
-
-
-def _codec_options(t: torch.Tensor, v: torch.Tensor, norm2: float, itemsize: int) -> list[Option]:
-    """Casts, int8, k-means at every bit width (one dynamic program) and magnitude pruning + k-means,
-    with the bytes ``convert`` would store, computed without packing."""
-    from mpocompress.codecs import Int8, kmeans_1d_many
-
-    n, options = v.numel(), []
-    dense = n * itemsize
-
-    def add(label: str, overrides: dict[str, Any], nbytes: int, error: float) -> None:
-        if nbytes < dense:  # convert keeps a tensor no codec makes smaller as it is
-            options.append(Option(label, {**_CLEAR, **overrides}, nbytes, error))
-
-    if itemsize >= 4:
-        for name, dt in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
-            add(name, {"quantize": name}, n * 2, _rel2(v, v.to(dt), norm2))
-    parts, meta = Int8().encode(v, t.shape[0] if t.dim() >= 1 else None)
-    add("int8", {"quantize": "int8"}, sum(nbytes_of(x) for x in parts.values()), _rel2(v, Int8().decode(parts, meta, torch.float64), norm2))
-    ks = [2**b for b in KMEANS_BITS]
-    for k, sse in kmeans_1d_many(v, ks, errors_only=True).items():
-        bits = max(1, math.ceil(math.log2(k)))
-        add(f"kmeans:{k}", {"quantize": f"kmeans:{k}"}, math.ceil(n * bits / 8) + 4 * k, max(sse, 0.0) / norm2 if norm2 else 0.0)
-    # the kept values of magnitude pruning are the two tails of the sorted values: no sort per level
-    s = np.sort(v.cpu().numpy())
-    squares = np.concatenate([[0.0], np.cumsum(s * s)])
-    mags = np.sort(np.abs(s))
-    for level in PRUNE_LEVELS:
-        n_prune = int(round(level * n))
-        thr = mags[n_prune - 1] if n_prune > 0 else -1.0
-        lo, hi = np.searchsorted(s, -thr, side="left"), np.searchsorted(s, thr, side="right")  # s[lo:hi] is pruned
-        excess = (hi - lo) - n_prune  # values tied at the threshold: prune exactly n_prune, as the codec does
-        if excess > 0:
-            low_ties = min(excess, int(np.searchsorted(s, -thr, side="right") - lo))
-            lo, hi = lo + low_ties, hi - (excess - low_ties)
-        kept_sorted = np.concatenate([s[:lo], s[hi:]])
-        (sse,) = kmeans_1d_many(kept_sorted, [16], errors_only=True, presorted=True).values()
-        nnz = kept_sorted.size
-        positions = min(math.ceil(n / 8), 4 * nnz)
-        error = (float(squares[hi] - squares[lo]) + max(sse, 0.0)) / norm2 if norm2 else 0.0
-        add(f"magnitude:{level} + kmeans:16", {"prune": f"magnitude:{level}", "quantize": "kmeans:16"},
-            positions + math.ceil(nnz * 4 / 8) + 64, error)  # fmt: skip
-    return options
-
-
-class _Floor:
-    """The best error reachable at each size by options already measured (a layer's codecs): an option
-    whose *lower bound* on error is no better than what a no larger option already reaches can never
-    be chosen, so it is not measured (skipping it leaves every allocation unchanged)."""
-
-    def __init__(self, options: list[Option]) -> None:
-        ranked = sorted(options, key=lambda o: o.nbytes)
-        self.sizes = [o.nbytes for o in ranked]
-        self.best = list(itertools.accumulate((o.error for o in ranked), min))
-
-    def beats(self, nbytes: float, error_bound: float) -> bool:
-        """Whether an option of at most ``nbytes`` already has error ``<= error_bound``."""
-        i = bisect.bisect_right(self.sizes, nbytes)
-        return i > 0 and self.best[i - 1] <= error_bound
-
-
-_CODEC_BITS = {"int8": 8, "kmeans:16": 4}
-
-
-def _svd_options(matrix: torch.Tensor, itemsize: int, norm2: float, floor: _Floor | None = None) -> list[Option]:
-    """2 cores (a truncated SVD) at a grid of ranks, alone (error from the spectrum) and with
-    int8 / k-means cores (not measured where ``floor`` shows them dominated: no rank-r matrix has
-    less error than the spectrum's tail, and the codes alone take ``bits / 8`` bytes a value)."""
-    out_f, in_f = matrix.shape
-    ref = matrix.double()  # once: every error below is measured against it
-    u, s, vh = torch.linalg.svd(ref, full_matrices=False)
-    tail = torch.flip(torch.cumsum(torch.flip(s**2, [0]), 0), [0])
-    options, rank, step = [], 1, 0
-    while rank < min(out_f, in_f) and rank * (out_f + in_f) * itemsize <= MPO_MAX_SHARE * out_f * in_f * itemsize:
-        base = {**_CLEAR, "bond_dim": rank, "cores": 2, "svd": "full"}
-        label = f"mpo2 bond {rank}"
-        options.append(Option(label, base, rank * (out_f + in_f) * itemsize, float(tail[rank]) / norm2 if norm2 else 0.0))
-        cores = [u[:, :rank].reshape(1, out_f, 1, rank).to(matrix.dtype),
-                 (s[:rank, None] * vh[:rank]).reshape(rank, 1, in_f, 1).to(matrix.dtype)]  # fmt: skip
-        for codec in CORE_CODECS[1:] if step % 2 == 0 else CORE_CODECS[1:2]:  # k-means factors at every other rank
-            bound = float(tail[rank]) / norm2 if norm2 else 0.0
-            if floor is not None and floor.beats(rank * (out_f + in_f) * _CODEC_BITS[codec] / 8, bound):
-                continue
-            dec, nbytes = _coded_cores(cores, codec)
-            if nbytes < rank * (out_f + in_f) * itemsize:
-                options.append(Option(f"{label} + {codec}", {**base, "quantize": codec}, nbytes,
-                                      _rel2_low_rank(ref, dec[0].reshape(out_f, rank), dec[1].reshape(rank, in_f), norm2)))  # fmt: skip
-        rank, step = max(rank + 1, int(rank * BOND_STEP)), step + 1
-    return options
-
-
-def _mpo_options(matrix: torch.Tensor, itemsize: int, norm2: float, cores: int, floor: _Floor | None = None) -> list[Option]:
-    """MPO with ``cores`` cores at a grid of bonds (exact SVDs shared between bonds), alone and with
-    quantized cores (not measured where ``floor`` shows them dominated: no MPO with first bond ``r``
-    has less error than the tail of the first unfolding's spectrum beyond ``r``)."""
-    out_f, in_f = matrix.shape
-    ref = matrix.double()
-    dense_bytes = out_f * in_f * itemsize
-    modes = choose_modes(out_f, in_f, cores)
-    cache: dict = {}
-    options, bond, seen = [], 1, set()
-    while True:
-        tt = tt_svd(matrix, *modes, max_bond=bond, svd="full", svd_cache=cache)
-        params = tt.num_params
-        if params * itemsize > MPO_MAX_SHARE * dense_bytes or tuple(tt.bond_dims) in seen:
-            return options
-        seen.add(tuple(tt.bond_dims))
-        base = {**_CLEAR, "bond_dim": bond, "cores": cores, "svd": "full"}
-        label = f"mpo{cores} bond {bond}"
-        s0 = tt.spectra[0].double() if tt.spectra else torch.zeros(0, dtype=torch.float64)
-        bound = float((s0[tt.bond_dims[0]:] ** 2).sum()) / norm2 if norm2 else 0.0
-        if floor is not None and floor.beats(params * itemsize, bound):
-            bond = max(bond + 1, int(bond * MPO_BOND_STEP))
-            continue
-        options.append(Option(label, base, params * itemsize, _rel2(ref, tt.to_matrix(), norm2)))
-        for codec in CORE_CODECS[1:]:
-            if floor is not None and floor.beats(params * _CODEC_BITS[codec] / 8, bound):
-                continue
-            dec, nbytes = _coded_cores(tt.cores, codec)
-            if nbytes < params * itemsize:
-                options.append(Option(f"{label} + {codec}", {**base, "quantize": codec}, nbytes,
-                                      _rel2(ref, cores_to_matrix(dec, (out_f, in_f)), norm2)))  # fmt: skip
-        bond = max(bond + 1, int(bond * MPO_BOND_STEP))
-
-
-def measure_options(name: str, t: torch.Tensor, shapes: dict[str, tuple[int, ...]], gram: torch.Tensor | None = None) -> list[Option]:
-    """Every option for one weight, with the bytes ``convert`` stores and its relative squared error:
-    of the weight, or with ``gram`` (recorded inputs) of the layer's output, each option made the
-    data-aware way ``convert`` makes it with data (:func:`_data_options`)."""
-    w = t if t.dtype in (torch.float32, torch.float64) else t.float()
-    v = w.reshape(-1).double()
-    norm2 = float(v @ v)
-    itemsize = t.element_size()
-    out_f, in_f = matrix_shape(list(t.shape))
-    if gram is not None and min(out_f, in_f) > 1:
-        return [Option("dense", {"skip": True}, nbytes_of(t), 0.0)] + _data_options(t, w.reshape(out_f, in_f), gram, itemsize)
-    options = [Option("dense", {"skip": True}, nbytes_of(t), 0.0)] + _codec_options(t, v, norm2, itemsize)
-    if min(out_f, in_f) > 1:
-        matrix = w.reshape(out_f, in_f)
-        floor = _Floor(options)
-        options += _svd_options(matrix, itemsize, norm2, floor)
-        for cores in MPO_CORES[1:]:
-            options += _mpo_options(matrix, itemsize, norm2, cores, floor)
-    return options
-
-
-def _data_options(t: torch.Tensor, matrix: torch.Tensor, gram: torch.Tensor, itemsize: int) -> list[Option]:
-    """The options of :func:`measure_options` made and measured with recorded inputs: GPTQ for int8
-    and k-means, whitened SVD factors, activation-aware MPO cores (without the refit ``convert`` adds,
-    so MPO errors are upper bounds); errors are relative squared output errors on the inputs."""
-    from mpocompress.codecs import kmeans_1d_many
-    from mpocompress.core.gptq import gptq
-    from mpocompress.core.whiten import activation_aware_tt, whitened_factors, whitened_svd
-
-    out_f, in_f = matrix.shape
-    c = gram.double()
-    w = matrix.double()
-    norm2 = float(torch.einsum("oi,ij,oj->", w, c, w))
-
-    def error(approx: torch.Tensor) -> float:
-        e = w - approx.double().reshape(out_f, in_f)
-        return float(torch.einsum("oi,ij,oj->", e, c, e)) / norm2 if norm2 > 0 else 0.0
-
-    dense = out_f * in_f * itemsize
-    options = [Option(o.label, o.overrides, o.nbytes, error(_decoded_option(t, o))) for o in _codec_options(t, matrix.reshape(-1).double(), 1.0, itemsize)
-               if not o.overrides.get("quantize", "").startswith(("int8", "kmeans")) or o.overrides.get("prune") != "none"]  # fmt: skip
-    from mpocompress.codecs import Int8, KMeans
-
-    importance = torch.diagonal(c).to(matrix.dtype)[None, :].expand_as(matrix)
-    grids = [("int8", Int8(), Int8().grid(matrix))]
-    cents = kmeans_1d_many(matrix.reshape(-1), [2**b for b in KMEANS_BITS], sample_weight=importance)
-    grids += [(f"kmeans:{k}", KMeans(k), cents[k][0]) for k in sorted(cents)]
-    for label, codec, grid in grids:
-        q = gptq(matrix, gram, lambda col, q=codec, g=grid: q.snap(g, col))
-        nbytes = sum(nbytes_of(x) for x in encode(q.reshape(t.shape), [codec], grid=grid)[0].values())
-        if nbytes < dense:
-            options.append(Option(label, {**_CLEAR, "quantize": label}, nbytes, error(q)))
-    rank, step = 1, 0
-    factors = whitened_factors(matrix, gram)
-    while rank < min(out_f, in_f) and rank * (out_f + in_f) * itemsize <= MPO_MAX_SHARE * dense:
-        tt = whitened_svd(matrix, gram, rank, factors=factors)
-        base = {**_CLEAR, "bond_dim": rank, "cores": 2, "svd": "full"}
-        options += _with_core_codecs(f"mpo2 bond {rank}", base, tt, error, itemsize, CORE_CODECS if step % 2 == 0 else CORE_CODECS[:2],
-                                     matrix, gram)  # fmt: skip
-        rank, step = max(rank + 1, int(rank * BOND_STEP)), step + 1
-    for cores in MPO_CORES[1:]:
-        modes = choose_modes(out_f, in_f, cores)
-        bond, seen, cache, plain_cache = 1, set(), {}, {}
-        while True:
-            plain = tt_svd(matrix, *modes, max_bond=bond, svd="full", svd_cache=plain_cache)
-            if plain.num_params * itemsize > MPO_MAX_SHARE * dense or tuple(plain.bond_dims) in seen:
-                break
-            seen.add(tuple(plain.bond_dims))
-            tt = activation_aware_tt(matrix, gram, *modes, plain.bond_dims, cache=cache)
-            base = {**_CLEAR, "bond_dim": bond, "cores": cores, "svd": "full"}
-            options += _with_core_codecs(f"mpo{cores} bond {bond}", base, tt, error, itemsize, CORE_CODECS)
-            bond = max(bond + 1, int(bond * MPO_BOND_STEP))
-    return options
-
-
-def _with_core_codecs(label: str, base: dict[str, Any], tt: Any, error: Any, itemsize: int, codecs: tuple,
-                      matrix: torch.Tensor | None = None, gram: torch.Tensor | None = None) -> list[Option]:  # fmt: skip
-    """An MPO option alone and with each codec on its cores (those that make it smaller); 2 cores with
-    recorded inputs: quantized with error compensation, as ``convert`` does with data."""
-    shape = tt.shape
-    plain = tt.num_params * itemsize
-    out = [Option(label, base, plain, error(tt.to_matrix()))]
-    for codec in codecs[1:]:
-        if gram is not None and len(tt.cores) == 2:
-            coded = gptq_factor_codes(matrix, tt, parse_codec(codec), gram)
-            dec, nbytes = [decode(p, m) for p, m in coded], sum(nbytes_of(v) for p, _ in coded for v in p.values())
-        else:
-            dec, nbytes = _coded_cores(tt.cores, codec)
-        if nbytes < plain:
-            out.append(Option(f"{label} + {codec}", {**base, "quantize": codec}, nbytes, error(cores_to_matrix(dec, shape))))
-    return out
-
-
-def _decoded_option(t: torch.Tensor, option: Option) -> torch.Tensor:
-    """A codec option's stored values (casts, pruning + k-means) as ``convert`` stores them."""
-    chain = [parse_codec(c) for c in (option.overrides.get("prune"), option.overrides.get("quantize")) if c and c != "none"]
-    return decode(*encode(t, chain))
 
 
 def sensitivities(
@@ -602,15 +338,7 @@ def plan_budget(
             sensitivity = "probe"
         grams = _grams(model, batches, ckpt, set(free)) if measure and data and sensitivity == "probe" else {}
         if curves is None:
-            curves = {}
-            for i, n in enumerate(free):
-                if progress is not None:
-                    progress(n, i, len(free))
-                t = ckpt.get(n)
-                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                    curves[n] = [Option("dense", {"skip": True}, nbytes_of(t), 0.0)]
-                else:
-                    curves[n] = measure_options(n, t, shapes, grams.get(n))
+            curves = _measure(ckpt, free, grams, progress)
         if not data:
             weights = _uses(ckpt, input_path, free)  # data-free prior: a tied weight's error counts once per use
         elif weights is None and sensitivity == "probe":
@@ -630,6 +358,36 @@ def plan_budget(
     plan = BudgetPlan(target=target, fixed_bytes=fixed, header_estimate=header, allocation=alloc, recipe=ours,
                       config=base, data_driven=data, sensitivity=sensitivity, weights=weights)  # fmt: skip
     return plan, curves
+
+
+#: layers measured together hold at most about this many values (:func:`measure_many`: their
+#: k-means are solved in one program)
+MEASURE_GROUP_VALUES = 1 << 22
+
+
+def _measure(ckpt: Checkpoint, names: list[str], grams: dict[str, torch.Tensor], progress: Progress | None) -> dict[str, list[Option]]:
+    """Each layer's curve (:func:`measure_many` on groups of consecutive layers); a weight with
+    non-finite values can only stay dense."""
+    curves: dict[str, list[Option]] = {}
+    group: list[tuple[str, torch.Tensor]] = []
+
+    def flush() -> None:
+        for (n, _), options in zip(group, measure_many([t for _, t in group], [grams.get(n) for n, _ in group])):
+            curves[n] = options
+        group.clear()
+
+    for i, n in enumerate(names):
+        if progress is not None:
+            progress(n, i, len(names))
+        t = ckpt.get(n)
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            curves[n] = [Option("dense", {"skip": True}, nbytes_of(t), 0.0)]
+            continue
+        group.append((n, t))
+        if sum(x.numel() for _, x in group) >= MEASURE_GROUP_VALUES:
+            flush()
+    flush()
+    return {n: curves[n] for n in names}
 
 
 def _uses(ckpt: Checkpoint, input_path: str | Path, layers: list[str]) -> dict[str, float] | None:
