@@ -45,6 +45,21 @@ def test_allocation_matches_brute_force_on_small_problems():
         assert sum(a.damage.values()) <= best * 1.001 + 1e-12
 
 
+def test_without_data_errors_compound():
+    """The data-free damage -log(1 - e): a layer near e = 1 (its output destroyed) costs more than its
+    error says, so the allocation does not destroy one layer to spare another; picks keep true errors."""
+    from mpocompress.jobs.budget import _allocate_compounded
+
+    curves = {"a": [Option("a0", {}, 0, 0.95), Option("a1", {}, 10, 0.5)], "b": [Option("b0", {}, 0, 0.6), Option("b1", {}, 10, 0.0)]}
+    plain = allocate(curves, 10)
+    assert {o.label for o in plain.picks.values()} == {"a0", "b1"}  # 0.95 + 0 < 0.5 + 0.6
+    compounded = _allocate_compounded(curves, 10, None)
+    assert {o.label for o in compounded.picks.values()} == {"a1", "b0"}  # 1 - 0.05 survives vs 0.5 * 0.4
+    assert compounded.picks["a"] is curves["a"][1] and compounded.damage["b"] == pytest.approx(-math.log(0.4))
+    small = {"a": [Option("a0", {}, 0, 1e-4)], "b": [Option("b0", {}, 0, 2e-4)]}  # small errors: the plain sum
+    assert sum(_allocate_compounded(small, 10, None).damage.values()) == pytest.approx(3e-4, rel=1e-3)
+
+
 def test_infeasible_budget_names_the_smallest_total():
     curves = {"a": [Option("x", {}, 100, 0.5), Option("y", {}, 300, 0.0)], "b": [Option("x", {}, 50, 0.2)]}
     with pytest.raises(GateError, match="150 bytes"):

@@ -265,7 +265,7 @@ class BudgetPlan:
     def damage(self) -> str:
         """What the allocation minimised, in words."""
         if not self.data_driven:
-            return "relative weight error (x uses of a tied weight)"
+            return "-log(1 - relative squared weight error) (x uses of a tied weight)"
         if self.sensitivity == "probe":
             return "layer output error on recorded inputs x measured sensitivity"
         return "relative weight error x Fisher sensitivity (mean diagonal Gauss-Newton Hessian x ||W||^2)"
@@ -351,13 +351,32 @@ def plan_budget(
         if smallest > target:
             raise GateError(f"a file of {target:,} bytes cannot be reached: the smallest choice for every layer gives "
                             f"about {smallest:,} bytes ({fixed:,} in tensors left as they are, ~{header:,} of header)")  # fmt: skip
-        alloc = allocate(curves, target - fixed - header, weights)
+        alloc = _allocate_compounded(curves, target - fixed - header, weights) if not data else allocate(curves, target - fixed - header, weights)
     rules = [((f"re:^{re.escape(n)}$",), tuple(sorted(o.overrides.items()))) for n, o in alloc.picks.items()]
     ours = Recipe(tuple((recipe.rules if recipe is not None else ()) + tuple(rules)))
     base = dataclasses.replace(config, bond_dim=None, tol=None, ratio=None, prune=None, quantize="int8", als_sweeps=0)
     plan = BudgetPlan(target=target, fixed_bytes=fixed, header_estimate=header, allocation=alloc, recipe=ours,
                       config=base, data_driven=data, sensitivity=sensitivity, weights=weights)  # fmt: skip
     return plan, curves
+
+
+#: a relative squared error is taken as at most this (1: a layer that passes no signal at all)
+MAX_RELATIVE_ERROR = 1 - 1e-6
+
+
+def _allocate_compounded(curves: dict[str, list[Option]], budget: int, weights: dict[str, float] | None) -> Allocation:
+    """:func:`allocate` with each option's damage ``-log(1 - e)`` instead of its relative squared error
+    ``e`` (our choice, for the data-free prior): a layer whose stored weight keeps a share ``1 - e`` of
+    its output's energy (errors uncorrelated with the signal) passes that share on, shares multiply
+    along the model, and the sum of ``-log(1 - e)`` is minus the log of the share that survives -- so
+    errors compound, and one layer near ``e = 1`` (its output destroyed) costs more than the sum of
+    its error says. For small errors it is ``e`` (the plain sum). Measured on all-MiniLM-L6-v2 at
+    6.25 % of the file: embedding cosine -0.76 with the plain sum, -0.43 with this (docs/methods.md).
+    The picks are the original options (their true errors); the damage is the compounded one."""
+    compounded = {n: [dataclasses.replace(o, error=-math.log1p(-min(o.error, MAX_RELATIVE_ERROR))) for o in opts] for n, opts in curves.items()}
+    original = {id(c): o for n in curves for o, c in zip(curves[n], compounded[n])}
+    alloc = allocate(compounded, budget, weights)
+    return dataclasses.replace(alloc, picks={n: original[id(o)] for n, o in alloc.picks.items()})
 
 
 #: layers measured together hold at most about this many values (:func:`measure_many`: their
