@@ -71,6 +71,7 @@ SHARES = (0.25, 0.125, 0.0625)
 UNIFORM = (
     [("fp16", MPOConfig(quantize="fp16")), ("int8", MPOConfig(quantize="int8"))]
     + [(f"kmeans:{k}", MPOConfig(quantize=f"kmeans:{k}")) for k in (4, 8, 16, 32, 64, 256)]
+    + [(f"rowkmeans:{k}", MPOConfig(quantize=f"rowkmeans:{k}")) for k in (4, 8, 16)]
     + [(f"mpo ratio {r}", MPOConfig(ratio=r)) for r in (2, 3, 4, 6, 8, 12, 16)]
     + [(f"mpo ratio {r} + int8", MPOConfig(ratio=r, quantize="int8")) for r in (2, 3, 4)]
     + [(f"mpo ratio {r} + kmeans:16", MPOConfig(ratio=r, quantize="kmeans:16")) for r in (2, 3, 4)]

@@ -241,6 +241,27 @@ def test_with_recorded_inputs_options_are_made_and_measured_the_data_aware_way()
     assert aware["kmeans:4"].error < plain["kmeans:4"].error  # GPTQ (here the weight error is also the output error's scale)
 
 
+def test_options_are_measured_on_held_out_inputs():
+    """Fitted on fewer samples than inputs, GPTQ zeroes its error on their span: measured there it looks
+    nearly free. The plan fits on half the samples and measures on the other half."""
+    from mpocompress.jobs.budget import _halves
+    from mpocompress.jobs.curves import measure_many
+
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(48, 64, generator=g)
+    fit, other = torch.randn(40, 64, generator=g), torch.randn(40, 64, generator=g)
+    gram, held = (fit.T @ fit).double(), (other.T @ other).double()
+    ((in_sample,), (held_out,)) = [[o for o in curve if o.label == "kmeans:4"] for curve in measure_many([w, w], [gram, gram], [None, held])]
+    assert in_sample.error < 0.5 * held_out.error and in_sample.nbytes == held_out.nbytes
+    batches = [torch.zeros(3, 2), torch.ones(3, 2), torch.full((3, 2), 2.0)]
+    assert [len(h) for h in _halves(batches)] == [2, 1]
+    first, second = _halves([torch.arange(10).reshape(5, 2)])
+    assert first[0].shape == (2, 2) and second[0].shape == (3, 2)
+    (a,), (b,) = _halves([{"input_ids": torch.zeros(4, 7), "mask": torch.ones(4, 7)}])
+    assert a["input_ids"].shape == (2, 7) and b["mask"].shape == (2, 7)
+    assert _halves([torch.zeros(1, 5)]) is None and _halves([object()]) is None
+
+
 @pytest.mark.parametrize("sensitivity", ["auto", "fisher", "probe"])
 def test_target_size_with_data_calibrates_and_fits(tmp_path, sensitivity):
     src = example_checkpoint()

@@ -88,7 +88,7 @@ def test_fit_to_inputs_never_worse_than_refit_and_keeps_bonds(layer):
     assert info2["method"] == "whitened_svd" and best2.bond_dims == [7]
 
 
-@pytest.mark.parametrize("spec", ["int8", "kmeans:16", "kmeans:4"])
+@pytest.mark.parametrize("spec", ["int8", "kmeans:16", "kmeans:4", "rowkmeans:4"])
 def test_gptq_beats_rounding_on_held_out_outputs_and_is_stored_exactly(layer, spec):
     w, c, held_out = layer
     ch = held_out.T @ held_out
@@ -168,7 +168,7 @@ def test_record_grams_sample_cap():
     assert torch.allclose(grams["0.weight"], x[:6].double().T @ x[:6].double())
 
 
-@pytest.mark.parametrize("spec", ["kmeans:4", "kmeans:16"])
+@pytest.mark.parametrize("spec", ["kmeans:4", "kmeans:16", "rowkmeans:4"])
 def test_gptq_factors_beat_rounding_the_factors(layer, spec):
     """(int8's rounding error is too small for compensation to matter: convert keeps the better of the two.)"""
     from mpocompress.codecs import decode, encode

@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -299,3 +300,34 @@ def test_kmeans_problems_solved_together_match_each_alone():
                 assert torch.equal(got[k][0], alone[k][0]) and torch.equal(got[k][1], alone[k][1])
     with pytest.raises(ValueError, match="presorted"):
         KMeansProblem(values[0], (4,), presorted=True)
+
+
+def test_rowkmeans_gives_each_row_its_own_optimal_codebook():
+    """rowkmeans:K: a float16 codebook per row, each the row's optimal k-means; rows of different
+    scales lose far less than with one codebook; packed exactly; deterministic; pruned values: one row."""
+    from mpocompress.codecs import decode, encode, kmeans_1d
+
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(12, 80, generator=g) * torch.logspace(-2, 1, 12)[:, None]
+    codec = parse_codec("rowkmeans:8")
+    parts, meta = encode(w, [codec])
+    assert parts["codebook"].shape == (12, 8) and parts["codebook"].dtype == torch.float16
+    assert sum(v.numel() * v.element_size() for v in parts.values()) == 12 * 8 * 2 + math.ceil(w.numel() * 3 / 8)
+    out = decode(parts, meta)
+    for i in range(12):
+        centroids, _ = kmeans_1d(w[i], 8)
+        assert torch.equal(parts["codebook"][i], centroids.half())
+        assert set(out[i].tolist()) <= set(centroids.half().float().tolist())
+    shared = decode(*encode(w, [parse_codec("kmeans:8")]))
+    row_error = lambda q: ((q - w).square().sum(1) / w.square().sum(1)).mean()  # noqa: E731 - each row's share lost
+    assert row_error(out) < 0.1 * row_error(shared)
+    again = encode(w, [codec])[0]
+    assert all(torch.equal(again[k], parts[k]) for k in parts)
+    grid = codec.grid(w)
+    assert torch.equal(codec.snap(grid, w.T).T, out) and torch.equal(codec.snap(grid, w[:, 5]), out[:, 5])
+    pruned = decode(*encode(w, [parse_codec("magnitude:0.5"), codec]))
+    assert int((pruned != 0).sum()) == w.numel() // 2
+    big = torch.full((2, 4), 1e5)  # beyond float16: the codebook stays float32
+    assert encode(big, [codec])[0]["codebook"].dtype == torch.float32
+    with pytest.raises(ValueError, match="rowkmeans K"):
+        parse_codec("rowkmeans:300")

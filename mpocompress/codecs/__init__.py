@@ -23,6 +23,7 @@ from mpocompress.codecs.kmeans import (
     KMEANS_DP_POINTS,
     KMeans,
     KMeansProblem,
+    RowKMeans,
     kmeans_1d,
     kmeans_1d_many,
     kmeans_1d_solve,
@@ -53,7 +54,7 @@ def part_names() -> tuple[str, ...]:
 __all__ = [
     "BF16", "CODECS", "FP16", "KMEANS_DP_POINTS", "LINEAR_BLOCK", "POSITION_PARTS", "SEOFP", "Channel", "Codec", "Int8",
     "KMeans", "Magnitude", "Units", "channel_mask", "channel_scores", "codec_names", "decode", "encode", "kmeans_1d_many",
-    "kmeans_1d_solve", "KMeansProblem",
+    "kmeans_1d_solve", "KMeansProblem", "RowKMeans",
     "kmeans_1d", "magnitude_mask", "magnitude_threshold", "nbytes", "pack_bits", "parse_codec", "part_names",
     "register", "seofp_codes", "seofp_decode", "split_chain", "unpack_bits",
 ]  # fmt: skip

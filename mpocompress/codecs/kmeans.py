@@ -71,6 +71,83 @@ class KMeans(Codec):
         return parts["codebook"][codes].to(dtype)
 
 
+@register
+@dataclass(frozen=True)
+class RowKMeans(Codec):
+    """Weight sharing per output row: each row has its own ``k`` centroids (2..256, float16) and each
+    value is replaced by the nearest of its row's. A per-channel lookup table, as in SqueezeLLM (Kim et
+    al. 2024): it follows rows whose ranges differ (conv channels, attention heads) where one codebook
+    for the tensor cannot, at ``2 k`` bytes per row on top of the codes."""
+
+    k: int
+    name = "rowkmeans"
+    kind = "quantizer"
+    arg = "K"
+    parts = ("codebook", "codes")
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.k, int) and 2 <= self.k <= 256):
+            raise ValueError(f"rowkmeans K must be an integer in 2..256, got {self.k}")
+
+    has_grid = True
+
+    def encode(
+        self, values: torch.Tensor, rows: int | None = None, grid: torch.Tensor | None = None
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Each row's codebook (``grid``: those of :meth:`grid`) and the packed index of each value
+        (``rows``: how many rows the flat values make; one row for a pruned tensor's kept values)."""
+        flat = values.reshape(-1)
+        r = rows if rows and flat.numel() % rows == 0 else 1
+        m = flat.reshape(r, -1)
+        book = self.grid(m) if grid is None else grid
+        if book.shape[0] != r:
+            raise ValueError(f"a rowkmeans grid of {book.shape[0]} rows for {r} rows")
+        codes = nearest_in_rows(m, book)
+        bits = max(1, math.ceil(math.log2(self.k)))
+        return {"codebook": book, "codes": pack_bits(codes.reshape(-1), bits)}, {"bits": bits, "n": flat.numel()}
+
+    def grid(self, matrix: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
+        """Each row's ``k`` sorted centroids, ``(rows, k)``: optimal 1-D k-means of the row (each value
+        counted with its ``importance`` when given), all rows in one batched program; float16 unless a
+        centroid is out of its range (then float32)."""
+        return row_codebooks(matrix, [self.k], importance)[self.k]
+
+    def snap(self, grid: torch.Tensor, column: torch.Tensor) -> torch.Tensor:
+        """Values laid out with the rows along the last dimension (one column of the matrix, or its
+        transpose), each replaced by the nearest centroid of its row."""
+        rows = grid.shape[0]
+        xt = column.reshape(-1, rows).T
+        return grid.to(column.dtype).gather(1, nearest_in_rows(xt, grid)).T.reshape(column.shape)
+
+    def decode(self, parts: dict[str, torch.Tensor], meta: dict[str, Any], dtype: torch.dtype) -> torch.Tensor:
+        """The flat values :meth:`encode` stored, in ``dtype``."""
+        book = parts["codebook"]
+        codes = unpack_bits(parts["codes"], meta["bits"], meta["n"]).reshape(book.shape[0], -1)
+        return book.gather(1, codes).reshape(-1).to(dtype)
+
+
+def row_codebooks(matrix: torch.Tensor, ks: list[int], importance: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+    """:meth:`RowKMeans.grid` for several ``k`` at once (one batched program for all rows and ``k``)."""
+    m = matrix.reshape(matrix.shape[0], -1)
+    w = None if importance is None else importance.reshape(m.shape)
+    problems = [KMeansProblem(m[i], tuple(ks), sample_weight=None if w is None else w[i]) for i in range(m.shape[0])]
+    solved = kmeans_1d_solve(problems)
+    out = {}
+    for k in ks:
+        book = torch.stack([res[k][0] for res in solved]) if problems else torch.zeros(0, k)
+        half = book.half()
+        out[k] = half if bool(torch.isfinite(half).all()) else book.float()
+    return out
+
+
+def nearest_in_rows(m: torch.Tensor, book: torch.Tensor) -> torch.Tensor:
+    """For each value of the ``(rows, n)`` matrix ``m``, the index of the nearest of its row's sorted
+    centroids ``book`` (``(rows, k)``)."""
+    c = book.double()
+    mid = ((c[:, 1:] + c[:, :-1]) / 2).contiguous()
+    return torch.searchsorted(mid, m.double().contiguous())
+
+
 def kmeans_1d(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Optimal 1-D k-means (least squared error), deterministic. Returns ``(centroids, codes)``:
     ``k`` sorted float32 centroids (repeated when there are fewer distinct values) and each value's index.
@@ -120,6 +197,8 @@ class KMeansProblem:
     presorted: bool = False
 
     def __post_init__(self) -> None:
+        if not self.ks:
+            raise ValueError("a k-means problem needs at least one k")
         if self.presorted and (not self.errors_only or self.sample_weight is not None):
             raise ValueError("presorted values are for errors_only without sample weights")
         if self.sample_weight is not None and self.errors_only:

@@ -336,9 +336,9 @@ def plan_budget(
             log.warning("the model's output has no gradient with respect to its weights (run outside autograd): "
                         "weighing the layers by probing each instead of by their Fisher sensitivity")  # fmt: skip
             sensitivity = "probe"
-        grams = _grams(model, batches, ckpt, set(free)) if measure and data and sensitivity == "probe" else {}
+        grams, held = _grams(model, batches, ckpt, set(free)) if measure and data and sensitivity == "probe" else ({}, {})
         if curves is None:
-            curves = _measure(ckpt, free, grams, progress)
+            curves = _measure(ckpt, free, grams, progress, held)
         if not data:
             weights = _uses(ckpt, input_path, free)  # data-free prior: a tied weight's error counts once per use
         elif weights is None and sensitivity == "probe":
@@ -384,14 +384,18 @@ def _allocate_compounded(curves: dict[str, list[Option]], budget: int, weights: 
 MEASURE_GROUP_VALUES = 1 << 22
 
 
-def _measure(ckpt: Checkpoint, names: list[str], grams: dict[str, torch.Tensor], progress: Progress | None) -> dict[str, list[Option]]:
-    """Each layer's curve (:func:`measure_many` on groups of consecutive layers); a weight with
+def _measure(ckpt: Checkpoint, names: list[str], grams: dict[str, torch.Tensor], progress: Progress | None,
+             held: dict[str, torch.Tensor] | None = None) -> dict[str, list[Option]]:  # fmt: skip
+    """Each layer's curve (:func:`measure_many` on groups of consecutive layers; with ``grams``, each
+    option fitted on them and its output error measured on ``held`` where given); a weight with
     non-finite values can only stay dense."""
+    held = held or {}
     curves: dict[str, list[Option]] = {}
     group: list[tuple[str, torch.Tensor]] = []
 
     def flush() -> None:
-        for (n, _), options in zip(group, measure_many([t for _, t in group], [grams.get(n) for n, _ in group])):
+        grams_of = [grams.get(n) for n, _ in group]
+        for (n, _), options in zip(group, measure_many([t for _, t in group], grams_of, [held.get(n) for n, _ in group])):
             curves[n] = options
         group.clear()
 
@@ -430,16 +434,52 @@ def _uses(ckpt: Checkpoint, input_path: str | Path, layers: list[str]) -> dict[s
     return {n: u for n, u in uses.items() if u > 1} or None
 
 
-def _grams(model: torch.nn.Module, batches: list[Any], ckpt: Checkpoint, layers: set[str]) -> dict[str, torch.Tensor]:
-    """Recorded inputs of ``layers`` in the dense model (loaded into ``model``), usable ones only."""
+def _grams(model: torch.nn.Module, batches: list[Any], ckpt: Checkpoint, layers: set[str]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Recorded inputs of ``layers`` in the dense model (loaded into ``model``), usable ones only:
+    ``(fit, held)`` -- the Grams of all batches, and of a held-out half of the samples to measure the
+    options fitted on the other half (:func:`_halves`), or ``(fit, {})`` when they cannot be split."""
     from mpocompress.io import fill_tied
     from mpocompress.jobs.calibrate import gram_ok, record_grams, transposed_weights
 
     own = model.state_dict()
     have = set(ckpt.keys())
     model.load_state_dict(fill_tied(own, {k: ckpt.get(k) for k in own if k in have}), strict=True)
-    grams, _ = record_grams(model, batches, weights=layers - transposed_weights(model))
-    return {k: g for k, g in grams.items() if gram_ok(g)}
+    wanted = layers - transposed_weights(model)
+    halves = _halves(batches)
+    if halves is None:
+        grams, _ = record_grams(model, batches, weights=wanted)
+        return {k: g for k, g in grams.items() if gram_ok(g)}, {}
+    first, _ = record_grams(model, halves[0], weights=wanted)
+    second, _ = record_grams(model, halves[1], weights=wanted)
+    both = {k for k in first if k in second and gram_ok(first[k]) and gram_ok(second[k])}
+    return {k: first[k] for k in both}, {k: second[k] for k in both}
+
+
+def _halves(batches: list[Any]) -> tuple[list[Any], list[Any]] | None:
+    """The calibration samples in two halves: every other batch, or, with one batch, its samples
+    (the first dimension of a tensor, or of every tensor of a dict or tuple) split in two; None when
+    that is not possible."""
+    if len(batches) >= 2:
+        return batches[::2], batches[1::2]
+    (b,) = batches
+
+    def split(x: Any) -> tuple[Any, Any] | None:
+        if isinstance(x, torch.Tensor):
+            return (x[: x.shape[0] // 2], x[x.shape[0] // 2 :]) if x.dim() >= 1 and x.shape[0] >= 2 else None
+        if isinstance(x, dict):
+            parts = {k: split(v) for k, v in x.items()}
+            if any(p is None for p in parts.values()) or len({len(v) for v in x.values()}) != 1:
+                return None
+            return {k: p[0] for k, p in parts.items()}, {k: p[1] for k, p in parts.items()}
+        if isinstance(x, (tuple, list)) and x:
+            parts = [split(v) for v in x]
+            if any(p is None for p in parts):
+                return None
+            return type(x)(p[0] for p in parts), type(x)(p[1] for p in parts)
+        return None
+
+    pair = split(b)
+    return None if pair is None else ([pair[0]], [pair[1]])
 
 
 def convert_to_size(

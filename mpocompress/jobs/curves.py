@@ -284,30 +284,36 @@ def measure_options(name: str, t: torch.Tensor, shapes: dict[str, tuple[int, ...
     return options
 
 
-def measure_many(tensors: list[torch.Tensor], grams: list[torch.Tensor | None] | None = None) -> list[list[Option]]:
+def measure_many(
+    tensors: list[torch.Tensor], grams: list[torch.Tensor | None] | None = None, held: list[torch.Tensor | None] | None = None
+) -> list[list[Option]]:
     """:func:`measure_options` of several weights, the k-means of all of them solved together: one
     program for the codecs (their errors bound which SVD/MPO options are worth measuring) and one for
-    the SVD and MPO cores."""
+    the SVD and MPO cores. ``held``: per weight, the Gram of held-out inputs on which the options
+    fitted to ``grams`` are measured (None: on ``grams`` themselves)."""
     grams = grams if grams is not None else [None] * len(tensors)
+    held = held if held is not None else [None] * len(tensors)
     first, second = _Batch(), _Batch()
     staged = []
-    for t, gram in zip(tensors, grams):
+    for t, gram, gram_held in zip(tensors, grams, held):
         w = t if t.dtype in (torch.float32, torch.float64) else t.float()
         itemsize = t.element_size()
         out_f, in_f = matrix_shape(list(t.shape))
         dense = [Option("dense", {"skip": True}, nbytes_of(t), 0.0)]
         if gram is not None and min(out_f, in_f) > 1:
-            staged.append((dense + _data_options(t, w.reshape(out_f, in_f), gram, itemsize), None, None))
+            staged.append((dense + _data_options(t, w.reshape(out_f, in_f), gram, itemsize, gram_held), None, None))
             continue
         v = w.reshape(-1).double()
         norm2 = float(v @ v)
-        staged.append((dense, _codec_options(t, v, norm2, itemsize, first), (w, itemsize, norm2, out_f, in_f)))
+        codecs = [_codec_options(t, v, norm2, itemsize, first)]
+        staged.append((dense, codecs, (w, itemsize, norm2, out_f, in_f)))
     first.solve()
     rest: list[list[Finish]] = []
     for options, codecs, shape in staged:
         later: list[Finish] = []
         if codecs is not None:
-            options += codecs()
+            for finish in codecs:
+                options += finish()
             w, itemsize, norm2, out_f, in_f = shape
             if min(out_f, in_f) > 1:
                 matrix = w.reshape(out_f, in_f)
@@ -322,16 +328,19 @@ def measure_many(tensors: list[torch.Tensor], grams: list[torch.Tensor | None] |
     return [options for options, _, _ in staged]
 
 
-def _data_options(t: torch.Tensor, matrix: torch.Tensor, gram: torch.Tensor, itemsize: int) -> list[Option]:
+def _data_options(t: torch.Tensor, matrix: torch.Tensor, gram: torch.Tensor, itemsize: int, held: torch.Tensor | None = None) -> list[Option]:
     """The options of :func:`measure_options` made and measured with recorded inputs: GPTQ for int8
     and k-means, whitened SVD factors, activation-aware MPO cores (without the refit ``convert`` adds,
-    so MPO errors are upper bounds); errors are relative squared output errors on the inputs."""
+    so MPO errors are upper bounds); errors are relative squared output errors on the inputs, or on
+    ``held`` (the Gram of other inputs) when given: an option fitted to few samples can be far better
+    on them than on any others (GPTQ with fewer samples than inputs zeroes its error on their span),
+    and the allocation must not believe that."""
     from mpocompress.codecs import kmeans_1d_many
     from mpocompress.core.gptq import gptq
     from mpocompress.core.whiten import activation_aware_tt, whitened_factors, whitened_svd
 
     out_f, in_f = matrix.shape
-    c = gram.double()
+    c = (held if held is not None else gram).double()  # where errors are measured (fits use gram)
     w = matrix.double()
     norm2 = float(torch.einsum("oi,ij,oj->", w, c, w))
 
@@ -344,7 +353,7 @@ def _data_options(t: torch.Tensor, matrix: torch.Tensor, gram: torch.Tensor, ite
                if not o.overrides.get("quantize", "").startswith(("int8", "kmeans")) or o.overrides.get("prune") != "none"]  # fmt: skip
     from mpocompress.codecs import Int8, KMeans
 
-    importance = torch.diagonal(c).to(matrix.dtype)[None, :].expand_as(matrix)
+    importance = torch.diagonal(gram).to(matrix.dtype)[None, :].expand_as(matrix)
     grids = [("int8", Int8(), Int8().grid(matrix))]
     cents = kmeans_1d_many(matrix.reshape(-1), [2**b for b in KMEANS_BITS], sample_weight=importance)
     grids += [(f"kmeans:{k}", KMeans(k), cents[k][0]) for k in sorted(cents)]
