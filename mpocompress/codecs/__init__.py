@@ -5,7 +5,7 @@ dataclass in its family's module, with its parameter, validation, parts and enco
 
 * :mod:`~mpocompress.codecs.pruning` -- ``Magnitude(sparsity)``, ``Channel(theta)`` (PP of PP+PQ),
   ``Units(fraction)``; positions as bitmask, indices or kept rows/columns;
-* :mod:`~mpocompress.codecs.kmeans` -- ``KMeans(k)`` (PQ of PP+PQ);
+* :mod:`~mpocompress.codecs.kmeans` -- ``KMeans(k)`` (PQ of PP+PQ), ``RowKMeans(k)`` (a codebook per row);
 * :mod:`~mpocompress.codecs.seofp` -- ``SEOFP(exp_bits)`` (sign-exponent-only floats);
 * :mod:`~mpocompress.codecs.int8` -- ``Int8()``; :mod:`~mpocompress.codecs.casts` -- ``FP16()``, ``BF16()``;
 * :mod:`~mpocompress.codecs.chain` -- a pruner then a quantizer on one tensor; :mod:`~mpocompress.codecs.packing`
