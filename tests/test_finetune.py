@@ -335,24 +335,27 @@ def test_probe_falls_back_to_the_smallest_rate_when_nothing_helps(teacher, data)
     assert res.stopped_by == "no_improvement" and res.steps == 4
 
 
-def test_quantization_aware_training_ends_on_the_grid(teacher, data):
+@pytest.mark.parametrize("spec", ["kmeans:8", "rowkmeans:8"])
+def test_quantization_aware_training_ends_on_the_grid(teacher, data, spec):
     from mpocompress.codecs import parse_codec
     from mpocompress.jobs.finetune import _FakeQuant
     from mpocompress.jobs.tune import _grid_quantizer
 
     train, val = data
     student = copy.deepcopy(teacher)
-    codec = parse_codec("kmeans:8")
+    codec = parse_codec(spec)
     w = student.inp.weight.detach()
     grid = codec.grid(w)
     quantizers = {"inp.weight": _grid_quantizer(codec, grid, None)}
-    nearest = grid[(w[..., None] - grid).abs().argmin(-1)]  # each value's own nearest centroid
+    book = grid.to(w.dtype) if grid.dim() == 2 else grid.to(w.dtype).expand(w.shape[0], -1)  # each row's centroids
+    nearest = book.gather(1, (w[..., None] - book[:, None, :]).abs().argmin(-1))  # each value's own nearest centroid
     assert torch.equal(quantizers["inp.weight"](w), nearest)
     with _FakeQuant(student, quantizers).applied():
         start = evaluate(student, teacher, val)
     res = finetune(student, teacher, train, val_batches=val, steps=20, eval_every=5, quantizers=quantizers)
     assert res.val_before == pytest.approx(start)
-    assert student.inp.weight.unique().numel() <= 8  # stored exactly by k-means:8
+    assert all(row.unique().numel() <= 8 for row in student.inp.weight)  # stored exactly by the codec
+    assert student.inp.weight.unique().numel() <= (8 if spec == "kmeans:8" else 8 * w.shape[0])
     assert evaluate(student, teacher, val) == pytest.approx(res.val_best, rel=1e-5)
     assert res.val_best < res.val_before
 
@@ -379,6 +382,19 @@ def test_convert_calibrates_without_training(tmp_path, factory_file, data_file):
     assert all(r["refine"]["calibrated"]["method"] == "whitened_svd" for r in rc["layers"] if r["status"] == "mpo")
     capped = run("convert", *common[:1], "-o", tmp_path / "k.safetensors", *common[1:], "--calibration-samples", "5")
     assert json.loads(capped.stdout)["calibration"]["samples"] == 5
+
+
+def test_rowkmeans_with_data_and_training_stays_on_its_rows_codebooks(tmp_path, factory_file, data_file):
+    """GPTQ on recorded inputs, then quantization-aware training, with a codebook per row."""
+    res = run("convert", example_checkpoint(), "-o", tmp_path / "r.safetensors", "--quantize", "rowkmeans:8", "--model",
+              f"{factory_file}:build", "--data", data_file, "--batch-size", "4", "--steps", "6", "--json")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.stdout)
+    assert all(r["codecs"] == ["rowkmeans:8"] for r in rep["layers"])
+    sd = load_state_dict(tmp_path / "r.safetensors")
+    for r in rep["layers"]:
+        w = sd[r["name"]].reshape(r["shape"][0], -1)
+        assert all(row.unique().numel() <= 8 for row in w)
 
 
 def test_sequential_calibration_corrects_for_upstream_layers(tmp_path, factory_file, data_file):
