@@ -403,6 +403,27 @@ def run_budget(share: float, ctx: dict[str, Any], have: list[dict[str, Any]]) ->
     return rows
 
 
+def run_codecs(ctx: dict[str, Any], have: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Uniform 4- and 3-bit weight sharing on every weight: one codebook per tensor (``kmeans:K``)
+    against one per output row (``rowkmeans:K``), without data and with data (GPTQ on the
+    calibration windows, sequential)."""
+    from mpocompress import MPOConfig
+
+    src, work, ids, seq_len, dense = ctx["src"], ctx["work"], ctx["ids"], ctx["seq_len"], ctx["dense_ppl"]
+    rows = list(have)
+    for spec in ("kmeans:16", "rowkmeans:16", "kmeans:8", "rowkmeans:8"):
+        for data in (False, True):
+            label = f"uniform {spec}{' + GPTQ on data' if data else ''}"
+            if label in {r["method"] for r in rows}:
+                continue
+            out = work / f"uniform-{spec.replace(':', '')}{'-data' if data else ''}"
+            rep, secs = _convert(src, out, MPOConfig(quantize=spec), None, ctx["cal"] if data else None, samples=ctx["samples"])
+            rows.append(_row(label, rep, perplexity_of(out, src, ids, seq_len), secs, dense))
+            if ctx.get("save"):
+                ctx["save"](rows)
+    return rows
+
+
 LAYER_WEIGHTS = [f"model.layers.3.self_attn.{p}.weight" for p in ("q_proj", "k_proj", "o_proj")] + [
     f"model.layers.3.mlp.{p}.weight" for p in ("gate_proj", "down_proj")]  # fmt: skip
 
@@ -466,7 +487,9 @@ def table(results: dict[str, Any]) -> str:
              f"{results['tokens']} tokens in windows of {results['seq_len']}; calibration: {results['cal_windows']} windows of *Emma*. "
              f"Dense: **{results['dense_ppl']:.2f}**.", "",
              "| size | method | perplexity | x dense | params removed (whole model), or file share | seconds |", "|---|---|---:|---:|---:|---:|"]  # fmt: skip
-    def order(key: str) -> tuple[int, float]:  # sizes by params removed, then budgets from large to small
+    def order(key: str) -> tuple[int, float]:  # sizes by params removed, budgets from large to small, then codecs
+        if "%" not in key:
+            return (2, 0.0)
         share = float(key.split("%")[0].lstrip("-")) / 100
         return (0, share) if key.startswith("-") else (1, -share)
 
@@ -474,8 +497,8 @@ def table(results: dict[str, Any]) -> str:
         rows = results["rows"][size]
         for r in rows:
             removed = f"{r['params_removed']:.1%}" if size.startswith("-") and isinstance(r.get("params_removed"), float) else ""
-            if r.get("written_share"):
-                removed = f"(file: {r['written_share']:.1%})"
+            if r.get("written_share") or "%" not in size:
+                removed = f"(file: {r.get('written_share') or r['file_share']:.1%})"
             lines.append(f"| {size} | {r['method']} | {r['ppl']:.2f} | {r['ppl_ratio']:.2f} | {removed} | {r['seconds']:.0f} |")
     return "\n".join(lines)
 
@@ -493,6 +516,7 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true", help="keep the rows benchmarks/results/lm.json already has")
     ap.add_argument("--budget-data", action="store_true", help="also --target-size with data (Fisher allocation; conversion with and without calibration)")
     ap.add_argument("--slow", action="store_true", help="also data-aware 3 cores (over 30 min per size here)")
+    ap.add_argument("--codecs", action="store_true", help="also uniform kmeans vs rowkmeans at 4 and 3 bits, with and without data")
     args = ap.parse_args()
     if args.step == "prepare":
         prepare()
@@ -539,6 +563,7 @@ def main() -> None:
     # most telling first: each section is written as soon as it is done
     steps = [(f"-{p:.0%} params", "size", p) for p in [float(x) for x in args.sizes.split(",") if x]]
     steps += [(f"{s:.0%} of file", "budget", s) for s in [float(x) for x in args.budgets.split(",") if x]]
+    steps += [("uniform codecs", "codecs", 0.0)] if args.codecs else []
     for key, kind, value in steps:
         print(f"{key}", flush=True)
 
@@ -552,6 +577,8 @@ def main() -> None:
         if kind == "size":
             distill = args.ft_seconds if abs(value - 0.2) < 1e-9 and args.ft_seconds else None
             results["rows"][key] = run_size(value, ctx, distill, results["rows"].get(key, []))
+        elif kind == "codecs":
+            results["rows"][key] = run_codecs(ctx, results["rows"].get(key, []))
         else:
             results["rows"][key] = run_budget(value, ctx, results["rows"].get(key, []))
         results["seconds"] = round(time.perf_counter() - t0)
