@@ -154,6 +154,29 @@ def test_target_size_end_to_end(tmp_path, trained_like):
     assert uniform and ours <= min(uniform) * 1.05
 
 
+def test_passes_that_do_not_settle_end_on_the_largest_that_fitted(tmp_path, trained_like, monkeypatch):
+    """The header changes with the choices: when the last pass overshoots, the largest pass that fitted
+    is converted again rather than failing."""
+    import mpocompress.jobs.convert as conv
+
+    real, calls = conv.convert, []
+
+    def convert(src, out, *args, **kwargs):  # passes 2 and 4 write a file 20 % of the target larger than they should
+        report = real(src, out, *args, **kwargs)
+        calls.append(out)
+        if len(calls) % 2 == 0 and len(calls) <= 4:
+            with open(out, "ab") as f:
+                f.write(b" " * int(0.2 * target))
+        return report
+
+    monkeypatch.setattr(conv, "convert", convert)
+    target = trained_like.stat().st_size // 8
+    report = convert_to_size(trained_like, tmp_path / "o.safetensors", target, MPOConfig(quantize="int8"))
+    written = (tmp_path / "o.safetensors").stat().st_size
+    assert written <= target and report.allocation["written_bytes"] == written
+    assert len(calls) == 5, len(calls)  # four passes, then the one that fitted again
+
+
 def test_a_recipe_fixes_layers_and_include_exclude_compose(tmp_path, trained_like):
     recipe = tmp_path / "r.toml"
     recipe.write_text('[[layers]]\nmatch = "c.*"\nquantize = "int8"\n')

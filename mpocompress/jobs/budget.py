@@ -507,6 +507,7 @@ def convert_to_size(
     force = convert_kwargs.pop("force", False)
     if kd_loss is None:  # the fine-tuning's distillation loss, if any (KL for logits)
         kd_loss = getattr(convert_kwargs.get("tune"), "kd_loss", "mse")
+    best = None  # (size, plan) of the fitting pass closest to the target
     for attempt in range(MAX_PASSES):
         plan, curves = plan_budget(input_path, target, config, recipe=recipe, model=calibration_model,
                                    batches=calibration_batches, progress=progress, header=header, curves=curves,
@@ -520,9 +521,20 @@ def convert_to_size(
         fits = size <= target
         if fits and (target - size <= CLOSE_ENOUGH * target or measured >= plan.header_estimate or attempt == MAX_PASSES - 1):
             return report
+        if fits and (best is None or size > best[0]):
+            best = (size, plan)
         log.info("written %d bytes for a target of %d (header %d, estimated %d): allocating again", size, target,
                  measured - HEADER_MARGIN, plan.header_estimate)  # fmt: skip
         # after an overshoot, never allocate more than the pass that overshot (the header can grow
         # when choices change), so the passes converge under the target
         header = measured if fits else max(measured, plan.header_estimate) + (size - target)
+    if best is not None:  # the header changes with the choices and the passes did not settle: the
+        # largest pass that fitted, converted again (the conversion is deterministic)
+        size, plan = best
+        report = convert(input_path, output_path, plan.config, recipe=plan.recipe, force=True, progress=progress, **convert_kwargs)
+        written = path_size(Path(output_path))
+        report.allocation = {**plan.to_dict(), "written_bytes": written, "passes": MAX_PASSES + 1}
+        if written <= target:
+            return report
+        size = written
     raise GateError(f"{output_path} is {size:,} bytes, over the target of {target:,} after {MAX_PASSES} passes")
