@@ -305,15 +305,13 @@ def measure_many(
             continue
         v = w.reshape(-1).double()
         norm2 = float(v @ v)
-        codecs = [_codec_options(t, v, norm2, itemsize, first)]
-        staged.append((dense, codecs, (w, itemsize, norm2, out_f, in_f)))
+        staged.append((dense, _codec_options(t, v, norm2, itemsize, first), (w, itemsize, norm2, out_f, in_f)))
     first.solve()
     rest: list[list[Finish]] = []
     for options, codecs, shape in staged:
         later: list[Finish] = []
         if codecs is not None:
-            for finish in codecs:
-                options += finish()
+            options += codecs()
             w, itemsize, norm2, out_f, in_f = shape
             if min(out_f, in_f) > 1:
                 matrix = w.reshape(out_f, in_f)
