@@ -370,8 +370,9 @@ def _allocate_compounded(curves: dict[str, list[Option]], budget: int, weights: 
     its output's energy (errors uncorrelated with the signal) passes that share on, shares multiply
     along the model, and the sum of ``-log(1 - e)`` is minus the log of the share that survives -- so
     errors compound, and one layer near ``e = 1`` (its output destroyed) costs more than the sum of
-    its error says. For small errors it is ``e`` (the plain sum). Measured on all-MiniLM-L6-v2 at
-    6.25 % of the file: embedding cosine -0.76 with the plain sum, -0.43 with this (docs/methods.md).
+    its error says. For small errors it is ``e`` (the plain sum). On all-MiniLM-L6-v2 at 6.25 % of the
+    file (``benchmarks/budget.py``): embedding cosine -0.77 with the plain sum (the table's previous
+    run), -0.43 with this.
     The picks are the original options (their true errors); the damage is the compounded one."""
     compounded = {n: [dataclasses.replace(o, error=-math.log1p(-min(o.error, MAX_RELATIVE_ERROR))) for o in opts] for n, opts in curves.items()}
     original = {id(c): o for n in curves for o, c in zip(curves[n], compounded[n])}
