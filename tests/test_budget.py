@@ -116,7 +116,8 @@ def test_options_left_unmeasured_are_dominated(trained_like, scale):
     w = w + scale * torch.randn(w.shape, generator=torch.Generator().manual_seed(0)) * w.std()  # (low rank, and not)
     v = w.reshape(-1).double()
     norm2 = float(v @ v)
-    every = budget._codec_options(w, v, norm2, 4) + budget._svd_options(w, 4, norm2) + budget._mpo_options(w, 4, norm2, 3)
+    every = (budget._alone(budget._codec_options, w, v, norm2, 4) + budget._alone(budget._svd_options, w, 4, norm2, None)
+             + budget._alone(budget._mpo_options, w, 4, norm2, 3, None))  # fmt: skip
     measured = budget.measure_options("a.weight", w, {"a.weight": tuple(w.shape)})
     assert len(measured) - 1 < len(every) if scale else len(measured) - 1 <= len(every)  # (a full-rank weight: some skipped)
     assert [(o.label, o.nbytes) for o in pareto(measured[1:])] == [(o.label, o.nbytes) for o in pareto(every)]

@@ -21,8 +21,7 @@ from mpocompress.codecs.packing import pack_bits, unpack_bits
 #: values), or KMEANS_POINTS_PER_CLUSTER per centroid where that is more, but not over
 #: KMEANS_DP_MAX_POINTS; up to twice as many distinct values are clustered exactly, without grouping.
 #: 16 points per centroid (256 at k = 16, 4096 at k = 256) keep every tensor of benchmarks/kmeans.py
-#: within 0.5 % of the optimum after the Lloyd pass (its table); 8 per centroid at k = 256 did not
-#: (2 % on a two-scale mixture)
+#: within 1 % of the optimum after the Lloyd pass (its table)
 KMEANS_DP_POINTS = 256
 KMEANS_POINTS_PER_CLUSTER = 16
 KMEANS_DP_MAX_POINTS = 4096
@@ -102,7 +101,7 @@ class RowKMeans(Codec):
         book = self.grid(m) if grid is None else grid
         if book.shape[0] != r:
             raise ValueError(f"a rowkmeans grid of {book.shape[0]} rows for {r} rows")
-        codes = nearest_in_rows(m, book)
+        codes = _nearest_in_rows(m, book)
         bits = max(1, math.ceil(math.log2(self.k)))
         return {"codebook": book, "codes": pack_bits(codes.reshape(-1), bits)}, {"bits": bits, "n": flat.numel()}
 
@@ -110,14 +109,19 @@ class RowKMeans(Codec):
         """Each row's ``k`` sorted centroids, ``(rows, k)``: optimal 1-D k-means of the row (each value
         counted with its ``importance`` when given), all rows in one batched program; float16 unless a
         centroid is out of its range (then float32)."""
-        return row_codebooks(matrix, [self.k], importance)[self.k]
+        m = matrix.reshape(matrix.shape[0], -1)
+        w = None if importance is None else importance.reshape(m.shape)
+        problems = [KMeansProblem(m[i], (self.k,), sample_weight=None if w is None else w[i]) for i in range(m.shape[0])]
+        book = torch.stack([res[self.k][0] for res in kmeans_1d_solve(problems)]) if problems else torch.zeros(0, self.k)
+        half = book.half()
+        return half if bool(torch.isfinite(half).all()) else book.float()
 
     def snap(self, grid: torch.Tensor, column: torch.Tensor) -> torch.Tensor:
         """Values laid out with the rows along the last dimension (one column of the matrix, or its
         transpose), each replaced by the nearest centroid of its row."""
         rows = grid.shape[0]
         xt = column.reshape(-1, rows).T
-        return grid.to(column.dtype).gather(1, nearest_in_rows(xt, grid)).T.reshape(column.shape)
+        return grid.to(column.dtype).gather(1, _nearest_in_rows(xt, grid)).T.reshape(column.shape)
 
     def decode(self, parts: dict[str, torch.Tensor], meta: dict[str, Any], dtype: torch.dtype) -> torch.Tensor:
         """The flat values :meth:`encode` stored, in ``dtype``."""
@@ -126,21 +130,7 @@ class RowKMeans(Codec):
         return book.gather(1, codes).reshape(-1).to(dtype)
 
 
-def row_codebooks(matrix: torch.Tensor, ks: list[int], importance: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
-    """:meth:`RowKMeans.grid` for several ``k`` at once (one batched program for all rows and ``k``)."""
-    m = matrix.reshape(matrix.shape[0], -1)
-    w = None if importance is None else importance.reshape(m.shape)
-    problems = [KMeansProblem(m[i], tuple(ks), sample_weight=None if w is None else w[i]) for i in range(m.shape[0])]
-    solved = kmeans_1d_solve(problems)
-    out = {}
-    for k in ks:
-        book = torch.stack([res[k][0] for res in solved]) if problems else torch.zeros(0, k)
-        half = book.half()
-        out[k] = half if bool(torch.isfinite(half).all()) else book.float()
-    return out
-
-
-def nearest_in_rows(m: torch.Tensor, book: torch.Tensor) -> torch.Tensor:
+def _nearest_in_rows(m: torch.Tensor, book: torch.Tensor) -> torch.Tensor:
     """For each value of the ``(rows, n)`` matrix ``m``, the index of the nearest of its row's sorted
     centroids ``book`` (``(rows, k)``)."""
     c = book.double()

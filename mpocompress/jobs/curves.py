@@ -88,6 +88,14 @@ class _Batch:
 Finish = Callable[[], list[Option]]
 
 
+def _alone(make: Callable[..., Callable[[], Any]], *args: Any) -> Any:
+    """What ``make(*args, batch)`` gives once its batch alone is solved (one layer's options, at once)."""
+    batch = _Batch()
+    finish = make(*args, batch)
+    batch.solve()
+    return finish()
+
+
 def _coded_cores(jobs: list[list[torch.Tensor]], codec: str, batch: _Batch) -> Callable[[], list[tuple[list[torch.Tensor], int]]]:
     """Each job's cores through a codec as ``convert`` stores them (each core its own tensor): queues
     their k-means in ``batch``; the returned function gives, once it is solved, each job's decoded
@@ -114,17 +122,12 @@ def _coded_cores(jobs: list[list[torch.Tensor]], codec: str, batch: _Batch) -> C
     return finish
 
 
-def _codec_options(t: torch.Tensor, v: torch.Tensor, norm2: float, itemsize: int, batch: _Batch | None = None) -> Any:
+def _codec_options(t: torch.Tensor, v: torch.Tensor, norm2: float, itemsize: int, batch: _Batch) -> Finish:
     """Casts, int8, k-means at every bit width (one dynamic program) and magnitude pruning + k-means,
-    with the bytes ``convert`` would store, computed without packing. With ``batch``: the k-means are
-    queued there and a function giving the options once it is solved is returned."""
+    with the bytes ``convert`` would store, computed without packing. The k-means are queued in
+    ``batch``; the returned function gives the options once it is solved (:func:`_alone`: at once)."""
     from mpocompress.codecs import Int8
 
-    if batch is None:
-        own = _Batch()
-        finish = _codec_options(t, v, norm2, itemsize, own)
-        own.solve()
-        return finish()
     n, options = v.numel(), []
     dense = n * itemsize
 
@@ -187,16 +190,11 @@ class _Floor:
 _CODEC_BITS = {"int8": 8, "kmeans:16": 4}
 
 
-def _svd_options(matrix: torch.Tensor, itemsize: int, norm2: float, floor: _Floor | None = None, batch: _Batch | None = None) -> Any:
+def _svd_options(matrix: torch.Tensor, itemsize: int, norm2: float, floor: _Floor | None, batch: _Batch) -> Finish:
     """2 cores (a truncated SVD) at a grid of ranks, alone (error from the spectrum) and with
     int8 / k-means cores (not measured where ``floor`` shows them dominated: no rank-r matrix has
-    less error than the spectrum's tail, and the codes alone take ``bits / 8`` bytes a value). With
-    ``batch``, as :func:`_codec_options`."""
-    if batch is None:
-        own = _Batch()
-        finish = _svd_options(matrix, itemsize, norm2, floor, own)
-        own.solve()
-        return finish()
+    less error than the spectrum's tail, and the codes alone take ``bits / 8`` bytes a value). Queued
+    in ``batch`` as in :func:`_codec_options`."""
     out_f, in_f = matrix.shape
     ref = matrix.double()  # once: every error below is measured against it
     # in the weight's dtype, as convert factors it (so the coded factors are the ones it would code)
@@ -229,16 +227,11 @@ def _svd_options(matrix: torch.Tensor, itemsize: int, norm2: float, floor: _Floo
     return finish
 
 
-def _mpo_options(matrix: torch.Tensor, itemsize: int, norm2: float, cores: int, floor: _Floor | None = None, batch: _Batch | None = None) -> Any:
+def _mpo_options(matrix: torch.Tensor, itemsize: int, norm2: float, cores: int, floor: _Floor | None, batch: _Batch) -> Finish:
     """MPO with ``cores`` cores at a grid of bonds (exact SVDs shared between bonds), alone and with
     quantized cores (not measured where ``floor`` shows them dominated: no MPO with first bond ``r``
-    has less error than the tail of the first unfolding's spectrum beyond ``r``). With ``batch``, as
-    :func:`_codec_options`."""
-    if batch is None:
-        own = _Batch()
-        finish = _mpo_options(matrix, itemsize, norm2, cores, floor, own)
-        own.solve()
-        return finish()
+    has less error than the tail of the first unfolding's spectrum beyond ``r``). Queued in ``batch``
+    as in :func:`_codec_options`."""
     out_f, in_f = matrix.shape
     dense_bytes = out_f * in_f * itemsize
     modes = choose_modes(out_f, in_f, cores)
@@ -347,7 +340,7 @@ def _data_options(t: torch.Tensor, matrix: torch.Tensor, gram: torch.Tensor, ite
         return float(torch.einsum("oi,ij,oj->", e, c, e)) / norm2 if norm2 > 0 else 0.0
 
     dense = out_f * in_f * itemsize
-    options = [Option(o.label, o.overrides, o.nbytes, error(_decoded_option(t, o))) for o in _codec_options(t, matrix.reshape(-1).double(), 1.0, itemsize)
+    options = [Option(o.label, o.overrides, o.nbytes, error(_decoded_option(t, o))) for o in _alone(_codec_options, t, matrix.reshape(-1).double(), 1.0, itemsize)
                if not o.overrides.get("quantize", "").startswith(("int8", "kmeans")) or o.overrides.get("prune") != "none"]  # fmt: skip
     from mpocompress.codecs import Int8, KMeans
 
@@ -395,10 +388,7 @@ def _with_core_codecs(label: str, base: dict[str, Any], tt: Any, error: Any, ite
             coded = gptq_factor_codes(matrix, tt, parse_codec(codec), gram)
             dec, nbytes = [decode(p, m) for p, m in coded], sum(nbytes_of(v) for p, _ in coded for v in p.values())
         else:
-            own = _Batch()
-            coded = _coded_cores([list(tt.cores)], codec, own)
-            own.solve()
-            ((dec, nbytes),) = coded()
+            ((dec, nbytes),) = _alone(_coded_cores, [list(tt.cores)], codec)
         if nbytes < plain:
             out.append(Option(f"{label} + {codec}", {**base, "quantize": codec}, nbytes, error(cores_to_matrix(dec, shape))))
     return out
