@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -166,6 +167,25 @@ def test_record_grams_sample_cap():
     grams, info = record_grams(net, [x[:4], x[4:8], x[8:]], max_samples=6)
     assert info["samples"] == 6
     assert torch.allclose(grams["0.weight"], x[:6].double().T @ x[:6].double())
+
+
+def test_layers_fed_fewer_rows_than_inputs_are_named_with_one_warning(caplog):
+    from mpocompress.jobs.calibrate import record_pairs, thin_inputs
+
+    net = nn.Sequential(nn.Linear(4, 16), nn.Linear(16, 3))
+    x = torch.randn(10, 4)  # 10 rows: enough for the first layer's 4 inputs, not the second's 16
+    grams, info = record_grams(net, [x[:6], x[6:]])
+    assert info["rows"] == {"0.weight": 10, "1.weight": 10}
+    with caplog.at_level("WARNING", logger="mpocompress"):
+        assert thin_inputs(info["rows"], grams) == ["1.weight"]
+    assert [r.getMessage() for r in caplog.records if "fewer input rows" in r.getMessage()] == [
+        "calibration: 1 of 2 weight(s) saw fewer input rows than they have inputs (fewest: 1.weight, 10 rows for 16 inputs); "
+        "data-aware fits follow the calibration samples there: give more --data"]
+    more, info = record_grams(net, [torch.randn(20, 4)])
+    assert thin_inputs(info["rows"], more) == []
+    counts: dict[str, int] = {}
+    record_pairs(copy.deepcopy(net), net, [x[:6], x[6:]], weights={"0.weight", "1.weight"}, row_counts=counts)
+    assert counts == {"0.weight": 10, "1.weight": 10}  # the sequential path counts the same
 
 
 @pytest.mark.parametrize("spec", ["kmeans:4", "kmeans:16", "rowkmeans:4"])

@@ -440,7 +440,7 @@ def _grams(model: torch.nn.Module, batches: list[Any], ckpt: Checkpoint, layers:
     ``(fit, held)`` -- the Grams of all batches, and of a held-out half of the samples to measure the
     options fitted on the other half (:func:`_halves`), or ``(fit, {})`` when they cannot be split."""
     from mpocompress.io import fill_tied
-    from mpocompress.jobs.calibrate import gram_ok, record_grams, transposed_weights
+    from mpocompress.jobs.calibrate import gram_ok, record_grams, thin_inputs, transposed_weights
 
     own = model.state_dict()
     have = set(ckpt.keys())
@@ -448,12 +448,16 @@ def _grams(model: torch.nn.Module, batches: list[Any], ckpt: Checkpoint, layers:
     wanted = layers - transposed_weights(model)
     halves = _halves(batches)
     if halves is None:
-        grams, _ = record_grams(model, batches, weights=wanted)
-        return {k: g for k, g in grams.items() if gram_ok(g)}, {}
-    first, _ = record_grams(model, halves[0], weights=wanted)
+        grams, info = record_grams(model, batches, weights=wanted)
+        grams = {k: g for k, g in grams.items() if gram_ok(g)}
+        thin_inputs(info["rows"], grams)
+        return grams, {}
+    first, info = record_grams(model, halves[0], weights=wanted)
     second, _ = record_grams(model, halves[1], weights=wanted)
     both = {k for k in first if k in second and gram_ok(first[k]) and gram_ok(second[k])}
-    return {k: first[k] for k in both}, {k: second[k] for k in both}
+    fit = {k: first[k] for k in both}
+    thin_inputs(info["rows"], fit)  # (the options are fitted on this half)
+    return fit, {k: second[k] for k in both}
 
 
 def _halves(batches: list[Any]) -> tuple[list[Any], list[Any]] | None:

@@ -279,11 +279,13 @@ def record_pairs(
     *,
     weights: set[str],
     max_samples: int | None = None,
+    row_counts: dict[str, int] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """For each of ``weights`` (present, uncompressed, in both models), the Gram matrix ``X_s^T X_s``
     of its inputs in ``student`` and the cross matrix ``X_s^T X_t`` with its inputs in ``teacher`` on
     the same batches: what sequential calibration needs to make the student's layer reproduce the
-    teacher's outputs from the student's inputs."""
+    teacher's outputs from the student's inputs. ``row_counts``, when given, is filled with the number of
+    input rows recorded for each weight."""
     s_acc, t_acc = _Grams(collect=True), _Grams(collect=True)
     hooks = _register(student, s_acc, weights) + _register(teacher, t_acc, weights)
     stops = _StopAfter(student, weights), _StopAfter(teacher, weights)  # registered after the recorders: they run first
@@ -312,6 +314,8 @@ def record_pairs(
                     g, c = done[same]
                     grams[key] = grams[key] + g if key in grams else g.clone()
                     cross[key] = cross[key] + c if key in cross else c.clone()
+                    if row_counts is not None:
+                        row_counts[key] = row_counts.get(key, 0) + sum(r.shape[0] for r in s_acc.seen[key])
     finally:
         student.train(was[0])
         teacher.train(was[1])
@@ -354,6 +358,21 @@ def record_grams(
             h.remove()
     info = {"samples": samples, "weights": len(acc.grams), "rows": dict(acc.rows)}
     return acc.grams, info
+
+
+def thin_inputs(rows: dict[str, int], grams: dict[str, torch.Tensor]) -> list[str]:
+    """The weights of ``grams`` whose recorded inputs had fewer rows (samples x positions) than the
+    weight has inputs, with one warning naming the worst: their Gram matrices are singular, so a
+    data-aware fit (and its measured error) follows the span of the calibration samples rather than
+    the inputs the model will see (PTQ tools calibrate on far more rows than inputs: GPTQ and
+    SVD-LLM on 128-256 sequences of 2048 tokens)."""
+    thin = sorted(k for k, g in grams.items() if rows.get(k, 0) < g.shape[0])
+    if thin:
+        k = min(thin, key=lambda n: rows.get(n, 0) / grams[n].shape[0])
+        log.warning("calibration: %d of %d weight(s) saw fewer input rows than they have inputs (fewest: %s, %d rows for %d "
+                    "inputs); data-aware fits follow the calibration samples there: give more --data", len(thin), len(grams), k,
+                    rows.get(k, 0), grams[k].shape[0])  # fmt: skip
+    return thin
 
 
 def gram_ok(gram: torch.Tensor) -> bool:
@@ -431,9 +450,10 @@ def compress_sequentially_(
     transposed = transposed_weights(model)
     rows: list[dict[str, Any]] = []
     used: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
     for i, group in enumerate(groups):
         start = time.perf_counter()
-        grams, cross = record_pairs(model, teacher, batches, weights=set(group), max_samples=max_samples)
+        grams, cross = record_pairs(model, teacher, batches, weights=set(group), max_samples=max_samples, row_counts=counts)
         grams = {k: g for k, g in grams.items() if gram_ok(g)}
         originals = {}
         for k, c in grams.items():
@@ -458,6 +478,7 @@ def compress_sequentially_(
                     params[r["name"]].copy_(originals[r["name"]])
         _gptq_in_place(model, group, config, recipe, rows, grams)
         log.info("sequential calibration: group %d/%d (%d weights) in %.1fs", i + 1, len(groups), len(group), time.perf_counter() - start)
+    thin_inputs(counts, used)
     return rows, used
 
 

@@ -313,7 +313,7 @@ def calibrate_checkpoint(
     the held-out share when ``val`` is None: calibration never sees the held-out data).
     Returns ``(grams by weight name, summary)``; weights whose inputs were all zero are left out."""
 
-    from mpocompress.jobs.calibrate import gram_ok, record_grams
+    from mpocompress.jobs.calibrate import gram_ok, record_grams, thin_inputs
 
     start = time.perf_counter()
     _, teacher, _, train, _ = _load_models(ckpt, model, train, val, tune)
@@ -325,5 +325,6 @@ def calibrate_checkpoint(
         "samples": info["samples"],
         "weights": len(grams),
         "weights_without_inputs": empty,
+        "weights_with_fewer_rows_than_inputs": thin_inputs(info["rows"], grams),
         "seconds": round(time.perf_counter() - start, 3),
     }
