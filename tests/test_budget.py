@@ -45,19 +45,34 @@ def test_allocation_matches_brute_force_on_small_problems():
         assert sum(a.damage.values()) <= best * 1.001 + 1e-12
 
 
+def test_each_option_family_has_its_own_weight():
+    """A low-rank option and a codec with the same error do different damage once the layer's families
+    are weighed apart; a family never probed takes the layer's largest weight."""
+    from mpocompress.core.allocate import family
+    from mpocompress.jobs.budget import allocate_damage, weight_of
+
+    rank, codec, pruned = Option("mpo2 bond 4", {}, 10, 0.1), Option("kmeans:4", {}, 10, 0.1), Option("magnitude:0.5 + kmeans:16", {}, 10, 0.1)
+    assert [family(o) for o in (rank, codec, pruned, Option("dense", {}, 40, 0.0))] == ["lowrank", "codec", "prune", "codec"]
+    curves = {"a": [Option("a big", {}, 20, 0.0), rank, codec]}
+    assert allocate_damage(curves, 10, {"a": {"codec": 1.0, "lowrank": 5.0}}).picks["a"] is codec
+    assert allocate_damage(curves, 10, {"a": {"codec": 5.0, "lowrank": 1.0}}).picks["a"] is rank
+    assert weight_of({"a": {"codec": 1.0, "lowrank": 5.0}}, "a", pruned) == 5.0
+    assert weight_of({"a": {"*": 3.0}}, "a", rank) == 3.0 and weight_of(None, "a", rank) == 1.0
+
+
 def test_without_data_errors_compound():
     """The data-free damage -log(1 - e): a layer near e = 1 (its output destroyed) costs more than its
     error says, so the allocation does not destroy one layer to spare another; picks keep true errors."""
-    from mpocompress.jobs.budget import _allocate_compounded
+    from mpocompress.jobs.budget import allocate_damage
 
     curves = {"a": [Option("a0", {}, 0, 0.95), Option("a1", {}, 10, 0.5)], "b": [Option("b0", {}, 0, 0.6), Option("b1", {}, 10, 0.0)]}
     plain = allocate(curves, 10)
     assert {o.label for o in plain.picks.values()} == {"a0", "b1"}  # 0.95 + 0 < 0.5 + 0.6
-    compounded = _allocate_compounded(curves, 10, None)
+    compounded = allocate_damage(curves, 10, None, compound=True)
     assert {o.label for o in compounded.picks.values()} == {"a1", "b0"}  # 1 - 0.05 survives vs 0.5 * 0.4
     assert compounded.picks["a"] is curves["a"][1] and compounded.damage["b"] == pytest.approx(-math.log(0.4))
     small = {"a": [Option("a0", {}, 0, 1e-4)], "b": [Option("b0", {}, 0, 2e-4)]}  # small errors: the plain sum
-    assert sum(_allocate_compounded(small, 10, None).damage.values()) == pytest.approx(3e-4, rel=1e-3)
+    assert sum(allocate_damage(small, 10, None, compound=True).damage.values()) == pytest.approx(3e-4, rel=1e-3)
 
 
 def test_infeasible_budget_names_the_smallest_total():

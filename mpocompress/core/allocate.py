@@ -75,6 +75,22 @@ class Allocation:
         }
 
 
+#: the kinds of error an option makes (:func:`family`)
+FAMILIES = ("codec", "lowrank", "prune")
+
+
+def family(option: Option) -> str:
+    """The kind of error ``option`` makes, from its label: ``"lowrank"`` (MPO/SVD cores, their cores
+    coded or not: the error lies in the directions the truncation drops), ``"prune"`` (magnitude
+    pruning, then a codec: the small weights lost), or ``"codec"`` (a cast, int8 or k-means of the
+    whole weight: an error spread over every entry; ``"dense"`` too)."""
+    if option.label.startswith("mpo"):
+        return "lowrank"
+    if option.label.startswith("magnitude"):
+        return "prune"
+    return "codec"
+
+
 def pareto(options: list[Option], weight: float = 1.0) -> list[Option]:
     """The options no other option beats in both bytes and damage, by increasing bytes."""
     front: list[Option] = []

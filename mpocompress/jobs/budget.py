@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from mpocompress.config import MPOConfig, Recipe, apply_overrides
-from mpocompress.core.allocate import Allocation, Option, allocate
+from mpocompress.core.allocate import FAMILIES, Allocation, Option, allocate, family
 from mpocompress.errors import ConfigError, GateError
 from mpocompress.format import decode_entry, rebuild
 from mpocompress.io import Checkpoint, open_checkpoint, path_size
@@ -80,6 +80,11 @@ def parse_target(text: str, input_bytes: int) -> int:
         raise ConfigError(f"--target-size {text!r}: expected a share like 12.5% or a size like 900KB") from None
 
 
+#: each layer's damage per unit of its options' error, by option family (:func:`family`; ``"*"``: every
+#: family), by layer name
+Weights = dict[str, dict[str, float]]
+
+
 def sensitivities(
     model: torch.nn.Module,
     batches: list[Any],
@@ -88,13 +93,19 @@ def sensitivities(
     progress: Progress | None = None,
     grams: dict[str, torch.Tensor] | None = None,
     kd_loss: str = "mse",
-) -> dict[str, float]:
-    """Each layer's damage per unit of relative squared weight error, measured on the model's output.
+) -> Weights:
+    """Each layer's damage per unit of relative squared error, measured on the model's output, for
+    each family of its options (:func:`mpocompress.core.allocate.family`: a codec's error spread over
+    every entry, a truncation's in the dropped directions, pruning's in the small weights).
 
-    For each layer alone, its probe option (the option nearest to 1 % relative squared error, our
-    choice) replaces the weight; the distillation loss (MSE between the model's outputs with and
-    without it) over ``batches``, divided by the probe's error, is the layer's weight. With
-    ``grams`` (the curves then hold output errors) the probe is made the data-aware way too.
+    For each layer alone and each family, the family's probe option (the one nearest to 1 % relative
+    squared error, our choice) replaces the weight; the distillation loss (MSE between the model's
+    outputs with and without it) over ``batches``, divided by the probe's error, is the weight. One
+    probe per layer misjudged the families against each other: on all-MiniLM-L6-v2 the damage per
+    unit error of a low-rank option is 0.01-4x its codecs' (pruning's 0.02-12x), and with one probe
+    (a codec's) the allocation at 6.25 % of the file gave most linears rank 28 of 384
+    (``benchmarks/budget.py``: embedding cosine -0.55; -0.39 with a probe per family). With ``grams``
+    (the curves then hold output errors) the probes are made the data-aware way too.
     """
     from mpocompress.config import TuneConfig
     from mpocompress.io import fill_tied
@@ -106,24 +117,44 @@ def sensitivities(
     teacher = copy.deepcopy(model).eval()
     model.eval()
     kd = TuneConfig(kd_weight=1.0, kd_loss=kd_loss)
-    weights: dict[str, float] = {}
+    weights: Weights = {}
     for i, (name, options) in enumerate(curves.items()):
         if progress is not None:
             progress(name, i, len(curves))
-        lossy = [o for o in options if o.error > 0]
-        if name not in own or not lossy:
+        if name not in own:
             continue
-        probe = min(lossy, key=lambda o: abs(math.log(o.error / 1e-2)))
         original = own[name].detach().clone()
-        with torch.no_grad():
-            own[name].copy_(_decoded(name, dense.get(name), probe, (grams or {}).get(name)).to(original.dtype))
-            loss = evaluate(model, teacher, batches, kd)
-            own[name].copy_(original)
-        weights[name] = loss / probe.error
-    if weights:  # layers the model lacks get the median weight
-        median = sorted(weights.values())[len(weights) // 2]
-        weights = {n: weights.get(n, median) for n in curves}
-    return weights
+        for fam in FAMILIES:
+            lossy = [o for o in options if o.error > 0 and family(o) == fam]
+            if not lossy:
+                continue
+            probe = min(lossy, key=lambda o: abs(math.log(o.error / 1e-2)))
+            with torch.no_grad():
+                own[name].copy_(_decoded(name, dense.get(name), probe, (grams or {}).get(name)).to(original.dtype))
+                loss = evaluate(model, teacher, batches, kd)
+                own[name].copy_(original)
+            weights.setdefault(name, {})[fam] = loss / probe.error
+    medians = {}  # layers the model lacks get each family's median weight
+    for fam in FAMILIES:
+        values = sorted(w[fam] for w in weights.values() if fam in w)
+        if values:
+            medians[fam] = values[len(values) // 2]
+    return {n: weights.get(n, medians) for n in curves} if weights else {}
+
+
+def weight_of(weights: Weights | None, name: str, option: Option) -> float:
+    """Layer ``name``'s damage per unit of ``option``'s error (1 when nothing is known): its family's
+    weight, else the ``"*"`` weight, else the largest the layer has (a family never probed is not
+    assumed harmless)."""
+    w = (weights or {}).get(name)
+    if not w:
+        return 1.0
+    return w.get(family(option), w.get("*", max(w.values())))
+
+
+def per_layer(scalar: dict[str, float] | None) -> Weights | None:
+    """One weight per layer, for every family."""
+    return None if scalar is None else {n: {"*": v} for n, v in scalar.items()}
 
 
 #: samples of the output distribution per batch in :func:`fisher_weights`
@@ -258,8 +289,8 @@ class BudgetPlan:
     config: MPOConfig
     data_driven: bool
     sensitivity: str = "probe"
-    #: each layer's damage weight (None: all alike), for a later pass to reuse
-    weights: dict[str, float] | None = None
+    #: each layer's damage weights (None: all alike), for a later pass to reuse
+    weights: Weights | None = None
 
     @property
     def damage(self) -> str:
@@ -294,7 +325,7 @@ def plan_budget(
     curves: dict[str, list[Option]] | None = None,
     sensitivity: str = "auto",
     kd_loss: str = "mse",
-    weights: dict[str, float] | None = None,
+    weights: Weights | None = None,
 ) -> tuple[BudgetPlan, dict[str, list[Option]]]:
     """Measure the curves and the layers' weights (unless given: an earlier pass's ``curves`` and
     ``plan.weights``) and allocate ``target`` bytes for the whole output file.
@@ -340,18 +371,18 @@ def plan_budget(
         if curves is None:
             curves = _measure(ckpt, free, grams, progress, held)
         if not data:
-            weights = _uses(ckpt, input_path, free)  # data-free prior: a tied weight's error counts once per use
+            weights = per_layer(_uses(ckpt, input_path, free))  # data-free prior: a tied weight's error counts once per use
         elif weights is None and sensitivity == "probe":
             weights = sensitivities(model, batches, curves, ckpt, grams=grams, kd_loss=kd_loss)
         elif weights is None:
-            weights = fisher_weights(model, batches, curves, ckpt, kd_loss=kd_loss)
+            weights = per_layer(fisher_weights(model, batches, curves, ckpt, kd_loss=kd_loss))
         if header is None:  # a first, generous estimate; the next pass uses the measured one
             header = HEADER_BASE + HEADER_PER_LAYER * len(layers) + HEADER_PER_TENSOR * (len(shapes) + 3 * len(layers))
         smallest = fixed + header + sum(min(o.nbytes for o in opts) for opts in curves.values())
         if smallest > target:
             raise GateError(f"a file of {target:,} bytes cannot be reached: the smallest choice for every layer gives "
                             f"about {smallest:,} bytes ({fixed:,} in tensors left as they are, ~{header:,} of header)")  # fmt: skip
-        alloc = _allocate_compounded(curves, target - fixed - header, weights) if not data else allocate(curves, target - fixed - header, weights)
+        alloc = allocate_damage(curves, target - fixed - header, weights, compound=not data)
     rules = [((f"re:^{re.escape(n)}$",), tuple(sorted(o.overrides.items()))) for n, o in alloc.picks.items()]
     ours = Recipe(tuple((recipe.rules if recipe is not None else ()) + tuple(rules)))
     base = dataclasses.replace(config, bond_dim=None, tol=None, ratio=None, prune=None, quantize="int8", als_sweeps=0)
@@ -364,19 +395,26 @@ def plan_budget(
 MAX_RELATIVE_ERROR = 1 - 1e-6
 
 
-def _allocate_compounded(curves: dict[str, list[Option]], budget: int, weights: dict[str, float] | None) -> Allocation:
-    """:func:`allocate` with each option's damage ``-log(1 - e)`` instead of its relative squared error
-    ``e`` (our choice, for the data-free prior): a layer whose stored weight keeps a share ``1 - e`` of
-    its output's energy (errors uncorrelated with the signal) passes that share on, shares multiply
-    along the model, and the sum of ``-log(1 - e)`` is minus the log of the share that survives -- so
-    errors compound, and one layer near ``e = 1`` (its output destroyed) costs more than the sum of
-    its error says. For small errors it is ``e`` (the plain sum). On all-MiniLM-L6-v2 at 6.25 % of the
-    file (``benchmarks/budget.py``): embedding cosine -0.77 with the plain sum (the table's previous
-    run), -0.43 with this.
-    The picks are the original options (their true errors); the damage is the compounded one."""
-    compounded = {n: [dataclasses.replace(o, error=-math.log1p(-min(o.error, MAX_RELATIVE_ERROR))) for o in opts] for n, opts in curves.items()}
-    original = {id(c): o for n in curves for o, c in zip(curves[n], compounded[n])}
-    alloc = allocate(compounded, budget, weights)
+def allocate_damage(curves: dict[str, list[Option]], budget: int, weights: Weights | None, *, compound: bool = False) -> Allocation:
+    """:func:`allocate` with each option's damage its error times its layer's weight for the option's
+    family (:func:`weight_of`). With ``compound`` (our choice, for the data-free prior) the error
+    counts as ``-log(1 - e)`` instead of ``e``: a layer whose stored weight keeps a share ``1 - e``
+    of its output's energy (errors uncorrelated with the signal) passes that share on, shares
+    multiply along the model, and the sum of ``-log(1 - e)`` is minus the log of the share that
+    survives -- so errors compound, and one layer near ``e = 1`` (its output destroyed) costs more
+    than the sum of its error says. For small errors it is ``e`` (the plain sum). On
+    all-MiniLM-L6-v2 at 6.25 % of the file (``benchmarks/budget.py``): embedding cosine -0.77 with
+    the plain sum, -0.43 with this. (With data, compounding the measured output errors changed
+    nothing there: -0.554 / -0.556.)
+    The picks are the original options (their true errors); the allocation's damage is the weighted one."""
+
+    def damage(name: str, o: Option) -> float:
+        e = -math.log1p(-min(o.error, MAX_RELATIVE_ERROR)) if compound else o.error
+        return e * weight_of(weights, name, o)
+
+    weighted = {n: [dataclasses.replace(o, error=damage(n, o)) for o in opts] for n, opts in curves.items()}
+    original = {id(w): o for n in curves for o, w in zip(curves[n], weighted[n])}
+    alloc = allocate(weighted, budget)
     return dataclasses.replace(alloc, picks={n: original[id(o)] for n, o in alloc.picks.items()})
 
 
