@@ -298,8 +298,8 @@ def main(verbose: int) -> None:
 @click.option("--target-size", metavar="SIZE", help="Make the whole file <= SIZE (12.5% of the input, or 900KB / 2.1GB), choosing each layer's method and setting.")
 @click.option("--target-ratio", type=click.FloatRange(1, min_open=True), help="The same as --target-size INPUT/R.")
 @click.option("--sensitivity", type=click.Choice(["auto", "fisher", "probe"]), default="auto", show_default=True,
-              help="With --target-size and --data: weigh layers by probing each one's effect on the output (a forward pass per batch and "
-                   "layer), by a Fisher estimate (a backward pass per batch), or auto: probe up to 64 layers, Fisher beyond.")
+              help="With --target-size and --data: weigh layers by probing each one's effect on the output (a forward pass per batch, "
+                   "layer and option family), by a Fisher estimate (a backward pass per batch), or auto: probe up to 64 layers, Fisher beyond.")
 @_errors
 @click.pass_context
 def convert(ctx: click.Context, input_path: Path, output_path: Path, bond_dim, tol, ratio, cores, svd, prune, quantize, prune_scope, recipe_path, include, exclude, seed,

@@ -52,8 +52,8 @@ SENSITIVITIES = ("auto", "fisher", "probe")
 #: ``sensitivity="auto"`` probes each layer up to this many layers, and uses the Fisher estimate
 #: beyond (our choice, from ``benchmarks/budget_ranking.py``: probing ranks layers by their true
 #: effect better on every model measured, Spearman 0.88 / 0.89 / 0.59 against the Fisher estimate's
-#: -0.31 / 0.79 / 0.41 on silero-vad / Resemblyzer / SmolLM2, but it costs a forward pass per batch
-#: and layer: 211 layers on SmolLM2, against one backward pass per batch for Fisher)
+#: -0.31 / 0.79 / 0.41 on silero-vad / Resemblyzer / SmolLM2, but it costs a forward pass per batch,
+#: layer and option family: 211 layers on SmolLM2, against one backward pass per batch for Fisher)
 AUTO_PROBE_LAYERS = 64
 
 
@@ -335,7 +335,7 @@ def plan_budget(
     With ``model`` and ``batches``, ``sensitivity`` says how the data weighs the layers:
     ``"fisher"`` (weight-error curves, each layer weighted by :func:`fisher_weights`: one backward
     pass per batch), ``"probe"`` (output-error curves on recorded inputs, each layer weighted by
-    :func:`sensitivities`: one forward pass per batch and layer), or ``"auto"``: probe up to
+    :func:`sensitivities`: a forward pass per batch, layer and option family), or ``"auto"``: probe up to
     :data:`AUTO_PROBE_LAYERS` layers, Fisher beyond (and probe when the model runs outside autograd).
 
     Raises:
