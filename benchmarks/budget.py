@@ -419,9 +419,7 @@ def run_model(name: str, spec: dict[str, Any], pairs, calib, quick: bool, previo
     out_dir = WORK / "out" / name
     out_dir.mkdir(parents=True, exist_ok=True)
     src = spec["ckpt"]
-    dense_model = spec["build"](load_state_dict(src))
-    dense_outs = outputs(name, dense_model, pairs)
-    base = dense_scores(name, dense_outs, pairs)
+    dense_outs, base, calib_model, calib_batches = _references(name, spec, pairs, calib)
     from mpocompress.io import open_checkpoint
 
     with open_checkpoint(src) as ck:
@@ -435,8 +433,6 @@ def run_model(name: str, spec: dict[str, Any], pairs, calib, quick: bool, previo
                           "scores": evaluate_file(name, spec, path, pairs, dense_outs)}  # fmt: skip
         print(f"  {name} {label}: {uniform[label]['bytes']:,} B, mean {np.mean(uniform[label]['scores']):.4f}", flush=True)
     rows = []
-    calib_model = spec["build"](load_state_dict(src))
-    calib_batches = [calib] if name == "minilm" else [model_input(name, n, c) for n, c in calib]
     for share in SHARES:
         target = int(input_bytes * share)
         fits = {k: v for k, v in uniform.items() if v["bytes"] <= target}
@@ -450,6 +446,14 @@ def run_model(name: str, spec: dict[str, Any], pairs, calib, quick: bool, previo
         _print_row(name, share, row)
     return {"input_bytes": input_bytes, "metric": spec["metric"], "dense_mean": float(np.mean(base)), "uniform": {
         k: {"bytes": v["bytes"], "mean": float(np.mean(v["scores"]))} for k, v in uniform.items()}, "rows": rows}
+
+
+def _references(name: str, spec: dict[str, Any], pairs, calib) -> tuple[Any, Any, Any, list[Any]]:
+    """The dense model's test outputs and scores, and a model and batches to calibrate with."""
+    src = spec["ckpt"]
+    dense_outs = outputs(name, spec["build"](load_state_dict(src)), pairs)
+    calib_batches = [calib] if name == "minilm" else [model_input(name, n, c) for n, c in calib]
+    return dense_outs, dense_scores(name, dense_outs, pairs), spec["build"](load_state_dict(src)), calib_batches
 
 
 def _target_cell(name, spec, pairs, dense_outs, base, target, share, mode, calib_model, calib_batches) -> dict[str, Any]:
@@ -475,11 +479,7 @@ def _print_row(name: str, share: float, row: dict[str, Any]) -> None:
 
 def _rerun_columns(name, spec, pairs, calib, previous: dict[str, Any], modes: tuple[str, ...]) -> dict[str, Any]:
     """``previous`` with its ``modes`` cells measured again (the uniform settings are kept)."""
-    src = spec["ckpt"]
-    dense_outs = outputs(name, spec["build"](load_state_dict(src)), pairs)
-    base = dense_scores(name, dense_outs, pairs)
-    calib_model = spec["build"](load_state_dict(src))
-    calib_batches = [calib] if name == "minilm" else [model_input(name, n, c) for n, c in calib]
+    dense_outs, base, calib_model, calib_batches = _references(name, spec, pairs, calib)
     rows = []
     for old in previous["rows"]:
         row = dict(old)
