@@ -256,7 +256,7 @@ def perplexity_of(path: Path, folder: Path, ids: torch.Tensor, seq_len: int) -> 
 
 def _convert(src: Path, out: Path, config: Any, model_folder: Path | None, batches: list[Any] | None, *,
              seconds: float | None = None, calibrate: bool = True, recipe: Any = None, target: int | None = None,
-             samples: int | None = None, sequential: bool | str = "plain") -> tuple[dict[str, Any], float]:  # fmt: skip
+             samples: int | None = None, sequential: bool | str = "plain", methods: tuple[str, ...] | None = None) -> tuple[dict[str, Any], float]:  # fmt: skip
     """Run our conversion in process; ``(report dict, seconds)``."""
     from mpocompress.config import TuneConfig
     from mpocompress.jobs.budget import convert_to_size
@@ -272,7 +272,7 @@ def _convert(src: Path, out: Path, config: Any, model_folder: Path | None, batch
     if target is not None:  # data: the allocation's Fisher sensitivity (as the CLI: up to 8 batches, KL), and
         # with ``calibrate`` the conversion's calibration too
         extra = {"calibration_model": build_model(model_folder or src), "calibration_batches": batches[-8:], "kd_loss": "kl"} if batches else {}
-        report = convert_to_size(src, out, target, config, force=True, **extra, **(kwargs if calibrate else {}))
+        report = convert_to_size(src, out, target, config, force=True, methods=methods, **extra, **(kwargs if calibrate else {}))
     else:
         report = convert(src, out, config, recipe=recipe, force=True, **kwargs)
     return report.to_dict(), time.perf_counter() - t0
@@ -332,6 +332,16 @@ def run_size(p: float, ctx: dict[str, Any], distill: float | None, have: list[di
         report, secs = _convert(src, out, MPOConfig(ratio=ratio, cores=2, include=INCLUDE), None, cal, samples=ctx["samples"])
         add(_row("ours, 2 cores, data-aware", report, perplexity_of(out, src, ids, seq_len), secs, dense))
     ranks = _ranks(out)  # the peers get exactly our ranks
+    label = "ours, 2 cores, data-aware, ranks allocated"
+    if label not in done:  # the same file size, each layer's rank chosen (--target-size --methods svd)
+        from mpocompress.io import path_size
+
+        alloc_out = work / f"ours-2-alloc-{p}"
+        report, secs = _convert(src, alloc_out, MPOConfig(quantize="int8", include=INCLUDE), None, cal, target=path_size(out),
+                                samples=ctx["samples"], methods=("svd",))  # fmt: skip
+        ranked = [r for n, r in sorted(_ranks(alloc_out).items())]
+        add(_row(label, report, perplexity_of(alloc_out, src, ids, seq_len), secs, dense, sensitivity=report["allocation"]["damage"],
+                 rank_range=[min(ranked), max(ranked)] if ranked else None, dense_layers=len(ranks) - len(ranked)))  # fmt: skip
     ours = next(r for r in rows if r["method"] == "ours, 2 cores, data-aware")
     sd = None
     for method, label in (("svd", "SVD (peer)"), ("asvd", "ASVD-style scaling (peer)"), ("whiten", "SVD-LLM-style whitening (peer)")):

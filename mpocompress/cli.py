@@ -297,15 +297,19 @@ def main(verbose: int) -> None:
 @click.option("--ipkd", "ipkd_rounds", type=click.IntRange(min=1), help="Iterative pruning with distillation in N rounds (with --prune magnitude:S).")
 @click.option("--target-size", metavar="SIZE", help="Make the whole file <= SIZE (12.5% of the input, or 900KB / 2.1GB), choosing each layer's method and setting.")
 @click.option("--target-ratio", type=click.FloatRange(1, min_open=True), help="The same as --target-size INPUT/R.")
-@click.option("--sensitivity", type=click.Choice(["auto", "fisher", "probe"]), default="auto", show_default=True,
+@click.option("--sensitivity", type=click.Choice(["auto", "fisher", "output-fisher", "probe"]), default="auto", show_default=True,
               help="With --target-size and --data: weigh layers by probing each one's effect on the output (a forward pass per batch, "
-                   "layer and option family), by a Fisher estimate (a backward pass per batch), or auto: probe up to 64 layers, Fisher beyond.")
+                   "layer and option family), by a Fisher estimate (a backward pass per batch), by the Fisher of each layer's output times "
+                   "its output error (output-fisher), or auto: probe up to 64 layers, Fisher beyond (output-fisher when --methods has no codec).")
+@click.option("--methods", "methods_text", metavar="LIST", callback=lambda c, p, v: _methods(v),
+              help="With --target-size: what the layers may be stored as, comma-separated: codec (casts, int8, k-means), svd "
+                   "(2 cores), mpo (3+ cores), prune, lowrank (= svd,mpo). Default: all; keeping a layer dense is always allowed.")
 @_errors
 @click.pass_context
 def convert(ctx: click.Context, input_path: Path, output_path: Path, bond_dim, tol, ratio, cores, svd, prune, quantize, prune_scope, recipe_path, include, exclude, seed,
             as_json, report_path, force, strict, max_error, min_ratio, max_shard_size, als_sweeps, activations_path, model_spec, data_spec,
             val_spec, steps, calibration, calibration_samples, time_limit, lr, train_sel, kd_weight, task_loss, batch_size, task, workers,
-            ipkd_rounds, target_size, target_ratio, seq_len, kd_loss, temperature, kd_hidden, sensitivity) -> None:  # fmt: skip
+            ipkd_rounds, target_size, target_ratio, seq_len, kd_loss, temperature, kd_hidden, sensitivity, methods_text) -> None:  # fmt: skip
     """Compress the weight matrices of INPUT into MPO cores and write a compact checkpoint.
 
     \b
@@ -351,6 +355,8 @@ def convert(ctx: click.Context, input_path: Path, output_path: Path, bond_dim, t
     target = _target(ctx, target_size, target_ratio, input_path)
     if target is None and ctx.get_parameter_source("sensitivity") is not click.core.ParameterSource.DEFAULT:
         raise click.UsageError("--sensitivity weighs the layers of a --target-size allocation: give --target-size or --target-ratio")
+    if target is None and methods_text is not None:
+        raise click.UsageError("--methods limits the choices of a --target-size allocation: give --target-size or --target-ratio")
     if target is not None:  # the allocation chooses every layer's method: a placeholder base config
         given = {"quantize": "int8", "seed": seed}
     config = MPOConfig(**given, include=include, exclude=exclude)
@@ -399,7 +405,8 @@ def convert(ctx: click.Context, input_path: Path, output_path: Path, bond_dim, t
 
                 report = convert_to_size(input_path, output_path, target, config, recipe=recipe, force=force,
                                          max_shard_bytes=shard_bytes, workers=workers, progress=progress,
-                                         tune_progress=tune_progress, strict=strict, sensitivity=sensitivity, **_calibration(extra))  # fmt: skip
+                                         tune_progress=tune_progress, strict=strict, sensitivity=sensitivity, methods=methods_text,
+                                         **_calibration(extra))  # fmt: skip
             else:
                 report = run_convert(input_path, output_path, config, force=force, max_shard_bytes=shard_bytes, workers=workers,
                                      progress=progress, recipe=recipe, tune_progress=tune_progress, strict=strict, **extra)  # fmt: skip
@@ -513,12 +520,17 @@ def evaluate(checkpoints: tuple[Path, ...], task: str, model_spec: str | None, d
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="Write a PNG of the spectra and error curves (needs matplotlib).")
 @click.option("--force", is_flag=True, help="Replace an existing --plot written by mpocompress.")
 @click.option("--target-size", metavar="SIZE", help="Show what convert --target-size SIZE would choose per layer (nothing is written).")
+@click.option("--methods", "methods_text", metavar="LIST", callback=lambda c, p, v: _methods(v),
+              help="With --target-size: the methods the layers may use (as convert --methods).")
 @_errors
-def inspect(path: Path, cores: int, include, exclude, as_json: bool, plot_path: Path | None, force: bool, target_size: str | None) -> None:
+def inspect(path: Path, cores: int, include, exclude, as_json: bool, plot_path: Path | None, force: bool, target_size: str | None,
+            methods_text: tuple[str, ...] | None) -> None:  # fmt: skip
     """Show each layer's bond-dimension spectra (dense CKPT) or the kept bonds (compressed CKPT)."""
     if target_size is not None:
-        _inspect_plan(path, target_size, include, exclude, as_json)
+        _inspect_plan(path, target_size, include, exclude, as_json, methods_text)
         return
+    if methods_text is not None:
+        raise click.UsageError("--methods limits the choices of --target-size: give --target-size")
     from mpocompress.errors import ConfigError
     from mpocompress.jobs.inspect import inspect_checkpoint as run_inspect
 
@@ -692,6 +704,18 @@ def _show_report(data: dict[str, Any], as_json: bool, output_path: Path) -> None
     click.echo(f"mpocompress: wrote {output_path} ({t['ratio']:.2f}x smaller tensors)", err=True)
 
 
+def _methods(text: str | None) -> tuple[str, ...] | None:
+    """``--methods``: the parsed list (None when not given)."""
+    if text is None:
+        return None
+    from mpocompress.core.allocate import parse_methods
+
+    try:
+        return parse_methods(text)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--methods") from None
+
+
 def _target(ctx: click.Context, target_size: str | None, target_ratio: float | None, input_path: Path) -> int | None:
     """The byte budget of ``--target-size``/``--target-ratio`` (None when neither is given)."""
     if target_size is None and target_ratio is None:
@@ -721,7 +745,8 @@ def _calibration(extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _inspect_plan(path: Path, target_size: str, include: tuple[str, ...], exclude: tuple[str, ...], as_json: bool) -> None:
+def _inspect_plan(path: Path, target_size: str, include: tuple[str, ...], exclude: tuple[str, ...], as_json: bool,
+                  methods: tuple[str, ...] | None = None) -> None:  # fmt: skip
     """``inspect --target-size``: the allocation and its predicted damage, without writing."""
     from mpocompress.config import MPOConfig
     from mpocompress.io import open_checkpoint
@@ -731,7 +756,7 @@ def _inspect_plan(path: Path, target_size: str, include: tuple[str, ...], exclud
         input_bytes = ckpt.nbytes_on_disk
     target = parse_target(target_size, input_bytes)
     with _Progress("measuring") as progress:
-        plan, _ = plan_budget(path, target, MPOConfig(quantize="int8", include=include, exclude=exclude), progress=progress)
+        plan, _ = plan_budget(path, target, MPOConfig(quantize="int8", include=include, exclude=exclude), progress=progress, methods=methods)
     data = {"path": str(path), "input_bytes": input_bytes, "plan": plan.to_dict()}
     if as_json:
         click.echo(json.dumps(data, indent=2))

@@ -446,3 +446,77 @@ def test_fisher_reads_weights_held_as_buffers_and_falls_back_without_autograd(tm
     plan, _ = plan_budget(src, src.stat().st_size // 3, MPOConfig(quantize="int8"), model=Buffers(frozen=True), batches=batches,
                           sensitivity="fisher")  # fmt: skip
     assert plan.sensitivity == "probe" and plan.damage.startswith("layer output error")
+
+
+def test_output_fisher_weights_are_the_output_gradient_energy_times_the_output_energy(tmp_path):
+    """``y = a(x) + 3 b(x)`` with MSE outputs: the sampled gradient at ``b``'s output has variance 9
+    per entry, at ``a``'s 1; a weight is that times ``tr(W C W^T)`` on the Gram it is measured on."""
+    from mpocompress.io import open_checkpoint
+    from mpocompress.jobs.budget import fisher_weights
+
+    torch.manual_seed(0)
+
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(6, 5, bias=False), torch.nn.Linear(6, 5, bias=False)
+
+        def forward(self, x):
+            return self.a(x) + 3.0 * self.b(x)
+
+    model = Two()
+    path = tmp_path / "two.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    batches = [torch.randn(512, 6) * torch.arange(1, 7) for _ in range(8)]
+    gram = sum(x.double().T @ x.double() for x in batches)
+    curves = {n: [Option("dense", {"skip": True}, 1, 0.0)] for n in ("a.weight", "b.weight")}
+    w = fisher_weights(model, batches, curves, open_checkpoint(path), outputs={"a.weight": gram, "b.weight": gram})
+    for name, scale in (("a.weight", 1.0), ("b.weight", 9.0)):
+        weight = getattr(model, name[0]).weight.detach().double()
+        exact = scale * float(torch.einsum("oi,ij,oj->", weight, gram, weight))
+        assert w[name] == pytest.approx(exact, rel=0.1), name
+    # without ``outputs`` the same pass gives the weight Fisher (a different number)
+    plain = fisher_weights(model, batches, curves, open_checkpoint(path))
+    assert plain["b.weight"] != pytest.approx(w["b.weight"], rel=0.5)
+
+
+def test_methods_limit_the_options(tmp_path, trained_like):
+    from mpocompress.core.allocate import methods_of, parse_methods
+
+    assert parse_methods("lowrank") == ("svd", "mpo") and parse_methods("prune, codec") == ("codec", "prune")
+    with pytest.raises(ValueError, match="unknown method"):
+        parse_methods("svd,hosvd")
+    assert methods_of(Option("mpo3 bond 4 + int8", {}, 1, 0.0)) == {"mpo", "codec"}
+    assert methods_of(Option("magnitude:0.5 + kmeans:16", {}, 1, 0.0)) == {"prune", "codec"}
+    size = trained_like.stat().st_size
+    for methods, ok in ((("svd",), lambda label: label.startswith("mpo2 ")), (("codec",), lambda label: not label.startswith(("mpo", "magnitude")))):
+        plan, curves = plan_budget(trained_like, int(size * 0.6), MPOConfig(quantize="int8"), methods=methods)
+        assert all(ok(o.label) or o.label == "dense" for opts in curves.values() for o in opts), methods
+        assert plan.to_dict()["methods"] == list(methods)
+    # low rank alone reaches up to the dense size, on a fine grid of ranks
+    _, curves = plan_budget(trained_like, int(size * 0.6), MPOConfig(quantize="int8"), methods=("svd",))
+    for opts in curves.values():
+        dense = opts[0].nbytes
+        assert max(o.nbytes for o in opts[1:]) > 0.9 * dense and len(opts) > 20
+    out = tmp_path / "o.safetensors"
+    res = run("convert", trained_like, "-o", out, "--target-size", "60%", "--methods", "svd", "--json")
+    assert res.exit_code == 0, res.stderr
+    layers = json.loads(res.stdout)["allocation"]["layers"]
+    assert all(v["label"].startswith("mpo2 ") or v["label"] == "dense" for v in layers.values())
+    for args in (["--ratio", "2", "--methods", "svd"], ["--target-size", "60%", "--methods", "svd,tucker"]):
+        res = run("convert", trained_like, "-o", tmp_path / "x.safetensors", *args)
+        assert res.exit_code == 2 and res.stderr.startswith("mpocompress: error: "), (args, res.stderr)
+    res = run("inspect", trained_like, "--target-size", "60%", "--methods", "lowrank", "--json")
+    assert res.exit_code == 0 and json.loads(res.stdout)["plan"]["methods"] == ["svd", "mpo"]
+
+
+def test_target_size_of_low_rank_with_data_weighs_layers_by_their_output_fisher(tmp_path):
+    src = example_checkpoint()
+    out = tmp_path / "d.safetensors"
+    res = run("convert", src, "-o", out, "--target-size", "60%", "--methods", "svd", "--model", "mpocompress.speech.example:se_lstm",
+              "--data", "mpocompress.speech.example:batches", "--steps", "0", "--sensitivity", "output-fisher", "--json")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    alloc = json.loads(res.stdout)["allocation"]
+    assert out.stat().st_size <= int(src.stat().st_size * 0.6)
+    assert "Fisher of the layer's output" in alloc["damage"]
+    assert all(v["label"].startswith("mpo2 ") or v["label"] == "dense" for v in alloc["layers"].values())

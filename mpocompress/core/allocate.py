@@ -91,6 +91,49 @@ def family(option: Option) -> str:
     return "codec"
 
 
+#: what an option may be built from (``convert --methods``): a codec of the weight or of its cores
+#: (a cast, int8, k-means), a 2-core MPO (truncated SVD), an MPO of 3+ cores, magnitude pruning
+METHODS = ("codec", "svd", "mpo", "prune")
+#: names that stand for several methods
+METHOD_ALIASES = {"lowrank": ("svd", "mpo"), "all": METHODS}
+
+
+def parse_methods(text: str) -> tuple[str, ...]:
+    """``"svd,codec"`` -> ``("codec", "svd")`` (in :data:`METHODS` order; ``lowrank`` = svd + mpo).
+
+    Raises:
+        ValueError: an empty list or an unknown name.
+    """
+    chosen: set[str] = set()
+    for part in (p.strip() for p in text.split(",")):
+        if part in METHODS:
+            chosen.add(part)
+        elif part in METHOD_ALIASES:
+            chosen.update(METHOD_ALIASES[part])
+        else:
+            names = ", ".join((*METHODS, *METHOD_ALIASES))
+            raise ValueError(f"unknown method {part!r} (choose from {names}, comma-separated)")
+    return tuple(m for m in METHODS if m in chosen)
+
+
+def methods_of(option: Option) -> set[str]:
+    """What ``option`` is built from (its label's parts): ``"mpo3 bond 8 + int8"`` -> mpo and codec."""
+    used = set()
+    for part in option.label.split(" + "):
+        if part.startswith("mpo"):
+            used.add("svd" if part.startswith("mpo2 ") else "mpo")
+        elif part.startswith("magnitude"):
+            used.add("prune")
+        elif part != "dense":
+            used.add("codec")
+    return used
+
+
+def allowed(option: Option, methods: tuple[str, ...] | None) -> bool:
+    """Whether ``option`` uses only ``methods`` (None: every method; keeping a layer dense always)."""
+    return methods is None or methods_of(option) <= set(methods)
+
+
 def pareto(options: list[Option], weight: float = 1.0) -> list[Option]:
     """The options no other option beats in both bytes and damage, by increasing bytes."""
     front: list[Option] = []

@@ -48,7 +48,7 @@ HEADER_MARGIN = 512
 CLOSE_ENOUGH = 0.01
 MAX_PASSES = 4
 #: how data weighs the layers (:func:`plan_budget`)
-SENSITIVITIES = ("auto", "fisher", "probe")
+SENSITIVITIES = ("auto", "fisher", "output-fisher", "probe")
 #: ``sensitivity="auto"`` probes each layer up to this many layers, and uses the Fisher estimate
 #: beyond (our choice, from ``benchmarks/budget_ranking.py``: probing ranks layers by their true
 #: effect better on every model measured, Spearman 0.88 / 0.89 / 0.59 against the Fisher estimate's
@@ -212,6 +212,7 @@ def fisher_weights(
     kd_loss: str = "mse",
     progress: Progress | None = None,
     seed: int = 0,
+    outputs: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Each layer's damage per unit of relative squared weight error, predicted from one backward pass
     per batch: ``mean(diag H) * ||W||^2``, ``H`` the Gauss-Newton Hessian of the distillation loss at
@@ -223,6 +224,15 @@ def fisher_weights(
     gradient of the cross-entropy against labels drawn from the model's own softmax (the Fisher of
     the softmax, the Hessian of the KL at the teacher). A weight used twice (tied) gets both uses'
     gradient. Layers the model lacks get the median weight.
+
+    ``outputs`` (``--sensitivity output-fisher``; name -> the Gram ``C`` of the inputs on which that
+    layer's curve measures *output* errors): the same sampled gradients are taken at the layer's
+    output ``Y = X W^T`` instead, and its weight is ``mean(g_Y^2) * tr(W C W^T)``: the Fisher of the
+    layer's output (an output error ``E`` costs about ``mean(g_Y^2) ||E||^2 / 2``, BRECQ's
+    Fisher-weighted reconstruction reduced to one scalar per layer) times the output energy that
+    turns a relative output error into an absolute one. It suits options whose error lies in a few
+    directions (a truncation), which a weight-error weight misprices. Weights whose module is not
+    an ``nn.Linear``/``nn.ConvNd`` (or a subclass) keep the weight Fisher from the same pass.
     """
     from torch.nn import functional as F  # noqa: N812
 
@@ -234,34 +244,69 @@ def fisher_weights(
     model.load_state_dict(fill_tied(own, {k: dense.get(k) for k in own if k in have}), strict=True)
     wanted, unique = _weight_tensors(model, curves)
     acc = {id(p): torch.zeros_like(p, dtype=torch.float64) for p in unique}
+    modules = _output_modules(model, outputs or {})
+    seen: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
+    energy = dict.fromkeys(modules, 0.0)
+    count = dict.fromkeys(modules, 0)
+    hooks = [m.register_forward_hook(lambda _m, _i, y, n=n: seen[n].append(y)) for n, m in modules.items()]
     gen = torch.Generator().manual_seed(seed)
-    with _gradients_for(model, unique):
-        for i, batch in enumerate(batches):
-            if progress is not None:
-                progress("fisher", i, len(batches))
-            xs, _ = split_batch(batch)
-            out = first_tensor(model(*xs)).float()
-            if not out.requires_grad:
-                raise NoGradient("the model's output has no gradient with respect to its weights")
-            for k in range(FISHER_SAMPLES):
-                if kd_loss == "kl":
-                    logits = out.reshape(-1, out.shape[-1])
-                    labels = torch.multinomial(F.softmax(logits.detach(), -1), 1, generator=gen).squeeze(-1)
-                    loss = F.cross_entropy(logits, labels, reduction="sum")
-                else:
-                    loss = (out * torch.randn(out.shape, generator=gen)).sum()
-                grads = torch.autograd.grad(loss, unique, retain_graph=k < FISHER_SAMPLES - 1, allow_unused=True)
-                for p, g in zip(unique, grads):
-                    if g is not None:
-                        acc[id(p)] += g.double() ** 2
+    try:
+        with _gradients_for(model, unique):
+            for i, batch in enumerate(batches):
+                if progress is not None:
+                    progress("fisher", i, len(batches))
+                for ys in seen.values():
+                    ys.clear()
+                xs, _ = split_batch(batch)
+                out = first_tensor(model(*xs)).float()
+                if not out.requires_grad:
+                    raise NoGradient("the model's output has no gradient with respect to its weights")
+                taken = [(n, y) for n, ys in seen.items() for y in ys if isinstance(y, torch.Tensor) and y.requires_grad]
+                for k in range(FISHER_SAMPLES):
+                    if kd_loss == "kl":
+                        logits = out.reshape(-1, out.shape[-1])
+                        labels = torch.multinomial(F.softmax(logits.detach(), -1), 1, generator=gen).squeeze(-1)
+                        loss = F.cross_entropy(logits, labels, reduction="sum")
+                    else:
+                        loss = (out * torch.randn(out.shape, generator=gen)).sum()
+                    grads = torch.autograd.grad(loss, unique + [y for _, y in taken], retain_graph=k < FISHER_SAMPLES - 1, allow_unused=True)
+                    for p, g in zip(unique, grads):
+                        if g is not None:
+                            acc[id(p)] += g.double() ** 2
+                    for (n, y), g in zip(taken, grads[len(unique) :]):
+                        energy[n] += float(g.double().pow(2).sum()) if g is not None else 0.0
+                        count[n] += y.numel()
+    finally:
+        for h in hooks:
+            h.remove()
     weights = {}
     for n, p in wanted.items():
+        if count.get(n):
+            w = p.detach().double().reshape(p.shape[0], -1)
+            weights[n] = energy[n] / count[n] * float(torch.einsum("oi,ij,oj->", w, outputs[n].double(), w))
+            continue
         h = acc[id(p)] / max(len(batches) * FISHER_SAMPLES, 1)
         weights[n] = float(h.mean()) * float(p.detach().double().pow(2).sum())
     if weights:
         median = sorted(weights.values())[len(weights) // 2]
         weights = {n: weights.get(n, median) for n in curves}
     return weights
+
+
+def _output_modules(model: torch.nn.Module, names: Any) -> dict[str, torch.nn.Module]:
+    """The module whose output is ``x W^T`` (+ bias) for each weight name: an ``nn.Linear`` or
+    ``nn.ConvNd`` (subclasses too) owning it as ``weight``."""
+    found = {}
+    kinds = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+    for n in names:
+        path, _, attr = n.rpartition(".")
+        try:
+            m = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if attr == "weight" and isinstance(m, kinds):
+            found[n] = m
+    return found
 
 
 def _decoded(name: str, t: torch.Tensor, option: Option, gram: torch.Tensor | None = None) -> torch.Tensor:
@@ -291,6 +336,8 @@ class BudgetPlan:
     sensitivity: str = "probe"
     #: each layer's damage weights (None: all alike), for a later pass to reuse
     weights: Weights | None = None
+    #: the methods the options were limited to (None: all)
+    methods: tuple[str, ...] | None = None
 
     @property
     def damage(self) -> str:
@@ -299,6 +346,8 @@ class BudgetPlan:
             return "-log(1 - relative squared weight error) (x uses of a tied weight)"
         if self.sensitivity == "probe":
             return "layer output error on recorded inputs x measured sensitivity"
+        if self.sensitivity == "output-fisher":
+            return "layer output error on recorded inputs x Fisher of the layer's output (mean squared gradient x output energy)"
         return "relative weight error x Fisher sensitivity (mean diagonal Gauss-Newton Hessian x ||W||^2)"
 
     def to_dict(self) -> dict[str, Any]:
@@ -308,6 +357,7 @@ class BudgetPlan:
             "fixed_bytes": self.fixed_bytes,
             "header_estimate": self.header_estimate,
             "damage": self.damage,
+            "methods": list(self.methods) if self.methods is not None else "all",
             **self.allocation.to_dict(),
         }
 
@@ -326,6 +376,7 @@ def plan_budget(
     sensitivity: str = "auto",
     kd_loss: str = "mse",
     weights: Weights | None = None,
+    methods: tuple[str, ...] | None = None,
 ) -> tuple[BudgetPlan, dict[str, list[Option]]]:
     """Measure the curves and the layers' weights (unless given: an earlier pass's ``curves`` and
     ``plan.weights``) and allocate ``target`` bytes for the whole output file.
@@ -336,7 +387,10 @@ def plan_budget(
     ``"fisher"`` (weight-error curves, each layer weighted by :func:`fisher_weights`: one backward
     pass per batch), ``"probe"`` (output-error curves on recorded inputs, each layer weighted by
     :func:`sensitivities`: a forward pass per batch, layer and option family), or ``"auto"``: probe up to
-    :data:`AUTO_PROBE_LAYERS` layers, Fisher beyond (and probe when the model runs outside autograd).
+    :data:`AUTO_PROBE_LAYERS` layers, Fisher beyond (and probe when the model runs outside autograd);
+    ``"output-fisher"``: output-error curves, each layer weighted by the Fisher of its output
+    (:func:`fisher_weights` with ``outputs``), what ``"auto"`` uses beyond the probe's layer count when
+    ``methods`` (the options allowed: :data:`mpocompress.core.allocate.METHODS`; None: all) has no codec.
 
     Raises:
         GateError: the target cannot be met even with the smallest option of every layer.
@@ -362,20 +416,23 @@ def plan_budget(
         data = model is not None and bool(batches)
         measure = curves is None or (data and weights is None)  # (a later pass reuses both)
         if sensitivity == "auto":
-            sensitivity = "probe" if len(free) <= AUTO_PROBE_LAYERS else "fisher"
-        if measure and data and sensitivity == "fisher" and not differentiable(model, batches[0], free):
+            lowrank_only = methods is not None and "codec" not in methods
+            sensitivity = "probe" if len(free) <= AUTO_PROBE_LAYERS else "output-fisher" if lowrank_only else "fisher"
+        if measure and data and "fisher" in sensitivity and not differentiable(model, batches[0], free):
             log.warning("the model's output has no gradient with respect to its weights (run outside autograd): "
                         "weighing the layers by probing each instead of by their Fisher sensitivity")  # fmt: skip
             sensitivity = "probe"
-        grams, held = _grams(model, batches, ckpt, set(free)) if measure and data and sensitivity == "probe" else ({}, {})
+        recorded = measure and data and sensitivity in ("probe", "output-fisher")
+        grams, held = _grams(model, batches, ckpt, set(free)) if recorded else ({}, {})
         if curves is None:
-            curves = _measure(ckpt, free, grams, progress, held)
+            curves = _measure(ckpt, free, grams, progress, held, methods)
         if not data:
             weights = per_layer(_uses(ckpt, input_path, free))  # data-free prior: a tied weight's error counts once per use
         elif weights is None and sensitivity == "probe":
             weights = sensitivities(model, batches, curves, ckpt, grams=grams, kd_loss=kd_loss)
         elif weights is None:
-            weights = per_layer(fisher_weights(model, batches, curves, ckpt, kd_loss=kd_loss))
+            outputs = {n: held.get(n, g) for n, g in grams.items()} if sensitivity == "output-fisher" else None
+            weights = per_layer(fisher_weights(model, batches, curves, ckpt, kd_loss=kd_loss, outputs=outputs))
         if header is None:  # a first, generous estimate; the next pass uses the measured one
             header = HEADER_BASE + HEADER_PER_LAYER * len(layers) + HEADER_PER_TENSOR * (len(shapes) + 3 * len(layers))
         smallest = fixed + header + sum(min(o.nbytes for o in opts) for opts in curves.values())
@@ -387,7 +444,7 @@ def plan_budget(
     ours = Recipe(tuple((recipe.rules if recipe is not None else ()) + tuple(rules)))
     base = dataclasses.replace(config, bond_dim=None, tol=None, ratio=None, prune=None, quantize="int8", als_sweeps=0)
     plan = BudgetPlan(target=target, fixed_bytes=fixed, header_estimate=header, allocation=alloc, recipe=ours,
-                      config=base, data_driven=data, sensitivity=sensitivity, weights=weights)  # fmt: skip
+                      config=base, data_driven=data, sensitivity=sensitivity, weights=weights, methods=methods)  # fmt: skip
     return plan, curves
 
 
@@ -424,7 +481,7 @@ MEASURE_GROUP_VALUES = 1 << 22
 
 
 def _measure(ckpt: Checkpoint, names: list[str], grams: dict[str, torch.Tensor], progress: Progress | None,
-             held: dict[str, torch.Tensor] | None = None) -> dict[str, list[Option]]:  # fmt: skip
+             held: dict[str, torch.Tensor] | None = None, methods: tuple[str, ...] | None = None) -> dict[str, list[Option]]:  # fmt: skip
     """Each layer's curve (:func:`measure_many` on groups of consecutive layers; with ``grams``, each
     option fitted on them and its output error measured on ``held`` where given); a weight with
     non-finite values can only stay dense."""
@@ -434,7 +491,7 @@ def _measure(ckpt: Checkpoint, names: list[str], grams: dict[str, torch.Tensor],
 
     def flush() -> None:
         grams_of = [grams.get(n) for n, _ in group]
-        for (n, _), options in zip(group, measure_many([t for _, t in group], grams_of, [held.get(n) for n, _ in group])):
+        for (n, _), options in zip(group, measure_many([t for _, t in group], grams_of, [held.get(n) for n, _ in group], methods)):
             curves[n] = options
         group.clear()
 
@@ -537,11 +594,12 @@ def convert_to_size(
     progress: Progress | None = None,
     sensitivity: str = "auto",
     kd_loss: str | None = None,
+    methods: tuple[str, ...] | None = None,
     **convert_kwargs: Any,
 ) -> Any:
     """Plan, convert, and check the file against ``target`` (redone with the overshoot taken off
     when the header was larger than estimated). ``calibration_model``/``calibration_batches`` make the
-    damage data-driven (:func:`sensitivities`); ``convert_kwargs`` go to
+    damage data-driven (:func:`sensitivities`); ``methods`` limits the options (:func:`plan_budget`); ``convert_kwargs`` go to
     :func:`mpocompress.jobs.convert.convert` (fine-tuning, if asked, runs after the allocation).
     Returns the :class:`~mpocompress.report.Report`, with the plan under ``report.allocation``."""
     from mpocompress.jobs.convert import convert
@@ -554,7 +612,7 @@ def convert_to_size(
     for attempt in range(MAX_PASSES):
         plan, curves = plan_budget(input_path, target, config, recipe=recipe, model=calibration_model,
                                    batches=calibration_batches, progress=progress, header=header, curves=curves,
-                                   sensitivity=sensitivity, kd_loss=kd_loss, weights=weights)  # fmt: skip
+                                   sensitivity=sensitivity, kd_loss=kd_loss, weights=weights, methods=methods)  # fmt: skip
         sensitivity, weights = plan.sensitivity, plan.weights  # (measured once, for every pass)
         report = convert(input_path, output_path, plan.config, recipe=plan.recipe, force=force or attempt > 0,
                          progress=progress, **convert_kwargs)  # fmt: skip

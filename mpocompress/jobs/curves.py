@@ -25,7 +25,7 @@ import torch
 
 from mpocompress.codecs import KMeansProblem, decode, encode, kmeans_1d_solve, parse_codec
 from mpocompress.codecs.kmeans import kth_smallest_abs
-from mpocompress.core.allocate import Option
+from mpocompress.core.allocate import Option, allowed
 from mpocompress.core.modes import choose_modes
 from mpocompress.core.tt import cores_to_matrix, tt_svd
 from mpocompress.jobs.plan import gptq_factor_codes, nbytes_of
@@ -40,6 +40,12 @@ MPO_BOND_STEP = 2.0
 #: MPO options stored at most this share of the dense bytes (above it a codec is smaller and better)
 MPO_MAX_SHARE = 0.5
 CORE_CODECS = (None, "int8", "kmeans:16")
+#: without codecs (``methods`` of low rank only) nothing smaller beats a low-rank option above half
+#: the dense bytes, so ranks go up to where the cores cost as much as the weight, on a finer grid
+#: (every rank is cheap to measure: the error of each comes from one spectrum)
+LOWRANK_ONLY_MAX_SHARE = 1.0
+LOWRANK_ONLY_STEP = 1.05
+LOWRANK_ONLY_MPO_STEP = 1.25
 PRUNE_LEVELS = (0.5, 0.75, 0.9)
 
 
@@ -190,11 +196,13 @@ class _Floor:
 _CODEC_BITS = {"int8": 8, "kmeans:16": 4}
 
 
-def _svd_options(matrix: torch.Tensor, itemsize: int, norm2: float, floor: _Floor | None, batch: _Batch) -> Finish:
+def _svd_options(matrix: torch.Tensor, itemsize: int, norm2: float, floor: _Floor | None, batch: _Batch, *, fine: bool = False) -> Finish:
     """2 cores (a truncated SVD) at a grid of ranks, alone (error from the spectrum) and with
     int8 / k-means cores (not measured where ``floor`` shows them dominated: no rank-r matrix has
     less error than the spectrum's tail, and the codes alone take ``bits / 8`` bytes a value). Queued
-    in ``batch`` as in :func:`_codec_options`."""
+    in ``batch`` as in :func:`_codec_options`. ``fine``: no codecs, ranks up to the dense bytes on
+    the finer grid."""
+    max_share, bond_step = (LOWRANK_ONLY_MAX_SHARE, LOWRANK_ONLY_STEP) if fine else (MPO_MAX_SHARE, BOND_STEP)
     out_f, in_f = matrix.shape
     ref = matrix.double()  # once: every error below is measured against it
     # in the weight's dtype, as convert factors it (so the coded factors are the ones it would code)
@@ -203,17 +211,20 @@ def _svd_options(matrix: torch.Tensor, itemsize: int, norm2: float, floor: _Floo
     tail = torch.flip(torch.cumsum(torch.flip(s**2, [0]), 0), [0])
     options, rank, step = [], 1, 0
     pending: dict[str, list[tuple[str, dict[str, Any], int, list[torch.Tensor]]]] = {c: [] for c in CORE_CODECS[1:]}
-    while rank < min(out_f, in_f) and rank * (out_f + in_f) * itemsize <= MPO_MAX_SHARE * out_f * in_f * itemsize:
+    while rank < min(out_f, in_f) and rank * (out_f + in_f) * itemsize <= max_share * out_f * in_f * itemsize:
         base = {**_CLEAR, "bond_dim": rank, "cores": 2, "svd": "full"}
         label = f"mpo2 bond {rank}"
         options.append(Option(label, base, rank * (out_f + in_f) * itemsize, float(tail[rank]) / norm2 if norm2 else 0.0))
+        if fine:
+            rank = max(rank + 1, int(rank * bond_step))
+            continue
         cores = [u[:, :rank].reshape(1, out_f, 1, rank),
                  (s[:rank, None].to(vh.dtype) * vh[:rank]).reshape(rank, 1, in_f, 1)]  # fmt: skip
         for codec in CORE_CODECS[1:] if step % 2 == 0 else CORE_CODECS[1:2]:  # k-means factors at every other rank
             bound = float(tail[rank]) / norm2 if norm2 else 0.0
             if floor is None or not floor.beats(rank * (out_f + in_f) * _CODEC_BITS[codec] / 8, bound):
                 pending[codec].append((label, base, rank, cores))
-        rank, step = max(rank + 1, int(rank * BOND_STEP)), step + 1
+        rank, step = max(rank + 1, int(rank * bond_step)), step + 1
     coded = {codec: _coded_cores([j[3] for j in jobs], codec, batch) for codec, jobs in pending.items()}
 
     def finish() -> list[Option]:
@@ -227,13 +238,15 @@ def _svd_options(matrix: torch.Tensor, itemsize: int, norm2: float, floor: _Floo
     return finish
 
 
-def _mpo_options(matrix: torch.Tensor, itemsize: int, norm2: float, cores: int, floor: _Floor | None, batch: _Batch) -> Finish:
+def _mpo_options(matrix: torch.Tensor, itemsize: int, norm2: float, cores: int, floor: _Floor | None, batch: _Batch, *,
+                 fine: bool = False) -> Finish:  # fmt: skip
     """MPO with ``cores`` cores at a grid of bonds (exact SVDs shared between bonds), alone and with
     quantized cores (not measured where ``floor`` shows them dominated: no MPO with first bond ``r``
     has less error than the tail of the first unfolding's spectrum beyond ``r``). Queued in ``batch``
     as in :func:`_codec_options`."""
     out_f, in_f = matrix.shape
     dense_bytes = out_f * in_f * itemsize
+    max_share = LOWRANK_ONLY_MAX_SHARE if fine else MPO_MAX_SHARE
     modes = choose_modes(out_f, in_f, cores)
     cache: dict = {}
     options, bond, seen = [], 1, set()
@@ -241,11 +254,15 @@ def _mpo_options(matrix: torch.Tensor, itemsize: int, norm2: float, cores: int, 
     while True:
         tt = tt_svd(matrix, *modes, max_bond=bond, svd="full", svd_cache=cache)
         params = tt.num_params
-        if params * itemsize > MPO_MAX_SHARE * dense_bytes or tuple(tt.bond_dims) in seen:
+        if params * itemsize > max_share * dense_bytes or tuple(tt.bond_dims) in seen:
             break
         seen.add(tuple(tt.bond_dims))
         base = {**_CLEAR, "bond_dim": bond, "cores": cores, "svd": "full"}
         label = f"mpo{cores} bond {bond}"
+        if fine:  # no codecs: the cores as they are
+            options.append(Option(label, base, params * itemsize, _rel2(matrix, tt.to_matrix(), norm2)))
+            bond = max(bond + 1, int(bond * LOWRANK_ONLY_MPO_STEP))
+            continue
         s0 = tt.spectra[0].double() if tt.spectra else torch.zeros(0, dtype=torch.float64)
         bound = float((s0[tt.bond_dims[0]:] ** 2).sum()) / norm2 if norm2 else 0.0
         if floor is not None and floor.beats(params * itemsize, bound):
@@ -278,12 +295,25 @@ def measure_options(name: str, t: torch.Tensor, shapes: dict[str, tuple[int, ...
 
 
 def measure_many(
-    tensors: list[torch.Tensor], grams: list[torch.Tensor | None] | None = None, held: list[torch.Tensor | None] | None = None
+    tensors: list[torch.Tensor], grams: list[torch.Tensor | None] | None = None, held: list[torch.Tensor | None] | None = None,
+    methods: tuple[str, ...] | None = None,
 ) -> list[list[Option]]:
     """:func:`measure_options` of several weights, the k-means of all of them solved together: one
     program for the codecs (their errors bound which SVD/MPO options are worth measuring) and one for
     the SVD and MPO cores. ``held``: per weight, the Gram of held-out inputs on which the options
-    fitted to ``grams`` are measured (None: on ``grams`` themselves)."""
+    fitted to ``grams`` are measured (None: on ``grams`` themselves). ``methods``: only options built
+    from these (:data:`mpocompress.core.allocate.METHODS`; None: all); without codecs, low rank is
+    measured up to the dense bytes on a finer grid of ranks."""
+    if methods is not None:
+        return [[o for o in options if allowed(o, methods)] for options in _measure_many(tensors, grams, held, methods)]
+    return _measure_many(tensors, grams, held, None)
+
+
+def _measure_many(tensors: list[torch.Tensor], grams: list[torch.Tensor | None] | None, held: list[torch.Tensor | None] | None,
+                  methods: tuple[str, ...] | None) -> list[list[Option]]:  # fmt: skip
+    """:func:`measure_many` before the options are filtered by ``methods`` (which only saves work here)."""
+    use = set(methods) if methods is not None else {"codec", "svd", "mpo", "prune"}
+    fine = "codec" not in use
     grams = grams if grams is not None else [None] * len(tensors)
     held = held if held is not None else [None] * len(tensors)
     first, second = _Batch(), _Batch()
@@ -294,11 +324,12 @@ def measure_many(
         out_f, in_f = matrix_shape(list(t.shape))
         dense = [Option("dense", {"skip": True}, nbytes_of(t), 0.0)]
         if gram is not None and min(out_f, in_f) > 1:
-            staged.append((dense + _data_options(t, w.reshape(out_f, in_f), gram, itemsize, gram_held), None, None))
+            staged.append((dense + _data_options(t, w.reshape(out_f, in_f), gram, itemsize, gram_held, use), None, None))
             continue
         v = w.reshape(-1).double()
         norm2 = float(v @ v)
-        staged.append((dense, _codec_options(t, v, norm2, itemsize, first), (w, itemsize, norm2, out_f, in_f)))
+        codecs = _codec_options(t, v, norm2, itemsize, first) if "codec" in use else (lambda: [])
+        staged.append((dense, codecs, (w, itemsize, norm2, out_f, in_f)))
     first.solve()
     rest: list[list[Finish]] = []
     for options, codecs, shape in staged:
@@ -308,9 +339,11 @@ def measure_many(
             w, itemsize, norm2, out_f, in_f = shape
             if min(out_f, in_f) > 1:
                 matrix = w.reshape(out_f, in_f)
-                floor = _Floor(options)
-                later.append(_svd_options(matrix, itemsize, norm2, floor, second))
-                later += [_mpo_options(matrix, itemsize, norm2, cores, floor, second) for cores in MPO_CORES[1:]]
+                floor = None if fine else _Floor(options)
+                if "svd" in use:
+                    later.append(_svd_options(matrix, itemsize, norm2, floor, second, fine=fine))
+                if "mpo" in use:
+                    later += [_mpo_options(matrix, itemsize, norm2, cores, floor, second, fine=fine) for cores in MPO_CORES[1:]]
         rest.append(later)
     second.solve()
     for (options, _, _), later in zip(staged, rest):
@@ -319,16 +352,18 @@ def measure_many(
     return [options for options, _, _ in staged]
 
 
-def _data_options(t: torch.Tensor, matrix: torch.Tensor, gram: torch.Tensor, itemsize: int, held: torch.Tensor | None = None) -> list[Option]:
+def _data_options(t: torch.Tensor, matrix: torch.Tensor, gram: torch.Tensor, itemsize: int, held: torch.Tensor | None = None,
+                  use: set[str] | None = None) -> list[Option]:  # fmt: skip
     """The options of :func:`measure_options` made and measured with recorded inputs: GPTQ for int8
     and k-means, whitened SVD factors, activation-aware MPO cores (without the refit ``convert`` adds,
     so MPO errors are upper bounds); errors are relative squared output errors on the inputs, or on
     ``held`` (the Gram of other inputs) when given: an option fitted to few samples can be far better
     on them than on any others (GPTQ with fewer samples than inputs zeroes its error on their span),
-    and the allocation must not believe that."""
-    from mpocompress.codecs import kmeans_1d_many
-    from mpocompress.core.gptq import gptq
+    and the allocation must not believe that. ``use``: the methods to measure (None: all)."""
     from mpocompress.core.whiten import activation_aware_tt, whitened_factors, whitened_svd
+
+    use = use if use is not None else {"codec", "svd", "mpo", "prune"}
+    fine = "codec" not in use
 
     out_f, in_f = matrix.shape
     c = (held if held is not None else gram).double()  # where errors are measured (fits use gram)
@@ -340,10 +375,43 @@ def _data_options(t: torch.Tensor, matrix: torch.Tensor, gram: torch.Tensor, ite
         return float(torch.einsum("oi,ij,oj->", e, c, e)) / norm2 if norm2 > 0 else 0.0
 
     dense = out_f * in_f * itemsize
+    options: list[Option] = []
+    if "codec" in use:
+        options += _gptq_options(t, matrix, gram, itemsize, error)
+    if "svd" in use and fine:
+        options += _whitened_options(matrix, gram, c, norm2, itemsize)
+    rank, step = 1, 0
+    factors = whitened_factors(matrix, gram) if "svd" in use and not fine else None
+    while factors is not None and rank < min(out_f, in_f) and rank * (out_f + in_f) * itemsize <= MPO_MAX_SHARE * dense:
+        tt = whitened_svd(matrix, gram, rank, factors=factors)
+        base = {**_CLEAR, "bond_dim": rank, "cores": 2, "svd": "full"}
+        options += _with_core_codecs(f"mpo2 bond {rank}", base, tt, error, itemsize, CORE_CODECS if step % 2 == 0 else CORE_CODECS[:2],
+                                     matrix, gram)  # fmt: skip
+        rank, step = max(rank + 1, int(rank * BOND_STEP)), step + 1
+    for cores in MPO_CORES[1:] if "mpo" in use else ():
+        modes = choose_modes(out_f, in_f, cores)
+        bond, seen, cache, plain_cache = 1, set(), {}, {}
+        while True:
+            plain = tt_svd(matrix, *modes, max_bond=bond, svd="full", svd_cache=plain_cache)
+            if plain.num_params * itemsize > (LOWRANK_ONLY_MAX_SHARE if fine else MPO_MAX_SHARE) * dense or tuple(plain.bond_dims) in seen:
+                break
+            seen.add(tuple(plain.bond_dims))
+            tt = activation_aware_tt(matrix, gram, *modes, plain.bond_dims, cache=cache)
+            base = {**_CLEAR, "bond_dim": bond, "cores": cores, "svd": "full"}
+            options += _with_core_codecs(f"mpo{cores} bond {bond}", base, tt, error, itemsize, CORE_CODECS[:1] if fine else CORE_CODECS)
+            bond = max(bond + 1, int(bond * (LOWRANK_ONLY_MPO_STEP if fine else MPO_BOND_STEP)))
+    return options
+
+
+def _gptq_options(t: torch.Tensor, matrix: torch.Tensor, gram: torch.Tensor, itemsize: int, error: Callable[[torch.Tensor], float]) -> list[Option]:
+    """The codec options with recorded inputs: casts and pruning as without data, int8 and k-means by
+    GPTQ (the k-means codebook weighted by each input's energy), each with its output error."""
+    from mpocompress.codecs import Int8, KMeans, kmeans_1d_many
+    from mpocompress.core.gptq import gptq
+
+    dense = matrix.numel() * itemsize
     options = [Option(o.label, o.overrides, o.nbytes, error(_decoded_option(t, o))) for o in _alone(_codec_options, t, matrix.reshape(-1).double(), 1.0, itemsize)
                if not o.overrides.get("quantize", "").startswith(("int8", "kmeans")) or o.overrides.get("prune") != "none"]  # fmt: skip
-    from mpocompress.codecs import Int8, KMeans
-
     importance = torch.diagonal(gram).to(matrix.dtype)[None, :].expand_as(matrix)
     grids = [("int8", Int8(), Int8().grid(matrix))]
     cents = kmeans_1d_many(matrix.reshape(-1), [2**b for b in KMEANS_BITS], sample_weight=importance)
@@ -353,26 +421,25 @@ def _data_options(t: torch.Tensor, matrix: torch.Tensor, gram: torch.Tensor, ite
         nbytes = sum(nbytes_of(x) for x in encode(q.reshape(t.shape), [codec], grid=grid)[0].values())
         if nbytes < dense:
             options.append(Option(label, {**_CLEAR, "quantize": label}, nbytes, error(q)))
-    rank, step = 1, 0
-    factors = whitened_factors(matrix, gram)
-    while rank < min(out_f, in_f) and rank * (out_f + in_f) * itemsize <= MPO_MAX_SHARE * dense:
-        tt = whitened_svd(matrix, gram, rank, factors=factors)
+    return options
+
+
+def _whitened_options(matrix: torch.Tensor, gram: torch.Tensor, measure: torch.Tensor, norm2: float, itemsize: int) -> list[Option]:
+    """Whitened SVD (2 cores, no codec) at every rank of the fine grid up to the dense bytes, each
+    error from one decomposition: with ``W S = U diag(s) V^T`` and rows ``v_i`` of ``V^T S^{-1}``, the
+    rank-``r`` error on inputs with Gram ``H`` is ``sum_{i>r} s_i^2 v_i H v_i^T`` (the ``U`` columns are
+    orthonormal), so measuring on held-out inputs costs one product for every rank."""
+    from mpocompress.core.whiten import whitened_factors
+
+    out_f, in_f = matrix.shape
+    _, s, right = whitened_factors(matrix, gram)
+    per = s.pow(2) * torch.einsum("ri,ij,rj->r", right, measure, right)
+    tail = torch.flip(torch.cumsum(torch.flip(per, [0]), 0), [0])
+    options, rank = [], 1
+    while rank < min(out_f, in_f) and rank * (out_f + in_f) <= LOWRANK_ONLY_MAX_SHARE * out_f * in_f:
         base = {**_CLEAR, "bond_dim": rank, "cores": 2, "svd": "full"}
-        options += _with_core_codecs(f"mpo2 bond {rank}", base, tt, error, itemsize, CORE_CODECS if step % 2 == 0 else CORE_CODECS[:2],
-                                     matrix, gram)  # fmt: skip
-        rank, step = max(rank + 1, int(rank * BOND_STEP)), step + 1
-    for cores in MPO_CORES[1:]:
-        modes = choose_modes(out_f, in_f, cores)
-        bond, seen, cache, plain_cache = 1, set(), {}, {}
-        while True:
-            plain = tt_svd(matrix, *modes, max_bond=bond, svd="full", svd_cache=plain_cache)
-            if plain.num_params * itemsize > MPO_MAX_SHARE * dense or tuple(plain.bond_dims) in seen:
-                break
-            seen.add(tuple(plain.bond_dims))
-            tt = activation_aware_tt(matrix, gram, *modes, plain.bond_dims, cache=cache)
-            base = {**_CLEAR, "bond_dim": bond, "cores": cores, "svd": "full"}
-            options += _with_core_codecs(f"mpo{cores} bond {bond}", base, tt, error, itemsize, CORE_CODECS)
-            bond = max(bond + 1, int(bond * MPO_BOND_STEP))
+        options.append(Option(f"mpo2 bond {rank}", base, rank * (out_f + in_f) * itemsize, float(tail[rank]) / norm2 if norm2 else 0.0))
+        rank = max(rank + 1, int(rank * LOWRANK_ONLY_STEP))
     return options
 
 
