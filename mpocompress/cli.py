@@ -353,10 +353,7 @@ def convert(ctx: click.Context, input_path: Path, output_path: Path, bond_dim, t
     given, recipe = _given_options(ctx, recipe_path, bond_dim=bond_dim, tol=tol, ratio=ratio, prune=prune, quantize=quantize,
                                    cores=cores, svd=svd, prune_scope=prune_scope, seed=seed, als_sweeps=als_sweeps)  # fmt: skip
     target = _target(ctx, target_size, target_ratio, input_path)
-    if target is None and ctx.get_parameter_source("sensitivity") is not click.core.ParameterSource.DEFAULT:
-        raise click.UsageError("--sensitivity weighs the layers of a --target-size allocation: give --target-size or --target-ratio")
-    if target is None and methods_text is not None:
-        raise click.UsageError("--methods limits the choices of a --target-size allocation: give --target-size or --target-ratio")
+    _allocation_options(ctx, target)
     if target is not None:  # the allocation chooses every layer's method: a placeholder base config
         given = {"quantize": "int8", "seed": seed}
     config = MPOConfig(**given, include=include, exclude=exclude)
@@ -702,6 +699,16 @@ def _show_report(data: dict[str, Any], as_json: bool, output_path: Path) -> None
                    f"{kd['compressed']:.4g} -> {kd['finetuned']:.4g}", err=True)  # fmt: skip
 
     click.echo(f"mpocompress: wrote {output_path} ({t['ratio']:.2f}x smaller tensors)", err=True)
+
+
+def _allocation_options(ctx: click.Context, target: int | None) -> None:
+    """``--sensitivity`` and ``--methods`` shape a ``--target-size`` allocation: not without one."""
+    if target is not None:
+        return
+    if ctx.get_parameter_source("sensitivity") is not click.core.ParameterSource.DEFAULT:
+        raise click.UsageError("--sensitivity weighs the layers of a --target-size allocation: give --target-size or --target-ratio")
+    if ctx.params.get("methods_text") is not None:
+        raise click.UsageError("--methods limits the choices of a --target-size allocation: give --target-size or --target-ratio")
 
 
 def _methods(text: str | None) -> tuple[str, ...] | None:
