@@ -49,6 +49,7 @@ Gram of 16 windows of *Emma*, the relative output error measured on 16 other win
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import gzip
 import hashlib
 import json
@@ -434,6 +435,64 @@ def run_codecs(ctx: dict[str, Any], have: list[dict[str, Any]]) -> list[dict[str
     return rows
 
 
+def run_rank_weights(src: Path, cal: list[Any], ids: torch.Tensor, seq_len: int, p: float = 0.2) -> dict[str, Any]:
+    """Why the output Fisher: whitened SVD ranks allocated across the linears at the parameters of a
+    uniform ``p`` cut, with each layer's relative output error weighted alike, by its output energy
+    (absolute error alike), or by the Fisher of its output (``--sensitivity output-fisher``), against
+    uniform ranks. Dense-model inputs, no sequential calibration: the weighting alone."""
+    from mpocompress.core.allocate import Option
+    from mpocompress.core.whiten import whitened_factors
+    from mpocompress.io import open_checkpoint
+    from mpocompress.jobs.budget import allocate_damage, fisher_weights, per_layer
+    from mpocompress.jobs.calibrate import record_grams
+    from mpocompress.jobs.curves import measure_many
+    from mpocompress.text.evaluate import load_lm, perplexity
+
+    model = load_lm(src, src)
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    names = [n for n in sd if fnmatch.fnmatch(n, INCLUDE[0])]
+    grams, _ = record_grams(model, cal, weights=set(names))
+    names = [n for n in names if n in grams]
+    t0 = time.perf_counter()
+    curves = dict(zip(names, measure_many([sd[n] for n in names], [grams[n] for n in names], None, ("svd",))))
+    dense_curves = {n: [Option("dense", {"skip": True}, 1, 0.0)] for n in names}
+    fisher = fisher_weights(model, cal, dense_curves, open_checkpoint(src), kd_loss="kl", outputs=grams)
+    energy = {n: float(torch.einsum("oi,ij,oj->", sd[n].double(), grams[n], sd[n].double())) for n in names}
+    uniform = {n: int(sd[n].shape[0] * sd[n].shape[1] / ((1 / (1 - p)) * sum(sd[n].shape))) for n in names}
+    budget = sum(r * sum(sd[n].shape) * 4 for n, r in uniform.items())
+    res: dict[str, Any] = {"size": f"-{p:.0%} params", "layers": len(names), "measure_seconds": round(time.perf_counter() - t0)}
+    schemes = {"uniform ranks": None, "relative output error alike": {n: 1.0 for n in names},
+               "absolute output error alike": energy, "output Fisher (--sensitivity output-fisher)": fisher}  # fmt: skip
+    for label, weights in schemes.items():
+        if weights is None:
+            ranks = uniform
+        else:
+            picks = allocate_damage(curves, budget, per_layer(weights)).picks
+            ranks = {n: (o.overrides["bond_dim"] if o.label != "dense" else None) for n, o in picks.items()}
+        new = dict(sd)
+        for n, r in ranks.items():
+            if r is not None:
+                u, sv, right = whitened_factors(sd[n], grams[n])
+                new[n] = ((u[:, :r] * sv[:r]) @ right[:r]).to(sd[n].dtype)
+        model.load_state_dict(new)
+        ppl = perplexity(model, ids, seq_len)["ppl"]
+        params = sum((r * sum(sd[n].shape) if r is not None else sd[n].numel()) for n, r in ranks.items())
+        res[label] = {"ppl": ppl, "params": params, "dense_layers": sum(r is None for r in ranks.values())}
+        print(f"  {label:<44} ppl {ppl:10.2f}  params {params}", flush=True)
+    res["uniform_params"] = budget // 4
+    return res
+
+
+def rank_weights_table(res: dict[str, Any]) -> str:
+    lines = [f"Whitened SVD of SmolLM2-135M's {res['layers']} decoder linears at {res['size']} (the uniform cut's parameters), "
+             "dense-model inputs (32 windows of *Emma*), perplexity on *Persuasion*:", "",
+             "| ranks | perplexity | linears kept dense | parameters |", "|---|---:|---:|---:|"]  # fmt: skip
+    for label, row in res.items():
+        if isinstance(row, dict):
+            lines.append(f"| {label} | {row['ppl']:.2f} | {row['dense_layers']} | {row['params']:,} |")
+    return "\n".join(lines) + "\n\n(`python benchmarks/lm.py rank-weights`)"
+
+
 LAYER_WEIGHTS = [f"model.layers.3.self_attn.{p}.weight" for p in ("q_proj", "k_proj", "o_proj")] + [
     f"model.layers.3.mlp.{p}.weight" for p in ("gate_proj", "down_proj")]  # fmt: skip
 
@@ -515,7 +574,7 @@ def table(results: dict[str, Any]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("step", nargs="?", default="run", choices=["prepare", "run", "layers"])
+    ap.add_argument("step", nargs="?", default="run", choices=["prepare", "run", "layers", "rank-weights"])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--eval-tokens", type=int, default=8192)
@@ -550,6 +609,11 @@ def main() -> None:
         _write_block("lm-layers", layers_table(res), "\n\n### Layer level: MPO against whitened SVD on a language model's weights\n\n")
         return
     cal = list(emma[: args.cal_windows].split(4))
+    if args.step == "rank-weights":
+        res = run_rank_weights(src, cal, ids, args.seq_len)
+        (RESULTS.parent / "lm_rank_weights.json").write_text(json.dumps(res, indent=2) + "\n")
+        _write_block("lm-rank-weights", rank_weights_table(res), "\n\n### Which layers give up rank: the weighting\n\n")
+        return
     ft = list(emma[: args.cal_windows * 4].split(4))  # fine-tuning: more of the same novel (10 % held out)
     work = WORK / ("runs-quick" if args.quick else "runs")
     work.mkdir(exist_ok=True)

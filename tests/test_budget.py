@@ -520,3 +520,21 @@ def test_target_size_of_low_rank_with_data_weighs_layers_by_their_output_fisher(
     assert out.stat().st_size <= int(src.stat().st_size * 0.6)
     assert "Fisher of the layer's output" in alloc["damage"]
     assert all(v["label"].startswith("mpo2 ") or v["label"] == "dense" for v in alloc["layers"].values())
+
+
+def test_low_rank_alone_measures_every_whitened_rank_exactly_on_held_out_inputs():
+    """The fine grid's errors come from one decomposition; each equals the stored factors' error."""
+    from mpocompress.core.whiten import whitened_svd
+    from mpocompress.jobs.curves import measure_many
+
+    torch.manual_seed(0)
+    w = torch.randn(40, 24)
+    fit, held = (torch.randn(200, 24) * torch.linspace(0.1, 3, 24) for _ in range(2))
+    g, h = fit.double().T @ fit.double(), held.double().T @ held.double()
+    (options,) = measure_many([w], [g], [h], methods=("svd",))
+    ranks = [o.overrides["bond_dim"] for o in options[1:]]
+    assert ranks == list(range(1, len(ranks) + 1)) and ranks[-1] * (40 + 24) <= 40 * 24
+    for o in options[1:]:
+        e = w.double() - whitened_svd(w, g, o.overrides["bond_dim"]).to_matrix().double()
+        direct = float(torch.einsum("oi,ij,oj->", e, h, e) / torch.einsum("oi,ij,oj->", w.double(), h, w.double()))
+        assert o.error == pytest.approx(direct, rel=1e-6, abs=1e-12)
