@@ -347,6 +347,17 @@ def test_a_tied_embedding_counts_once_per_use_without_data(tmp_path):
         assert _uses(ckpt, folder, layers) is None
 
 
+class _Two(torch.nn.Module):
+    """``a(x) + 3 b(x)``: two linears whose outputs count 1x and 3x."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(6, 5, bias=False), torch.nn.Linear(6, 5, bias=False)
+
+    def forward(self, x):
+        return self.a(x) + 3.0 * self.b(x)
+
+
 def _fisher_of(model, batches, kd_loss):
     from mpocompress.io import open_checkpoint
     from mpocompress.jobs.budget import fisher_weights
@@ -362,15 +373,7 @@ def test_fisher_weights_match_the_gauss_newton_diagonal(tmp_path):
     for logits (the softmax's Fisher); the sampled estimate and its ``mean(H) ||W||^2`` agree."""
     torch.manual_seed(0)
 
-    class Two(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = torch.nn.Linear(6, 5, bias=False), torch.nn.Linear(6, 5, bias=False)
-
-        def forward(self, x):
-            return self.a(x) + 3.0 * self.b(x)
-
-    model = Two()
+    model = _Two()
     path = tmp_path / "two.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     batches = [torch.randn(512, 6) for _ in range(8)]
@@ -456,15 +459,7 @@ def test_output_fisher_weights_are_the_output_gradient_energy_times_the_output_e
 
     torch.manual_seed(0)
 
-    class Two(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = torch.nn.Linear(6, 5, bias=False), torch.nn.Linear(6, 5, bias=False)
-
-        def forward(self, x):
-            return self.a(x) + 3.0 * self.b(x)
-
-    model = Two()
+    model = _Two()
     path = tmp_path / "two.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     batches = [torch.randn(512, 6) * torch.arange(1, 7) for _ in range(8)]
