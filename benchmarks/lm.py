@@ -309,6 +309,21 @@ def _ranks(folder: Path) -> dict[str, int]:
     return {n: e["bond_dims"][0] for n, e in meta.get("layers", {}).items() if e.get("method") == "mpo"}
 
 
+def _by_projection(layers: Any, chosen: dict[str, int]) -> dict[str, dict[str, Any]]:
+    """Per projection kind (``q_proj``, ``down_proj``, ...): how many of ``layers`` stayed dense and the
+    range of the ranks ``chosen`` for the others."""
+    out: dict[str, dict[str, Any]] = {}
+    for n in layers:
+        kind = out.setdefault(n.split(".")[-2], {"layers": 0, "dense": 0, "ranks": []})
+        kind["layers"] += 1
+        if n in chosen:
+            kind["ranks"].append(chosen[n])
+        else:
+            kind["dense"] += 1
+    return {k: {"layers": v["layers"], "dense": v["dense"], "rank_range": [min(v["ranks"]), max(v["ranks"])] if v["ranks"] else None}
+            for k, v in sorted(out.items())}  # fmt: skip
+
+
 def _ft(rep: dict[str, Any]) -> dict[str, Any]:
     return {"finetune": {k: rep["finetune"].get(k) for k in ("steps", "lr", "improved", "val_before", "val_best")}}
 
@@ -340,9 +355,10 @@ def run_size(p: float, ctx: dict[str, Any], distill: float | None, have: list[di
         alloc_out = work / f"ours-2-alloc-{p}"
         report, secs = _convert(src, alloc_out, MPOConfig(quantize="int8", include=INCLUDE), None, cal, target=path_size(out),
                                 samples=ctx["samples"], methods=("svd",))  # fmt: skip
-        ranked = [r for n, r in sorted(_ranks(alloc_out).items())]
+        chosen = _ranks(alloc_out)
         add(_row(label, report, perplexity_of(alloc_out, src, ids, seq_len), secs, dense, sensitivity=report["allocation"]["damage"],
-                 rank_range=[min(ranked), max(ranked)] if ranked else None, dense_layers=len(ranks) - len(ranked)))  # fmt: skip
+                 rank_range=[min(chosen.values()), max(chosen.values())] if chosen else None, dense_layers=len(ranks) - len(chosen),
+                 by_projection=_by_projection(ranks, chosen)))  # fmt: skip
     ours = next(r for r in rows if r["method"] == "ours, 2 cores, data-aware")
     sd = None
     for method, label in (("svd", "SVD (peer)"), ("asvd", "ASVD-style scaling (peer)"), ("whiten", "SVD-LLM-style whitening (peer)")):
@@ -463,6 +479,7 @@ def run_rank_weights(src: Path, cal: list[Any], ids: torch.Tensor, seq_len: int,
     res: dict[str, Any] = {"size": f"-{p:.0%} params", "layers": len(names), "measure_seconds": round(time.perf_counter() - t0)}
     schemes = {"uniform ranks": None, "relative output error alike": {n: 1.0 for n in names},
                "absolute output error alike": energy, "output Fisher (--sensitivity output-fisher)": fisher}  # fmt: skip
+    factors: dict[str, Any] = {}
     for label, weights in schemes.items():
         if weights is None:
             ranks = uniform
@@ -472,7 +489,9 @@ def run_rank_weights(src: Path, cal: list[Any], ids: torch.Tensor, seq_len: int,
         new = dict(sd)
         for n, r in ranks.items():
             if r is not None:
-                u, sv, right = whitened_factors(sd[n], grams[n])
+                if n not in factors:  # (each layer's decomposition once, for every scheme)
+                    factors[n] = whitened_factors(sd[n], grams[n])
+                u, sv, right = factors[n]
                 new[n] = ((u[:, :r] * sv[:r]) @ right[:r]).to(sd[n].dtype)
         model.load_state_dict(new)
         ppl = perplexity(model, ids, seq_len)["ppl"]

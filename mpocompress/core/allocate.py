@@ -84,11 +84,10 @@ def family(option: Option) -> str:
     coded or not: the error lies in the directions the truncation drops), ``"prune"`` (magnitude
     pruning, then a codec: the small weights lost), or ``"codec"`` (a cast, int8 or k-means of the
     whole weight: an error spread over every entry; ``"dense"`` too)."""
-    if option.label.startswith("mpo"):
+    used = methods_of(option)
+    if used & {"svd", "mpo"}:
         return "lowrank"
-    if option.label.startswith("magnitude"):
-        return "prune"
-    return "codec"
+    return "prune" if "prune" in used else "codec"
 
 
 #: what an option may be built from (``convert --methods``): a codec of the weight or of its cores

@@ -25,7 +25,7 @@ import torch
 
 from mpocompress.codecs import KMeansProblem, decode, encode, kmeans_1d_solve, parse_codec
 from mpocompress.codecs.kmeans import kth_smallest_abs
-from mpocompress.core.allocate import Option, allowed
+from mpocompress.core.allocate import METHODS, Option, allowed
 from mpocompress.core.modes import choose_modes
 from mpocompress.core.tt import cores_to_matrix, tt_svd
 from mpocompress.jobs.plan import gptq_factor_codes, nbytes_of
@@ -312,7 +312,7 @@ def measure_many(
 def _measure_many(tensors: list[torch.Tensor], grams: list[torch.Tensor | None] | None, held: list[torch.Tensor | None] | None,
                   methods: tuple[str, ...] | None) -> list[list[Option]]:  # fmt: skip
     """:func:`measure_many` before the options are filtered by ``methods`` (which only saves work here)."""
-    use = set(methods) if methods is not None else {"codec", "svd", "mpo", "prune"}
+    use = set(methods if methods is not None else METHODS)
     fine = "codec" not in use
     grams = grams if grams is not None else [None] * len(tensors)
     held = held if held is not None else [None] * len(tensors)
@@ -362,7 +362,7 @@ def _data_options(t: torch.Tensor, matrix: torch.Tensor, gram: torch.Tensor, ite
     and the allocation must not believe that. ``use``: the methods to measure (None: all)."""
     from mpocompress.core.whiten import activation_aware_tt, whitened_factors, whitened_svd
 
-    use = use if use is not None else {"codec", "svd", "mpo", "prune"}
+    use = use if use is not None else set(METHODS)
     fine = "codec" not in use
 
     out_f, in_f = matrix.shape
