@@ -681,6 +681,15 @@ def main() -> None:
 
 
 def _save(results: dict[str, Any]) -> None:
+    """Write the results, keeping rows another run (``--resume`` on other sizes, at the same time) wrote
+    since this one started: rows are merged by section and method, this run's winning."""
+    if RESULTS.exists():
+        old = json.loads(RESULTS.read_text())
+        if all(old.get(k) == results.get(k) for k in ("tokens", "seq_len", "cal_windows")):
+            for key, rows in old.get("rows", {}).items():
+                mine = results["rows"].setdefault(key, [])
+                have = {r["method"] for r in mine}
+                mine.extend(r for r in rows if r["method"] not in have)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     _write_block("lm", table(results) + "\n\n(`python benchmarks/lm.py`; the seconds column is each row's conversion (or peer "
                  "factorization) plus its evaluation on this 2-core machine.)")
