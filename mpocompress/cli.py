@@ -301,7 +301,7 @@ def main(verbose: int) -> None:
               help="With --target-size and --data: weigh layers by probing each one's effect on the output (a forward pass per batch, "
                    "layer and option family), by a Fisher estimate (a backward pass per batch), by the Fisher of each layer's output times "
                    "its output error (output-fisher), or auto: probe up to 64 layers, Fisher beyond (output-fisher when --methods has no codec).")
-@click.option("--methods", "methods_text", metavar="LIST", callback=lambda c, p, v: _methods(v),
+@click.option("--methods", metavar="LIST", callback=lambda c, p, v: _methods(v),
               help="With --target-size: what the layers may be stored as, comma-separated: codec (casts, int8, k-means), svd "
                    "(2 cores), mpo (3+ cores), prune, lowrank (= svd,mpo). Default: all; keeping a layer dense is always allowed.")
 @_errors
@@ -309,7 +309,7 @@ def main(verbose: int) -> None:
 def convert(ctx: click.Context, input_path: Path, output_path: Path, bond_dim, tol, ratio, cores, svd, prune, quantize, prune_scope, recipe_path, include, exclude, seed,
             as_json, report_path, force, strict, max_error, min_ratio, max_shard_size, als_sweeps, activations_path, model_spec, data_spec,
             val_spec, steps, calibration, calibration_samples, time_limit, lr, train_sel, kd_weight, task_loss, batch_size, task, workers,
-            ipkd_rounds, target_size, target_ratio, seq_len, kd_loss, temperature, kd_hidden, sensitivity, methods_text) -> None:  # fmt: skip
+            ipkd_rounds, target_size, target_ratio, seq_len, kd_loss, temperature, kd_hidden, sensitivity, methods) -> None:  # fmt: skip
     """Compress the weight matrices of INPUT into MPO cores and write a compact checkpoint.
 
     \b
@@ -402,7 +402,7 @@ def convert(ctx: click.Context, input_path: Path, output_path: Path, bond_dim, t
 
                 report = convert_to_size(input_path, output_path, target, config, recipe=recipe, force=force,
                                          max_shard_bytes=shard_bytes, workers=workers, progress=progress,
-                                         tune_progress=tune_progress, strict=strict, sensitivity=sensitivity, methods=methods_text,
+                                         tune_progress=tune_progress, strict=strict, sensitivity=sensitivity, methods=methods,
                                          **_calibration(extra))  # fmt: skip
             else:
                 report = run_convert(input_path, output_path, config, force=force, max_shard_bytes=shard_bytes, workers=workers,
@@ -517,16 +517,16 @@ def evaluate(checkpoints: tuple[Path, ...], task: str, model_spec: str | None, d
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="Write a PNG of the spectra and error curves (needs matplotlib).")
 @click.option("--force", is_flag=True, help="Replace an existing --plot written by mpocompress.")
 @click.option("--target-size", metavar="SIZE", help="Show what convert --target-size SIZE would choose per layer (nothing is written).")
-@click.option("--methods", "methods_text", metavar="LIST", callback=lambda c, p, v: _methods(v),
+@click.option("--methods", metavar="LIST", callback=lambda c, p, v: _methods(v),
               help="With --target-size: the methods the layers may use (as convert --methods).")
 @_errors
 def inspect(path: Path, cores: int, include, exclude, as_json: bool, plot_path: Path | None, force: bool, target_size: str | None,
-            methods_text: tuple[str, ...] | None) -> None:  # fmt: skip
+            methods: tuple[str, ...] | None) -> None:  # fmt: skip
     """Show each layer's bond-dimension spectra (dense CKPT) or the kept bonds (compressed CKPT)."""
     if target_size is not None:
-        _inspect_plan(path, target_size, include, exclude, as_json, methods_text)
+        _inspect_plan(path, target_size, include, exclude, as_json, methods)
         return
-    if methods_text is not None:
+    if methods is not None:
         raise click.UsageError("--methods limits the choices of --target-size: give --target-size")
     from mpocompress.errors import ConfigError
     from mpocompress.jobs.inspect import inspect_checkpoint as run_inspect
@@ -707,7 +707,7 @@ def _allocation_options(ctx: click.Context, target: int | None) -> None:
         return
     if ctx.get_parameter_source("sensitivity") is not click.core.ParameterSource.DEFAULT:
         raise click.UsageError("--sensitivity weighs the layers of a --target-size allocation: give --target-size or --target-ratio")
-    if ctx.params.get("methods_text") is not None:
+    if ctx.params.get("methods") is not None:
         raise click.UsageError("--methods limits the choices of a --target-size allocation: give --target-size or --target-ratio")
 
 
