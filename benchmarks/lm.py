@@ -22,13 +22,14 @@ at 10 %, 20 % and 40 % fewer parameters in them, the same ratio for every layer.
   SVD-LLM-style truncation-aware whitening (SVD of ``W L``, ``L`` the Cholesky factor of ``X^T X``,
   a small ridge when it is not positive definite). Their Gram matrices come from the same calibration
   windows as ours, recorded on the dense model.
-* **ours**: ``mpocompress convert --ratio R --include "*proj*"`` with 2 cores (SVD form) and 3 cores
-  (MPO) at every size, ``--cores auto`` at 20 %; post hoc (no data), and data-aware (2 cores at every
-  size, 3 cores at 20 %: the refit of 210 layers' MPO cores takes ~15 min here) (``--data emma.txt --steps 0``:
+* **ours**: ``mpocompress convert --ratio R --include "*proj*"`` with 2, 3 and 4 cores and
+  ``--cores auto`` at every size; post hoc (no data), and data-aware (2 cores; with ``--slow`` also
+  3 cores: the refit of 210 layers' MPO cores takes over an hour here) (``--data emma.txt --steps 0``:
   sequential calibration -- the default for text, ``sequential-plain`` --, whitened SVD /
   activation-aware MPO, refits).
-* **+ distillation** (at 20 %): ``--time`` seconds of logit distillation (KL, ``--lr auto``) after
-  the data-aware start, and the whitening peer given the same distillation from the dense model (its
+* **+ distillation** (every size, ``--ft-seconds``): seconds of logit distillation (KL, ``--lr auto``)
+  after the data-aware start, after the allocated-ranks start (``--target-size --methods svd``, the
+  same file size), and the whitening peer given the same distillation from the dense model (its
   start made by our code as ``--calibration dense``: whitened SVD on the dense model's inputs, at the
   same ranks; then trained by the same code).
 * **--target-size** 50 %, 25 % and 20 % of the fp32 file (all linears and the embedding allocated per
@@ -397,6 +398,14 @@ def run_size(p: float, ctx: dict[str, Any], distill: float | None, have: list[di
         rep, secs = _convert(src, out, MPOConfig(ratio=ratio, cores=2, include=INCLUDE), None, ctx["ft"], seconds=distill,
                              samples=ctx["samples"], sequential=False)  # fmt: skip
         add(_row(label, rep, perplexity_of(out, src, ids, seq_len), secs, dense, **_ft(rep)))
+    label = f"ours, 2 cores, data-aware, ranks allocated + {distill:.0f} s distillation"
+    if label not in done:  # the allocated row's file size and options, then the same distillation
+        from mpocompress.io import path_size
+
+        out = work / f"ours-2-alloc-distill-{p}"
+        rep, secs = _convert(src, out, MPOConfig(quantize="int8", include=INCLUDE), None, ctx["ft"], seconds=distill,
+                             target=path_size(work / f"ours-2-data-{p}"), samples=ctx["samples"], methods=("svd",))  # fmt: skip
+        add(_row(label, rep, perplexity_of(out, src, ids, seq_len), secs, dense, **_ft(rep)))
     return rows
 
 
@@ -668,7 +677,7 @@ def main() -> None:
 
         ctx["save"] = save
         if kind == "size":
-            distill = args.ft_seconds if abs(value - 0.2) < 1e-9 and args.ft_seconds else None
+            distill = args.ft_seconds or None
             results["rows"][key] = run_size(value, ctx, distill, results["rows"].get(key, []))
         elif kind == "codecs":
             results["rows"][key] = run_codecs(ctx, results["rows"].get(key, []))
