@@ -184,32 +184,131 @@ def refit_quantized(
     return TTMatrix(cores, tt.shape)
 
 
+def kron_factors(gram: torch.Tensor, in_modes: tuple[int, ...]) -> list[torch.Tensor]:
+    """A Kronecker approximation ``C ~ C_1 (x) ... (x) C_d`` matching ``in_modes``: each factor is the
+    partial trace of ``C`` (zero-padded to ``prod(in_modes)``) over the other modes, scaled to unit
+    mean diagonal (the overall scale does not change a whitening or a preconditioner). Exact, up to
+    scale, when ``C`` is a Kronecker product of positive definite factors."""
+    n = math.prod(in_modes)
+    c = torch.zeros(n, n, dtype=torch.float64, device=gram.device)
+    c[: gram.shape[0], : gram.shape[1]] = gram.double()
+    d = len(in_modes)
+    t = c.reshape(*in_modes, *in_modes)
+    factors = []
+    for k in range(d):
+        m = in_modes[k]
+        moved = t.movedim((k, d + k), (0, d)).reshape(m, n // m, m, n // m)
+        f = torch.einsum("arbr->ab", moved)
+        f = (f + f.T) / 2
+        mean = float(torch.diagonal(f).mean())
+        factors.append(f / mean if mean > 0 else torch.eye(m, dtype=torch.float64, device=gram.device))
+    return factors
+
+
+def _spd_inverse(m: torch.Tensor) -> torch.Tensor:
+    m = (m + m.T) / 2
+    shift = max(float(torch.diagonal(m).mean()), 1e-300) * 1e-8
+    return torch.linalg.inv(m + shift * torch.eye(m.shape[0], dtype=m.dtype, device=m.device))
+
+
+def kron_preconditioner(cores: list[torch.Tensor], factors: list[torch.Tensor], k: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The inverse of core ``k``'s output-error Hessian when the Gram were ``C_1 (x) ... (x) C_d``
+    (:func:`kron_factors`): then the Hessian is ``A (x) I (x) C_k (x) B`` on a core ``(r0, o, i, r1)``,
+    ``A``/``B`` the Gram matrices of the left/right interfaces under the other factors, and its inverse
+    is three small matrix products. Used as the preconditioner of :func:`activation_refit`'s CG."""
+    one = torch.ones(1, 1, dtype=torch.float64, device=cores[k].device)
+    a = one
+    for j in range(k):
+        a = torch.einsum("ab,aoic,ij,bojd->cd", a, cores[j], factors[j], cores[j])
+    b = one
+    for j in range(len(cores) - 1, k, -1):
+        b = torch.einsum("cd,aoic,ij,bojd->ab", b, cores[j], factors[j], cores[j])
+    ai, fi, bi = _spd_inverse(a), _spd_inverse(factors[k]), _spd_inverse(b)
+
+    def apply(r: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("aoic,cd->aoid", torch.einsum("aojc,ij->aoic", torch.einsum("ab,bojc->aojc", ai, r), fi), bi)
+
+    return apply
+
+
+def _solve_core(
+    k: int,
+    x: torch.Tensor,
+    matrix_of: Callable[[int, torch.Tensor], torch.Tensor],
+    adjoint: Callable[[int, torch.Tensor], torch.Tensor],
+    wc: torch.Tensor,
+    c: torch.Tensor,
+    wcw: float,
+    cg_iters: int,
+    tol: float,
+    precondition: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """Preconditioned CG on core ``k``'s quadratic ``H g = b``, ``H g = A^T (A(g) C)``, ``b = A^T (W C)``.
+    Stops after ``cg_iters`` steps or when a step lowers the relative squared output error by less than
+    ``tol`` of its current value (each step's decrease is ``alpha * r.z``, known without a product).
+    ``x``: the core's current value; losses are relative to ``wcw = tr(W C W^T)``."""
+    b = adjoint(k, wc)
+    r = b - adjoint(k, matrix_of(k, x) @ c)
+    current = (wcw - float((x * (b + r)).sum())) / wcw  # the loss at x, from the residual
+    z = precondition(r)
+    p = z.clone()
+    rz = float((r * z).sum())
+    for _ in range(cg_iters):
+        if rz <= 0:
+            break
+        hp = adjoint(k, matrix_of(k, p) @ c)
+        curv = float((p * hp).sum())
+        if curv <= 0:
+            break
+        alpha = rz / curv
+        x = x + alpha * p
+        drop = alpha * rz / wcw
+        current -= drop
+        if drop < tol * max(current, 0.0):
+            break
+        r = r - alpha * hp
+        z = precondition(r)
+        rz_new = float((r * z).sum())
+        p = z + (rz_new / rz) * p
+        rz = rz_new
+    return x.detach()
+
+
 def activation_refit(
     weight: torch.Tensor,
     tt: TTMatrix,
     gram: torch.Tensor,
     *,
     sweeps: int = 4,
-    cg_iters: int = 30,
+    cg_iters: int = 60,
+    tol: float = 1e-4,
+    precondition: bool = True,
 ) -> RefineResult:
     """Refit the cores to minimise the output error on recorded inputs instead of the weight error.
 
     With inputs ``X`` (rows) of the layer and ``C = X^T X``, the output error of a weight ``V`` is
     ``||X W^T - X V^T||_F^2 = tr((W - V) C (W - V)^T)``. That is a convex quadratic in each core
-    with the others fixed, so the cores are visited in ALS sweeps and each is moved to the
+    with the others fixed, so the cores are visited in ALS sweeps and each is moved toward the
     minimiser of its quadratic by conjugate gradients. A Hessian-vector product is ``A^T (A(p) C)``
     (``A`` the core's linear map into the matrix; its transpose by autograd through that cheap
-    contraction): one ``(out x in) @ (in x in)`` product per step, where differencing autograd
-    gradients of the whole objective took three (the same iterates). ``history`` holds the *relative output error*
-    ``sqrt(tr(E C E^T) / tr(W C W^T))`` at the start and after each sweep; the best cores seen are
-    returned (never worse than ``tt`` on this objective).
+    contraction): one ``(out x in) @ (in x in)`` product per step. The CG is preconditioned by the
+    exact inverse Hessian of a Kronecker-factored Gram (:func:`kron_preconditioner`) and stops when
+    a step gains less than ``tol`` (relative): the edge cores converge in a few steps, the middle
+    ones get the rest. On SmolLM2 layers (3 cores, 10-20 % fewer parameters) this takes 2.6x less time
+    than the earlier plain CG (30 steps every visit) at the same output error (within 0.2 %, or up to
+    3 % lower; ``python benchmarks/lm.py refit``). ``history`` holds
+    the *relative output error* ``sqrt(tr(E C E^T) / tr(W C W^T))`` at the start and after each
+    sweep; the best cores seen are returned (never worse than ``tt`` on this objective).
 
     Args:
         weight: ``(out, in)`` matrix.
         tt: starting cores.
         gram: ``(in, in)`` Gram matrix ``X^T X`` of the recorded inputs.
         sweeps: ALS sweeps (left to right, then right to left, ...).
-        cg_iters: conjugate-gradient iterations per core visit at most.
+        cg_iters: conjugate-gradient steps per core visit at most.
+        tol: stop a core's CG when a step lowers the squared relative output error by less than this
+            share of its value.
+        precondition: use the Kronecker preconditioner (else plain CG).
     """
     out_f, in_f = weight.shape
     if tuple(gram.shape) != (in_f, in_f):
@@ -217,16 +316,17 @@ def activation_refit(
     w = weight.double()
     c = gram.double()
     c = (c + c.T) / 2
-    denom = float(torch.einsum("oi,ij,oj->", w, c, w))
-    if denom <= 0:
+    wc = w @ c  # once: every right-hand side below is the adjoint of it
+    wcw = float((w * wc).sum())
+    if wcw <= 0:
         raise ValueError("the recorded inputs are all zero: nothing to fit")
     dtype = tt.cores[0].dtype
     cores = [p.detach().double().clone() for p in tt.cores]
-    wc = w @ c  # once: every right-hand side below is the adjoint of it
+    factors = kron_factors(c, tt.in_modes) if precondition else None
 
     def loss(cs: list[torch.Tensor]) -> float:
         e = w - cores_to_matrix(cs, (out_f, in_f))
-        return float(torch.einsum("oi,ij,oj->", e, c, e)) / denom
+        return float(torch.einsum("oi,ij,oj->", e, c, e)) / wcw
 
     def matrix_of(k: int, gk: torch.Tensor) -> torch.Tensor:  # linear in the k-th core
         return cores_to_matrix([gk if j == k else cores[j] for j in range(len(cores))], (out_f, in_f))
@@ -242,28 +342,8 @@ def activation_refit(
     d = len(cores)
     for s in range(sweeps):
         for k in range(d) if s % 2 == 0 else range(d - 1, -1, -1):
-            # the core's quadratic: H g = b with H g = A^T (A(g) C) and b = A^T (W C) (A = matrix_of(k, .));
-            # one (out x in) @ (in x in) product per CG step
-            b = adjoint(k, wc)
-            x = cores[k]
-            r = b - adjoint(k, matrix_of(k, x) @ c)
-            p = r.clone()
-            rs = float((r * r).sum())
-            tol = 1e-20 * max(rs, 1e-300)
-            for _ in range(cg_iters):
-                if rs <= tol:
-                    break
-                hp = adjoint(k, matrix_of(k, p) @ c)
-                curv = float((p * hp).sum())
-                if curv <= 0:
-                    break
-                alpha = rs / curv
-                x = x + alpha * p
-                r = r - alpha * hp
-                rs_new = float((r * r).sum())
-                p = r + (rs_new / rs) * p
-                rs = rs_new
-            cores[k] = x.detach()
+            pre = kron_preconditioner(cores, factors, k) if factors is not None else (lambda r: r)
+            cores[k] = _solve_core(k, cores[k], matrix_of, adjoint, wc, c, wcw, cg_iters, tol, pre)
         current = loss(cores)
         history.append(math.sqrt(max(current, 0.0)))
         if current < best_loss:

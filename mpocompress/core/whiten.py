@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from mpocompress.core.refine import activation_refit, output_error
+from mpocompress.core.refine import activation_refit, kron_factors, output_error
 from mpocompress.core.tt import TTMatrix, relative_error, tt_svd
 
 #: ridge added to every Gram matrix, relative to its mean diagonal (see the module docstring)
@@ -88,27 +88,6 @@ def whitened_svd(
     dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
     cores = [left.reshape(1, out_f, 1, r).to(dtype).contiguous(), right.reshape(r, 1, in_f, 1).to(dtype).contiguous()]
     return TTMatrix(cores, (out_f, in_f), spectra=[s.to(dtype)])
-
-
-def kron_factors(gram: torch.Tensor, in_modes: tuple[int, ...]) -> list[torch.Tensor]:
-    """A Kronecker approximation ``C ~ C_1 (x) ... (x) C_d`` matching ``in_modes``: each factor is the
-    partial trace of ``C`` (zero-padded to ``prod(in_modes)``) over the other modes, scaled to unit
-    mean diagonal (the overall scale does not change a whitening). Exact, up to scale, when ``C`` is a
-    Kronecker product of positive definite factors."""
-    n = math.prod(in_modes)
-    c = torch.zeros(n, n, dtype=torch.float64, device=gram.device)
-    c[: gram.shape[0], : gram.shape[1]] = gram.double()
-    d = len(in_modes)
-    t = c.reshape(*in_modes, *in_modes)
-    factors = []
-    for k in range(d):
-        m = in_modes[k]
-        moved = t.movedim((k, d + k), (0, d)).reshape(m, n // m, m, n // m)
-        f = torch.einsum("arbr->ab", moved)
-        f = (f + f.T) / 2
-        mean = float(torch.diagonal(f).mean())
-        factors.append(f / mean if mean > 0 else torch.eye(m, dtype=torch.float64, device=gram.device))
-    return factors
 
 
 def activation_aware_tt(
