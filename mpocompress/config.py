@@ -188,6 +188,7 @@ class Gates:
 TRAIN_CHOICES = ("all", "central", "outer")
 TASK_LOSSES = ("mse", "cross_entropy")
 KD_LOSSES = ("mse", "kl")
+QAT_GRIDS = ("trained", "fixed")
 
 
 #: learning rates tried by the probe of ``TuneConfig(lr=None)``, largest first (our choice: the
@@ -231,6 +232,9 @@ class TuneConfig:
             prunes to the next sparsity of the schedule and trains with the model from before that
             round's pruning as the teacher. 0: prune once, then fine-tune.
         seed: seed of parameter init order, batch order and dropout.
+        qat_grid: quantization-aware training of k-means-coded weights: ``"trained"`` (the codebook's
+            centroids are learned with the weights, as in Deep Compression's weight-sharing
+            fine-tuning) or ``"fixed"`` (the starting codebook; weights only move between centroids).
     """
 
     steps: int = 200
@@ -249,6 +253,7 @@ class TuneConfig:
     val_fraction: float = 0.1
     ipkd: int = 0
     seed: int = 0
+    qat_grid: str = "trained"
 
     def __post_init__(self) -> None:
         if not isinstance(self.steps, int) or self.steps < 0:
@@ -271,6 +276,8 @@ class TuneConfig:
             raise ConfigError(f"temperature must be > 0, got {self.temperature!r}")
         if not (isinstance(self.kd_hidden, (int, float)) and 0 <= self.kd_hidden < float("inf")):
             raise ConfigError(f"kd_hidden must be a finite number >= 0, got {self.kd_hidden!r}")
+        if self.qat_grid not in QAT_GRIDS:
+            raise ConfigError(f"qat_grid must be one of {', '.join(QAT_GRIDS)}, got {self.qat_grid!r}")
         if self.task_loss not in TASK_LOSSES:
             raise ConfigError(f"task_loss must be one of {', '.join(TASK_LOSSES)}, got {self.task_loss!r}")
         if not isinstance(self.eval_every, int) or self.eval_every < 1:

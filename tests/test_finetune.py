@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from mpocompress import MPOConfig, load_state_dict
 from mpocompress.cli import main
+from mpocompress.codecs import parse_codec
 from mpocompress.config import TuneConfig
 from mpocompress.data import example_checkpoint
 from mpocompress.jobs.calibrate import record_grams
@@ -232,6 +233,7 @@ def test_convert_prune_and_quantize_after_fine_tuning_keep_the_trained_zeros(tmp
     "args, code, message",
     [
         (["--steps", "5"], 2, "--steps needs --model"),
+        (["--qat-grid", "fixed"], 2, "--qat-grid needs --model"),
         (["--model", "x:y"], 2, "both --model and --data"),
         (["--model", "no_such_module_xyz:build", "--data", "mpocompress.speech.example:batches"], 2, "cannot import"),
         (["--model", "mpocompress.speech.example:nothing", "--data", "mpocompress.speech.example:batches"], 2, "no attribute"),
@@ -336,7 +338,8 @@ def test_probe_falls_back_to_the_smallest_rate_when_nothing_helps(teacher, data)
 
 
 @pytest.mark.parametrize("spec", ["kmeans:8", "rowkmeans:8"])
-def test_quantization_aware_training_ends_on_the_grid(teacher, data, spec):
+@pytest.mark.parametrize("trained", [True, False])
+def test_quantization_aware_training_ends_on_the_grid(teacher, data, spec, trained):
     from mpocompress.codecs import parse_codec
     from mpocompress.jobs.finetune import _FakeQuant
     from mpocompress.jobs.tune import _grid_quantizer
@@ -346,7 +349,7 @@ def test_quantization_aware_training_ends_on_the_grid(teacher, data, spec):
     codec = parse_codec(spec)
     w = student.inp.weight.detach()
     grid = codec.grid(w)
-    quantizers = {"inp.weight": _grid_quantizer(codec, grid, None)}
+    quantizers = {"inp.weight": _grid_quantizer(codec, grid, None, trained)}
     book = grid.to(w.dtype) if grid.dim() == 2 else grid.to(w.dtype).expand(w.shape[0], -1)  # each row's centroids
     nearest = book.gather(1, (w[..., None] - book[:, None, :]).abs().argmin(-1))  # each value's own nearest centroid
     assert torch.equal(quantizers["inp.weight"](w), nearest)
@@ -358,6 +361,50 @@ def test_quantization_aware_training_ends_on_the_grid(teacher, data, spec):
     assert student.inp.weight.unique().numel() <= (8 if spec == "kmeans:8" else 8 * w.shape[0])
     assert evaluate(student, teacher, val) == pytest.approx(res.val_best, rel=1e-5)
     assert res.val_best < res.val_before
+
+
+@pytest.mark.parametrize("spec", ["kmeans:4", "rowkmeans:4"])
+def test_a_centroids_gradient_is_the_sum_over_the_weights_sharing_it(spec):
+    from mpocompress.codecs import parse_codec
+    from mpocompress.jobs.finetune import GridQuantizer
+    from mpocompress.jobs.tune import _grid_quantizer
+
+    codec = parse_codec(spec)
+    w = torch.randn(6, 10, generator=torch.Generator().manual_seed(0))
+    q = _grid_quantizer(codec, codec.grid(w), None, True)
+    assert isinstance(q, GridQuantizer) and q.trainable
+    g = torch.randn(6, 10, generator=torch.Generator().manual_seed(1))
+    (grad,) = torch.autograd.grad(q.snap(q.values(), w), q.grid, grad_outputs=g)
+    book = q.values().detach()
+    rows = book if book.dim() == 2 else book.expand(6, -1)
+    codes = (w[..., None] - rows[:, None, :]).abs().argmin(-1)
+    want = torch.zeros(6, 4).scatter_add_(1, codes, g)
+    assert torch.allclose(grad, want if book.dim() == 2 else want.sum(0), atol=1e-6)
+
+
+def test_trained_codebooks_beat_fixed_ones(teacher, data):
+    """Learning the centroids (Deep Compression) lowers the held-out loss more than moving weights
+    between fixed centroids, and the weights still end on k values."""
+    from mpocompress.codecs import parse_codec
+    from mpocompress.jobs.tune import _grid_quantizer
+
+    train, val = data
+    codec = parse_codec("kmeans:4")
+    best = {}
+    for trained in (False, True):
+        student = copy.deepcopy(teacher)
+        quantizers = {n: _grid_quantizer(codec, codec.grid(p.detach().reshape(p.shape[0], -1)), None, trained)
+                      for n, p in student.named_parameters() if n.endswith("weight") and p.dim() == 2}  # fmt: skip
+        start = {n: q.values().detach().clone() for n, q in quantizers.items()}
+        res = finetune(student, teacher, train, val_batches=val, steps=40, eval_every=5, lr=1e-3, quantizers=quantizers)
+        best[trained] = res.val_best
+        params = dict(student.named_parameters())
+        for n, q in quantizers.items():
+            assert params[n].unique().numel() <= 4
+            moved = not torch.equal(q.values().detach(), start[n])
+            assert moved == trained
+            assert set(params[n].unique().tolist()) <= set(q.values().detach().to(params[n].dtype).tolist())
+    assert best[True] < best[False]
 
 
 def test_convert_warns_when_fine_tuning_does_not_help(tmp_path, factory_file, data_file):
@@ -395,6 +442,29 @@ def test_rowkmeans_with_data_and_training_stays_on_its_rows_codebooks(tmp_path, 
     for r in rep["layers"]:
         w = sd[r["name"]].reshape(r["shape"][0], -1)
         assert all(row.unique().numel() <= 8 for row in w)
+
+
+def test_convert_learns_the_codebooks_unless_told_to_keep_them(tmp_path, factory_file, data_file):
+    """The stored codebook of a k-means-coded weight after training: the learned centroids by default,
+    the starting ones with --qat-grid fixed (the weights moved between them)."""
+    books = {}
+    for grid in ("trained", "fixed"):
+        out = tmp_path / f"{grid}.safetensors"
+        res = run("convert", example_checkpoint(), "-o", out, "--quantize", "kmeans:4", "--model", f"{factory_file}:build",
+                  "--data", data_file, "--batch-size", "4", "--steps", "30", "--lr", "1e-3", "--calibration", "none",
+                  "--qat-grid", grid, "--json")  # fmt: skip
+        assert res.exit_code == 0, res.output
+        rep = json.loads(res.stdout)
+        assert rep["finetune"]["config"]["qat_grid"] == grid and rep["finetune"]["steps"] > 0
+        books[grid] = {k: v for k, v in load_file(out).items() if k.endswith(".codebook")}
+    start = {n: parse_codec("kmeans:4").grid(w.reshape(w.shape[0], -1).float()) for n, w in load_state_dict(example_checkpoint()).items()}
+    assert books["trained"] and books["trained"].keys() == books["fixed"].keys()
+
+    def same(book: dict[str, torch.Tensor]) -> list[bool]:
+        return [torch.allclose(v.float().sort().values, start[k.removesuffix(".codebook")].sort().values, atol=1e-6) for k, v in book.items()]
+
+    assert all(same(books["fixed"]))
+    assert not any(same(books["trained"]))
 
 
 def test_sequential_calibration_corrects_for_upstream_layers(tmp_path, factory_file, data_file):

@@ -227,27 +227,71 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
 Quantizer = Callable[[torch.Tensor], torch.Tensor]
 
 
+class GridQuantizer:
+    """A quantizer onto a grid of values (a k-means codebook): ``q(v) = snap(grid, v)``. With
+    :attr:`trainable` the grid's values are learned with the weights (Deep Compression's centroid
+    fine-tuning: a centroid's gradient is the sum of the gradients of the weights that share it),
+    while each weight keeps snapping to its nearest centroid (straight-through)."""
+
+    def __init__(self, snap: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], grid: torch.Tensor, trainable: bool = True) -> None:
+        self.snap = snap
+        self.trainable = trainable
+        self.grid = grid.detach().float().clone().requires_grad_(trainable)
+
+    def values(self) -> torch.Tensor:
+        """The grid, sorted along its last dimension (training may swap two centroids)."""
+        return self.grid.sort(dim=-1).values
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.snap(self.values(), v)
+
+
 class _FakeQuant:
     """Quantization-aware training by the straight-through estimator: inside :meth:`applied` each
     quantized parameter holds its quantized values (forward, backward and evaluation see what will
-    be stored); outside, the full-precision values the optimizer updates."""
+    be stored); outside, the full-precision values the optimizer updates. Trainable grids
+    (:class:`GridQuantizer`) get their gradients by :meth:`grid_gradients`, inside :meth:`applied`
+    after the backward pass, and are in :attr:`grids` for the optimizer."""
 
     def __init__(self, model: nn.Module, quantizers: dict[str, Quantizer] | None) -> None:
         named = dict(model.named_parameters())
         self.items = [(named[n], q) for n, q in (quantizers or {}).items() if n in named]
+        self.grids = [q.grid for _, q in self.items if isinstance(q, GridQuantizer) and q.trainable]
+        self._latent: list[torch.Tensor] = []
 
     @contextlib.contextmanager
     def applied(self):
         saved = [p.detach().clone() for p, _ in self.items]
+        self._latent = saved
         with torch.no_grad():
             for p, q in self.items:
                 p.copy_(q(p.detach()))
         try:
             yield
         finally:
+            self._latent = []
             with torch.no_grad():
                 for (p, _), v in zip(self.items, saved):
                     p.copy_(v)
+
+    def grid_gradients(self) -> None:
+        """Each trainable grid's gradient from its parameter's (the loss's gradient at the quantized
+        values): the chain rule through ``snap`` at the latent values."""
+        for (p, q), latent in zip(self.items, self._latent):
+            if not (isinstance(q, GridQuantizer) and q.trainable) or p.grad is None:
+                continue
+            with torch.enable_grad():
+                (g,) = torch.autograd.grad(q.snap(q.values(), latent), q.grid, grad_outputs=p.grad.to(latent.dtype))
+            q.grid.grad = g if q.grid.grad is None else q.grid.grad + g
+
+    def state(self) -> list[torch.Tensor]:
+        return [g.detach().clone() for g in self.grids]
+
+    def load(self, state: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for g, v in zip(self.grids, state):
+                g.copy_(v)
 
     def finalize(self) -> None:
         """Leave every quantized parameter at its quantized values (what will be stored)."""
@@ -304,6 +348,7 @@ class _Trainer:
             loss = batch_loss(self.forward, self.teacher, self.batches[index % len(self.batches)], self.config)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            self.quant.grid_gradients()
         for p, m in self.mask_of:  # pruned weights get no update (Adam would move them through momentum)
             if p.grad is not None:
                 p.grad.mul_(m)
@@ -321,9 +366,11 @@ class _Trainer:
 
         found = {}
         steps = max(2, min(LR_PROBE_STEPS, self.config.steps // 4))  # a short run gets a short probe
+        grids = self.quant.state()
         for lr in LR_CANDIDATES:
             self.student.load_state_dict(start)
-            opt = torch.optim.Adam(self.params, lr=lr)
+            self.quant.load(grids)
+            opt = torch.optim.Adam(self.params + self.quant.grids, lr=lr)
             self.student.train()
             i = 0
             while i < steps:
@@ -338,6 +385,7 @@ class _Trainer:
                 i += 1
             found[lr] = self.evaluate()
         self.student.load_state_dict(start)
+        self.quant.load(grids)
         best = min(found, key=lambda r: (found[r], r))
         return (best if found[best] < val_before else min(LR_CANDIDATES)), found
 
@@ -402,12 +450,12 @@ def finetune(
     result = TuneResult(trained_params=sum(p.numel() for p in run.params))
     start = time.perf_counter()
     result.val_before = result.val_best = run.evaluate() if val_before is None else val_before
-    best_state = copy.deepcopy(student.state_dict())
+    best_state, best_grids = copy.deepcopy(student.state_dict()), run.quant.state()
     lr = config.lr
     if lr is None and config.steps > 0 and run.params:
         lr, result.lr_probe = run.probe(best_state, result.val_before)
     result.lr = lr
-    opt = torch.optim.Adam(run.params, lr=lr or 1e-4)
+    opt = torch.optim.Adam(run.params + run.quant.grids, lr=lr or 1e-4)
     student.train()
     running, step, stale = math.nan, 0, 0
     for step in range(1, config.steps + 1):
@@ -426,7 +474,7 @@ def finetune(
             stale += 1
             if v < result.val_best:
                 result.val_best, result.best_step, stale = v, step, 0
-                best_state = copy.deepcopy(student.state_dict())
+                best_state, best_grids = copy.deepcopy(student.state_dict()), run.quant.state()
         info["best_val_loss"] = result.val_best
         if progress is not None:
             progress(step, config.steps, info)
@@ -436,6 +484,7 @@ def finetune(
     result.steps = step
     result.seconds = time.perf_counter() - start
     student.load_state_dict(best_state)
+    run.quant.load(best_grids)
     run.quant.finalize()
     run.close()
     if result.steps > 0 and not result.improved:

@@ -124,7 +124,7 @@ def finetune_in_memory(
         if unit_summary:
             masks.update(umasks)
         apply_masks(student, masks)
-        quantizers = _quantizers(student, layers, config, recipe, rows, masks, grams or {})
+        quantizers = _quantizers(student, layers, config, recipe, rows, masks, grams or {}, trained_grids=tune.qat_grid == "trained")
         before = losses(student, quantizers)
         res = finetune(student, teacher, train, val_batches=val, config=tune, masks=masks, progress=progress,
                        quantizers=quantizers, val_before=None if has_targets else before["kd"])  # fmt: skip
@@ -245,11 +245,13 @@ def _quantizers(
     rows: dict[str, dict[str, Any]],
     masks: dict[str, torch.Tensor],
     grams: dict[str, torch.Tensor],
+    trained_grids: bool = True,
 ) -> dict[str, Any]:
     """A straight-through quantizer per stored parameter whose chain quantizes (quantization-aware
-    fine-tuning): a grid codec snaps to the grid of the starting values (a k-means codebook, per-row
-    int8 scales), fixed for the run; other codecs (casts, SEOFP) round-trip through the codec. A
-    plain weight with recorded inputs starts from its GPTQ quantization on that grid."""
+    fine-tuning): a grid codec snaps to the grid of the starting values (a k-means codebook, learned
+    during the run when ``trained_grids``; per-row int8 scales, fixed); other codecs (casts, SEOFP)
+    round-trip through the codec. A plain weight with recorded inputs starts from its GPTQ
+    quantization on that grid."""
     from mpocompress.codecs import decode, encode, split_chain
     from mpocompress.jobs.calibrate import transposed_weights
     from mpocompress.jobs.plan import gptq_codec
@@ -280,23 +282,26 @@ def _quantizers(
                     p.copy_(q.reshape(p.shape))
             else:
                 grid = quant.grid(m)
-            out[pname] = _grid_quantizer(quant, grid, mask)
+            out[pname] = _grid_quantizer(quant, grid, mask, trained_grids)
     return out
 
 
-def _grid_quantizer(quant: Codec, grid: Any, mask: torch.Tensor | None) -> Any:
-    """``values -> values on grid`` for a whole stored tensor (rows as the codec stores them)."""
+def _grid_quantizer(quant: Codec, grid: Any, mask: torch.Tensor | None, trained: bool) -> Any:
+    """``values -> values on grid`` for a whole stored tensor (rows as the codec stores them). A
+    codebook (a tensor grid: k-means) is a :class:`~mpocompress.jobs.finetune.GridQuantizer`,
+    learned with the weights when ``trained``; other grids (int8's scales) stay fixed."""
+    from mpocompress.jobs.finetune import GridQuantizer
 
-    def snap(v: torch.Tensor) -> torch.Tensor:
+    def snap(g: Any, v: torch.Tensor) -> torch.Tensor:
         if mask is None:
             m = v.reshape(v.shape[0], -1)
-            return quant.snap(grid, m.T).T.reshape(v.shape)
-        out = torch.zeros_like(v)
+            return quant.snap(g, m.T).T.reshape(v.shape)
         keep = mask.bool()
-        out[keep] = quant.snap(grid, v[keep].reshape(-1, 1)).reshape(-1)
-        return out
+        return torch.zeros_like(v).index_put((keep,), quant.snap(g, v[keep].reshape(-1, 1)).reshape(-1).to(v.dtype))
 
-    return snap
+    if isinstance(grid, torch.Tensor):
+        return GridQuantizer(snap, grid, trainable=trained)
+    return lambda v: snap(grid, v)
 
 
 def calibrate_checkpoint(
