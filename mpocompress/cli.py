@@ -290,8 +290,8 @@ def main(verbose: int) -> None:
               help="Weight of the distillation loss; the task loss (batches with targets) gets 1 - W.")
 @click.option("--task-loss", type=click.Choice(["mse", "cross_entropy"]), default="mse", show_default=True, help="Task loss against targets.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Rows per batch when a data file holds one 'inputs' tensor.")
-@click.option("--qat-grid", type=click.Choice(["trained", "fixed"]), default="trained", show_default=True,
-              help="Fine-tuning k-means-coded weights: learn the codebook's centroids with the weights (trained), or keep it (fixed).")
+@click.option("--qat-grid", type=click.Choice(["fixed", "trained"]), default="fixed", show_default=True,
+              help="Fine-tuning k-means-coded weights: keep the starting codebook (fixed), or learn its centroids with the weights (trained).")
 @click.option("--task", type=click.Choice(["generic", "speech-enhancement"]), default="generic", show_default=True,
               help="speech-enhancement: --data/--val-data are folders of noisy/ and clean/ wavs; targets are ideal ratio masks.")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,

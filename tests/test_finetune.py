@@ -383,8 +383,8 @@ def test_a_centroids_gradient_is_the_sum_over_the_weights_sharing_it(spec):
 
 
 def test_trained_codebooks_beat_fixed_ones(teacher, data):
-    """Learning the centroids (Deep Compression) lowers the held-out loss more than moving weights
-    between fixed centroids, and the weights still end on k values."""
+    """On the example model, learning the centroids (Deep Compression) lowers the held-out loss more
+    than moving weights between fixed centroids, and the weights still end on k values."""
     from mpocompress.codecs import parse_codec
     from mpocompress.jobs.tune import _grid_quantizer
 

@@ -339,6 +339,16 @@ class _Trainer:
                 batches = batches[rank::world]
         self.batches = batches
 
+    def optimizer(self, lr: float) -> torch.optim.Optimizer:
+        """Adam over the trained parameters and the learned codebooks, these at ``GRID_LR_SCALE`` x
+        the rate (a centroid moves every weight that shares it at once)."""
+        from mpocompress.config import GRID_LR_SCALE
+
+        groups = [{"params": self.params, "lr": lr, "scale": 1.0}]
+        if self.quant.grids:
+            groups.append({"params": self.quant.grids, "lr": lr * GRID_LR_SCALE, "scale": GRID_LR_SCALE})
+        return torch.optim.Adam(groups, lr=lr)
+
     def evaluate(self) -> float:
         with self.quant.applied():
             return self.agreed(evaluate(self.student, self.teacher, self.val, self.config))
@@ -370,12 +380,12 @@ class _Trainer:
         for lr in LR_CANDIDATES:
             self.student.load_state_dict(start)
             self.quant.load(grids)
-            opt = torch.optim.Adam(self.params + self.quant.grids, lr=lr)
+            opt = self.optimizer(lr)
             self.student.train()
             i = 0
             while i < steps:
                 for g in opt.param_groups:
-                    g["lr"] = lr * (i + 1) / steps
+                    g["lr"] = g["scale"] * lr * (i + 1) / steps
                 t0 = time.perf_counter()
                 self.step(opt, i)
                 if not found and i == 0 and self.config.time is not None:
@@ -455,12 +465,12 @@ def finetune(
     if lr is None and config.steps > 0 and run.params:
         lr, result.lr_probe = run.probe(best_state, result.val_before)
     result.lr = lr
-    opt = torch.optim.Adam(run.params + run.quant.grids, lr=lr or 1e-4)
+    opt = run.optimizer(lr or 1e-4)
     student.train()
     running, step, stale = math.nan, 0, 0
     for step in range(1, config.steps + 1):
         for g in opt.param_groups:
-            g["lr"] = (lr or 1e-4) * lr_factor(step, config.steps, config.warmup)
+            g["lr"] = g["scale"] * (lr or 1e-4) * lr_factor(step, config.steps, config.warmup)
         lv = run.step(opt, step - 1)
         running = lv if math.isnan(running) else 0.9 * running + 0.1 * lv
         out_of_time = config.time is not None and time.perf_counter() - start >= config.time

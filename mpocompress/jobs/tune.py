@@ -245,11 +245,11 @@ def _quantizers(
     rows: dict[str, dict[str, Any]],
     masks: dict[str, torch.Tensor],
     grams: dict[str, torch.Tensor],
-    trained_grids: bool = True,
+    trained_grids: bool = False,
 ) -> dict[str, Any]:
     """A straight-through quantizer per stored parameter whose chain quantizes (quantization-aware
-    fine-tuning): a grid codec snaps to the grid of the starting values (a k-means codebook, learned
-    during the run when ``trained_grids``; per-row int8 scales, fixed); other codecs (casts, SEOFP)
+    fine-tuning): a grid codec snaps to the grid of the starting values (a k-means codebook, fixed
+    unless ``trained_grids``; per-row int8 scales, fixed); other codecs (casts, SEOFP)
     round-trip through the codec. A plain weight with recorded inputs starts from its GPTQ
     quantization on that grid."""
     from mpocompress.codecs import decode, encode, split_chain
