@@ -233,7 +233,7 @@ class GridQuantizer:
     fine-tuning: a centroid's gradient is the sum of the gradients of the weights that share it),
     while each weight keeps snapping to its nearest centroid (straight-through)."""
 
-    def __init__(self, snap: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], grid: torch.Tensor, trainable: bool = True) -> None:
+    def __init__(self, snap: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], grid: torch.Tensor, trainable: bool = False) -> None:
         self.snap = snap
         self.trainable = trainable
         self.grid = grid.detach().float().clone().requires_grad_(trainable)
@@ -286,9 +286,11 @@ class _FakeQuant:
             q.grid.grad = g if q.grid.grad is None else q.grid.grad + g
 
     def state(self) -> list[torch.Tensor]:
+        """A copy of the learned grids (kept with the best checkpoint and across the rate probe)."""
         return [g.detach().clone() for g in self.grids]
 
     def load(self, state: list[torch.Tensor]) -> None:
+        """Put back grids saved by :meth:`state`."""
         with torch.no_grad():
             for g, v in zip(self.grids, state):
                 g.copy_(v)
