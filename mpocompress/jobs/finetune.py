@@ -239,8 +239,9 @@ class GridQuantizer:
         self.grid = grid.detach().float().clone().requires_grad_(trainable)
 
     def values(self) -> torch.Tensor:
-        """The grid, sorted along its last dimension (training may swap two centroids)."""
-        return self.grid.sort(dim=-1).values
+        """The grid, sorted along its last dimension when learned (training may swap two centroids;
+        a codec's starting grid is sorted already)."""
+        return self.grid.sort(dim=-1).values if self.trainable else self.grid
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
