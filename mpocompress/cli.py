@@ -268,8 +268,9 @@ def main(verbose: int) -> None:
               help="Calibration and fine-tuning batches: safetensors file/folder ('inputs'[, 'targets']), a factory, or a .txt/.jsonl "
                    "text file (tokenized with the model folder's tokenizer into --seq-len windows).")
 @click.option("--seq-len", type=click.IntRange(min=2), default=512, show_default=True, help="Tokens per window of text --data.")
-@click.option("--kd-loss", type=click.Choice(["auto", "mse", "kl"]), default="auto", show_default=True,
-              help="Distillation loss: MSE between outputs, or KL between softmaxes (auto: KL for text data, else MSE).")
+@click.option("--kd-loss", type=click.Choice(["auto", "mse", "kl", "stft"]), default="auto", show_default=True,
+              help="Distillation loss: MSE between outputs, KL between softmaxes, or a multi-resolution STFT loss for waveform "
+                   "outputs (auto: KL for text data, else MSE).")
 @click.option("--temperature", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True, help="Softmax temperature of --kd-loss kl.")
 @click.option("--kd-hidden", type=click.FloatRange(0), default=0.0, show_default=True,
               help="Weight of an added hidden-state MSE between student and teacher blocks (a transformer's layers; 0: off).")

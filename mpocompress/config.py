@@ -187,7 +187,11 @@ class Gates:
 
 TRAIN_CHOICES = ("all", "central", "outer")
 TASK_LOSSES = ("mse", "cross_entropy")
-KD_LOSSES = ("mse", "kl")
+KD_LOSSES = ("mse", "kl", "stft")
+#: (FFT size, hop, window length) of ``kd_loss="stft"``: the three resolutions of the multi-resolution
+#: STFT loss of Demucs's speech denoiser at 16 kHz (our choice at any sample rate; a resolution whose
+#: window is longer than the output is skipped)
+STFT_RESOLUTIONS = ((512, 50, 240), (1024, 120, 600), (2048, 240, 1200))
 QAT_GRIDS = ("trained", "fixed")
 #: learning rate of learned k-means centroids (``qat_grid="trained"``) relative to the weights' (our
 #: choice: a centroid moves every weight that shares it)
@@ -222,7 +226,11 @@ class TuneConfig:
             loss against the batch's targets, when it has them, gets ``1 - kd_weight``.
         kd_loss: the distillation loss: ``"mse"`` between the outputs, or ``"kl"``: KL divergence of
             the student's softmax from the teacher's over the last dimension at ``temperature``, times
-            ``temperature**2`` (Hinton et al.; for logits: language models, classifiers).
+            ``temperature**2`` (Hinton et al.; for logits: language models, classifiers), or
+            ``"stft"``: a multi-resolution STFT loss over the last dimension (spectral convergence
+            plus L1 of log magnitudes, averaged over :data:`STFT_RESOLUTIONS`; for waveform outputs:
+            speech enhancers, vocoders), which weighs quiet time-frequency regions as a perceptual
+            metric does, where MSE on the waveform follows the loudest samples.
         temperature: softmax temperature of ``kd_loss="kl"``.
         kd_hidden: weight of an added hidden-state term: the mean over the model's blocks (the
             children of its longest ``nn.ModuleList``: a transformer's layers) of the MSE between

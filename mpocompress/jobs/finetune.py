@@ -7,7 +7,8 @@ tuple of tensors (passed as positional arguments to the model). A model's output
 when it returns a tuple or list (``nn.LSTM`` style).
 
 The loss of a batch is ``kd_weight * KD(student(x), teacher(x)) + (1 - kd_weight) * task(student(x), y)``
-(KD: MSE, or KL divergence of softmaxes at a temperature for logits; optionally plus a
+(KD: MSE, KL divergence of softmaxes at a temperature for logits, or a multi-resolution STFT loss
+for waveforms; optionally plus a
 hidden-state MSE over the model's blocks, see :func:`hidden_blocks`),
 the task term only when the batch has targets. Training uses Adam, a fixed seed, a fixed batch order
 (cycling over the training batches), and keeps the parameters with the lowest held-out loss seen
@@ -30,7 +31,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from mpocompress.config import TuneConfig
+from mpocompress.config import STFT_RESOLUTIONS, TuneConfig
 from mpocompress.errors import ConfigError
 from mpocompress.nn.layers import MPOMatrices
 
@@ -116,7 +117,39 @@ def distill_loss(out: torch.Tensor, ref: torch.Tensor, config: TuneConfig) -> to
         s = F.log_softmax(out.float() / t, dim=-1).reshape(-1, out.shape[-1])
         r = F.log_softmax(ref.float() / t, dim=-1).reshape(-1, ref.shape[-1])
         return F.kl_div(s, r, log_target=True, reduction="batchmean") * (t * t)
+    if config.kd_loss == "stft":
+        return stft_loss(out, ref)
     return F.mse_loss(out, ref)
+
+
+def _magnitudes(x: torch.Tensor, fft: int, hop: int, win: int, floor: torch.Tensor | None) -> torch.Tensor:
+    spec = torch.stft(x, fft, hop, win, window=torch.hann_window(win, device=x.device), return_complex=True)
+    power = torch.view_as_real(spec).pow(2).sum(-1)
+    return power.clamp_min(floor * floor).sqrt() if floor is not None else power.sqrt()
+
+
+def stft_loss(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Multi-resolution STFT loss of ``out`` against ``ref`` over their last dimension: for each of
+    :data:`~mpocompress.config.STFT_RESOLUTIONS` that fits, spectral convergence
+    ``|| |S_r| - |S_o| ||_F / || |S_r| ||_F`` plus the mean absolute difference of log magnitudes
+    (floored at 1e-5 of the reference's mean magnitude, so the loss does not depend on the output's
+    scale); averaged over the resolutions (Yamamoto et al.'s Parallel WaveGAN loss, as Demucs uses it)."""
+    o = out.float().reshape(-1, out.shape[-1])
+    r = ref.float().reshape(-1, ref.shape[-1]).detach()
+    terms = []
+    for fft, hop, win in STFT_RESOLUTIONS:
+        if r.shape[-1] <= max(win, fft // 2):
+            continue
+        mr = _magnitudes(r, fft, hop, win, None)
+        floor = (1e-5 * mr.mean()).clamp_min(1e-12)
+        mr = mr.clamp_min(floor)
+        mo = _magnitudes(o, fft, hop, win, floor)
+        sc = torch.linalg.norm(mr - mo) / torch.linalg.norm(mr)
+        terms.append(sc + (mr.log() - mo.log()).abs().mean())
+    if not terms:
+        raise ConfigError(f"kd_loss 'stft' needs outputs longer than {STFT_RESOLUTIONS[0][2]} samples in their last dimension, "
+                          f"got {r.shape[-1]}")
+    return torch.stack(terms).mean()
 
 
 def hidden_blocks(model: nn.Module) -> list[str]:
