@@ -7,6 +7,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from mpocompress import MPOConfig, load_state_dict
 from mpocompress.cli import main
@@ -15,6 +16,7 @@ from mpocompress.config import TuneConfig
 from mpocompress.data import example_checkpoint
 from mpocompress.jobs.calibrate import record_grams
 from mpocompress.jobs.finetune import (
+    distill_loss,
     evaluate,
     finetune,
     ipkd,
@@ -503,3 +505,39 @@ def test_record_pairs_ends_each_pass_after_the_group_and_records_the_same():
     assert len(calls) == 1  # the last layer ran in the first (full) pass only
     full, _ = record_grams(model, batches, weights={"2.weight"})
     assert torch.allclose(grams["2.weight"], full["2.weight"]) and torch.allclose(cross["2.weight"], full["2.weight"])
+
+
+def test_stft_distillation_loss_is_scale_free_and_sees_quiet_regions():
+    from mpocompress.errors import ConfigError
+    from mpocompress.jobs.finetune import stft_loss
+
+    cfg = TuneConfig(kd_loss="stft")
+    torch.manual_seed(0)
+    t = torch.arange(8000) / 16000
+    ref = torch.sin(2 * torch.pi * 440 * t) * torch.where(t < 0.25, 1.0, 1e-3)[None, :]  # loud, then quiet
+    assert distill_loss(ref, ref, cfg).item() == pytest.approx(0.0, abs=1e-6)
+    err = torch.randn(1, 8000) * 1e-3
+    assert distill_loss(ref + err, ref, cfg).item() == pytest.approx(distill_loss(1e3 * (ref + err), 1e3 * ref, cfg).item(), rel=1e-4)
+    loud, quiet = err.clone(), err.clone()
+    loud[:, 4000:] = 0
+    quiet[:, :4000] = 0
+    # the same error energy costs MSE alike, but the STFT loss more where the reference is quiet
+    mse = torch.nn.functional.mse_loss
+    assert 0.8 < mse(ref + quiet, ref).item() / mse(ref + loud, ref).item() < 1.25
+    assert stft_loss(ref + quiet, ref).item() > 1.5 * stft_loss(ref + loud, ref).item()
+    with pytest.raises(ConfigError, match="longer than 240"):
+        stft_loss(torch.randn(2, 200), torch.randn(2, 200))
+
+
+def test_stft_distillation_trains_a_waveform_model():
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Conv1d(1, 8, 9, padding=4), nn.Tanh(), nn.Conv1d(8, 1, 9, padding=4)).eval()
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.2 * torch.randn_like(p) * p.abs().mean())
+    data = [torch.randn(2, 1, 2000) for _ in range(5)]
+    cfg = TuneConfig(kd_loss="stft", steps=30, lr=3e-3, eval_every=5, patience=0)
+    before = evaluate(student, teacher, data[4:], cfg)
+    finetune(student, teacher, data[:4], val_batches=data[4:], config=cfg)
+    assert evaluate(student, teacher, data[4:], cfg) < 0.8 * before
