@@ -259,7 +259,8 @@ def perplexity_of(path: Path, folder: Path, ids: torch.Tensor, seq_len: int) -> 
 
 def _convert(src: Path, out: Path, config: Any, model_folder: Path | None, batches: list[Any] | None, *,
              seconds: float | None = None, calibrate: bool = True, recipe: Any = None, target: int | None = None,
-             samples: int | None = None, sequential: bool | str = "plain", methods: tuple[str, ...] | None = None) -> tuple[dict[str, Any], float]:  # fmt: skip
+             samples: int | None = None, sequential: bool | str = "plain", methods: tuple[str, ...] | None = None,
+             curvature: str = "kfac") -> tuple[dict[str, Any], float]:  # fmt: skip
     """Run our conversion in process; ``(report dict, seconds)``."""
     from mpocompress.config import TuneConfig
     from mpocompress.jobs.budget import convert_to_size
@@ -268,7 +269,7 @@ def _convert(src: Path, out: Path, config: Any, model_folder: Path | None, batch
 
     kwargs: dict[str, Any] = {}
     if batches is not None:
-        tune = TuneConfig(steps=100_000 if seconds else 0, time=seconds, kd_loss="kl", batch_size=batches[0].shape[0])
+        tune = TuneConfig(steps=100_000 if seconds else 0, time=seconds, kd_loss="kl", batch_size=batches[0].shape[0], curvature=curvature)
         kwargs = {"model": build_model(model_folder or src), "train_batches": batches, "tune": tune, "calibrate": calibrate,
                   "calibration_samples": samples, "sequential": sequential}  # fmt: skip
     t0 = time.perf_counter()
@@ -349,6 +350,11 @@ def run_size(p: float, ctx: dict[str, Any], distill: float | None, have: list[di
     if "ours, 2 cores, data-aware" not in done:
         report, secs = _convert(src, out, MPOConfig(ratio=ratio, cores=2, include=INCLUDE), None, cal, samples=ctx["samples"])
         add(_row("ours, 2 cores, data-aware", report, perplexity_of(out, src, ids, seq_len), secs, dense))
+    label = "ours, 2 cores, data-aware, --curvature none"
+    if label not in done:  # the same without the loss's curvature: each layer's output error alone
+        none_out = work / f"ours-2-data-none-{p}"
+        report, secs = _convert(src, none_out, MPOConfig(ratio=ratio, cores=2, include=INCLUDE), None, cal, samples=ctx["samples"], curvature="none")
+        add(_row(label, report, perplexity_of(none_out, src, ids, seq_len), secs, dense))
     ranks = _ranks(out)  # the peers get exactly our ranks
     label = "ours, 2 cores, data-aware, ranks allocated"
     if label not in done:  # the same file size, each layer's rank chosen (--target-size --methods svd)
@@ -397,7 +403,7 @@ def run_size(p: float, ctx: dict[str, Any], distill: float | None, have: list[di
         # distillation from the dense model
         out = work / f"peer-whiten-distill-{p}"
         rep, secs = _convert(src, out, MPOConfig(ratio=ratio, cores=2, include=INCLUDE), None, ctx["ft"], seconds=distill,
-                             samples=ctx["samples"], sequential=False)  # fmt: skip
+                             samples=ctx["samples"], sequential=False, curvature="none")  # fmt: skip
         add(_row(label, rep, perplexity_of(out, src, ids, seq_len), secs, dense, **_ft(rep)))
     label = f"ours, 2 cores, data-aware, ranks allocated + {distill:.0f} s distillation"
     if label not in done:  # the allocated row's file size and options, then the same distillation

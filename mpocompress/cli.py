@@ -293,6 +293,9 @@ def main(verbose: int) -> None:
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Rows per batch when a data file holds one 'inputs' tensor.")
 @click.option("--qat-grid", type=click.Choice(["fixed", "trained"]), default="fixed", show_default=True,
               help="Fine-tuning k-means-coded weights: keep the starting codebook (fixed), or learn its centroids with the weights (trained).")
+@click.option("--curvature", type=click.Choice(["kfac", "none"]), default="kfac", show_default=True,
+              help="With calibration: fit SVD layers to the distillation loss's curvature at their outputs (kfac: one backward pass "
+                   "of the dense model), or to their output error alone (none).")
 @click.option("--task", type=click.Choice(["generic", "speech-enhancement"]), default="generic", show_default=True,
               help="speech-enhancement: --data/--val-data are folders of noisy/ and clean/ wavs; targets are ideal ratio masks.")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
@@ -312,7 +315,7 @@ def main(verbose: int) -> None:
 def convert(ctx: click.Context, input_path: Path, output_path: Path, bond_dim, tol, ratio, cores, svd, prune, quantize, prune_scope, recipe_path, include, exclude, seed,
             as_json, report_path, force, strict, max_error, min_ratio, max_shard_size, als_sweeps, activations_path, model_spec, data_spec,
             val_spec, steps, calibration, calibration_samples, time_limit, lr, train_sel, kd_weight, task_loss, batch_size, task, workers,
-            ipkd_rounds, target_size, target_ratio, seq_len, kd_loss, temperature, kd_hidden, sensitivity, methods, qat_grid) -> None:  # fmt: skip
+            ipkd_rounds, target_size, target_ratio, seq_len, kd_loss, temperature, kd_hidden, sensitivity, methods, qat_grid, curvature) -> None:  # fmt: skip
     """Compress the weight matrices of INPUT into MPO cores and write a compact checkpoint.
 
     \b
@@ -341,7 +344,8 @@ def convert(ctx: click.Context, input_path: Path, output_path: Path, bond_dim, t
     tune_opts = {"steps": "--steps", "time_limit": "--time", "lr": "--lr", "train_sel": "--train", "kd_weight": "--kd-weight",
                  "task_loss": "--task-loss", "batch_size": "--batch-size", "ipkd_rounds": "--ipkd", "val_spec": "--val-data", "task": "--task",
                  "calibration": "--calibration", "calibration_samples": "--calibration-samples", "seq_len": "--seq-len",
-                 "kd_loss": "--kd-loss", "temperature": "--temperature", "kd_hidden": "--kd-hidden", "qat_grid": "--qat-grid"}  # fmt: skip
+                 "kd_loss": "--kd-loss", "temperature": "--temperature", "kd_hidden": "--kd-hidden", "qat_grid": "--qat-grid",
+                 "curvature": "--curvature"}  # fmt: skip
     from mpocompress.text.hf import is_model_folder
 
     if model_spec is None and data_spec is not None and is_model_folder(input_path):
@@ -388,7 +392,8 @@ def convert(ctx: click.Context, input_path: Path, output_path: Path, bond_dim, t
         if kd_loss == "auto":
             kd_loss = "kl" if is_text(data_spec) else "mse"
         tune = TuneConfig(steps=steps, time=time_limit, lr=lr, train=train_sel, kd_weight=kd_weight, kd_loss=kd_loss, temperature=temperature,
-                          kd_hidden=kd_hidden, task_loss=task_loss, batch_size=batch_size, ipkd=ipkd_rounds or 0, seed=seed, qat_grid=qat_grid)  # fmt: skip
+                          kd_hidden=kd_hidden, task_loss=task_loss, batch_size=batch_size, ipkd=ipkd_rounds or 0, seed=seed, qat_grid=qat_grid,
+                          curvature=curvature)  # fmt: skip
         extra.update(_tuning_inputs(model_spec, data_spec, val_spec, task, prune, seed, tune, input_path, seq_len))
         if calibration == "auto":  # measured: corrected targets help SE/encoder models, overfit on a language model
             calibration = "sequential-plain" if is_text(data_spec) else "sequential"

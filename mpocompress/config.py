@@ -193,6 +193,7 @@ KD_LOSSES = ("mse", "kl", "stft")
 #: window is longer than the output is skipped)
 STFT_RESOLUTIONS = ((512, 50, 240), (1024, 120, 600), (2048, 240, 1200))
 QAT_GRIDS = ("trained", "fixed")
+CURVATURES = ("kfac", "none")
 #: learning rate of learned k-means centroids (``qat_grid="trained"``) relative to the weights' (our
 #: choice: a centroid moves every weight that shares it)
 GRID_LR_SCALE = 0.1
@@ -248,6 +249,10 @@ class TuneConfig:
             with the weights, at ``GRID_LR_SCALE`` x the rate, as in Deep Compression's weight-sharing
             fine-tuning). Fixed is the default: on Resemblyzer and Conv-TasNet at 6.25 % of the file
             learned codebooks ended with a higher held-out loss (docs/methods.md).
+        curvature: with calibration, ``"kfac"`` weights each 2-core (SVD) layer's fit by the curvature
+            of the distillation loss at its outputs (a sampled Fisher, one backward pass of the dense
+            model: the K-FAC estimate of the loss increase instead of the layer's output error), or
+            ``"none"`` (the output error alone, SVD-LLM's objective).
     """
 
     steps: int = 200
@@ -267,6 +272,7 @@ class TuneConfig:
     ipkd: int = 0
     seed: int = 0
     qat_grid: str = "fixed"
+    curvature: str = "kfac"
 
     def __post_init__(self) -> None:
         if not isinstance(self.steps, int) or self.steps < 0:
@@ -291,6 +297,8 @@ class TuneConfig:
             raise ConfigError(f"kd_hidden must be a finite number >= 0, got {self.kd_hidden!r}")
         if self.qat_grid not in QAT_GRIDS:
             raise ConfigError(f"qat_grid must be one of {', '.join(QAT_GRIDS)}, got {self.qat_grid!r}")
+        if self.curvature not in CURVATURES:
+            raise ConfigError(f"curvature must be one of {', '.join(CURVATURES)}, got {self.curvature!r}")
         if self.task_loss not in TASK_LOSSES:
             raise ConfigError(f"task_loss must be one of {', '.join(TASK_LOSSES)}, got {self.task_loss!r}")
         if not isinstance(self.eval_every, int) or self.eval_every < 1:

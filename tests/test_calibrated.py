@@ -232,3 +232,59 @@ def test_gptq_factors_beat_rounding_the_factors(layer, spec):
     ours = [decode(p, m) for p, m in gptq_factor_codes(w, tt, codec, c)]
     recon = lambda cores: cores[0].reshape(48, 12) @ cores[1].reshape(12, 60)  # noqa: E731
     assert output_error(w, recon(ours), ch) < output_error(w, recon(plain), ch)
+
+
+def _kfac_loss(w, v, c, g):
+    e = (w - v).double()
+    g = torch.diag(g) if g.dim() == 1 else g
+    return float(torch.trace(g.double() @ e @ c.double() @ e.T))
+
+
+def test_kfac_whitened_svd_minimises_the_curvature_weighted_error(layer):
+    w, c, _ = layer
+    gen = torch.Generator().manual_seed(3)
+    b = torch.randn(48, 48, generator=gen) * torch.logspace(0, -2, 48)
+    g = (b @ b.T).double()  # an output curvature far from the identity
+    plain = whitened_svd(w, c, 8).to_matrix()
+    weighted = whitened_svd(w, c, 8, out_gram=g).to_matrix()
+    assert _kfac_loss(w, weighted, c, g) < 0.7 * _kfac_loss(w, plain, c, g)
+    assert output_error(w, plain, c) < output_error(w, weighted, c)  # each is optimal for its own objective
+    for _ in range(5):  # and a local optimum: nearby rank-8 weights are worse
+        near = whitened_svd(w + 1e-3 * torch.randn(w.shape, generator=gen), c, 8, out_gram=g).to_matrix()
+        assert _kfac_loss(w, weighted, c, g) <= _kfac_loss(w, near, c, g) * (1 + 1e-6)
+    # a diagonal curvature as a vector is the same as the diagonal matrix; the identity changes nothing
+    d = torch.diagonal(g).clone()
+    assert torch.allclose(whitened_svd(w, c, 8, out_gram=d).to_matrix(), whitened_svd(w, c, 8, out_gram=torch.diag(d)).to_matrix(), atol=1e-5)
+    eye = torch.eye(48, dtype=torch.float64)
+    assert torch.allclose(whitened_svd(w, c, 8, out_gram=eye).to_matrix(), plain, atol=1e-5)
+    with pytest.raises(ValueError, match="output curvature"):
+        whitened_svd(w, c, 8, out_gram=torch.ones(7))
+
+
+def test_record_output_curvature_is_the_gauss_newton_matrix():
+    from mpocompress.jobs.calibrate import record_output_curvature
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 5, bias=False), nn.Linear(5, 4, bias=False), nn.Conv1d(4, 3, 1, bias=False))
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.conv = net[0], net[1], net[2]
+
+        def forward(self, x):  # (batch, time, 6) -> (batch, 3, time)
+            return self.conv(self.b(self.a(x)).transpose(1, 2))
+
+    model = Model()
+    for p in model.parameters():
+        p.requires_grad_(False)  # a frozen teacher
+    batches = [torch.randn(4, 50, 6) for _ in range(25)]
+    g = record_output_curvature(model, batches, weights={"a.weight", "b.weight", "conv.weight"})
+    rows = 25 * 4 * 50
+    # MSE: the loss <y, z>, z ~ N(0, I), has E[g g^T] = J^T J at each layer's output
+    k = model.conv.weight[:, :, 0]
+    assert torch.allclose(g["conv.weight"] / rows, torch.eye(3, dtype=torch.float64), atol=0.05)
+    assert torch.allclose(g["b.weight"] / rows, (k.T @ k).double(), atol=0.05)
+    jb = k @ model.b.weight
+    assert torch.allclose(g["a.weight"] / rows, (jb.T @ jb).double(), atol=0.05)
+    assert not any(p.requires_grad for p in model.parameters())  # restored

@@ -119,7 +119,12 @@ def layer_budget(shape: tuple[int, int], config: MPOConfig) -> int | None:
 
 
 def compress_matrix(
-    matrix: torch.Tensor, config: MPOConfig, *, reference_svd: bool = True, gram: torch.Tensor | None = None
+    matrix: torch.Tensor,
+    config: MPOConfig,
+    *,
+    reference_svd: bool = True,
+    gram: torch.Tensor | None = None,
+    out_gram: torch.Tensor | None = None,
 ) -> MatrixResult:
     """Compress one ``(out, in)`` matrix under ``config``.
 
@@ -132,6 +137,9 @@ def compress_matrix(
             dimensions the data-free TT-SVD chose) are fitted to the outputs on them
             (:func:`mpocompress.core.whiten.fit_to_inputs`) and ``cores="auto"`` picks the least
             *output* error.
+        out_gram: with ``gram``, the curvature of the model's loss at the layer's outputs: 2-core
+            candidates minimise the K-FAC estimate of the loss instead of the output error
+            (:func:`mpocompress.core.whiten.whitened_factors`).
 
     Returns:
         A :class:`MatrixResult`; ``tt`` is None when no MPO would be smaller than the matrix.
@@ -155,7 +163,7 @@ def compress_matrix(
         if gram is not None:
             from mpocompress.core.whiten import fit_to_inputs
 
-            tt, fits[d] = fit_to_inputs(matrix, tt, gram)
+            tt, fits[d] = fit_to_inputs(matrix, tt, gram, out_gram=out_gram)
             out_err = fits[d]["output_error_after"]
         err = relative_error(matrix, tt.to_matrix())
         tried.append((Candidate(d, tt.num_params, err, tt.bond_dims, out_err), tt))

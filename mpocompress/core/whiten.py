@@ -34,6 +34,9 @@ from mpocompress.core.tt import TTMatrix, relative_error, tt_svd
 
 #: ridge added to every Gram matrix, relative to its mean diagonal (see the module docstring)
 DEFAULT_RIDGE = 1e-2
+#: ridge added to an output curvature (``out_gram``), relative to its mean diagonal (our choice: on
+#: SmolLM2-135M at 20 % fewer parameters, perplexity 85.5 with 0.1 against 86.7 with 1e-2)
+CURVATURE_RIDGE = 0.1
 
 
 def ridged(gram: torch.Tensor, ridge: float = DEFAULT_RIDGE) -> torch.Tensor:
@@ -55,15 +58,43 @@ def _roots(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return root, inv
 
 
-def whitened_factors(weight: torch.Tensor, gram: torch.Tensor, *, ridge: float = DEFAULT_RIDGE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def output_weighting(out_gram: torch.Tensor, ridge: float = CURVATURE_RIDGE) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(R, R^{-1})`` with ``R^T R`` = the ridged output curvature ``G`` (a full ``(out, out)``
+    matrix, or its diagonal as an ``(out,)`` vector, which gives diagonal ``R``), float64."""
+    g = out_gram.double()
+    if g.dim() == 1:
+        scale = float(g.mean())
+        if not scale > 0:
+            raise ValueError("the output curvature is all zero: nothing to weight by")
+        d = (g + ridge * scale).sqrt()
+        return torch.diag(d), torch.diag(1 / d)
+    return _roots(ridged(g, ridge))
+
+
+def whitened_factors(
+    weight: torch.Tensor, gram: torch.Tensor, *, ridge: float = DEFAULT_RIDGE, out_gram: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(U, s, V^T S^{-1})`` from the SVD of ``W S`` (``S S^T`` = the ridged Gram), float64: the
-    rank-``r`` output-optimal weight is ``U[:, :r] diag(s[:r]) (V^T S^{-1})[:r]``, for every ``r``."""
+    rank-``r`` output-optimal weight is ``U[:, :r] diag(s[:r]) (V^T S^{-1})[:r]``, for every ``r``.
+
+    ``out_gram``: the curvature ``G`` of the model's loss at the layer's outputs (the Gauss-Newton /
+    Fisher second moment of the output gradients, :func:`mpocompress.jobs.calibrate.record_output_curvature`;
+    full or diagonal). The factors then come from the SVD of ``R W S`` (``R^T R = G``) and ``U`` is
+    ``R^{-1} U'``: the rank-``r`` weight minimising ``tr(G (W - V) C (W - V)^T)``, the K-FAC estimate of
+    the loss increase, instead of the output error (errors in outputs the loss ignores cost nothing).
+    ``U`` is then not orthonormal."""
     out_f, in_f = weight.shape
     if tuple(gram.shape) != (in_f, in_f):
         raise ValueError(f"Gram matrix must be ({in_f}, {in_f}) for a weight with {in_f} inputs, got {tuple(gram.shape)}")
     root, inv = _roots(ridged(gram, ridge))
-    u, s, vh = torch.linalg.svd(weight.double() @ root, full_matrices=False)
-    return u, s, vh @ inv
+    if out_gram is None:
+        u, s, vh = torch.linalg.svd(weight.double() @ root, full_matrices=False)
+        return u, s, vh @ inv
+    if tuple(out_gram.shape) not in ((out_f,), (out_f, out_f)):
+        raise ValueError(f"output curvature must be ({out_f},) or ({out_f}, {out_f}), got {tuple(out_gram.shape)}")
+    left, left_inv = output_weighting(out_gram)
+    u, s, vh = torch.linalg.svd(left @ weight.double() @ root, full_matrices=False)
+    return left_inv @ u, s, vh @ inv
 
 
 def whitened_svd(
@@ -73,15 +104,17 @@ def whitened_svd(
     *,
     ridge: float = DEFAULT_RIDGE,
     factors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    out_gram: torch.Tensor | None = None,
 ) -> TTMatrix:
     """Rank-``rank`` factors minimising the output error on inputs with Gram ``gram``, as a 2-core MPO.
 
     The left core holds ``U_r`` and the right one ``S_r V_r^T S^{-1}``, the layout of a 2-core
     TT-SVD (:func:`mpocompress.core.tt.tt_svd`). ``factors``: :func:`whitened_factors` of the same
-    weight and Gram, to share one SVD between ranks.
+    weight and Gram, to share one SVD between ranks. ``out_gram``: weight the outputs by the loss's
+    curvature (:func:`whitened_factors`).
     """
     out_f, in_f = weight.shape
-    u, s, vhi = factors if factors is not None else whitened_factors(weight, gram, ridge=ridge)
+    u, s, vhi = factors if factors is not None else whitened_factors(weight, gram, ridge=ridge, out_gram=out_gram)
     r = max(1, min(int(rank), s.numel()))
     left = u[:, :r]
     right = s[:r, None] * vhi[:r]
@@ -130,6 +163,7 @@ def fit_to_inputs(
     *,
     sweeps: int = 4,
     ridge: float = DEFAULT_RIDGE,
+    out_gram: torch.Tensor | None = None,
 ) -> tuple[TTMatrix, dict[str, Any]]:
     """Data-aware cores with ``tt``'s modes and bond dimensions (``tt``: a data-free TT-SVD).
 
@@ -137,14 +171,16 @@ def fit_to_inputs(
     ridged Gram by :func:`mpocompress.core.refine.activation_refit` and the one with the lower output
     error is kept (never worse than ``tt`` refit alone). Returns ``(cores, info)``; ``info`` holds the
     method, the relative output errors (on the Gram as given) before and after, and the weight error.
+    ``out_gram``: the loss's curvature at the outputs; 2 cores then minimise the K-FAC loss estimate
+    (:func:`whitened_factors`); more cores do not use it yet.
     """
     w = weight.double()
     c = ridged(gram, ridge)
     before = output_error(w, tt.to_matrix().double(), gram)
     info: dict[str, Any] = {"output_error_before": before}
     if len(tt.cores) == 2:
-        best = whitened_svd(weight, gram, tt.bond_dims[0], ridge=ridge)
-        info["method"] = "whitened_svd"
+        best = whitened_svd(weight, gram, tt.bond_dims[0], ridge=ridge, out_gram=out_gram)
+        info["method"] = "whitened_svd" if out_gram is None else "kfac_whitened_svd"
     else:
         plain = activation_refit(w, tt, c, sweeps=sweeps).tt
         aware0 = activation_aware_tt(w, gram, tt.out_modes, tt.in_modes, tt.bond_dims, ridge=ridge)

@@ -360,6 +360,93 @@ def record_grams(
     return acc.grams, info
 
 
+#: ``record_output_curvature`` keeps a diagonal instead of the full ``(out, out)`` matrix beyond this
+#: many outputs (our choice: 4096^2 float64 is 128 MiB per layer)
+FULL_CURVATURE_MAX = 4096
+
+
+def _output_hook(module: nn.Module, key: str, seen: dict[str, list[torch.Tensor]]):
+    """A forward hook keeping ``module``'s output (``(rows, out)`` view) for its gradient, or None."""
+    from mpocompress.nn.surgery import is_hf_conv1d
+
+    if isinstance(module, nn.Linear) or is_hf_conv1d(module) or (isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups == 1):
+        return lambda m, args, out: seen[key].append(out) if isinstance(out, torch.Tensor) and out.requires_grad else None
+    return None
+
+
+def record_output_curvature(
+    model: nn.Module,
+    batches: Sequence[Any],
+    *,
+    weights: set[str],
+    kd_loss: str = "mse",
+    max_samples: int | None = None,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """For each of ``weights`` held by an ``nn.Linear`` (or subclass), Hugging Face ``Conv1D`` or
+    ``nn.Conv1d``/``nn.Conv2d`` (``groups=1``), the curvature of the model's loss at that layer's
+    outputs: ``G = sum g g^T`` over every output row (token, time step, pixel) of the gradients ``g``
+    of a loss *sampled from the model's own output distribution* -- labels drawn from the softmax for
+    ``kd_loss="kl"`` (logits), ``<y, z>`` with ``z ~ N(0, I)`` otherwise (MSE) -- so ``E[G]`` is the
+    Fisher / Gauss-Newton matrix of the outputs, and ``tr(G dW C dW^T)`` (``C`` the input Gram) the
+    K-FAC estimate of the loss increase of a weight change ``dW``. One forward and backward pass per
+    batch (``model``'s weights are not changed, its gradients not touched); float64; a vector (the
+    diagonal) for layers with over :data:`FULL_CURVATURE_MAX` outputs. Weights of other modules
+    (RNNs, attention internals) get none."""
+    from mpocompress.jobs.finetune import first_tensor
+
+    names = {id(t): k for k, t in model.state_dict(keep_vars=True).items() if k in weights}
+    seen: dict[str, list[torch.Tensor]] = {}
+    convs: set[str] = set()  # outputs (batch, channels, ...): channels moved last
+    hooks = []
+    for module in model.modules():
+        key = names.get(id(getattr(module, "weight", None)))
+        fn = _output_hook(module, key, seen) if key else None
+        if fn is not None:
+            seen[key] = []
+            hooks.append(module.register_forward_hook(fn))
+            if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+                convs.add(key)
+    acc: dict[str, torch.Tensor] = {}
+    gen = torch.Generator().manual_seed(seed)
+    was = model.training
+    frozen = [p for p in model.parameters() if not p.requires_grad]  # (a teacher's are): outputs need a graph
+    try:
+        model.eval()
+        for p in frozen:
+            p.requires_grad_(True)
+        for xs, _ in _capped(batches, max_samples):
+            for ys in seen.values():
+                ys.clear()
+            with torch.enable_grad():
+                out = first_tensor(model(*xs)).float()
+                taken = [(k, y) for k, ys in seen.items() for y in ys]
+                if not out.requires_grad or not taken:
+                    continue
+                if kd_loss == "kl":
+                    logits = out.reshape(-1, out.shape[-1])
+                    labels = torch.multinomial(F.softmax(logits.detach(), -1), 1, generator=gen).squeeze(-1)
+                    loss = F.cross_entropy(logits, labels, reduction="sum")
+                else:
+                    loss = (out * torch.randn(out.shape, generator=gen)).sum()
+                grads = torch.autograd.grad(loss, [y for _, y in taken], allow_unused=True)
+            for (k, _), g in zip(taken, grads):
+                if g is None:
+                    continue
+                g = (g.movedim(1, -1) if k in convs else g).reshape(-1, g.shape[1] if k in convs else g.shape[-1]).double()
+                part = g.pow(2).sum(0) if g.shape[-1] > FULL_CURVATURE_MAX else g.T @ g
+                acc[k] = acc[k] + part if k in acc else part
+    finally:
+        model.train(was)
+        for p in frozen:
+            p.requires_grad_(False)
+        for h in hooks:
+            h.remove()
+        for ys in seen.values():
+            ys.clear()
+    return acc
+
+
 def thin_inputs(rows: dict[str, int], grams: dict[str, torch.Tensor]) -> list[str]:
     """The weights of ``grams`` whose recorded inputs had fewer rows (samples x positions) than the
     weight has inputs, with one warning naming the worst: their Gram matrices are singular, so a
@@ -422,6 +509,7 @@ def compress_sequentially_(
     batches: list[Any],
     max_samples: int | None = None,
     correct: bool = True,
+    out_grams: dict[str, torch.Tensor] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
     """``compress_`` (MPO only) in the order the model runs its layers, each group of layers fitted
     so that, fed the inputs ``X_s`` it gets in the model *as compressed so far*, it reproduces the
@@ -434,7 +522,8 @@ def compress_sequentially_(
     layers after it see it quantized; a layer kept dense keeps its own weight. ``correct=False``:
     each layer is fitted to its *own* outputs on ``X_s`` (target ``W``; GPTQ's and SVD-LLM's
     convention) -- on a small language model the corrected targets overfit the calibration windows
-    and lose badly (docs/methods.md). Returns ``(compress_'s rows, the Gram matrices used, by weight name)``."""
+    and lose badly (docs/methods.md). ``out_grams``: the loss's curvature at each layer's outputs in
+    the dense model (:func:`record_output_curvature`), passed on to ``compress_``. Returns ``(compress_'s rows, the Gram matrices used, by weight name)``."""
     from mpocompress.core.whiten import DEFAULT_RIDGE
     from mpocompress.nn.surgery import compress_
 
@@ -469,7 +558,8 @@ def compress_sequentially_(
                 with torch.no_grad():
                     p.copy_(target.reshape(p.shape).to(p.dtype))
         used.update(grams)
-        new_rows = compress_(model, config, recipe=recipe, names=set(group), include=(), exclude=(), codecs=False, grams=grams)
+        new_rows = compress_(model, config, recipe=recipe, names=set(group), include=(), exclude=(), codecs=False, grams=grams,
+                             out_grams=out_grams)  # fmt: skip
         rows += new_rows
         params = dict(model.named_parameters())
         for r in new_rows:  # a layer kept dense keeps its own weight (unless a codec stores it: GPTQ below)

@@ -58,7 +58,7 @@ def finetune_in_memory(
 
     dense, teacher, student, train, val = _load_models(ckpt, model, train, val, tune)
     start = time.perf_counter()
-    rows = _compress_student(student, teacher, config, recipe, layers, train, grams, sequential, calibration_samples)
+    rows = _compress_student(student, teacher, config, recipe, layers, train, grams, sequential, calibration_samples, tune)
     calibration = _sequential_summary(sequential, train, calibration_samples, grams, time.perf_counter() - start)
 
     # what gets pruned: the weight, or its cores when it became an MPO
@@ -158,19 +158,31 @@ def _sequential_summary(sequential: bool | str, train: list[Any], cap: int | Non
 
 
 def _compress_student(student: Any, teacher: Any, config: MPOConfig, recipe: Recipe | None, layers: list[str], train: list[Any],
-                      grams: dict[str, torch.Tensor] | None, sequential: bool | str, samples: int | None) -> dict[str, dict[str, Any]]:  # fmt: skip
+                      grams: dict[str, torch.Tensor] | None, sequential: bool | str, samples: int | None,
+                      tune: TuneConfig) -> dict[str, dict[str, Any]]:  # fmt: skip
     """MPO cores for the student in memory (codecs come later), by weight name: fitted to recorded
-    inputs, sequentially (``grams`` is then updated with the inputs used) or to the dense ones."""
+    inputs, sequentially (``grams`` is then updated with the inputs used) or to the dense ones; with
+    ``tune.curvature == "kfac"``, weighted by the loss's curvature at each layer's outputs (one
+    backward pass of the dense model over the calibration batches)."""
+    out_grams = None
+    if tune.curvature == "kfac" and (sequential or grams):
+        from mpocompress.jobs.calibrate import record_output_curvature
+
+        t0 = time.perf_counter()
+        out_grams = record_output_curvature(teacher, train, weights=set(layers), kd_loss=tune.kd_loss, max_samples=samples, seed=tune.seed)
+        log.info("output curvature of %d weights in %.1fs", len(out_grams), time.perf_counter() - t0)
     if sequential:
         from mpocompress.jobs.calibrate import compress_sequentially_
 
-        seq_rows, seq_grams = compress_sequentially_(student, teacher, config, recipe, layers, train, samples, correct=sequential != "plain")
+        seq_rows, seq_grams = compress_sequentially_(student, teacher, config, recipe, layers, train, samples, correct=sequential != "plain",
+                                                     out_grams=out_grams)  # fmt: skip
         if grams is not None:
             grams.update(seq_grams)  # the write (GPTQ of what training left) sees the same inputs
         return {r["name"]: r for r in seq_rows}
     from mpocompress.nn.surgery import compress_
 
-    return {r["name"]: r for r in compress_(student, config, recipe=recipe, names=set(layers), include=(), exclude=(), codecs=False, grams=grams)}
+    return {r["name"]: r for r in compress_(student, config, recipe=recipe, names=set(layers), include=(), exclude=(), codecs=False, grams=grams,
+                                            out_grams=out_grams)}  # fmt: skip
 
 
 def _load_models(

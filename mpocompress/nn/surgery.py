@@ -86,6 +86,7 @@ def compress_(
     names: set[str] | None = None,
     codecs: bool = True,
     grams: dict[str, torch.Tensor] | None = None,
+    out_grams: dict[str, torch.Tensor] | None = None,
 ) -> list[dict[str, Any]]:
     """Compress ``model`` in place under the **whole** ``config``: MPO, pruning and quantization.
 
@@ -105,6 +106,8 @@ def compress_(
         grams: Gram matrices of recorded inputs by weight name
             (:func:`mpocompress.jobs.calibrate.record_grams`): those weights' cores are fitted to
             their outputs (:func:`mpocompress.core.compress.compress_matrix`).
+        out_grams: the loss's curvature at those weights' outputs by name
+            (:func:`mpocompress.jobs.calibrate.record_output_curvature`), used with ``grams``.
 
     Returns:
         One dict per selected weight: ``name``, ``status`` (``"mpo"``/``"codec"``/``"dense"``),
@@ -139,11 +142,12 @@ def compress_(
                 rows.append(_row(full, "dense", weight.numel(), weight.numel(), cfg, reason="non-finite values (NaN/Inf)"))
                 continue
             gram = (grams or {}).get(full)
+            out_gram = (out_grams or {}).get(full) if gram is not None else None
             if gram is not None and is_hf_conv1d(module):  # stored (in, out): fit the (out, in) matrix, store it transposed back
-                res = compress_matrix(weight.T, cfg, gram=gram)
+                res = compress_matrix(weight.T, cfg, gram=gram, out_gram=out_gram)
                 res.tt = res.tt.transpose() if res.tt is not None else None
             else:
-                res = compress_matrix(weight.reshape(weight.shape[0], -1), cfg, gram=gram)
+                res = compress_matrix(weight.reshape(weight.shape[0], -1), cfg, gram=gram, out_gram=out_gram)
             rows.append(_row(full, res.status, res.params, res.dense_params, cfg, res=res))
             if res.tt is not None:
                 tts[w] = res.tt
