@@ -293,9 +293,9 @@ def main(verbose: int) -> None:
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Rows per batch when a data file holds one 'inputs' tensor.")
 @click.option("--qat-grid", type=click.Choice(["fixed", "trained"]), default="fixed", show_default=True,
               help="Fine-tuning k-means-coded weights: keep the starting codebook (fixed), or learn its centroids with the weights (trained).")
-@click.option("--curvature", type=click.Choice(["kfac", "none"]), default="kfac", show_default=True,
+@click.option("--curvature", type=click.Choice(["auto", "kfac", "none"]), default="auto", show_default=True,
               help="With calibration: fit SVD layers to the distillation loss's curvature at their outputs (kfac: one backward pass "
-                   "of the dense model), or to their output error alone (none).")
+                   "of the dense model), to their output error alone (none), or both, keeping the lower held-out loss (auto).")
 @click.option("--task", type=click.Choice(["generic", "speech-enhancement"]), default="generic", show_default=True,
               help="speech-enhancement: --data/--val-data are folders of noisy/ and clean/ wavs; targets are ideal ratio masks.")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,

@@ -193,7 +193,7 @@ KD_LOSSES = ("mse", "kl", "stft")
 #: window is longer than the output is skipped)
 STFT_RESOLUTIONS = ((512, 50, 240), (1024, 120, 600), (2048, 240, 1200))
 QAT_GRIDS = ("trained", "fixed")
-CURVATURES = ("kfac", "none")
+CURVATURES = ("auto", "kfac", "none")
 #: learning rate of learned k-means centroids (``qat_grid="trained"``) relative to the weights' (our
 #: choice: a centroid moves every weight that shares it)
 GRID_LR_SCALE = 0.1
@@ -251,8 +251,9 @@ class TuneConfig:
             learned codebooks ended with a higher held-out loss (docs/methods.md).
         curvature: with calibration, ``"kfac"`` weights each 2-core (SVD) layer's fit by the curvature
             of the distillation loss at its outputs (a sampled Fisher, one backward pass of the dense
-            model: the K-FAC estimate of the loss increase instead of the layer's output error), or
-            ``"none"`` (the output error alone, SVD-LLM's objective).
+            model: the K-FAC estimate of the loss increase instead of the layer's output error),
+            ``"none"`` (the output error alone, SVD-LLM's objective), or ``"auto"``: both, keeping the
+            one with the lower held-out distillation loss (twice the calibration time).
     """
 
     steps: int = 200
@@ -272,7 +273,7 @@ class TuneConfig:
     ipkd: int = 0
     seed: int = 0
     qat_grid: str = "fixed"
-    curvature: str = "kfac"
+    curvature: str = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.steps, int) or self.steps < 0:

@@ -428,13 +428,21 @@ def test_convert_calibrates_without_training(tmp_path, factory_file, data_file):
     assert rc["calibration"]["samples"] > 0 and "calibration" not in rp
     assert rc["totals"]["bytes"] == rp["totals"]["bytes"]
     assert rc["finetune"]["val_kd_loss"]["compressed"] < 0.7 * rp["finetune"]["val_kd_loss"]["compressed"]
-    methods = {r["name"]: r["refine"]["calibrated"]["method"] for r in rc["layers"] if r["status"] == "mpo"}
+    res = run("convert", *common[:1], "-o", tmp_path / "kf.safetensors", *common[1:], "--curvature", "kfac")
+    assert res.exit_code == 0, res.output
+    kfac = json.loads(res.stdout)
+    methods = {r["name"]: r["refine"]["calibrated"]["method"] for r in kfac["layers"] if r["status"] == "mpo"}
     # the linears' outputs have a curvature; an LSTM's gates are inside the module and keep the plain fit
     assert {n: m for n, m in methods.items() if "lstm" not in n} == {"inp.weight": "kfac_whitened_svd", "out.weight": "kfac_whitened_svd"}
     assert {m for n, m in methods.items() if "lstm" in n} == {"whitened_svd"}
-    flat = run("convert", *common[:1], "-o", tmp_path / "f.safetensors", *common[1:], "--curvature", "none")
-    rf = json.loads(flat.stdout)
-    assert all(r["refine"]["calibrated"]["method"] == "whitened_svd" for r in rf["layers"] if r["status"] == "mpo")
+    flat = json.loads(run("convert", *common[:1], "-o", tmp_path / "f.safetensors", *common[1:], "--curvature", "none").stdout)
+    assert all(r["refine"]["calibrated"]["method"] == "whitened_svd" for r in flat["layers"] if r["status"] == "mpo")
+    assert "curvature" not in flat["finetune"] and kfac["finetune"]["curvature"] == {"chosen": "kfac"}
+    # auto (the default) made both and kept the lower held-out loss: here (our own model) without the curvature
+    losses = {k: v["finetune"]["val_kd_loss"]["compressed"] for k, v in (("kfac", kfac), ("none", flat))}
+    assert rc["finetune"]["curvature"]["val_kd_loss"] == pytest.approx(losses, rel=1e-6)
+    best = min(losses, key=losses.get)
+    assert rc["finetune"]["curvature"]["chosen"] == best and rc["finetune"]["val_kd_loss"]["compressed"] == pytest.approx(losses[best])
     capped = run("convert", *common[:1], "-o", tmp_path / "k.safetensors", *common[1:], "--calibration-samples", "5")
     assert json.loads(capped.stdout)["calibration"]["samples"] == 5
 

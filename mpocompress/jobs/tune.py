@@ -58,7 +58,7 @@ def finetune_in_memory(
 
     dense, teacher, student, train, val = _load_models(ckpt, model, train, val, tune)
     start = time.perf_counter()
-    rows = _compress_student(student, teacher, config, recipe, layers, train, grams, sequential, calibration_samples, tune)
+    rows, curvature = _calibrated_student(student, teacher, config, recipe, layers, train, val, grams, sequential, calibration_samples, tune)
     calibration = _sequential_summary(sequential, train, calibration_samples, grams, time.perf_counter() - start)
 
     # what gets pruned: the weight, or its cores when it became an MPO
@@ -138,6 +138,7 @@ def finetune_in_memory(
            if has_targets else {}),
         **result, **({"units": unit_summary} if unit_summary else {}),
         **({"calibration": calibration} if calibration is not None else {}),
+        **({"curvature": curvature} if curvature is not None else {}),
     }  # fmt: skip
     sd = student.state_dict()
     tensors = {n: sd[n].detach().to(dense[n].dtype) for n in dense if n in sd}
@@ -157,20 +158,53 @@ def _sequential_summary(sequential: bool | str, train: list[Any], cap: int | Non
             "samples": samples if cap is None else min(samples, cap), "weights": len(grams or {}), "seconds": round(seconds, 3)}  # fmt: skip
 
 
-def _compress_student(student: Any, teacher: Any, config: MPOConfig, recipe: Recipe | None, layers: list[str], train: list[Any],
-                      grams: dict[str, torch.Tensor] | None, sequential: bool | str, samples: int | None,
-                      tune: TuneConfig) -> dict[str, dict[str, Any]]:  # fmt: skip
-    """MPO cores for the student in memory (codecs come later), by weight name: fitted to recorded
-    inputs, sequentially (``grams`` is then updated with the inputs used) or to the dense ones; with
-    ``tune.curvature == "kfac"``, weighted by the loss's curvature at each layer's outputs (one
-    backward pass of the dense model over the calibration batches)."""
+def _calibrated_student(student: Any, teacher: Any, config: MPOConfig, recipe: Recipe | None, layers: list[str], train: list[Any],
+                        val: list[Any], grams: dict[str, torch.Tensor] | None, sequential: bool | str, samples: int | None,
+                        tune: TuneConfig) -> tuple[dict[str, dict[str, Any]], dict[str, Any] | None]:  # fmt: skip
+    """:func:`_compress_student` with the ``tune.curvature`` choice: ``"kfac"`` weights each SVD
+    layer's fit by the loss's curvature at its outputs (one sampled backward pass of the dense model
+    over the calibration batches); ``"auto"`` compresses a copy both ways and keeps the one with the
+    lower held-out distillation loss (the curvature is a local estimate: it helped a language model
+    and hurt MiniLM and Resemblyzer, docs/methods.md). Returns ``(rows, the choice's record or None)``."""
+    import copy
+
+    data_aware = bool(sequential or grams)
     out_grams = None
-    if tune.curvature == "kfac" and (sequential or grams):
+    if tune.curvature in ("kfac", "auto") and data_aware:
         from mpocompress.jobs.calibrate import record_output_curvature
 
         t0 = time.perf_counter()
         out_grams = record_output_curvature(teacher, train, weights=set(layers), kd_loss=tune.kd_loss, max_samples=samples, seed=tune.seed)
         log.info("output curvature of %d weights in %.1fs", len(out_grams), time.perf_counter() - t0)
+    if tune.curvature != "auto" or not out_grams:
+        rows = _compress_student(student, teacher, config, recipe, layers, train, grams, sequential, samples, out_grams)
+        return rows, ({"chosen": tune.curvature} if data_aware and out_grams else None)
+    from mpocompress.jobs.finetune import evaluate
+
+    kd = dataclasses.replace(tune, kd_weight=1.0)
+    other = copy.deepcopy(student)
+    other_grams = dict(grams) if grams is not None else None
+    rows = _compress_student(student, teacher, config, recipe, layers, train, grams, sequential, samples, out_grams)
+    plain = _compress_student(other, teacher, config, recipe, layers, train, other_grams, sequential, samples, None)
+    losses = {"kfac": evaluate(student, teacher, val, kd), "none": evaluate(other, teacher, val, kd)}
+    chosen = "kfac" if losses["kfac"] <= losses["none"] else "none"
+    log.info("--curvature auto: held-out distillation loss %.4g with the curvature, %.4g without: %s", losses["kfac"], losses["none"], chosen)
+    if chosen == "none":  # the other student's modules, in place (``cores="auto"`` may have chosen other core counts)
+        for attr in ("_parameters", "_buffers", "_modules"):
+            setattr(student, attr, getattr(other, attr))
+        rows = plain
+        if grams is not None:
+            grams.clear()
+            grams.update(other_grams or {})
+    return rows, {"chosen": chosen, "val_kd_loss": losses}
+
+
+def _compress_student(student: Any, teacher: Any, config: MPOConfig, recipe: Recipe | None, layers: list[str], train: list[Any],
+                      grams: dict[str, torch.Tensor] | None, sequential: bool | str, samples: int | None,
+                      out_grams: dict[str, torch.Tensor] | None) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """MPO cores for the student in memory (codecs come later), by weight name: fitted to recorded
+    inputs, sequentially (``grams`` is then updated with the inputs used) or to the dense ones;
+    ``out_grams``: weighted by the loss's curvature at those weights' outputs."""
     if sequential:
         from mpocompress.jobs.calibrate import compress_sequentially_
 
