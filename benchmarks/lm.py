@@ -518,6 +518,49 @@ def run_rank_weights(src: Path, cal: list[Any], ids: torch.Tensor, seq_len: int,
     return res
 
 
+def run_curvature(src: Path, cal: list[Any], ids: torch.Tensor, seq_len: int, p: float = 0.2) -> dict[str, Any]:
+    """Why ``--curvature``: whitened SVD at uniform ranks (``p`` fewer parameters in every linear; the
+    dense model's inputs, no sequential calibration) fitted to each layer's output error, to the
+    K-FAC estimate of the loss with the full output curvature (two ridges), and with its diagonal
+    (Fisher-weighted SVD, Hsu et al. 2022, on whitened inputs)."""
+    from mpocompress.core.whiten import whitened_factors
+    from mpocompress.jobs.calibrate import record_grams, record_output_curvature
+    from mpocompress.text.evaluate import load_lm, perplexity
+
+    model = load_lm(src, src)
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    names = [n for n in sd if fnmatch.fnmatch(n, INCLUDE[0])]
+    t0 = time.perf_counter()
+    grams, _ = record_grams(model, cal, weights=set(names))
+    names = [n for n in names if n in grams]
+    curv = record_output_curvature(model, cal, weights=set(names), kd_loss="kl")
+    res: dict[str, Any] = {"size": f"-{p:.0%} params", "layers": len(names), "record_seconds": round(time.perf_counter() - t0)}
+    ranks = {n: int(sd[n].shape[0] * sd[n].shape[1] / ((1 / (1 - p)) * sum(sd[n].shape))) for n in names}
+    schemes = {"output error (SVD-LLM's objective)": {}, "K-FAC, full curvature, ridge 0.01": {"out": "full", "out_ridge": 0.01},
+               "K-FAC, full curvature, ridge 0.1 (--curvature kfac)": {"out": "full", "out_ridge": 0.1},
+               "diagonal curvature (Fisher-weighted), ridge 0.1": {"out": "diag", "out_ridge": 0.1}}  # fmt: skip
+    for label, kw in schemes.items():
+        t1 = time.perf_counter()
+        new = dict(sd)
+        for n, r in ranks.items():
+            c = curv[n]
+            g = None if not kw else c if kw["out"] == "full" or c.dim() == 1 else torch.diagonal(c)
+            u, sv, right = whitened_factors(sd[n], grams[n], out_gram=g, out_ridge=kw.get("out_ridge", 0.1))
+            new[n] = ((u[:, :r] * sv[:r]) @ right[:r]).to(sd[n].dtype)
+        model.load_state_dict(new)
+        ppl = perplexity(model, ids, seq_len)["ppl"]
+        res[label] = {"ppl": ppl, "seconds": round(time.perf_counter() - t1)}
+        print(f"  {label:<52} ppl {ppl:10.2f}", flush=True)
+    return res
+
+
+def curvature_table(res: dict[str, Any]) -> str:
+    lines = [f"SmolLM2-135M-Instruct, {res['size']} in each of its {res['layers']} decoder linears (uniform ranks), whitened SVD on the "
+             "dense model's inputs; `python benchmarks/lm.py curvature`.", "", "| fitted to | perplexity |", "|---|---:|"]  # fmt: skip
+    lines += [f"| {k} | {v['ppl']:.2f} |" for k, v in res.items() if isinstance(v, dict)]
+    return "\n".join(lines)
+
+
 def rank_weights_table(res: dict[str, Any]) -> str:
     lines = [f"Whitened SVD of SmolLM2-135M's {res['layers']} decoder linears at {res['size']} (the uniform cut's parameters), "
              "dense-model inputs (32 windows of *Emma*), perplexity on *Persuasion*:", "",
@@ -662,7 +705,7 @@ def table(results: dict[str, Any]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("step", nargs="?", default="run", choices=["prepare", "run", "layers", "rank-weights", "refit"])
+    ap.add_argument("step", nargs="?", default="run", choices=["prepare", "run", "layers", "rank-weights", "refit", "curvature"])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--eval-tokens", type=int, default=8192)
@@ -707,6 +750,11 @@ def main() -> None:
         res = run_rank_weights(src, cal, ids, args.seq_len)
         (RESULTS.parent / "lm_rank_weights.json").write_text(json.dumps(res, indent=2) + "\n")
         _write_block("lm-rank-weights", rank_weights_table(res), "\n\n### Which layers give up rank: the weighting\n\n")
+        return
+    if args.step == "curvature":
+        res = run_curvature(src, cal, ids, args.seq_len)
+        (RESULTS.parent / "lm_curvature.json").write_text(json.dumps(res, indent=2) + "\n")
+        _write_block("lm-curvature", curvature_table(res), "\n\n### Fitting to the loss instead of the layer: `--curvature`\n\n")
         return
     ft = list(emma[: args.cal_windows * 4].split(4))  # fine-tuning: more of the same novel (10 % held out)
     work = WORK / ("runs-quick" if args.quick else "runs")

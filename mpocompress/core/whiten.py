@@ -72,7 +72,12 @@ def output_weighting(out_gram: torch.Tensor, ridge: float = CURVATURE_RIDGE) -> 
 
 
 def whitened_factors(
-    weight: torch.Tensor, gram: torch.Tensor, *, ridge: float = DEFAULT_RIDGE, out_gram: torch.Tensor | None = None
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    *,
+    ridge: float = DEFAULT_RIDGE,
+    out_gram: torch.Tensor | None = None,
+    out_ridge: float = CURVATURE_RIDGE,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(U, s, V^T S^{-1})`` from the SVD of ``W S`` (``S S^T`` = the ridged Gram), float64: the
     rank-``r`` output-optimal weight is ``U[:, :r] diag(s[:r]) (V^T S^{-1})[:r]``, for every ``r``.
@@ -82,7 +87,7 @@ def whitened_factors(
     full or diagonal). The factors then come from the SVD of ``R W S`` (``R^T R = G``) and ``U`` is
     ``R^{-1} U'``: the rank-``r`` weight minimising ``tr(G (W - V) C (W - V)^T)``, the K-FAC estimate of
     the loss increase, instead of the output error (errors in outputs the loss ignores cost nothing).
-    ``U`` is then not orthonormal."""
+    ``U`` is then not orthonormal. ``out_ridge``: the ridge added to ``G`` (relative to its mean diagonal)."""
     out_f, in_f = weight.shape
     if tuple(gram.shape) != (in_f, in_f):
         raise ValueError(f"Gram matrix must be ({in_f}, {in_f}) for a weight with {in_f} inputs, got {tuple(gram.shape)}")
@@ -92,7 +97,7 @@ def whitened_factors(
         return u, s, vh @ inv
     if tuple(out_gram.shape) not in ((out_f,), (out_f, out_f)):
         raise ValueError(f"output curvature must be ({out_f},) or ({out_f}, {out_f}), got {tuple(out_gram.shape)}")
-    left, left_inv = output_weighting(out_gram)
+    left, left_inv = output_weighting(out_gram, out_ridge)
     u, s, vh = torch.linalg.svd(left @ weight.double() @ root, full_matrices=False)
     return left_inv @ u, s, vh @ inv
 
