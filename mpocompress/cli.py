@@ -295,7 +295,8 @@ def main(verbose: int) -> None:
               help="Fine-tuning k-means-coded weights: keep the starting codebook (fixed), or learn its centroids with the weights (trained).")
 @click.option("--curvature", type=click.Choice(["auto", "kfac", "none"]), default="auto", show_default=True,
               help="With calibration: fit SVD layers to the distillation loss's curvature at their outputs (kfac: one backward pass "
-                   "of the dense model), to their output error alone (none), or both, keeping the lower held-out loss (auto).")
+                   "of the dense model), to their output error alone (none), or auto: with --kd-loss kl both, keeping the lower held-out loss, "
+                   "else none.")
 @click.option("--task", type=click.Choice(["generic", "speech-enhancement"]), default="generic", show_default=True,
               help="speech-enhancement: --data/--val-data are folders of noisy/ and clean/ wavs; targets are ideal ratio masks.")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,

@@ -252,8 +252,9 @@ class TuneConfig:
         curvature: with calibration, ``"kfac"`` weights each 2-core (SVD) layer's fit by the curvature
             of the distillation loss at its outputs (a sampled Fisher, one backward pass of the dense
             model: the K-FAC estimate of the loss increase instead of the layer's output error),
-            ``"none"`` (the output error alone, SVD-LLM's objective), or ``"auto"``: both, keeping the
-            one with the lower held-out distillation loss (twice the calibration time).
+            ``"none"`` (the output error alone, SVD-LLM's objective), or ``"auto"``: with
+            ``kd_loss="kl"`` both, keeping the one with the lower held-out distillation loss (twice
+            the calibration time), else ``"none"`` (measured: docs/methods.md).
     """
 
     steps: int = 200

@@ -228,6 +228,10 @@ def test_a_hugging_face_folder_calibrates_trains_and_evaluates_with_no_user_code
     report = json.loads(res.stdout)
     assert report["finetune"]["config"]["kd_hidden"] == 0.5
     assert report["calibration"]["weights"] == 14 and report["calibration"]["mode"] == "sequential-plain" and report["finetune"]["config"]["kd_loss"] == "kl"
+    # --curvature auto with logits: both fits made, the lower held-out KL kept (and the start of training)
+    curv = report["finetune"]["curvature"]
+    assert set(curv["val_kd_loss"]) == {"kfac", "none"} and curv["chosen"] == min(curv["val_kd_loss"], key=curv["val_kd_loss"].get)
+    assert report["finetune"]["val_kd_loss"]["compressed"] == pytest.approx(curv["val_kd_loss"][curv["chosen"]], rel=1e-5)
     assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
     res = run("evaluate", "--task", "lm", folder, out, "--data", tmp_path / "eval.txt", "--seq-len", "32", "--json")
     assert res.exit_code == 0, res.output

@@ -163,12 +163,15 @@ def _calibrated_student(student: Any, teacher: Any, config: MPOConfig, recipe: R
                         tune: TuneConfig) -> tuple[dict[str, dict[str, Any]], dict[str, Any] | None]:  # fmt: skip
     """:func:`_compress_student` with the ``tune.curvature`` choice: ``"kfac"`` weights each SVD
     layer's fit by the loss's curvature at its outputs (one sampled backward pass of the dense model
-    over the calibration batches); ``"auto"`` compresses a copy both ways and keeps the one with the
-    lower held-out distillation loss (the curvature is a local estimate: it helped a language model
-    and hurt MiniLM and Resemblyzer, docs/methods.md). Returns ``(rows, the choice's record or None)``."""
+    over the calibration batches); ``"auto"``, with a KL (logit) distillation loss, compresses a copy
+    both ways and keeps the one with the lower held-out distillation loss, and with any other loss
+    is ``"none"`` (the curvature helped a language model and hurt MiniLM, Resemblyzer and Conv-TasNet,
+    all distilled by MSE: docs/methods.md). Returns ``(rows, the choice's record or None)``."""
     import copy
 
     data_aware = bool(sequential or grams)
+    if tune.curvature == "auto" and tune.kd_loss != "kl":
+        tune = dataclasses.replace(tune, curvature="none")
     out_grams = None
     if tune.curvature in ("kfac", "auto") and data_aware:
         from mpocompress.jobs.calibrate import record_output_curvature
