@@ -137,8 +137,7 @@ def finetune_in_memory(
         **({"val_task_loss": {"dense": evaluate(teacher, None, val, task_only), "compressed": before["task"], "finetuned": after["task"]}}
            if has_targets else {}),
         **result, **({"units": unit_summary} if unit_summary else {}),
-        **({"calibration": calibration} if calibration is not None else {}),
-        **({"curvature": curvature} if curvature is not None else {}),
+        **({"calibration": calibration} if calibration is not None else {}), **({"curvature": curvature} if curvature else {}),
     }  # fmt: skip
     sd = student.state_dict()
     tensors = {n: sd[n].detach().to(dense[n].dtype) for n in dense if n in sd}
