@@ -178,6 +178,44 @@ def _three_ways(name, spec, src, out_dir, label, config, recipe, batches, pairs,
     return row
 
 
+def reference(name: str) -> dict[str, Any]:
+    """One model as the model table sees it, for the small side-by-side benchmarks (qat_grid.py,
+    kd_loss.py, curvature.py): its spec, calibration batches, test set, the dense outputs and scores
+    on it, and the checkpoint's bytes on disk."""
+    from mpocompress.io import open_checkpoint
+
+    spec = dev.models(dev.fetch())[name]
+    pairs = [(read_wav(n)[0], read_wav(c)[0]) for n, c in paired_wavs(WORK / "corpus" / "test")]
+    test = dev.tokenize(spec["folder"], dev.sentences(60, 1)) if name == "minilm" else pairs
+    dense_outs = dev.outputs(name, spec["build"](load_state_dict(spec["ckpt"])), test)
+    with open_checkpoint(spec["ckpt"]) as ck:
+        size = ck.nbytes_on_disk
+    return {"spec": spec, "batches": calibration_batches(name, spec, False), "test": test, "dense_outs": dense_outs,
+            "base": dev.dense_scores(name, dense_outs, test), "size": size}  # fmt: skip
+
+
+def finetune_variants(name: str, share: float, seconds: float, field: str, values: list[str], out_dir: str) -> None:
+    """The data-free ``--target-size`` conversion at ``share`` of the file, sequentially calibrated,
+    then ``seconds`` of fine-tuning with ``--lr auto`` for each ``TuneConfig(field=value)``; one JSON
+    line per value (change from dense with a paired 95 % CI, steps, rate, held-out losses)."""
+    ref = reference(name)
+    spec, src = ref["spec"], ref["spec"]["ckpt"]
+    plan, _ = plan_budget(src, int(ref["size"] * share), MPOConfig(quantize="int8"))
+    out = WORK / out_dir
+    out.mkdir(exist_ok=True)
+    for value in values:
+        t0 = time.perf_counter()
+        path = out / f"{name}-{share}-{value}.safetensors"
+        rep = convert(src, path, plan.config, recipe=plan.recipe, force=True, model=spec["build"](load_state_dict(src)),
+                      train_batches=ref["batches"], tune=TuneConfig(steps=100_000, time=seconds, **{field: value}), sequential=True)  # fmt: skip
+        sc = _score(name, spec, path, ref["test"], ref["dense_outs"], ref["base"])
+        ft = rep.finetune or {}
+        print(json.dumps({"model": name, "share": share, field: value, "diff": round(sc["diff"], 4),
+                          "ci": [round(sc["low"], 4), round(sc["high"], 4)], "steps": ft.get("steps"), "lr": ft.get("lr"),
+                          "lr_probe": ft.get("lr_probe"), "val_kd_loss": ft.get("val_kd_loss"),
+                          "seconds": round(time.perf_counter() - t0)}), flush=True)  # fmt: skip
+
+
 def model_table(name: str, spec: dict[str, Any], batches: list[Any], pairs, ft_seconds: float, quick: bool) -> dict[str, Any]:
     out_dir = WORK / "out-calibrated" / name
     out_dir.mkdir(parents=True, exist_ok=True)

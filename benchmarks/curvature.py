@@ -25,21 +25,14 @@ import torch  # noqa: E402
 
 from mpocompress import MPOConfig  # noqa: E402
 from mpocompress.config import TuneConfig  # noqa: E402
-from mpocompress.io import open_checkpoint  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "curvature.json"
 
 
 def run_model(name: str, shares: list[float]) -> dict:
-    spec = cb.dev.models(cb.dev.fetch())[name]
-    batches = cb.calibration_batches(name, spec, False)
-    pairs = [(cb.read_wav(n)[0], cb.read_wav(c)[0]) for n, c in cb.paired_wavs(cb.WORK / "corpus" / "test")]
-    test = cb.dev.tokenize(spec["folder"], cb.dev.sentences(60, 1)) if name == "minilm" else pairs
+    ref = cb.reference(name)
+    spec, batches, test, dense_outs, base, size = (ref[k] for k in ("spec", "batches", "test", "dense_outs", "base", "size"))
     src = spec["ckpt"]
-    dense_outs = cb.dev.outputs(name, spec["build"](cb.load_state_dict(src)), test)
-    base = cb.dev.dense_scores(name, dense_outs, test)
-    with open_checkpoint(src) as ck:
-        size = ck.nbytes_on_disk
     settings = {"SVD ratio 8": (MPOConfig(ratio=8, cores=2), None)}
     for share in shares:
         plan, _ = cb.plan_budget(src, int(size * share), MPOConfig(quantize="int8"))

@@ -234,10 +234,8 @@ def fisher_weights(
     directions (a truncation), which a weight-error weight misprices. Weights whose module is not
     an ``nn.Linear``/``nn.ConvNd`` (or a subclass) keep the weight Fisher from the same pass.
     """
-    from torch.nn import functional as F  # noqa: N812
-
     from mpocompress.io import fill_tied
-    from mpocompress.jobs.finetune import first_tensor, split_batch
+    from mpocompress.jobs.finetune import first_tensor, sampled_output_loss, split_batch
 
     own = model.state_dict()
     have = set(dense.keys())
@@ -263,12 +261,7 @@ def fisher_weights(
                     raise NoGradient("the model's output has no gradient with respect to its weights")
                 taken = [(n, y) for n, ys in seen.items() for y in ys if isinstance(y, torch.Tensor) and y.requires_grad]
                 for k in range(FISHER_SAMPLES):
-                    if kd_loss == "kl":
-                        logits = out.reshape(-1, out.shape[-1])
-                        labels = torch.multinomial(F.softmax(logits.detach(), -1), 1, generator=gen).squeeze(-1)
-                        loss = F.cross_entropy(logits, labels, reduction="sum")
-                    else:
-                        loss = (out * torch.randn(out.shape, generator=gen)).sum()
+                    loss = sampled_output_loss(out, kd_loss, gen)
                     grads = torch.autograd.grad(loss, unique + [y for _, y in taken], retain_graph=k < FISHER_SAMPLES - 1, allow_unused=True)
                     for p, g in zip(unique, grads):
                         if g is not None:

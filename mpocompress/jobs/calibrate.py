@@ -393,7 +393,7 @@ def record_output_curvature(
     batch (``model``'s weights are not changed, its gradients not touched); float64; a vector (the
     diagonal) for layers with over :data:`FULL_CURVATURE_MAX` outputs. Weights of other modules
     (RNNs, attention internals) get none."""
-    from mpocompress.jobs.finetune import first_tensor
+    from mpocompress.jobs.finetune import first_tensor, sampled_output_loss
 
     names = {id(t): k for k, t in model.state_dict(keep_vars=True).items() if k in weights}
     seen: dict[str, list[torch.Tensor]] = {}
@@ -423,13 +423,7 @@ def record_output_curvature(
                 taken = [(k, y) for k, ys in seen.items() for y in ys]
                 if not out.requires_grad or not taken:
                     continue
-                if kd_loss == "kl":
-                    logits = out.reshape(-1, out.shape[-1])
-                    labels = torch.multinomial(F.softmax(logits.detach(), -1), 1, generator=gen).squeeze(-1)
-                    loss = F.cross_entropy(logits, labels, reduction="sum")
-                else:
-                    loss = (out * torch.randn(out.shape, generator=gen)).sum()
-                grads = torch.autograd.grad(loss, [y for _, y in taken], allow_unused=True)
+                grads = torch.autograd.grad(sampled_output_loss(out, kd_loss, gen), [y for _, y in taken], allow_unused=True)
             for (k, _), g in zip(taken, grads):
                 if g is None:
                     continue

@@ -122,6 +122,17 @@ def distill_loss(out: torch.Tensor, ref: torch.Tensor, config: TuneConfig) -> to
     return F.mse_loss(out, ref)
 
 
+def sampled_output_loss(out: torch.Tensor, kd_loss: str, gen: torch.Generator) -> torch.Tensor:
+    """A loss sampled from the model's own output distribution, whose gradients' second moment is the
+    Fisher / Gauss-Newton matrix: cross-entropy against labels drawn from the softmax over the last
+    dimension for ``kd_loss="kl"`` (logits), else ``<out, z>`` with ``z ~ N(0, I)`` (MSE)."""
+    if kd_loss == "kl":
+        logits = out.reshape(-1, out.shape[-1])
+        labels = torch.multinomial(F.softmax(logits.detach(), -1), 1, generator=gen).squeeze(-1)
+        return F.cross_entropy(logits, labels, reduction="sum")
+    return (out * torch.randn(out.shape, generator=gen)).sum()
+
+
 def _magnitudes(x: torch.Tensor, fft: int, hop: int, win: int, floor: torch.Tensor | None) -> torch.Tensor:
     spec = torch.stft(x, fft, hop, win, window=torch.hann_window(win, device=x.device), return_complex=True)
     power = torch.view_as_real(spec).pow(2).sum(-1)
