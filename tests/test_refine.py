@@ -123,3 +123,39 @@ def test_activation_refit_lowers_the_output_error():
     assert (y - x @ res.tt.to_matrix().T).norm() < (y - x @ tt.to_matrix().T).norm()
     with pytest.raises(ValueError, match="Gram matrix"):
         activation_refit(w, tt, gram[:5, :5])
+
+
+@pytest.mark.parametrize("shape,modes", [((48, 60), ((4, 3, 4), (3, 4, 5))), ((45, 58), ((4, 3, 4), (3, 4, 5))), ((40, 30), ((2, 2, 2, 5), (2, 3, 5, 1)))])
+def test_core_maps_match_the_contraction_and_its_transpose(shape, modes):
+    """The refit's per-core map (through contracted environments) equals contracting the cores with the
+    core replaced, cropped to the matrix; its adjoint equals autograd's transpose of that map."""
+    from mpocompress.core.refine import _CoreMaps
+
+    g = torch.Generator().manual_seed(3)
+    tt = tt_svd(torch.randn(*shape, generator=g), modes[0], modes[1], max_bond=4)
+    cores = [c.double() for c in tt.cores]
+    for k in range(len(cores)):
+        maps = _CoreMaps(cores, k, shape, torch.float64)
+        x = torch.randn(cores[k].shape, generator=g, dtype=torch.float64)
+        m = torch.randn(*shape, generator=g, dtype=torch.float64)
+        assert torch.allclose(maps.matrix(x), cores_to_matrix([x if j == k else c for j, c in enumerate(cores)], shape), atol=1e-12)
+        gk = torch.zeros_like(x, requires_grad=True)
+        (want,) = torch.autograd.grad((cores_to_matrix([gk if j == k else c for j, c in enumerate(cores)], shape) * m).sum(), gk)
+        assert torch.allclose(maps.adjoint(m), want, atol=1e-10)
+
+
+def test_activation_refit_float32_products_fit_like_float64_and_sweeps_stop_when_flat():
+    g = torch.Generator().manual_seed(1)
+    w = decaying(60, 72, seed=2, scale=20.0).double()
+    x = torch.randn(400, 72, generator=g, dtype=torch.float64) * torch.logspace(0, 3, 72, dtype=torch.float64)  # channel scales 1..1000
+    gram = x.T @ x
+    om, im = choose_modes(60, 72, 3)
+    tt = tt_svd(w, om, im, max_bond=5)
+    full = activation_refit(w, tt, gram, sweeps=6, sweep_tol=0.0, product_dtype=torch.float64)
+    fast = activation_refit(w, tt, gram, sweeps=6, sweep_tol=0.0)
+    assert fast.history[-1] == pytest.approx(full.history[-1], rel=2e-3)
+    assert len(full.history) == 7
+    stopped = activation_refit(w, tt, gram, sweeps=6, sweep_tol=0.05)
+    gains = [1 - (b / a) ** 2 for a, b in zip(stopped.history, stopped.history[1:])]
+    assert all(gn >= 0.05 for gn in gains[:-1]) and gains[-1] < 0.05  # stopped at the first flat sweep
+    assert len(stopped.history) < 7

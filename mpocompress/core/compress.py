@@ -9,7 +9,7 @@ least error at the layer's parameter budget (2 cores *is* the truncated SVD).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -163,7 +163,8 @@ def compress_matrix(
         if gram is not None:
             from mpocompress.core.whiten import fit_to_inputs
 
-            tt, fits[d] = fit_to_inputs(matrix, tt, gram, out_gram=out_gram)
+            # several core counts: one refit sweep each, the rest for the winner (below)
+            tt, fits[d] = fit_to_inputs(matrix, tt, gram, out_gram=out_gram, sweeps=1 if len(core_counts) > 1 else 4)
             out_err = fits[d]["output_error_after"]
         err = relative_error(matrix, tt.to_matrix())
         tried.append((Candidate(d, tt.num_params, err, tt.bond_dims, out_err), tt))
@@ -177,6 +178,13 @@ def compress_matrix(
     else:
         best, best_tt = min(tried, key=lambda ct: (error(ct[0]), ct[0].params))
 
+    if gram is not None and len(core_counts) > 1:
+        from mpocompress.core.whiten import continue_fit
+
+        best_tt, fits[best.cores] = continue_fit(matrix, best_tt, gram, fits[best.cores])
+        out_err = fits[best.cores]["output_error_after"]
+        best = replace(best, rel_error=relative_error(matrix, best_tt.to_matrix()), output_error=out_err)
+        tried = [(best, best_tt) if c.cores == best.cores else (c, t) for c, t in tried]
     candidates = [c for c, _ in tried]
     if best.params >= dense_params:
         return MatrixResult(
