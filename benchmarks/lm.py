@@ -355,8 +355,9 @@ def run_size(p: float, ctx: dict[str, Any], distill: float | None, have: list[di
         none_out = work / f"ours-2-data-none-{p}"
         report, secs = _convert(src, none_out, MPOConfig(ratio=ratio, cores=2, include=INCLUDE), None, cal, samples=ctx["samples"], curvature="none")
         add(_row(label, report, perplexity_of(none_out, src, ids, seq_len), secs, dense))
-    ranks = _ranks(out)  # the peers get exactly our ranks
     label = "ours, 2 cores, data-aware, ranks allocated"
+    peers = ("SVD (peer)", "ASVD-style scaling (peer)", "SVD-LLM-style whitening (peer)")
+    ranks = _ranks(out) if label not in done or not done.issuperset(peers) else {}  # the peers get exactly our ranks
     if label not in done:  # the same file size, each layer's rank chosen (--target-size --methods svd)
         from mpocompress.io import path_size
 
