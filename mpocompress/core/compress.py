@@ -28,7 +28,8 @@ from mpocompress.core.tt import (
 
 @dataclass
 class Candidate:
-    """One structure tried for a layer."""
+    """One structure tried for a layer. ``output_error``: after a fit to recorded inputs, the fit's
+    objective (the relative output error, or with an output curvature the relative K-FAC loss error)."""
 
     cores: int
     params: int
@@ -136,10 +137,10 @@ def compress_matrix(
         gram: Gram matrix ``X^T X`` of the inputs the layer sees: each candidate's cores (at the bond
             dimensions the data-free TT-SVD chose) are fitted to the outputs on them
             (:func:`mpocompress.core.whiten.fit_to_inputs`) and ``cores="auto"`` picks the least
-            *output* error.
-        out_gram: with ``gram``, the curvature of the model's loss at the layer's outputs: 2-core
-            candidates minimise the K-FAC estimate of the loss instead of the output error
-            (:func:`mpocompress.core.whiten.whitened_factors`).
+            *output* error (one refit sweep per core count, the rest for the winner).
+        out_gram: with ``gram``, the curvature of the model's loss at the layer's outputs: every
+            candidate minimises the K-FAC estimate of the loss instead of the output error, and
+            ``cores="auto"`` compares that.
 
     Returns:
         A :class:`MatrixResult`; ``tt`` is None when no MPO would be smaller than the matrix.
@@ -165,7 +166,7 @@ def compress_matrix(
 
             # several core counts: one refit sweep each, the rest for the winner (below)
             tt, fits[d] = fit_to_inputs(matrix, tt, gram, out_gram=out_gram, sweeps=1 if len(core_counts) > 1 else 4)
-            out_err = fits[d]["output_error_after"]
+            out_err = fits[d]["objective_after"]
         err = relative_error(matrix, tt.to_matrix())
         tried.append((Candidate(d, tt.num_params, err, tt.bond_dims, out_err), tt))
 
@@ -181,8 +182,8 @@ def compress_matrix(
     if gram is not None and len(core_counts) > 1:
         from mpocompress.core.whiten import continue_fit
 
-        best_tt, fits[best.cores] = continue_fit(matrix, best_tt, gram, fits[best.cores])
-        out_err = fits[best.cores]["output_error_after"]
+        best_tt, fits[best.cores] = continue_fit(matrix, best_tt, gram, fits[best.cores], out_gram=out_gram)
+        out_err = fits[best.cores]["objective_after"]
         best = replace(best, rel_error=relative_error(matrix, best_tt.to_matrix()), output_error=out_err)
         tried = [(best, best_tt) if c.cores == best.cores else (c, t) for c, t in tried]
     candidates = [c for c, _ in tried]

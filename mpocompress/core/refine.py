@@ -188,8 +188,18 @@ def kron_factors(gram: torch.Tensor, in_modes: tuple[int, ...]) -> list[torch.Te
     """A Kronecker approximation ``C ~ C_1 (x) ... (x) C_d`` matching ``in_modes``: each factor is the
     partial trace of ``C`` (zero-padded to ``prod(in_modes)``) over the other modes, scaled to unit
     mean diagonal (the overall scale does not change a whitening or a preconditioner). Exact, up to
-    scale, when ``C`` is a Kronecker product of positive definite factors."""
+    scale, when ``C`` is a Kronecker product of positive definite factors. A 1-D ``gram`` is a
+    diagonal one (diagonal factors)."""
     n = math.prod(in_modes)
+    if gram.dim() == 1:  # a diagonal Gram: diagonal factors, without forming the matrix
+        v = torch.zeros(n, dtype=torch.float64, device=gram.device)
+        v[: gram.shape[0]] = gram.double()
+        t = v.reshape(in_modes)
+        out = []
+        for k in range(len(in_modes)):
+            f = t.movedim(k, 0).reshape(in_modes[k], -1).sum(1)
+            out.append(torch.diag(f / f.mean()) if float(f.mean()) > 0 else torch.eye(in_modes[k], dtype=torch.float64, device=gram.device))
+        return out
     c = torch.zeros(n, n, dtype=torch.float64, device=gram.device)
     c[: gram.shape[0], : gram.shape[1]] = gram.double()
     d = len(in_modes)
@@ -211,22 +221,34 @@ def _spd_inverse(m: torch.Tensor) -> torch.Tensor:
     return torch.linalg.inv(m + shift * torch.eye(m.shape[0], dtype=m.dtype, device=m.device))
 
 
-def kron_preconditioner(cores: list[torch.Tensor], factors: list[torch.Tensor], k: int) -> Callable[[torch.Tensor], torch.Tensor]:
+def kron_preconditioner(
+    cores: list[torch.Tensor], factors: list[torch.Tensor], k: int, out_factors: list[torch.Tensor] | None = None
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """The inverse of core ``k``'s output-error Hessian when the Gram were ``C_1 (x) ... (x) C_d``
     (:func:`kron_factors`): then the Hessian is ``A (x) I (x) C_k (x) B`` on a core ``(r0, o, i, r1)``,
     ``A``/``B`` the Gram matrices of the left/right interfaces under the other factors, and its inverse
-    is three small matrix products. Used as the preconditioner of :func:`activation_refit`'s CG."""
+    is three small matrix products. ``out_factors``: Kronecker factors of an output weighting ``G``
+    (the K-FAC loss ``tr(G E C E^T)``): ``I`` becomes ``G_k`` and ``A``/``B`` carry the other ``G_j``.
+    Used as the preconditioner of :func:`activation_refit`'s CG."""
     one = torch.ones(1, 1, dtype=torch.float64, device=cores[k].device)
+
+    def side(j: int) -> torch.Tensor:
+        return torch.eye(cores[j].shape[1], dtype=torch.float64, device=cores[j].device) if out_factors is None else out_factors[j]
+
     a = one
     for j in range(k):
-        a = torch.einsum("ab,aoic,ij,bojd->cd", a, cores[j], factors[j], cores[j])
+        a = torch.einsum("ab,aoic,op,ij,bpjd->cd", a, cores[j], side(j), factors[j], cores[j])
     b = one
     for j in range(len(cores) - 1, k, -1):
-        b = torch.einsum("cd,aoic,ij,bojd->ab", b, cores[j], factors[j], cores[j])
+        b = torch.einsum("cd,aoic,op,ij,bpjd->ab", b, cores[j], side(j), factors[j], cores[j])
     ai, fi, bi = _spd_inverse(a), _spd_inverse(factors[k]), _spd_inverse(b)
+    gi = None if out_factors is None else _spd_inverse(out_factors[k])
 
     def apply(r: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("aoic,cd->aoid", torch.einsum("aojc,ij->aoic", torch.einsum("ab,bojc->aojc", ai, r), fi), bi)
+        t = torch.einsum("ab,bojc->aojc", ai, r)
+        if gi is not None:
+            t = torch.einsum("op,apjc->aojc", gi, t)
+        return torch.einsum("aoic,cd->aoid", torch.einsum("aojc,ij->aoic", t, fi), bi)
 
     return apply
 
@@ -319,6 +341,7 @@ def activation_refit(
     precondition: bool = True,
     sweep_tol: float = 1e-2,
     product_dtype: torch.dtype = torch.float32,
+    out_gram: torch.Tensor | None = None,
 ) -> RefineResult:
     """Refit the cores to minimise the output error on recorded inputs instead of the weight error.
 
@@ -349,6 +372,11 @@ def activation_refit(
         precondition: use the Kronecker preconditioner (else plain CG).
         sweep_tol: stop sweeping when a sweep gains less than this share (0: all ``sweeps``).
         product_dtype: dtype of the Hessian-vector products.
+        out_gram: an ``(out, out)`` weighting ``G`` of the outputs (or its diagonal, ``(out,)``), used
+            as given (add any ridge first): the objective becomes ``tr(G E C E^T)``, the K-FAC
+            estimate of a loss's increase when ``G`` is the loss's curvature at the outputs
+            (:func:`mpocompress.core.whiten.output_weighting`); ``history`` is then relative to
+            ``tr(G W C W^T)``, and the preconditioner uses ``G``'s Kronecker factors too.
     """
     out_f, in_f = weight.shape
     if tuple(gram.shape) != (in_f, in_f):
@@ -357,17 +385,28 @@ def activation_refit(
     c = gram.double()
     c = (c + c.T) / 2
     c_fast = c.to(product_dtype)
-    wc = w @ c  # once: every right-hand side below is the adjoint of it
+    g = None if out_gram is None else out_gram.double()
+    if g is not None and tuple(g.shape) not in ((out_f,), (out_f, out_f)):
+        raise ValueError(f"output weighting must be ({out_f},) or ({out_f}, {out_f}), got {tuple(g.shape)}")
+    g_fast = None if g is None else g.to(product_dtype)
+
+    def weigh(m: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:  # G m
+        return m if g is None else g[:, None] * m if g.dim() == 1 else g @ m
+
+    wc = weigh(w @ c, g)  # once: every right-hand side below is the adjoint of it
     wcw = float((w * wc).sum())
     if wcw <= 0:
         raise ValueError("the recorded inputs are all zero: nothing to fit")
     dtype = tt.cores[0].dtype
     cores = [p.detach().double().clone() for p in tt.cores]
     factors = kron_factors(c, tt.in_modes) if precondition else None
+    out_factors = None
+    if precondition and g is not None:
+        out_factors = kron_factors(g, tt.out_modes)
 
     def loss(cs: list[torch.Tensor]) -> float:
         e = w - cores_to_matrix(cs, (out_f, in_f))
-        return float(torch.einsum("oi,ij,oj->", e, c, e)) / wcw
+        return float((e * weigh(e @ c, g)).sum()) / wcw
 
     start = loss(cores)
     history = [math.sqrt(max(start, 0.0))]
@@ -375,12 +414,12 @@ def activation_refit(
     d = len(cores)
     for s in range(sweeps):
         for k in range(d) if s % 2 == 0 else range(d - 1, -1, -1):
-            pre = kron_preconditioner(cores, factors, k) if factors is not None else (lambda r: r)
+            pre = kron_preconditioner(cores, factors, k, out_factors) if factors is not None else (lambda r: r)
             maps = _CoreMaps(cores, k, (out_f, in_f), product_dtype)
             b = _CoreMaps(cores, k, (out_f, in_f), torch.float64).adjoint(wc)
 
             def hess(p: torch.Tensor, maps: _CoreMaps = maps) -> torch.Tensor:
-                return maps.adjoint(maps.matrix(p) @ c_fast).double()
+                return maps.adjoint(weigh(maps.matrix(p) @ c_fast, g_fast)).double()
 
             cores[k] = _solve_core(cores[k], hess, b, wcw, cg_iters, tol, pre)
         current = loss(cores)

@@ -138,28 +138,61 @@ def activation_aware_tt(
     *,
     ridge: float = DEFAULT_RIDGE,
     cache: dict | None = None,
+    out_gram: torch.Tensor | None = None,
 ) -> TTMatrix:
     """MPO cores at bond dimensions ``bond_dims`` that approximately minimise the output error: TT-SVD of
     ``W (S_1 (x) ... (x) S_d)`` with ``S_k`` the square roots of :func:`kron_factors` (each with
     the ridge), then each core's input leg multiplied by ``S_k^{-1}`` (exact: the whitening has the
     cores' own Kronecker structure). ``cache``: a dict shared by calls on the same weight, Gram and
-    modes (the whitening and the TT-SVD's exact SVDs are computed once)."""
+    modes (the whitening and the TT-SVD's exact SVDs are computed once). ``out_gram``: an output
+    weighting ``G`` (ridged, as :func:`weighted_curvature` gives it), whitened the same way on the
+    output legs (``R_1 (x) ... (x) R_d`` from its Kronecker factors over ``out_modes``): the cores then
+    approximately minimise the K-FAC loss ``tr(G E C E^T)``."""
     out_f, in_f = weight.shape
     out_p, in_p = math.prod(out_modes), math.prod(in_modes)
     cache = {} if cache is None else cache
     if "roots" not in cache:
         roots = [_roots(ridged(f, ridge)) for f in kron_factors(gram, in_modes)]
+        out_roots = None if out_gram is None else [_roots(f) for f in kron_factors(out_gram, out_modes)]
         w = torch.zeros(out_p, in_p, dtype=torch.float64, device=weight.device)
         w[:out_f, :in_f] = weight.double()
         t = w.reshape(out_p, *in_modes)
         for k, (root, _) in enumerate(roots):
             t = (t.movedim(1 + k, -1) @ root).movedim(-1, 1 + k)
-        cache.update(roots=roots, whitened=t.reshape(out_p, in_p), svd={})
-    roots = cache["roots"]
+        if out_roots is not None:
+            t = t.reshape(*out_modes, in_p)
+            for k, (root, _) in enumerate(out_roots):
+                t = (t.movedim(k, -1) @ root).movedim(-1, k)
+        cache.update(roots=roots, out_roots=out_roots, whitened=t.reshape(out_p, in_p), svd={})
+    roots, out_roots = cache["roots"], cache["out_roots"]
     tt = tt_svd(cache["whitened"], out_modes, in_modes, bond_dims=bond_dims, svd="full", svd_cache=cache["svd"])
     cores = [torch.einsum("aoib,ij->aojb", g.double(), inv) for g, (_, inv) in zip(tt.cores, roots)]
+    if out_roots is not None:
+        cores = [torch.einsum("aoib,op->apib", g, inv) for g, (_, inv) in zip(cores, out_roots)]
     dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
     return TTMatrix([c.to(dtype).contiguous() for c in cores], (out_f, in_f))
+
+
+def weighted_curvature(out_gram: torch.Tensor, ridge: float = CURVATURE_RIDGE) -> torch.Tensor:
+    """The output curvature ``G`` as the MPO refit uses it: float64, plus ``ridge * mean(diag) * I``
+    (a diagonal stays a vector)."""
+    g = out_gram.double()
+    if g.dim() == 1:
+        scale = float(g.mean())
+        if not scale > 0:
+            raise ValueError("the output curvature is all zero: nothing to weight by")
+        return g + ridge * scale
+    return ridged(g, ridge)
+
+
+def loss_error(weight: torch.Tensor, approx: torch.Tensor, gram: torch.Tensor, out_gram: torch.Tensor) -> float:
+    """Relative K-FAC loss error ``sqrt(tr(G E C E^T) / tr(G W C W^T))`` (``G`` used as given)."""
+    w, e, c, g = weight.double(), (weight - approx).double(), gram.double(), out_gram.double()
+
+    def gm(m: torch.Tensor) -> torch.Tensor:
+        return g[:, None] * m if g.dim() == 1 else g @ m
+
+    return math.sqrt(float((e * gm(e @ c)).sum()) / float((w * gm(w @ c)).sum()))
 
 
 def fit_to_inputs(
@@ -175,40 +208,60 @@ def fit_to_inputs(
 
     2 cores: :func:`whitened_svd`. More: ``tt`` and :func:`activation_aware_tt` are each refit on the
     ridged Gram by :func:`mpocompress.core.refine.activation_refit` for one sweep, and the one with the
-    lower output error then gets the remaining ``sweeps`` (our choice: on SmolLM2 the later sweeps
-    gain ~0.3 % and never reorder the two starts by more than that, so refitting both to the end
-    doubled the time for nothing). Returns ``(cores, info)``; ``info`` holds the method, the relative
-    output errors (on the Gram as given) before, of both starts after their first sweep, and after,
-    and the weight error. ``out_gram``: the loss's curvature at the outputs; 2 cores then minimise the
-    K-FAC loss estimate (:func:`whitened_factors`); more cores do not use it yet.
+    lower error then gets the remaining ``sweeps`` (our choice: on SmolLM2 the later sweeps gain ~0.3
+    % and never reorder the two starts by more than that, so refitting both to the end doubled the
+    time for nothing). ``out_gram``: the loss's curvature at the outputs; every fit then minimises
+    the K-FAC loss estimate ``tr(G E C E^T)`` instead of the output error (2 cores:
+    :func:`whitened_factors`; more: the Kronecker-whitened start and the refit both weigh the
+    outputs by ``G``). Returns ``(cores, info)``; ``info`` holds the method, the objective and
+    its value after (``objective_after``: the relative output error, or with ``out_gram`` the
+    relative K-FAC loss error), the relative output errors (on the Gram as given) before, of both
+    starts after their first sweep, and after, and the weight error.
     """
     w = weight.double()
     c = ridged(gram, ridge)
+    g = None if out_gram is None else weighted_curvature(out_gram)
     before = output_error(w, tt.to_matrix().double(), gram)
     info: dict[str, Any] = {"output_error_before": before}
     if len(tt.cores) == 2:
         best = whitened_svd(weight, gram, tt.bond_dims[0], ridge=ridge, out_gram=out_gram)
         info["method"] = "whitened_svd" if out_gram is None else "kfac_whitened_svd"
     else:
-        plain = activation_refit(w, tt, c, sweeps=1).tt
-        aware0 = activation_aware_tt(w, gram, tt.out_modes, tt.in_modes, tt.bond_dims, ridge=ridge)
+        def objective(t: TTMatrix) -> float:
+            return output_error(w, t.to_matrix(), gram) if g is None else loss_error(w, t.to_matrix(), gram, g)
+
+        plain = activation_refit(w, tt, c, sweeps=1, out_gram=g).tt
+        aware0 = activation_aware_tt(w, gram, tt.out_modes, tt.in_modes, tt.bond_dims, ridge=ridge, out_gram=g)
         info["output_error_aware_init"] = output_error(w, aware0.to_matrix(), gram)
-        aware = activation_refit(w, aware0, c, sweeps=1).tt
-        e_plain, e_aware = output_error(w, plain.to_matrix(), gram), output_error(w, aware.to_matrix(), gram)
-        info["output_error_refit"] = e_plain
-        info["output_error_aware_refit"] = e_aware
-        best = aware if e_aware <= e_plain else plain
+        aware = activation_refit(w, aware0, c, sweeps=1, out_gram=g).tt
+        info["output_error_refit"] = output_error(w, plain.to_matrix(), gram)
+        info["output_error_aware_refit"] = output_error(w, aware.to_matrix(), gram)
+        use_aware = objective(aware) <= objective(plain)
+        best = aware if use_aware else plain
         if sweeps > 1:
-            best = activation_refit(w, best, c, sweeps=sweeps - 1).tt
-        info["method"] = "activation_aware_mpo" if e_aware <= e_plain else "tt_svd_refit"
-        best = TTMatrix([g.to(tt.cores[0].dtype) for g in best.cores], tt.shape)
-    info["output_error_after"] = output_error(w, best.to_matrix().double(), gram)
-    info["weight_error_after"] = relative_error(w, best.to_matrix().double())
-    return best, info
+            best = activation_refit(w, best, c, sweeps=sweeps - 1, out_gram=g).tt
+        info["method"] = ("activation_aware_mpo" if use_aware else "tt_svd_refit") + ("" if g is None else "_kfac")
+        best = TTMatrix([t.to(tt.cores[0].dtype) for t in best.cores], tt.shape)
+    return best, _errors_after(w, best, gram, g, info)
+
+
+def _errors_after(w: torch.Tensor, best: TTMatrix, gram: torch.Tensor, g: torch.Tensor | None, info: dict[str, Any]) -> dict[str, Any]:
+    m = best.to_matrix().double()
+    info = {**info, "output_error_after": output_error(w, m, gram), "weight_error_after": relative_error(w, m)}
+    info["objective"] = "output error" if g is None else "K-FAC loss"
+    info["objective_after"] = info["output_error_after"] if g is None else loss_error(w, m, gram, g)
+    return info
 
 
 def continue_fit(
-    weight: torch.Tensor, tt: TTMatrix, gram: torch.Tensor, info: dict[str, Any], *, sweeps: int = 3, ridge: float = DEFAULT_RIDGE
+    weight: torch.Tensor,
+    tt: TTMatrix,
+    gram: torch.Tensor,
+    info: dict[str, Any],
+    *,
+    sweeps: int = 3,
+    ridge: float = DEFAULT_RIDGE,
+    out_gram: torch.Tensor | None = None,
 ) -> tuple[TTMatrix, dict[str, Any]]:
     """More refit sweeps for cores :func:`fit_to_inputs` fitted with ``sweeps=1`` (2 cores: returned
     as they are, the whitened SVD is exact). ``cores="auto"`` fits every core count one sweep and
@@ -216,8 +269,7 @@ def continue_fit(
     if len(tt.cores) == 2 or sweeps < 1:
         return tt, info
     w = weight.double()
-    best = activation_refit(w, tt, ridged(gram, ridge), sweeps=sweeps).tt
-    best = TTMatrix([g.to(tt.cores[0].dtype) for g in best.cores], tt.shape)
-    info = {**info, "output_error_after": output_error(w, best.to_matrix().double(), gram),
-            "weight_error_after": relative_error(w, best.to_matrix().double())}  # fmt: skip
-    return best, info
+    g = None if out_gram is None else weighted_curvature(out_gram)
+    best = activation_refit(w, tt, ridged(gram, ridge), sweeps=sweeps, out_gram=g).tt
+    best = TTMatrix([t.to(tt.cores[0].dtype) for t in best.cores], tt.shape)
+    return best, _errors_after(w, best, gram, g, info)
