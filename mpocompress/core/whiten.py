@@ -214,8 +214,8 @@ def fit_to_inputs(
     the K-FAC loss estimate ``tr(G E C E^T)`` instead of the output error (2 cores:
     :func:`whitened_factors`; more: the Kronecker-whitened start and the refit both weigh the
     outputs by ``G``). Returns ``(cores, info)``; ``info`` holds the method, the objective and
-    its value after (``objective_after``: the relative output error, or with ``out_gram`` the
-    relative K-FAC loss error), the relative output errors (on the Gram as given) before, of both
+    its value before and after (``objective_before``/``objective_after``: the relative output error,
+    or with ``out_gram`` the relative K-FAC loss error), the relative output errors (on the Gram as given) before, of both
     starts after their first sweep, and after, and the weight error.
     """
     w = weight.double()
@@ -223,6 +223,7 @@ def fit_to_inputs(
     g = None if out_gram is None else weighted_curvature(out_gram)
     before = output_error(w, tt.to_matrix().double(), gram)
     info: dict[str, Any] = {"output_error_before": before}
+    info["objective_before"] = before if g is None else loss_error(w, tt.to_matrix().double(), gram, g)
     if len(tt.cores) == 2:
         best = whitened_svd(weight, gram, tt.bond_dims[0], ridge=ridge, out_gram=out_gram)
         info["method"] = "whitened_svd" if out_gram is None else "kfac_whitened_svd"
