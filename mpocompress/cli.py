@@ -294,7 +294,7 @@ def main(verbose: int) -> None:
 @click.option("--qat-grid", type=click.Choice(["fixed", "trained"]), default="fixed", show_default=True,
               help="Fine-tuning k-means-coded weights: keep the starting codebook (fixed), or learn its centroids with the weights (trained).")
 @click.option("--curvature", type=click.Choice(["auto", "kfac", "none"]), default="auto", show_default=True,
-              help="With calibration: fit SVD layers to the distillation loss's curvature at their outputs (kfac: one backward pass "
+              help="With calibration: fit SVD and MPO layers to the distillation loss's curvature at their outputs (kfac: one backward pass "
                    "of the dense model), to their output error alone (none), or auto: with --kd-loss kl both, keeping the lower held-out loss, "
                    "else none.")
 @click.option("--task", type=click.Choice(["generic", "speech-enhancement"]), default="generic", show_default=True,

@@ -249,7 +249,7 @@ class TuneConfig:
             with the weights, at ``GRID_LR_SCALE`` x the rate, as in Deep Compression's weight-sharing
             fine-tuning). Fixed is the default: on Resemblyzer and Conv-TasNet at 6.25 % of the file
             learned codebooks ended with a higher held-out loss (docs/methods.md).
-        curvature: with calibration, ``"kfac"`` weights each 2-core (SVD) layer's fit by the curvature
+        curvature: with calibration, ``"kfac"`` weights each SVD or MPO layer's fit by the curvature
             of the distillation loss at its outputs (a sampled Fisher, one backward pass of the dense
             model: the K-FAC estimate of the loss increase instead of the layer's output error),
             ``"none"`` (the output error alone, SVD-LLM's objective), or ``"auto"``: with
