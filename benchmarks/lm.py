@@ -50,6 +50,7 @@ Gram of 16 windows of *Emma*, the relative output error measured on 16 other win
 from __future__ import annotations
 
 import argparse
+import collections
 import fnmatch
 import gzip
 import hashlib
@@ -287,6 +288,10 @@ def _row(label: str, report: dict[str, Any] | None, ppl: dict[str, Any], seconds
     if report is not None:
         t = report["totals"]
         row.update(params_removed=1 - t["params"] / t["dense_params"], file_share=t["output_file_bytes"] / t["input_file_bytes"])
+        fits = [r["refine"]["calibrated"] for r in report["layers"] if r.get("status") == "mpo" and "calibrated" in r.get("refine", {})]
+        if fits:  # which fit won per layer, and how many cores (cores=auto)
+            row["fit_methods"] = dict(collections.Counter(f.get("method", "?") for f in fits))
+            row["cores_chosen"] = dict(collections.Counter(str(r.get("cores")) for r in report["layers"] if r.get("status") == "mpo"))
     print(f"  {label:<44} ppl {row['ppl']:10.2f} ({row['ppl_ratio']:.2f}x dense)  {seconds:6.0f} s", flush=True)
     return row
 
