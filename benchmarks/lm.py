@@ -712,8 +712,14 @@ def table(results: dict[str, Any]) -> str:
         share = float(key.split("%")[0].lstrip("-")) / 100
         return (0, share) if key.startswith("-") else (1, -share)
 
+    def rank(r: dict[str, Any]) -> tuple[int, int, str]:  # peers, post hoc, data-aware (2, 3, 4, auto), allocated, trained
+        m = r["method"]
+        group = 0 if "(peer)" in m else 1 if "post hoc" in m else 4 if "distillation" in m else 3 if "allocated" in m else 2 if "cores" in m else 5
+        cores = next((i for i, c in enumerate(("2 cores", "3 cores", "4 cores", "auto cores")) if c in m), 4)
+        return group, cores, "" if group == 0 else m  # the peers as they were run
+
     for size in sorted(results["rows"], key=order):
-        rows = results["rows"][size]
+        rows = sorted(results["rows"][size], key=rank) if size.startswith("-") else results["rows"][size]
         for r in rows:
             removed = f"{r['params_removed']:.1%}" if size.startswith("-") and isinstance(r.get("params_removed"), float) else ""
             if r.get("written_share") or "%" not in size:
