@@ -688,6 +688,53 @@ def refit_table(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def run_mpo_curvature(src: Path, cal: list[Any], held: list[Any], p: float = 0.2) -> dict[str, Any]:
+    """K-FAC for MPO cores at layer level: layer 3's weights as 3-core MPOs (``p`` fewer parameters),
+    fitted to the output error and to the K-FAC loss (the curvature of the KL at the outputs, ridge
+    0.1): relative K-FAC loss error, output error on the fit and held-out windows, seconds."""
+    from mpocompress import MPOConfig
+    from mpocompress.core.compress import compress_matrix
+    from mpocompress.core.refine import output_error
+    from mpocompress.core.whiten import fit_to_inputs, loss_error, weighted_curvature
+    from mpocompress.jobs.calibrate import record_grams, record_output_curvature
+    from mpocompress.text.evaluate import load_lm
+
+    model = load_lm(src, src)
+    fit_grams, _ = record_grams(model, cal, weights=set(LAYER_WEIGHTS))
+    test_grams, _ = record_grams(model, held, weights=set(LAYER_WEIGHTS))
+    curv = record_output_curvature(model, cal, weights=set(LAYER_WEIGHTS), kd_loss="kl")
+    sd = model.state_dict()
+    rows = []
+    for name in LAYER_WEIGHTS:
+        w, g, h = sd[name].double(), fit_grams[name], test_grams[name]
+        tt3 = compress_matrix(w.float(), MPOConfig(ratio=1 / (1 - p), cores=3), reference_svd=False).tt
+        row: dict[str, Any] = {"weight": name.removeprefix("model.layers.3."), "bonds": tt3.bond_dims}
+        for label, og in (("output error", None), ("K-FAC", curv[name])):
+            t0 = time.perf_counter()
+            fit, info = fit_to_inputs(w, tt3, g, out_gram=og)
+            m = fit.to_matrix().double()
+            row[label] = {"seconds": round(time.perf_counter() - t0, 1), "kfac_error": round(loss_error(w, m, g, weighted_curvature(curv[name])), 5),
+                          "fit_error": round(output_error(w, m, g), 5), "held_out_error": round(output_error(w, m, h), 5),
+                          "method": info["method"]}  # fmt: skip
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return {"model": "SmolLM2-135M-Instruct", "params_removed": p, "fit": "16 windows x 256 tokens of Emma",
+            "held_out": "16 other windows of Emma", "rows": rows}  # fmt: skip
+
+
+def mpo_curvature_table(res: dict[str, Any]) -> str:
+    lines = [f"3-core MPO cores of SmolLM2-135M decoder layer 3 at -{res['params_removed']:.0%} params, fitted to each layer's output error "
+             "or to the K-FAC estimate of the KL (`--curvature kfac`); relative K-FAC loss error and output error (fit / held out):", "",
+             "| weight | K-FAC error, output-error fit | K-FAC error, K-FAC fit | output error, output-error fit | output error, K-FAC fit | seconds | seconds, K-FAC |",
+             "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for r in res["rows"]:
+        a, b = r["output error"], r["K-FAC"]
+        lines.append(f"| {r['weight']} | {a['kfac_error']:.4f} | **{b['kfac_error']:.4f}** | {a['fit_error']:.4f} / {a['held_out_error']:.4f} | "
+                     f"{b['fit_error']:.4f} / {b['held_out_error']:.4f} | {a['seconds']:.1f} | {b['seconds']:.1f} |")  # fmt: skip
+    lines.append("\n(`python benchmarks/lm.py mpo-curvature`)")
+    return "\n".join(lines)
+
+
 def layers_table(res: dict[str, Any]) -> str:
     methods = list(res["rows"][0]["held_out_output_error"])
     lines = ["Relative output error on held-out inputs (fit on 16 windows of *Emma*, measured on 16 others), SmolLM2-135M "
@@ -730,7 +777,7 @@ def table(results: dict[str, Any]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("step", nargs="?", default="run", choices=["prepare", "run", "layers", "rank-weights", "refit", "curvature"])
+    ap.add_argument("step", nargs="?", default="run", choices=["prepare", "run", "layers", "rank-weights", "refit", "curvature", "mpo-curvature"])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--eval-tokens", type=int, default=8192)
@@ -765,6 +812,11 @@ def main() -> None:
         res = run_refit(src, list(emma[:16].split(4)), list(emma[16:32].split(4)))
         (RESULTS.parent / "lm_refit.json").write_text(json.dumps(res, indent=2) + "\n")
         _write_block("lm-refit", refit_table(res), "\n\n### Layer level: the activation refit's solver\n\n")
+        return
+    if args.step == "mpo-curvature":
+        res = run_mpo_curvature(src, list(emma[:16].split(4)), list(emma[16:32].split(4)))
+        (RESULTS.parent / "lm_mpo_curvature.json").write_text(json.dumps(res, indent=2) + "\n")
+        _write_block("lm-mpo-curvature", mpo_curvature_table(res), "\n\n### K-FAC for MPO cores, layer level\n\n")
         return
     if args.step == "layers":
         res = run_layers(src, list(emma[:16].split(4)), list(emma[16:32].split(4)))
