@@ -353,3 +353,19 @@ def test_fit_to_inputs_with_curvature_lowers_the_kfac_loss_for_every_core_count(
         assert loss_error(w, kfac.to_matrix(), c, ridged_g) < 0.95 * loss_error(w, plain.to_matrix(), c, ridged_g)
         assert p_info["output_error_after"] < k_info["output_error_after"]
         assert kfac.bond_dims == tt.bond_dims
+
+
+def test_auto_cores_with_data_continues_only_the_winner(layer):
+    """``cores="auto"`` with a Gram fits every core count one sweep, picks the least objective and
+    refits only that one further: its reported error is its fit's, no worse than its first sweep,
+    and no other candidate's one-sweep error is lower."""
+    from mpocompress import MPOConfig
+    from mpocompress.core.compress import compress_matrix
+
+    w, c, _ = layer
+    res = compress_matrix(w, MPOConfig(ratio=2, cores="auto"), gram=c)
+    chosen = next(k for k in res.candidates if k.cores == len(res.tt.cores))
+    assert chosen.output_error == pytest.approx(res.fit["objective_after"], rel=1e-9)
+    assert res.fit["objective_after"] == pytest.approx(output_error(w, res.tt.to_matrix(), c), rel=1e-6)
+    assert all(chosen.output_error <= k.output_error * (1 + 1e-9) for k in res.candidates)
+    assert sorted(k.cores for k in res.candidates) == [2, 3, 4]
