@@ -159,3 +159,18 @@ def test_activation_refit_float32_products_fit_like_float64_and_sweeps_stop_when
     gains = [1 - (b / a) ** 2 for a, b in zip(stopped.history, stopped.history[1:])]
     assert all(gn >= 0.05 for gn in gains[:-1]) and gains[-1] < 0.05  # stopped at the first flat sweep
     assert len(stopped.history) < 7
+
+
+def test_activation_refit_is_scale_free_in_float32():
+    """A Gram (and output weighting) scaled by 1e30 fits exactly as at unit scale: the float32
+    products work on unit-scale copies."""
+    g = torch.Generator().manual_seed(4)
+    w = decaying(40, 30, seed=3, scale=10.0).double()
+    x = torch.randn(300, 30, generator=g, dtype=torch.float64) * torch.logspace(0, 2, 30, dtype=torch.float64)
+    om, im = choose_modes(40, 30, 3)
+    tt = tt_svd(w, om, im, max_bond=4)
+    gw = torch.rand(40, generator=g, dtype=torch.float64) + 0.5
+    unit = activation_refit(w, tt, x.T @ x, out_gram=gw)
+    huge = activation_refit(w, tt, 1e30 * (x.T @ x), out_gram=1e30 * gw)
+    assert huge.history == pytest.approx(unit.history, rel=1e-6)
+    assert huge.history[-1] < 0.8 * huge.history[0]

@@ -384,11 +384,14 @@ def activation_refit(
     w = weight.double()
     c = gram.double()
     c = (c + c.T) / 2
-    c_fast = c.to(product_dtype)
     g = None if out_gram is None else out_gram.double()
     if g is not None and tuple(g.shape) not in ((out_f,), (out_f, out_f)):
         raise ValueError(f"output weighting must be ({out_f},) or ({out_f}, {out_f}), got {tuple(g.shape)}")
-    g_fast = None if g is None else g.to(product_dtype)
+    # the fast products on unit-scale copies (float32's range is far smaller than float64's)
+    c_scale = max(float(torch.diagonal(c).abs().mean()), 1e-300)
+    g_scale = 1.0 if g is None else max(float((g if g.dim() == 1 else torch.diagonal(g)).abs().mean()), 1e-300)
+    c_fast = (c / c_scale).to(product_dtype)
+    g_fast = None if g is None else (g / g_scale).to(product_dtype)
 
     def weigh(m: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:  # G m
         return m if g is None else g[:, None] * m if g.dim() == 1 else g @ m
@@ -419,7 +422,8 @@ def activation_refit(
             b = _CoreMaps(cores, k, (out_f, in_f), torch.float64).adjoint(wc)
 
             def hess(p: torch.Tensor, maps: _CoreMaps = maps) -> torch.Tensor:
-                return maps.adjoint(weigh(maps.matrix(p) @ c_fast, g_fast)).double()
+                size = max(float(p.abs().max()), 1e-300)  # (the CG's directions can have any scale)
+                return maps.adjoint(weigh(maps.matrix(p / size) @ c_fast, g_fast)).double() * (c_scale * g_scale * size)
 
             cores[k] = _solve_core(cores[k], hess, b, wcw, cg_iters, tol, pre)
         current = loss(cores)
