@@ -351,7 +351,7 @@ def activation_refit(
     minimiser of its quadratic by conjugate gradients. A Hessian-vector product is ``A^T (A(p) C)``
     (``A`` the core's linear map into the matrix, through the contracted environments of the other
     cores, :class:`_CoreMaps`): one ``(out x in) @ (in x in)`` product per step, in
-    ``product_dtype`` (float32 by default: 1.5x faster than float64 here at the same fit; the loss,
+    ``product_dtype`` (float32 by default: faster than float64 at the same fit, see ``benchmarks/lm.py refit``; the loss,
     the right-hand side ``A^T (W C)`` and the cores stay float64). The CG is preconditioned by the
     exact inverse Hessian of a Kronecker-factored Gram (:func:`kron_preconditioner`) and stops when
     a step gains less than ``tol`` (relative): the edge cores converge in a few steps, the middle
