@@ -278,6 +278,13 @@ class _CoreMaps:
             right = t.reshape(c.shape[0], c.shape[1] * right.shape[1], c.shape[2] * right.shape[2])
         self.left, self.right = left, right
 
+    def cast(self, dtype: torch.dtype) -> _CoreMaps:
+        """The same maps in ``dtype`` (the environments cast, not contracted again)."""
+        out = object.__new__(_CoreMaps)
+        out.k, out.shape, out.dtype, out.padded, out.dims = self.k, self.shape, dtype, self.padded, self.dims
+        out.left, out.right = self.left.to(dtype), self.right.to(dtype)
+        return out
+
     def matrix(self, g: torch.Tensor) -> torch.Tensor:
         t = torch.einsum("xya,aoib->xyoib", self.left, g.to(self.dtype))
         t = torch.einsum("xyoib,bzw->xozyiw", t, self.right).reshape(self.padded)
@@ -418,8 +425,8 @@ def activation_refit(
     for s in range(sweeps):
         for k in range(d) if s % 2 == 0 else range(d - 1, -1, -1):
             pre = kron_preconditioner(cores, factors, k, out_factors) if factors is not None else (lambda r: r)
-            maps = _CoreMaps(cores, k, (out_f, in_f), product_dtype)
-            b = _CoreMaps(cores, k, (out_f, in_f), torch.float64).adjoint(wc)
+            exact = _CoreMaps(cores, k, (out_f, in_f), torch.float64)
+            b, maps = exact.adjoint(wc), exact.cast(product_dtype)
 
             def hess(p: torch.Tensor, maps: _CoreMaps = maps) -> torch.Tensor:
                 size = max(float(p.abs().max()), 1e-300)  # (the CG's directions can have any scale)
