@@ -301,6 +301,23 @@ def test_activation_refit_through_convert(tmp_path, teacher, data):
     assert res.exit_code == 3 and "features" in res.stderr
 
 
+@pytest.mark.parametrize("cores, method", [(3, "refit_quantized"), (2, "gptq_factors")])
+def test_calibrated_conversion_quantizes_cores_with_error_compensation(tmp_path, factory_file, data_file, cores, method):
+    """With --model/--data the cores fitted to the data are quantized with compensation on the same
+    inputs (the sequential path hands its fitted cores to the encoder): never worse than rounding them."""
+    res = run("convert", example_checkpoint(), "-o", tmp_path / "q.safetensors", "--ratio", "6", "--cores", str(cores),
+              "--quantize", "kmeans:16", "--model", f"{factory_file}:build", "--data", data_file, "--batch-size", "4",
+              "--steps", "0", "--json")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    rows = [r for r in json.loads(res.stdout)["layers"] if r["status"] == "mpo" and "lstm" not in r["name"]]
+    assert rows
+    for r in rows:
+        q = r["refine"]["calibrated_codes"]
+        assert q["method"] == method and q["output_error_after"] <= q["output_error_before"]
+    assert any(r["refine"]["calibrated_codes"]["output_error_after"] < r["refine"]["calibrated_codes"]["output_error_before"] for r in rows)
+    assert set(load_state_dict(tmp_path / "q.safetensors")) == set(load_file(str(example_checkpoint())))
+
+
 # ---------------------------------------------------------------------------------------------
 # safe defaults: learning-rate probe, warm-up, early stop, quantization-aware training
 

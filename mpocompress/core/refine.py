@@ -158,14 +158,18 @@ def refit_quantized(
     quantize: Callable[[int, torch.Tensor], torch.Tensor],
     *,
     sweeps: int = 1,
+    gram: torch.Tensor | None = None,
 ) -> TTMatrix:
-    """Quantize the cores one at a time, refitting the not-yet-quantized ones by ALS after each.
+    """Quantize the cores one at a time, refitting the not-yet-quantized ones after each.
 
     ``quantize(k, core)`` is called once per core, largest core first, with the core as it is at
     that moment; it must return the core as it will be stored (encode + decode), and may keep the
     encoded parts. The refit between calls lets the remaining cores absorb the quantization error,
     so the result is never worse than quantizing the TT-SVD cores directly *when measured in the
-    same order* (the ALS step only lowers the error it is given).
+    same order* (each refit only lowers the error it is given). The refit is ALS on the weight
+    error, or with ``gram`` (``X^T X`` of recorded inputs, ridge included) :func:`activation_refit`
+    on the output error: the error compensation of GPTQ/OBQ (quantize a part, move the parts still
+    free to undo its error on the data) at the granularity of cores.
 
     Returns:
         The quantized cores (each exactly what ``quantize`` returned).
@@ -179,7 +183,11 @@ def refit_quantized(
         cores[k] = quantize(k, cores[k]).to(dtype)
         done.add(k)
         if len(done) < d and sweeps > 0:
-            res = als_refine(weight, TTMatrix(cores, tt.shape), sweeps=sweeps, frozen=done)
+            current = TTMatrix(cores, tt.shape)
+            if gram is None:
+                res = als_refine(weight, current, sweeps=sweeps, frozen=done)
+            else:
+                res = activation_refit(weight, current, gram, sweeps=sweeps, frozen=frozenset(done), sweep_tol=0.0)
             cores = [cores[j] if j in done else res.tt.cores[j] for j in range(d)]
     return TTMatrix(cores, tt.shape)
 
@@ -349,6 +357,7 @@ def activation_refit(
     sweep_tol: float = 1e-2,
     product_dtype: torch.dtype = torch.float32,
     out_gram: torch.Tensor | None = None,
+    frozen: set[int] | frozenset[int] = frozenset(),
 ) -> RefineResult:
     """Refit the cores to minimise the output error on recorded inputs instead of the weight error.
 
@@ -384,6 +393,7 @@ def activation_refit(
             estimate of a loss's increase when ``G`` is the loss's curvature at the outputs
             (:func:`mpocompress.core.whiten.output_weighting`); ``history`` is then relative to
             ``tr(G W C W^T)``, and the preconditioner uses ``G``'s Kronecker factors too.
+        frozen: indices of cores kept as they are (the others absorb their error).
     """
     out_f, in_f = weight.shape
     if tuple(gram.shape) != (in_f, in_f):
@@ -424,6 +434,8 @@ def activation_refit(
     d = len(cores)
     for s in range(sweeps):
         for k in range(d) if s % 2 == 0 else range(d - 1, -1, -1):
+            if k in frozen:
+                continue
             pre = kron_preconditioner(cores, factors, k, out_factors) if factors is not None else (lambda r: r)
             exact = _CoreMaps(cores, k, (out_f, in_f), torch.float64)
             b, maps = exact.adjoint(wc), exact.cast(product_dtype)

@@ -157,7 +157,7 @@ def compress_tensor(
                 tt = TTMatrix([c.detach().to(t.dtype) for c in tt.cores], tt.shape)
                 row.refine["finetuned"] = True
                 if plan.fit is not None:
-                    row.refine["calibrated"] = plan.fit
+                    row.refine["calibrated"] = {k: v for k, v in plan.fit.items() if k != "codes"}
             row.candidates, row.reason = plan.candidates, plan.reason
         else:
             _check_gram(name, gram, in_f)
@@ -183,9 +183,13 @@ def compress_tensor(
         if gram is not None and tt is None and _gptq_applies(chain, masks.get(name)):
             _check_gram(name, gram, in_f)
             coded[name] = _gptq_encode(row, t, chain, gram, coded[name])
-        elif gram is not None and plan is None and tt is not None and len(tt.cores) == 2 and not masks and _gptq_applies(chain, None):
-            coded = _gptq_factor_encode(row, t.reshape(out_f, in_f), tt, chain, gram, coded)
-        if tt is not None and config.als_sweeps:  # every codec is lossy: refit the cores while encoding
+        elif gram is not None and plan is None and tt is not None and not masks and _gptq_applies(chain, None):
+            # (with a plan the cores were quantized in memory, compensated the same way: jobs/tune.py)
+            _check_gram(name, gram, in_f)
+            coded = _calibrated_core_codes(row, name, t.reshape(out_f, in_f), tt, chain, gram, coded)
+        if plan is not None and plan.fit and "codes" in plan.fit:
+            row.refine["calibrated_codes"] = plan.fit["codes"]
+        if tt is not None and config.als_sweeps and "calibrated_codes" not in row.refine:  # every codec is lossy: refit the cores while encoding
             coded = _refit_codes(row, name, tt, chain, threshold, masks, coded, config.als_sweeps)
         trial = dict(entry)
         parts_out = set_encoded(trial, coded)
@@ -279,23 +283,48 @@ def gptq_factor_codes(
     return [encode(f.reshape(shapes[k]).to(tt.cores[k].dtype), [quant], grid=grids[k]) for k, f in enumerate((left, right))]
 
 
-def _gptq_factor_encode(
-    row: LayerRow, matrix: torch.Tensor, tt: TTMatrix, chain: list[Codec], gram: torch.Tensor,
+def compensated_cores(
+    matrix: torch.Tensor, tt: TTMatrix, quant: Codec, gram: torch.Tensor, grids: dict[int, Any]
+) -> tuple[list[torch.Tensor], str]:
+    """MPO cores quantized by the grid codec ``quant`` with error compensation on recorded inputs
+    (Gram ``gram``), aiming at ``matrix``: 2 cores by GPTQ on each factor
+    (:func:`mpocompress.core.gptq.gptq_factors`), 3+ cores one at a time, largest first, each on a
+    grid made for it as it is then, followed by a refit of the cores still free to the outputs
+    (:func:`mpocompress.core.refine.refit_quantized` with the ridged Gram): GPTQ/OBQ's compensation at
+    the granularity of cores. ``grids`` receives each core's grid (rows = the core's first
+    dimension); every returned core lies on its grid. Returns ``(cores, method)``."""
+    from mpocompress.core.refine import refit_quantized
+    from mpocompress.core.whiten import ridged
+
+    if len(tt.cores) == 2:
+        return [decode(p, m) for p, m in gptq_factor_codes(matrix, tt, quant, gram, grids)], "gptq_factors"
+
+    def roundtrip(k: int, core: torch.Tensor) -> torch.Tensor:
+        grids[k] = quant.grid(core.reshape(core.shape[0], -1))
+        return decode(*encode(core, [quant], grid=grids[k]))
+
+    return list(refit_quantized(matrix, tt, roundtrip, sweeps=1, gram=ridged(gram)).cores), "refit_quantized"
+
+
+def _calibrated_core_codes(
+    row: LayerRow, name: str, matrix: torch.Tensor, tt: TTMatrix, chain: list[Codec], gram: torch.Tensor,
     direct: dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]],
 ) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]]:  # fmt: skip
-    """The factors quantized with error compensation, or the plain encoding where that has the
-    lower output error on the recorded inputs."""
+    """The cores quantized with error compensation (:func:`compensated_cores`), kept where their
+    output error on the recorded inputs beats quantizing the cores directly (``direct``)."""
     from mpocompress.core.refine import output_error
 
     names = list(direct)
-    coded = dict(zip(names, gptq_factor_codes(matrix, tt, chain[0], gram)))
+    grids: dict[int, Any] = {}
+    cores, method = compensated_cores(matrix, tt, chain[0], gram, grids)
+    coded = {n: encode(c.to(tt.cores[k].dtype), chain, grid=grids[k]) for k, (n, c) in enumerate(zip(names, cores))}
     shape = (matrix.shape[0], matrix.shape[1])
 
     def err(c: dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]]) -> float:
         return output_error(matrix, cores_to_matrix([decode(*c[n]) for n in names], shape), gram)
 
     before, after = err(direct), err(coded)
-    row.refine["calibrated_codes"] = {"method": "gptq_factors", "output_error_before": before, "output_error_after": min(before, after)}
+    row.refine["calibrated_codes"] = {"method": method, "output_error_before": before, "output_error_after": min(before, after)}
     return coded if after < before else direct
 
 

@@ -317,6 +317,9 @@ def _quantizers(
         row = rows.get(name)
         mpo = row is not None and row["status"] == "mpo"
         stored = [core_name(name, k) for k in range(len(row["bond_dims"]) + 1)] if mpo else [name]
+        core_grids = {}
+        if mpo and quant.has_grid and name in grams and name not in transposed and not any(s in masks for s in stored):
+            core_grids = _compensate_cores(student, name, [params.get(s) for s in stored], quant, grams[name], row)
         for pname in (s for s in stored if s in params):
             p, mask = params[pname], masks.get(pname)
             if not quant.has_grid:
@@ -324,7 +327,9 @@ def _quantizers(
                 continue
             m = p.detach().reshape(p.shape[0], -1) if mask is None else p.detach()[mask.bool()].reshape(1, -1)
             gram = grams.get(name) if not mpo and mask is None and name not in transposed else None
-            if gram is not None and tuple(gram.shape) == (m.shape[1], m.shape[1]):
+            if mpo and stored.index(pname) in core_grids:
+                grid = core_grids[stored.index(pname)]
+            elif gram is not None and tuple(gram.shape) == (m.shape[1], m.shape[1]):
                 q, grid = gptq_codec(m, gram, quant)
                 with torch.no_grad():
                     p.copy_(q.reshape(p.shape))
@@ -332,6 +337,37 @@ def _quantizers(
                 grid = quant.grid(m)
             out[pname] = _grid_quantizer(quant, grid, mask, trained_grids)
     return out
+
+
+def _compensate_cores(student: Any, name: str, cores: list[Any], quant: Codec, gram: torch.Tensor, row: dict[str, Any]) -> dict[int, Any]:
+    """An MPO layer's cores (its parameters ``cores``) replaced by their quantization with error
+    compensation on its recorded inputs (:func:`mpocompress.jobs.plan.compensated_cores`, aiming at
+    the function the fitted cores compute), where that beats rounding each core on those inputs;
+    ``row["fit"]["codes"]`` says which. Returns the grid of each core by index, for its quantizer
+    ({} where rounding was kept)."""
+    from mpocompress.codecs import decode, encode
+    from mpocompress.core.refine import output_error
+    from mpocompress.core.tt import cores_to_matrix
+    from mpocompress.jobs.plan import compensated_cores
+
+    mod_name, _, w = name.rpartition(".")
+    shape = dict(student.named_modules())[mod_name]._shapes[w]
+    if any(c is None for c in cores) or tuple(gram.shape) != (shape[1], shape[1]):
+        return {}
+    tt = TTMatrix([c.detach() for c in cores], shape)
+    target = tt.to_matrix()
+    grids: dict[int, Any] = {}
+    new, method = compensated_cores(target, tt, quant, gram, grids)
+    direct = [decode(*encode(c.detach(), [quant], grid=quant.grid(c.detach().reshape(c.shape[0], -1)))) for c in cores]
+    before = output_error(target, cores_to_matrix(direct, shape), gram)
+    after = output_error(target, cores_to_matrix(new, shape), gram)
+    row["fit"] = {**(row.get("fit") or {}), "codes": {"method": method, "output_error_before": before, "output_error_after": min(before, after)}}
+    if after >= before:
+        return {}
+    with torch.no_grad():
+        for c, v in zip(cores, new):
+            c.copy_(v.to(c.dtype))
+    return grids
 
 
 def _grid_quantizer(quant: Codec, grid: Any, mask: torch.Tensor | None, trained: bool) -> Any:
