@@ -3,6 +3,7 @@
     python benchmarks/calibrated.py                 # the run behind docs/results.md (about 40 min)
     python benchmarks/calibrated.py --quick         # small: no fine-tuning, fewer layers, no docs
     python benchmarks/calibrated.py --models resemblyzer --ft-seconds 60
+    python benchmarks/calibrated.py --core-codes    # only the table of MPO cores with a codec (~2 min)
 
 The development models of ``benchmarks/budget.py`` that are PyTorch modules (the calibration hooks
 need the model's code): Resemblyzer 0.1.4 (3-layer LSTM speaker encoder; embedding cosine),
@@ -20,7 +21,10 @@ Two tables:
 * **Layer level** (real weights, real inputs): relative output error on *held-out* inputs at equal
   parameters, for TT-SVD (3 cores), + refit on the recorded Gram, activation-aware MPO (Kronecker
   whitening) with and without refit, truncated SVD and whitened SVD at the same parameter count; and
-  k-means:4 / int8 with and without GPTQ. Also the ridge of the whitened SVD.
+  k-means:4 / int8 with and without GPTQ. Also the ridge of the whitened SVD. And (``--core-codes``)
+  MPO cores with a codec: 2 cores (whitened SVD) and 3 cores (fitted to the inputs as ``convert``
+  fits them) at ratio 4, each core rounded by the codec, against the cores quantized with error
+  compensation on the inputs (``mpocompress.jobs.plan.compensated_cores``).
 * **Model level**: at 12.5 % and 6.25 % of the file, the allocation of ``--target-size`` (no data)
   written four ways at the same tensor bytes: post hoc; calibrated on the dense model's inputs
   (``--calibration dense --steps 0``); calibrated sequentially (the default, ``--steps 0``); that +
@@ -132,6 +136,66 @@ def _rows_of(w: torch.Tensor, cal: torch.Tensor, held: torch.Tensor) -> dict[str
     rank = max(1, (w.numel() // 8) // (out_f + in_f))
     res["ridge"] = {f"{r:g}": output_error(w, whitened_svd(w, cal, rank, ridge=r).to_matrix(), held) for r in (1e-4, 1e-3, 1e-2, 1e-1)}
     return res
+
+
+def _core_code_rows(w: torch.Tensor, cal: torch.Tensor, held: torch.Tensor) -> dict[str, Any]:
+    """MPO cores at ratio 4 (2 cores: whitened SVD; 3: fitted to the inputs) with each codec on its
+    cores: relative output error on held-out inputs, the cores rounded vs quantized with error
+    compensation, and the seconds the compensation took."""
+    from mpocompress.codecs import decode, encode
+    from mpocompress.core.tt import cores_to_matrix
+    from mpocompress.core.whiten import fit_to_inputs
+    from mpocompress.jobs.plan import compensated_cores
+
+    out_f, in_f = w.shape
+    res: dict[str, Any] = {}
+    for cores in (2, 3):
+        if cores == 2:
+            tt = whitened_svd(w, cal, max(1, (out_f * in_f // 4) // (out_f + in_f)))
+        else:
+            om, im = choose_modes(out_f, in_f, 3)
+            tt, _ = fit_to_inputs(w, tt_svd(w, om, im, max_bond=max_bond_for_budget(om, im, out_f * in_f // 4)), cal)
+        err = lambda cs: output_error(w, cores_to_matrix(cs, (out_f, in_f)), held)  # noqa: E731
+        row: dict[str, Any] = {"float": err(tt.cores)}
+        for spec in CORE_CODECS:
+            codec = parse_codec(spec)
+            t0 = time.perf_counter()
+            ours, method = compensated_cores(w, tt, codec, cal, {})
+            seconds = time.perf_counter() - t0
+            row[spec] = {"rounded": err([decode(*encode(c, [codec])) for c in tt.cores]), "compensated": err(ours),
+                         "method": method, "seconds": seconds}  # fmt: skip
+        res[f"{cores} cores"] = row
+    return res
+
+
+CORE_CODECS = ("kmeans:4", "kmeans:16", "int8")
+
+
+def core_code_table(name: str, spec: dict[str, Any], batches: list[Any]) -> dict[str, Any]:
+    model = spec["build"](load_state_dict(spec["ckpt"]))
+    half = len(batches) // 2
+    cal, _ = record_grams(model, batches[:half], weights=set(LAYERS[name]))
+    held, _ = record_grams(model, batches[half:], weights=set(LAYERS[name]))
+    sd = load_state_dict(spec["ckpt"])
+    out = {}
+    for n in LAYERS[name]:
+        w = sd[n].float().reshape(sd[n].shape[0], -1)
+        out[n] = _core_code_rows(w, cal[n], held[n])
+        print(f"  {name} {n}: {json.dumps(out[n])}", flush=True)
+    return out
+
+
+def core_code_markdown(results: dict[str, Any]) -> str:
+    lines = ["| model | weight | cores | float | " + " | ".join(f"{c}: rounded / compensated" for c in CORE_CODECS) + " |",
+             "|---|---|---|---|" + "---|" * len(CORE_CODECS)]  # fmt: skip
+    for name, r in results.items():
+        for w, e in r.items():
+            for cores in ("2 cores", "3 cores"):
+                x = e[cores]
+                cells = " | ".join(f"{x[c]['rounded']:.4f} / **{x[c]['compensated']:.4f}**" if x[c]["compensated"] < x[c]["rounded"]
+                                   else f"**{x[c]['rounded']:.4f}** / {x[c]['compensated']:.4f}" for c in CORE_CODECS)  # fmt: skip
+                lines.append(f"| {name} | {w} | {cores[0]} | {x['float']:.4f} | {cells} |")
+    return "\n".join(lines)
 
 
 def layer_table(name: str, spec: dict[str, Any], batches: list[Any], quick: bool) -> dict[str, Any]:
@@ -282,9 +346,21 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["resemblyzer", "minilm", "convtasnet"])
     ap.add_argument("--ft-seconds", type=float, default=300.0)
     ap.add_argument("--skip-model", action="store_true", help="layer table only")
+    ap.add_argument("--core-codes", action="store_true", help="only the layer table of MPO cores with a codec (calibrated_codes.json)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     specs = dev.models(dev.fetch())
+    if args.core_codes:
+        t0 = time.perf_counter()
+        res = {name: core_code_table(name, specs[name], calibration_batches(name, specs[name], False)) for name in args.models}
+        text = core_code_markdown(res)
+        print(text)
+        out = ROOT / "benchmarks" / "results" / "calibrated_codes.json"
+        out.write_text(json.dumps({"torch": torch.__version__, "seconds": time.perf_counter() - t0, "results": res}, indent=2) + "\n")
+        _write_block("calibrated-codes", "Command: `python benchmarks/calibrated.py --core-codes` (1 thread). Relative output error on "
+                     "held-out inputs of MPO cores at ratio 4 with a codec on every core (lower is better; the better of the two in bold).\n\n"
+                     + text, "MPO cores with a codec, on real layers")  # fmt: skip
+        return
     corpus = WORK / ("corpus-quick" if args.quick else "corpus")
     pairs = [(read_wav(n)[0], read_wav(c)[0]) for n, c in paired_wavs(corpus / "test")]
     path = ROOT / "benchmarks" / "results" / "calibrated.json"

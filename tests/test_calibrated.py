@@ -406,3 +406,13 @@ def test_core_quantization_compensated_on_inputs_beats_rounding_the_cores(layer,
     plain = [decode(*encode(core, [codec])) for core in tt.cores]
     err = lambda cores: output_error(w, cores_to_matrix(cores, (48, 60)), ch)  # noqa: E731
     assert err(ours.cores) < err(plain)
+
+
+def test_which_core_codecs_are_compensated():
+    """int8 on SVD factors is nearly lossless: compensation there fitted the calibration inputs and lost
+    on held-out ones on every real layer measured, so it is rounded (benchmarks/calibrated.py --core-codes)."""
+    from mpocompress.jobs.plan import compensates
+
+    assert not compensates(parse_codec("int8"), 2)
+    assert compensates(parse_codec("kmeans:16"), 2) and compensates(parse_codec("int8"), 3)
+    assert not compensates(parse_codec("fp16"), 3)

@@ -28,7 +28,7 @@ from mpocompress.codecs.kmeans import kth_smallest_abs
 from mpocompress.core.allocate import METHODS, Option, allowed
 from mpocompress.core.modes import choose_modes
 from mpocompress.core.tt import cores_to_matrix, tt_svd
-from mpocompress.jobs.plan import gptq_factor_codes, nbytes_of
+from mpocompress.jobs.plan import compensates, gptq_factor_codes, nbytes_of
 from mpocompress.select import matrix_shape
 
 KMEANS_BITS = (2, 3, 4, 5, 6, 8)
@@ -446,12 +446,14 @@ def _whitened_options(matrix: torch.Tensor, gram: torch.Tensor, measure: torch.T
 def _with_core_codecs(label: str, base: dict[str, Any], tt: Any, error: Any, itemsize: int, codecs: tuple,
                       matrix: torch.Tensor | None = None, gram: torch.Tensor | None = None) -> list[Option]:  # fmt: skip
     """An MPO option alone and with each codec on its cores (those that make it smaller); 2 cores with
-    recorded inputs: quantized with error compensation, as ``convert`` does with data."""
+    recorded inputs: quantized with error compensation where ``convert`` does it with data
+    (:func:`mpocompress.jobs.plan.compensates`); 3+ cores: rounded (an upper bound of what ``convert``
+    stores, as the fits here are)."""
     shape = tt.shape
     plain = tt.num_params * itemsize
     out = [Option(label, base, plain, error(tt.to_matrix()))]
     for codec in codecs[1:]:
-        if gram is not None and len(tt.cores) == 2:
+        if gram is not None and len(tt.cores) == 2 and compensates(parse_codec(codec), 2):
             coded = gptq_factor_codes(matrix, tt, parse_codec(codec), gram)
             dec, nbytes = [decode(p, m) for p, m in coded], sum(nbytes_of(v) for p, _ in coded for v in p.values())
         else:

@@ -183,7 +183,7 @@ def compress_tensor(
         if gram is not None and tt is None and _gptq_applies(chain, masks.get(name)):
             _check_gram(name, gram, in_f)
             coded[name] = _gptq_encode(row, t, chain, gram, coded[name])
-        elif gram is not None and plan is None and tt is not None and not masks and _gptq_applies(chain, None):
+        elif gram is not None and plan is None and tt is not None and not masks and _gptq_applies(chain, None) and compensates(chain[0], len(tt.cores)):
             # (with a plan the cores were quantized in memory, compensated the same way: jobs/tune.py)
             _check_gram(name, gram, in_f)
             coded = _calibrated_core_codes(row, name, t.reshape(out_f, in_f), tt, chain, gram, coded)
@@ -281,6 +281,14 @@ def gptq_factor_codes(
     if grids_out is not None:
         grids_out.update(grids)
     return [encode(f.reshape(shapes[k]).to(tt.cores[k].dtype), [quant], grid=grids[k]) for k, f in enumerate((left, right))]
+
+
+def compensates(quant: Codec, cores: int) -> bool:
+    """Whether MPO cores stored by ``quant`` are quantized with error compensation on recorded inputs
+    (:func:`compensated_cores`): every grid codec on 3+ cores; on 2 cores (SVD factors) k-means, not
+    int8, whose rounding is nearly lossless -- there GPTQ on the factors fitted the calibration
+    inputs and lost on held-out ones on 12 of 12 real layers (``python benchmarks/calibrated.py --core-codes``)."""
+    return quant.has_grid and (cores > 2 or quant.name != "int8")
 
 
 def compensated_cores(

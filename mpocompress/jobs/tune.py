@@ -302,7 +302,7 @@ def _quantizers(
     quantization on that grid."""
     from mpocompress.codecs import decode, encode, split_chain
     from mpocompress.jobs.calibrate import transposed_weights
-    from mpocompress.jobs.plan import gptq_codec
+    from mpocompress.jobs.plan import compensates, gptq_codec
 
     params = dict(student.named_parameters())
     transposed = transposed_weights(student)
@@ -318,7 +318,7 @@ def _quantizers(
         mpo = row is not None and row["status"] == "mpo"
         stored = [core_name(name, k) for k in range(len(row["bond_dims"]) + 1)] if mpo else [name]
         core_grids = {}
-        if mpo and quant.has_grid and name in grams and name not in transposed and not any(s in masks for s in stored):
+        if mpo and compensates(quant, len(stored)) and name in grams and name not in transposed and not any(s in masks for s in stored):
             core_grids = _compensate_cores(student, name, [params.get(s) for s in stored], quant, grams[name], row)
         for pname in (s for s in stored if s in params):
             p, mask = params[pname], masks.get(pname)
