@@ -295,6 +295,12 @@ def test_activation_refit_through_convert(tmp_path, teacher, data):
     for name in grams:
         a = rows[name]["refine"]["calibrated"]
         assert a["output_error_after"] < 0.9 * a["output_error_before"]
+    res = run("convert", example_checkpoint(), "-o", tmp_path / "k.safetensors", "--ratio", "8", "--cores", "3",
+              "--quantize", "kmeans:16", "--activations", acts, "--json")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    codes = [r["refine"]["calibrated_codes"] for r in json.loads(res.stdout)["layers"] if r["name"] in grams]
+    assert codes and all(c["method"] == "refit_quantized" and c["output_error_after"] <= c["output_error_before"] for c in codes)
+    assert any(c["output_error_after"] < c["output_error_before"] for c in codes)
     bad = tmp_path / "bad.safetensors"
     save_file({"inp.weight.gram": torch.eye(5)}, str(bad))
     res = run("convert", example_checkpoint(), "-o", tmp_path / "c.safetensors", "--ratio", "8", "--activations", bad)
