@@ -156,8 +156,9 @@ def compress_tensor(
             if tt is not None:
                 tt = TTMatrix([c.detach().to(t.dtype) for c in tt.cores], tt.shape)
                 row.refine["finetuned"] = True
-                if plan.fit is not None:
-                    row.refine["calibrated"] = {k: v for k, v in plan.fit.items() if k != "codes"}
+                fit = {k: v for k, v in (plan.fit or {}).items() if k != "codes"}
+                if fit:
+                    row.refine["calibrated"] = fit
             row.candidates, row.reason = plan.candidates, plan.reason
         else:
             _check_gram(name, gram, in_f)
