@@ -320,6 +320,7 @@ def test_calibrated_conversion_quantizes_cores_with_error_compensation(tmp_path,
     for r in rows:
         q = r["refine"]["calibrated_codes"]
         assert q["method"] == method and q["output_error_after"] <= q["output_error_before"]
+        assert q["kept"] == (q["output_error_after"] < q["output_error_before"])
     assert any(r["refine"]["calibrated_codes"]["output_error_after"] < r["refine"]["calibrated_codes"]["output_error_before"] for r in rows)
     assert set(load_state_dict(tmp_path / "q.safetensors")) == set(load_file(str(example_checkpoint())))
 

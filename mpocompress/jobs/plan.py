@@ -321,20 +321,25 @@ def _calibrated_core_codes(
 ) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]]:  # fmt: skip
     """The cores quantized with error compensation (:func:`compensated_cores`), kept where their
     output error on the recorded inputs beats quantizing the cores directly (``direct``)."""
-    from mpocompress.core.refine import output_error
-
     names = list(direct)
     grids: dict[int, Any] = {}
     cores, method = compensated_cores(matrix, tt, chain[0], gram, grids)
     coded = {n: encode(c.to(tt.cores[k].dtype), chain, grid=grids[k]) for k, (n, c) in enumerate(zip(names, cores))}
+    row.refine["calibrated_codes"] = codes_outcome(matrix, [decode(*direct[n]) for n in names], cores, gram, method)
+    return coded if row.refine["calibrated_codes"]["kept"] else direct
+
+
+def codes_outcome(matrix: torch.Tensor, rounded: list[torch.Tensor], compensated: list[torch.Tensor], gram: torch.Tensor,
+                  method: str) -> dict[str, Any]:  # fmt: skip
+    """The report's record of a compensated core quantization: the output errors on the recorded
+    inputs of the rounded and the compensated cores, and whether the compensated ones are kept
+    (only when better)."""
+    from mpocompress.core.refine import output_error
+
     shape = (matrix.shape[0], matrix.shape[1])
-
-    def err(c: dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]]) -> float:
-        return output_error(matrix, cores_to_matrix([decode(*c[n]) for n in names], shape), gram)
-
-    before, after = err(direct), err(coded)
-    row.refine["calibrated_codes"] = {"method": method, "output_error_before": before, "output_error_after": min(before, after)}
-    return coded if after < before else direct
+    before = output_error(matrix, cores_to_matrix(rounded, shape), gram)
+    after = output_error(matrix, cores_to_matrix(compensated, shape), gram)
+    return {"method": method, "output_error_before": before, "output_error_after": min(before, after), "kept": after < before}
 
 
 def _refit_codes(

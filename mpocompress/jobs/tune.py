@@ -346,9 +346,7 @@ def _compensate_cores(student: Any, name: str, cores: list[Any], quant: Codec, g
     ``row["fit"]["codes"]`` says which. Returns the grid of each core by index, for its quantizer
     ({} where rounding was kept)."""
     from mpocompress.codecs import decode, encode
-    from mpocompress.core.refine import output_error
-    from mpocompress.core.tt import cores_to_matrix
-    from mpocompress.jobs.plan import compensated_cores
+    from mpocompress.jobs.plan import codes_outcome, compensated_cores
 
     mod_name, _, w = name.rpartition(".")
     shape = dict(student.named_modules())[mod_name]._shapes[w]
@@ -358,11 +356,10 @@ def _compensate_cores(student: Any, name: str, cores: list[Any], quant: Codec, g
     target = tt.to_matrix()
     grids: dict[int, Any] = {}
     new, method = compensated_cores(target, tt, quant, gram, grids)
-    direct = [decode(*encode(c.detach(), [quant], grid=quant.grid(c.detach().reshape(c.shape[0], -1)))) for c in cores]
-    before = output_error(target, cores_to_matrix(direct, shape), gram)
-    after = output_error(target, cores_to_matrix(new, shape), gram)
-    row["fit"] = {**(row.get("fit") or {}), "codes": {"method": method, "output_error_before": before, "output_error_after": min(before, after)}}
-    if after >= before:
+    rounded = [decode(*encode(c.detach(), [quant], grid=quant.grid(c.detach().reshape(c.shape[0], -1)))) for c in cores]
+    outcome = codes_outcome(target, rounded, new, gram, method)
+    row["fit"] = {**(row.get("fit") or {}), "codes": outcome}
+    if not outcome["kept"]:
         return {}
     with torch.no_grad():
         for c, v in zip(cores, new):
