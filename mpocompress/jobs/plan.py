@@ -187,7 +187,7 @@ def compress_tensor(
         elif gram is not None and plan is None and tt is not None and not masks and _gptq_applies(chain, None) and compensates(chain[0], len(tt.cores)):
             # (with a plan the cores were quantized in memory, compensated the same way: jobs/tune.py)
             _check_gram(name, gram, in_f)
-            coded = _calibrated_core_codes(row, name, t.reshape(out_f, in_f), tt, chain, gram, coded)
+            coded = _calibrated_core_codes(row, t.reshape(out_f, in_f), tt, chain, gram, coded)
         if plan is not None and plan.fit and "codes" in plan.fit:
             row.refine["calibrated_codes"] = plan.fit["codes"]
         if tt is not None and config.als_sweeps and "calibrated_codes" not in row.refine:  # every codec is lossy: refit the cores while encoding
@@ -316,7 +316,7 @@ def compensated_cores(
 
 
 def _calibrated_core_codes(
-    row: LayerRow, name: str, matrix: torch.Tensor, tt: TTMatrix, chain: list[Codec], gram: torch.Tensor,
+    row: LayerRow, matrix: torch.Tensor, tt: TTMatrix, chain: list[Codec], gram: torch.Tensor,
     direct: dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]],
 ) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]]:  # fmt: skip
     """The cores quantized with error compensation (:func:`compensated_cores`), kept where their
