@@ -104,6 +104,8 @@ class LayerPlan:
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
     #: how the cores were fitted to recorded inputs before training (None: they were not)
     fit: dict[str, Any] | None = None
+    #: how the cores were quantized on those inputs (:func:`codes_outcome`; None: not compensated)
+    codes: dict[str, Any] | None = None
 
 
 def unchanged_row(name: str, t: torch.Tensor, shapes: dict[str, tuple[int, ...]], reason: str | None = None) -> LayerRow:
@@ -156,9 +158,8 @@ def compress_tensor(
             if tt is not None:
                 tt = TTMatrix([c.detach().to(t.dtype) for c in tt.cores], tt.shape)
                 row.refine["finetuned"] = True
-                fit = {k: v for k, v in (plan.fit or {}).items() if k != "codes"}
-                if fit:
-                    row.refine["calibrated"] = fit
+                if plan.fit is not None:
+                    row.refine["calibrated"] = plan.fit
             row.candidates, row.reason = plan.candidates, plan.reason
         else:
             _check_gram(name, gram, in_f)
@@ -186,10 +187,9 @@ def compress_tensor(
             coded[name] = _gptq_encode(row, t, chain, gram, coded[name])
         elif gram is not None and plan is None and tt is not None and not masks and _gptq_applies(chain, None) and compensates(chain[0], len(tt.cores)):
             # (with a plan the cores were quantized in memory, compensated the same way: jobs/tune.py)
-            _check_gram(name, gram, in_f)
             coded = _calibrated_core_codes(row, t.reshape(out_f, in_f), tt, chain, gram, coded)
-        if plan is not None and plan.fit and "codes" in plan.fit:
-            row.refine["calibrated_codes"] = plan.fit["codes"]
+        if plan is not None and plan.codes is not None:
+            row.refine["calibrated_codes"] = plan.codes
         if tt is not None and config.als_sweeps and "calibrated_codes" not in row.refine:  # every codec is lossy: refit the cores while encoding
             coded = _refit_codes(row, name, tt, chain, threshold, masks, coded, config.als_sweeps)
         trial = dict(entry)

@@ -271,7 +271,7 @@ def _plans(
         row = rows.get(name)
         plan = LayerPlan(decided=row is not None)
         if row is not None:
-            plan.candidates, plan.reason, plan.fit = row["candidates"], row["reason"], row.get("fit")
+            plan.candidates, plan.reason, plan.fit, plan.codes = row["candidates"], row["reason"], row.get("fit"), row.get("codes")
             if row["status"] == "mpo":
                 mod_name, _, w = name.rpartition(".")
                 module = modules[mod_name]
@@ -343,13 +343,13 @@ def _compensate_cores(student: Any, name: str, cores: list[Any], quant: Codec, g
     """An MPO layer's cores (its parameters ``cores``) replaced by their quantization with error
     compensation on its recorded inputs (:func:`mpocompress.jobs.plan.compensated_cores`, aiming at
     the function the fitted cores compute), where that beats rounding each core on those inputs;
-    ``row["fit"]["codes"]`` says which. Returns the grid of each core by index, for its quantizer
+    ``row["codes"]`` says which. Returns the grid of each core by index, for its quantizer
     ({} where rounding was kept)."""
     from mpocompress.codecs import decode, encode
     from mpocompress.jobs.plan import codes_outcome, compensated_cores
 
     mod_name, _, w = name.rpartition(".")
-    shape = dict(student.named_modules())[mod_name]._shapes[w]
+    shape = student.get_submodule(mod_name)._shapes[w]
     if any(c is None for c in cores) or tuple(gram.shape) != (shape[1], shape[1]):
         return {}
     tt = TTMatrix([c.detach() for c in cores], shape)
@@ -358,7 +358,7 @@ def _compensate_cores(student: Any, name: str, cores: list[Any], quant: Codec, g
     new, method = compensated_cores(target, tt, quant, gram, grids)
     rounded = [decode(*encode(c.detach(), [quant], grid=quant.grid(c.detach().reshape(c.shape[0], -1)))) for c in cores]
     outcome = codes_outcome(target, rounded, new, gram, method)
-    row["fit"] = {**(row.get("fit") or {}), "codes": outcome}
+    row["codes"] = outcome
     if not outcome["kept"]:
         return {}
     with torch.no_grad():
