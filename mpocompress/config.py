@@ -217,8 +217,9 @@ class TuneConfig:
         lr: Adam learning rate; None ("auto", the default): a short probe of
             :data:`LR_CANDIDATES` from the same start picks the one with the lowest held-out loss
             (a converged pretrained model can be wrecked by a rate that suits a model we trained).
-        warmup: share of the steps over which the rate rises linearly from 0; it then decays on a
-            half cosine to 10 % at the last step.
+        warmup: share of the training budget over which the rate rises linearly from 0; it then
+            decays on a half cosine to 10 % at the end. The budget is ``steps`` or, when it runs out
+            first, ``time`` (less the probe's share): a run bounded by seconds follows its clock.
         patience: stop after this many held-out evaluations without a new best (0: never).
         train: ``"all"`` parameters, only the ``"central"`` core of each MPO matrix (its largest core),
             or only the ``"outer"`` cores (the MPO papers' auxiliary tensors); with ``central``/``outer``

@@ -330,13 +330,40 @@ def test_calibrated_conversion_quantizes_cores_with_error_compensation(tmp_path,
 
 
 def test_lr_schedule_warms_up_then_decays():
-    from mpocompress.jobs.finetune import lr_factor
+    from mpocompress.jobs.finetune import budget_used, lr_factor
 
-    f = [lr_factor(s, 100, 0.1) for s in range(1, 101)]
+    f = [lr_factor(budget_used(s, 100, 0.0, 0.0, None), 0.1) for s in range(1, 101)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(f[9:], f[10:]))  # non-increasing after the warm-up
     assert f[-1] == pytest.approx(0.1)
-    assert lr_factor(1, 10, 0.0) == pytest.approx(1.0)
+    assert lr_factor(0.01, 0.0) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_lr_schedule_follows_the_clock_when_time_runs_out_first():
+    """A run with many steps but few seconds (``--steps 100000 --time 300``) warms up and decays within
+    its seconds; before, it warmed up over 5 % of the 100000 steps and never got past 1 % of the rate."""
+    from mpocompress.jobs.finetune import budget_used, lr_factor
+
+    # 60 steps of 5 s in 300 s: the 3rd step is past the 5 % warm-up, the last ends at the floor
+    used = [budget_used(s, 100_000, 5.0 * (s - 1), 5.0 if s > 1 else 0.0, 300.0) for s in range(1, 61)]
+    assert used[-1] == pytest.approx(1.0) and used[2] == pytest.approx(0.05)
+    assert lr_factor(used[2], 0.05) == pytest.approx(1.0) and lr_factor(used[-1], 0.05) == pytest.approx(0.1)
+    assert budget_used(10, 20, 1.0, 0.1, 300.0) == pytest.approx(0.5)  # steps run out first: by steps
+
+
+def test_a_time_bounded_run_reaches_its_full_rate(teacher, data, monkeypatch):
+    """finetune wires the clock into the schedule: with steps far beyond what ``time`` allows, the
+    rate still warms up to its peak and decays before the time is up."""
+    import mpocompress.jobs.finetune as ft
+
+    seen, original = [], ft.lr_factor
+    monkeypatch.setattr(ft, "lr_factor", lambda done, warmup: seen.append(original(done, warmup)) or seen[-1])
+    train, val = data
+    student = copy.deepcopy(teacher)
+    compress_(student, MPOConfig(ratio=10, cores=3))
+    res = ft.finetune(student, teacher, train[:1], val_batches=val[:1], steps=100_000, time=4.0, lr=1e-4, eval_every=1000)
+    assert res.stopped_by == "time" and 5 <= res.steps < 100_000
+    assert max(seen) == pytest.approx(1.0, abs=0.1) and seen[-1] < 0.5
 
 
 def test_lr_probe_picks_a_rate_that_helps_and_reports_it(teacher, data):

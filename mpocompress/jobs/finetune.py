@@ -347,14 +347,26 @@ class _FakeQuant:
                 p.copy_(q(p.detach()))
 
 
-def lr_factor(step: int, total: int, warmup: float) -> float:
-    """The learning-rate multiplier at ``step`` (1-based) of ``total``: linear warm-up over a
-    ``warmup`` share of the steps, then a half cosine down to 0.1 at the last step."""
-    w = max(1, round(warmup * total)) if warmup > 0 else 0
-    if step <= w:
-        return step / w
-    progress = (step - w - 1) / max(1, total - w - 1)
-    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+def lr_factor(done: float, warmup: float) -> float:
+    """The learning-rate multiplier for a step after which a share ``done`` (in (0, 1]) of the
+    training budget is used: linear warm-up over the first ``warmup`` share, then a half cosine down
+    to 0.1 at the end. The budget is whichever of ``steps`` and ``time`` ends first (:func:`budget_used`),
+    so a run bounded by ``time`` warms up and decays within its seconds."""
+    done = min(max(done, 0.0), 1.0)
+    if warmup > 0 and done <= warmup:
+        return done / warmup
+    progress = (done - warmup) / (1.0 - warmup)
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def budget_used(step: int, steps: int, elapsed: float, per_step: float, seconds: float | None) -> float:
+    """The share of the training budget used once ``step`` (1-based) of at most ``steps`` is done:
+    by steps, or by time when ``seconds`` are given and run out first (``elapsed`` seconds so far,
+    plus ``per_step``, the mean step so far, for the step about to run)."""
+    done = step / steps
+    if seconds is not None:
+        done = max(done, (elapsed + per_step) / max(seconds, 1e-9))
+    return min(done, 1.0)
 
 
 class _Trainer:
@@ -515,9 +527,15 @@ def finetune(
     opt = run.optimizer(lr or 1e-4)
     student.train()
     running, step, stale = math.nan, 0, 0
+    train_start = time.perf_counter()  # the schedule spans what the probe left of --time
+    seconds = None if config.time is None else config.time - (train_start - start)
     for step in range(1, config.steps + 1):
+        elapsed = time.perf_counter() - train_start
+        done = budget_used(step, config.steps, elapsed, elapsed / (step - 1) if step > 1 else 0.0, seconds)
+        if run.world > 1 and seconds is not None:
+            done = run.agreed(done)  # one rate on every rank (the ranks' clocks differ)
         for g in opt.param_groups:
-            g["lr"] = g["scale"] * (lr or 1e-4) * lr_factor(step, config.steps, config.warmup)
+            g["lr"] = g["scale"] * (lr or 1e-4) * lr_factor(done, config.warmup)
         lv = run.step(opt, step - 1)
         running = lv if math.isnan(running) else 0.9 * running + 0.1 * lv
         out_of_time = config.time is not None and time.perf_counter() - start >= config.time
