@@ -4,6 +4,7 @@
     python benchmarks/calibrated.py --quick         # small: no fine-tuning, fewer layers, no docs
     python benchmarks/calibrated.py --models resemblyzer --ft-seconds 60
     python benchmarks/calibrated.py --core-codes    # only the table of MPO cores with a codec (~2 min)
+    python benchmarks/calibrated.py --models convtasnet --rows data   # only the rows allocated with data
 
 The development models of ``benchmarks/budget.py`` that are PyTorch modules (the calibration hooks
 need the model's code): Resemblyzer 0.1.4 (3-layer LSTM speaker encoder; embedding cosine),
@@ -28,7 +29,10 @@ Two tables:
 * **Model level**: at 12.5 % and 6.25 % of the file, the allocation of ``--target-size`` (no data)
   written four ways at the same tensor bytes: post hoc; calibrated on the dense model's inputs
   (``--calibration dense --steps 0``); calibrated sequentially (the default, ``--steps 0``); that +
-  brief fine-tuning. Plus uniform settings per family (SVD, 3-core MPO, k-means:4) post hoc vs calibrated.
+  brief fine-tuning. The allocation *with* data (``--target-size`` with ``--model``/``--data``, planned
+  on the calibration batches) written post hoc, calibrated and + fine-tuned. Plus uniform settings
+  per family (SVD, 3-core MPO, k-means:4) post hoc vs calibrated. ``--rows finetune`` / ``--rows data``
+  rerun only the fine-tuning cells / only the rows allocated with data and keep the rest.
   Changes from dense are per-utterance paired means with 95 % bootstrap CIs.
 
 Writes ``benchmarks/results/calibrated.json`` and the ``calibrated`` blocks of docs/results.md.
@@ -80,6 +84,7 @@ LAYERS = {
 }  # fmt: skip
 UNIFORM = {"SVD ratio 8": MPOConfig(ratio=8, cores=2), "MPO 3 cores ratio 8": MPOConfig(ratio=8, cores=3),
            "k-means:4": MPOConfig(quantize="kmeans:4")}  # fmt: skip
+WAYS = ("post hoc", "calibrated, dense inputs", "calibrated", "calibrated + fine-tuned")
 
 
 def calibration_batches(name: str, spec: dict[str, Any], quick: bool) -> list[Any]:
@@ -222,13 +227,17 @@ def _score(name: str, spec: dict[str, Any], path: Path, pairs, dense_outs, base)
     return {"bytes": path.stat().st_size, **paired_ci(base, s)}
 
 
-def _three_ways(name, spec, src, out_dir, label, config, recipe, batches, pairs, dense_outs, base, ft_seconds) -> dict[str, Any]:
-    """Post hoc, calibrated (dense inputs / sequential; no training) and + fine-tuned, at the same bytes."""
+def _three_ways(name, spec, src, out_dir, label, config, recipe, batches, pairs, dense_outs, base, ft_seconds,
+               ways: tuple[str, ...] = WAYS) -> dict[str, Any]:
+    """Post hoc, calibrated (dense inputs / sequential; no training) and + fine-tuned (when
+    ``ft_seconds``), at the same bytes; only the ``ways`` named."""
     row: dict[str, Any] = {}
-    ways = [("post hoc", None, True), ("calibrated, dense inputs", TuneConfig(steps=0), False), ("calibrated", TuneConfig(steps=0), True)]
-    if ft_seconds:
-        ways.append(("calibrated + fine-tuned", TuneConfig(steps=100_000, time=ft_seconds), True))
-    for way, tune, sequential in ways:
+    tunes = {"post hoc": (None, True), "calibrated, dense inputs": (TuneConfig(steps=0), False), "calibrated": (TuneConfig(steps=0), True),
+             "calibrated + fine-tuned": (TuneConfig(steps=100_000, time=ft_seconds), True)}  # fmt: skip
+    for way in ways:
+        if way == "calibrated + fine-tuned" and not ft_seconds:
+            continue
+        tune, sequential = tunes[way]
         path = out_dir / f"{label.replace(' ', '_').replace(':', '')}-{re.sub(r'[^a-z]+', '_', way)}.safetensors"
         kw = {} if tune is None else {"model": spec["build"](load_state_dict(src)), "train_batches": batches, "tune": tune,
                                       "sequential": sequential}  # fmt: skip
@@ -280,7 +289,12 @@ def finetune_variants(name: str, share: float, seconds: float, field: str, value
                           "seconds": round(time.perf_counter() - t0)}), flush=True)  # fmt: skip
 
 
-def model_table(name: str, spec: dict[str, Any], batches: list[Any], pairs, ft_seconds: float, quick: bool) -> dict[str, Any]:
+def model_table(name: str, spec: dict[str, Any], batches: list[Any], pairs, ft_seconds: float, quick: bool,
+                rows: str = "all", previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The model table's rows for one model. ``rows``: ``"all"``; ``"finetune"``: only the
+    "+ fine-tuning" cells of the data-free ``--target-size`` rows again; ``"data"``: only the rows of
+    the allocation *with* data (``--target-size`` with ``--model``/``--data``: planned on the
+    calibration batches). The others are kept from ``previous``."""
     out_dir = WORK / "out-calibrated" / name
     out_dir.mkdir(parents=True, exist_ok=True)
     src = spec["ckpt"]
@@ -290,13 +304,28 @@ def model_table(name: str, spec: dict[str, Any], batches: list[Any], pairs, ft_s
 
     with open_checkpoint(src) as ck:
         input_bytes = ck.nbytes_on_disk
-    res: dict[str, Any] = {"input_bytes": input_bytes, "metric": spec["metric"], "budgets": {}, "uniform": {}}
+    res: dict[str, Any] = {"input_bytes": input_bytes, "metric": spec["metric"], "budgets": {}, "budgets_data": {}, "uniform": {}}
+    if rows != "all" and previous:
+        res = {**res, **previous}
+    args = (batches, pairs, dense_outs, base)
     for share in SHARES[:1] if quick else SHARES:
-        plan, _ = plan_budget(src, int(input_bytes * share), MPOConfig(quantize="int8"))
-        res["budgets"][f"{share:.2%}"] = _three_ways(name, spec, src, out_dir, f"target {share}", plan.config, plan.recipe, batches,
-                                                     pairs, dense_outs, base, ft_seconds)  # fmt: skip
-    for label, cfg in UNIFORM.items():
-        res["uniform"][label] = _three_ways(name, spec, src, out_dir, label, cfg, None, batches, pairs, dense_outs, base, 0)
+        key = f"{share:.2%}"
+        if rows in ("all", "finetune"):
+            plan, _ = plan_budget(src, int(input_bytes * share), MPOConfig(quantize="int8"))
+            ways = WAYS if rows == "all" else ("calibrated + fine-tuned",)
+            cells = _three_ways(name, spec, src, out_dir, f"target {share}", plan.config, plan.recipe, *args, ft_seconds, ways)
+            res["budgets"][key] = {**res["budgets"].get(key, {}), **cells}
+        if rows in ("all", "data"):
+            t0 = time.perf_counter()
+            plan, _ = plan_budget(src, int(input_bytes * share), MPOConfig(quantize="int8"), model=spec["build"](load_state_dict(src)),
+                                  batches=batches)  # fmt: skip
+            planned = time.perf_counter() - t0
+            ways = ("post hoc", "calibrated", "calibrated + fine-tuned")
+            cells = _three_ways(name, spec, src, out_dir, f"target-data {share}", plan.config, plan.recipe, *args, ft_seconds, ways)
+            res["budgets_data"][key] = {**cells, "plan_seconds": planned, "sensitivity": plan.sensitivity}
+    if rows == "all":
+        for label, cfg in UNIFORM.items():
+            res["uniform"][label] = _three_ways(name, spec, src, out_dir, label, cfg, None, *args, 0)
     return res
 
 
@@ -324,7 +353,9 @@ def tables(results: dict[str, Any]) -> tuple[str, str]:
         m = r.get("model")
         if not m:
             continue
-        for label, row in [*((f"--target-size {k}", v) for k, v in m["budgets"].items()), *m["uniform"].items()]:
+        labelled = [*((f"--target-size {k}", v) for k, v in m["budgets"].items()),
+                    *((f"--target-size {k}, allocated with data", v) for k, v in m.get("budgets_data", {}).items()), *m["uniform"].items()]
+        for label, row in labelled:
             ft = row.get("calibrated + fine-tuned", {}).get("finetune") or {}
             lr = f"{ft['lr']:g}, {'yes' if ft['improved'] else 'no'}" if ft else "-"
             mod.append(f"| {name} ({m['metric']}) | {label} | {row['post hoc']['bytes'] / 1024:.0f} KB | {fmt(row['post hoc'])} | "
@@ -346,6 +377,9 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["resemblyzer", "minilm", "convtasnet"])
     ap.add_argument("--ft-seconds", type=float, default=300.0)
     ap.add_argument("--skip-model", action="store_true", help="layer table only")
+    ap.add_argument("--rows", choices=["all", "finetune", "data"], default="all",
+                    help="model table: every row; only the fine-tuning cells of the --target-size rows; only the rows allocated with data "
+                         "(the layer table and the other cells are kept from calibrated.json)")  # fmt: skip
     ap.add_argument("--core-codes", action="store_true", help="only the layer table of MPO cores with a codec (calibrated_codes.json)")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -371,9 +405,13 @@ def main() -> None:
         spec = specs[name]
         batches = calibration_batches(name, spec, args.quick)
         test = dev.tokenize(spec["folder"], dev.sentences(60, 1)) if name == "minilm" else pairs
-        results[name] = {"calibration_batches": len(batches), "layers": layer_table(name, spec, batches, args.quick)}
+        partial = args.rows != "all" and name in old
+        layers = old[name]["layers"] if partial else layer_table(name, spec, batches, args.quick)
+        results[name] = {"calibration_batches": len(batches), "layers": layers}
         if not args.skip_model:
-            results[name]["model"] = model_table(name, spec, batches, test, 0 if args.quick else args.ft_seconds, args.quick)
+            previous = old[name].get("model") if partial else None
+            results[name]["model"] = model_table(name, spec, batches, test, 0 if args.quick else args.ft_seconds, args.quick,
+                                                 args.rows, previous)  # fmt: skip
         elif name in old and "model" in old[name]:
             results[name]["model"] = old[name]["model"]
     if path.exists() and not args.quick:  # re-read: another run (other models) may have written since
