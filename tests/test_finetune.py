@@ -366,6 +366,37 @@ def test_a_time_bounded_run_reaches_its_full_rate(teacher, data, monkeypatch):
     assert max(seen) == pytest.approx(1.0, abs=0.1) and seen[-1] < 0.5
 
 
+class _Counting(nn.Module):
+    """A teacher that counts its forward passes."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner, self.calls = inner, 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.inner(x)
+
+
+def test_the_teacher_runs_once_per_batch_and_the_losses_are_unchanged(teacher, data):
+    from mpocompress.jobs.finetune import TeacherCache
+
+    train, val = data
+    counting = _Counting(copy.deepcopy(teacher)).eval()
+    student = copy.deepcopy(teacher)
+    compress_(student, MPOConfig(ratio=10, cores=3))
+    res = finetune(student, counting, train[:2], val_batches=val[:1], steps=12, lr=1e-4, eval_every=3)
+    assert res.steps == 12 and counting.calls == 3  # 2 training batches + 1 held-out, each once
+    cache = TeacherCache(counting)
+    assert evaluate(student, cache, val) == pytest.approx(evaluate(student, teacher, val), rel=1e-6)
+    assert evaluate(student, cache, val) == pytest.approx(evaluate(student, teacher, val), rel=1e-6)  # from the cache
+    calls = counting.calls
+    small = TeacherCache(counting, limit=0)  # nothing fits: recomputed every time
+    evaluate(student, small, val)
+    evaluate(student, small, val)
+    assert counting.calls == calls + 2 * len(val) and small.used == 0
+
+
 def test_lr_probe_picks_a_rate_that_helps_and_reports_it(teacher, data):
     from mpocompress.config import LR_CANDIDATES
 

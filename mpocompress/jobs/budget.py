@@ -109,12 +109,12 @@ def sensitivities(
     """
     from mpocompress.config import TuneConfig
     from mpocompress.io import fill_tied
-    from mpocompress.jobs.finetune import evaluate
+    from mpocompress.jobs.finetune import TeacherCache, evaluate
 
     own = model.state_dict()
     have = set(dense.keys())
     model.load_state_dict(fill_tied(own, {k: dense.get(k) for k in own if k in have}), strict=True)
-    teacher = copy.deepcopy(model).eval()
+    teacher = TeacherCache(copy.deepcopy(model).eval())  # (its outputs computed once per batch, not once per probe)
     model.eval()
     kd = TuneConfig(kd_weight=1.0, kd_loss=kd_loss)
     weights: Weights = {}

@@ -196,8 +196,44 @@ def hidden_loss(outs: Sequence[torch.Tensor], refs: Sequence[torch.Tensor]) -> t
     return torch.stack(terms).mean()
 
 
-def batch_loss(student: nn.Module, teacher: nn.Module | None, batch: Any, config: TuneConfig) -> torch.Tensor:
-    """The training loss of one batch (see the module docstring)."""
+#: bytes of teacher outputs a :class:`TeacherCache` keeps (all batches together; beyond, recomputed)
+TEACHER_CACHE_BYTES = 1 << 30
+
+
+class TeacherCache:
+    """The frozen teacher's outputs (and recorded hidden states) per batch, computed once. The teacher
+    runs in eval mode without gradients, so for a batch seen again -- each cycle over the training
+    batches, each held-out evaluation, each rate of the probe, each layer a sensitivity probe tries --
+    the cached outputs are the same numbers (a Conv-TasNet step spends a quarter of its time in the
+    teacher's forward pass). Keyed by the batch object, which the cache keeps alive; at most
+    ``limit`` bytes are kept, batches beyond are recomputed each time (a language model's logits)."""
+
+    def __init__(self, teacher: nn.Module, limit: int = TEACHER_CACHE_BYTES) -> None:
+        self.teacher, self.limit, self.used = teacher, limit, 0
+        self.store: dict[tuple[int, tuple[str, ...]], tuple[Any, torch.Tensor, list[torch.Tensor]]] = {}
+
+    def __call__(self, batch: Any, xs: Sequence[torch.Tensor], hidden: Sequence[str]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        key = (id(batch), tuple(hidden))
+        hit = self.store.get(key)
+        if hit is not None and hit[0] is batch:
+            return hit[1], hit[2]
+        ref, refs = _reference(self.teacher, xs, hidden)
+        size = ref.nbytes + sum(r.nbytes for r in refs)
+        if self.used + size <= self.limit:
+            self.store[key] = (batch, ref, refs)
+            self.used += size
+        return ref, refs
+
+
+def _reference(teacher: nn.Module, xs: Sequence[torch.Tensor], hidden: Sequence[str]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    with torch.no_grad(), _recording(teacher, hidden) as refs:
+        ref = first_tensor(teacher(*xs))
+    return ref, list(refs)
+
+
+def batch_loss(student: nn.Module, teacher: nn.Module | TeacherCache | None, batch: Any, config: TuneConfig) -> torch.Tensor:
+    """The training loss of one batch (see the module docstring); ``teacher`` may be a
+    :class:`TeacherCache` around it."""
     xs, y = split_batch(batch)
     kd_w = config.kd_weight if y is not None else 1.0
     hidden = hidden_blocks(student) if config.kd_hidden > 0 and kd_w > 0 and teacher is not None else []
@@ -205,8 +241,7 @@ def batch_loss(student: nn.Module, teacher: nn.Module | None, batch: Any, config
         out = first_tensor(student(*xs))
     loss = out.new_zeros(())
     if kd_w > 0 and teacher is not None:
-        with torch.no_grad(), _recording(teacher, hidden) as refs:
-            ref = first_tensor(teacher(*xs))
+        ref, refs = teacher(batch, xs, hidden) if isinstance(teacher, TeacherCache) else _reference(teacher, xs, hidden)
         loss = loss + kd_w * distill_loss(out, ref, config)
         if hidden:
             loss = loss + kd_w * config.kd_hidden * hidden_loss(outs, refs)
@@ -220,7 +255,7 @@ def batch_loss(student: nn.Module, teacher: nn.Module | None, batch: Any, config
 
 
 @torch.no_grad()
-def evaluate(student: nn.Module, teacher: nn.Module | None, batches: Sequence[Any], config: TuneConfig | None = None) -> float:
+def evaluate(student: nn.Module, teacher: nn.Module | TeacherCache | None, batches: Sequence[Any], config: TuneConfig | None = None) -> float:
     """Mean :func:`batch_loss` over ``batches`` in eval mode."""
     config = config or TuneConfig()
     was = student.training
@@ -376,7 +411,8 @@ class _Trainer:
     def __init__(self, student, teacher, batches, val, config, masks, quantizers) -> None:
         from mpocompress.jobs.dist import agreed, rank_world
 
-        self.student, self.teacher, self.val, self.config, self.agreed = student, teacher, val, config, agreed
+        self.student, self.val, self.config, self.agreed = student, val, config, agreed
+        self.teacher = None if teacher is None else TeacherCache(teacher)
         selected = trainable(student, config.train)
         names = {n for n, _ in selected}
         self.grad_was = {n: p.requires_grad for n, p in student.named_parameters()}
