@@ -41,6 +41,7 @@ Writes ``benchmarks/results/calibrated.json`` and the ``calibrated`` blocks of d
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -69,6 +70,7 @@ from mpocompress.jobs.budget import plan_budget  # noqa: E402
 from mpocompress.jobs.calibrate import record_grams  # noqa: E402
 from mpocompress.jobs.convert import convert  # noqa: E402
 from mpocompress.jobs.decompress import load_state_dict  # noqa: E402
+from mpocompress.jobs.finetune import kd_loss_for  # noqa: E402
 from mpocompress.speech.metrics import paired_ci  # noqa: E402
 from mpocompress.speech.wav import paired_wavs, read_wav  # noqa: E402
 
@@ -238,6 +240,8 @@ def _three_ways(name, spec, src, out_dir, label, config, recipe, batches, pairs,
         if way == "calibrated + fine-tuned" and not ft_seconds:
             continue
         tune, sequential = tunes[way]
+        if way == "calibrated + fine-tuned":  # the loss `--kd-loss auto` picks (STFT for a waveform output)
+            tune = dataclasses.replace(tune, kd_loss=kd_loss_for(spec["build"](load_state_dict(src)), batches[0]))
         path = out_dir / f"{label.replace(' ', '_').replace(':', '')}-{re.sub(r'[^a-z]+', '_', way)}.safetensors"
         kw = {} if tune is None else {"model": spec["build"](load_state_dict(src)), "train_batches": batches, "tune": tune,
                                       "sequential": sequential}  # fmt: skip
@@ -246,7 +250,8 @@ def _three_ways(name, spec, src, out_dir, label, config, recipe, batches, pairs,
         row[way] = {"seconds": time.perf_counter() - t0, **_score(name, spec, path, pairs, dense_outs, base)}
         if report.finetune is not None:
             ft = report.finetune
-            row[way]["finetune"] = {k: ft.get(k) for k in ("steps", "lr", "lr_probe", "improved", "stopped_by", "val_kd_loss")}
+            row[way]["finetune"] = {**{k: ft.get(k) for k in ("steps", "lr", "lr_probe", "improved", "stopped_by", "val_kd_loss")},
+                                    "kd_loss": tune.kd_loss}  # fmt: skip
         print(f"  {name} {label} {way}: {row[way]['bytes']:,} B, diff {row[way]['diff']:+.4f}", flush=True)
     return row
 
@@ -267,23 +272,25 @@ def reference(name: str) -> dict[str, Any]:
             "base": dev.dense_scores(name, dense_outs, test), "size": size}  # fmt: skip
 
 
-def finetune_variants(name: str, share: float, seconds: float, field: str, values: list[str], out_dir: str) -> None:
-    """The data-free ``--target-size`` conversion at ``share`` of the file, sequentially calibrated,
-    then ``seconds`` of fine-tuning with ``--lr auto`` for each ``TuneConfig(field=value)``; one JSON
+def finetune_variants(name: str, share: float, seconds: float, field: str, values: list[str], out_dir: str, with_data: bool = False) -> None:
+    """The data-free ``--target-size`` conversion at ``share`` of the file (``with_data``: the
+    allocation with data, planned on the calibration batches), sequentially calibrated, then
+    ``seconds`` of fine-tuning with ``--lr auto`` for each ``TuneConfig(field=value)``; one JSON
     line per value (change from dense with a paired 95 % CI, steps, rate, held-out losses)."""
     ref = reference(name)
     spec, src = ref["spec"], ref["spec"]["ckpt"]
-    plan, _ = plan_budget(src, int(ref["size"] * share), MPOConfig(quantize="int8"))
+    data = {"model": spec["build"](load_state_dict(src)), "batches": ref["batches"]} if with_data else {}
+    plan, _ = plan_budget(src, int(ref["size"] * share), MPOConfig(quantize="int8"), **data)
     out = WORK / out_dir
     out.mkdir(exist_ok=True)
     for value in values:
         t0 = time.perf_counter()
-        path = out / f"{name}-{share}-{value}.safetensors"
+        path = out / f"{name}-{share}-{value}{'-data' if with_data else ''}.safetensors"
         rep = convert(src, path, plan.config, recipe=plan.recipe, force=True, model=spec["build"](load_state_dict(src)),
                       train_batches=ref["batches"], tune=TuneConfig(steps=100_000, time=seconds, **{field: value}), sequential=True)  # fmt: skip
         sc = _score(name, spec, path, ref["test"], ref["dense_outs"], ref["base"])
         ft = rep.finetune or {}
-        print(json.dumps({"model": name, "share": share, field: value, "diff": round(sc["diff"], 4),
+        print(json.dumps({"model": name, "share": share, "allocation": "data" if with_data else "no data", field: value, "diff": round(sc["diff"], 4),
                           "ci": [round(sc["low"], 4), round(sc["high"], 4)], "steps": ft.get("steps"), "lr": ft.get("lr"),
                           "lr_probe": ft.get("lr_probe"), "val_kd_loss": ft.get("val_kd_loss"),
                           "seconds": round(time.perf_counter() - t0)}), flush=True)  # fmt: skip
@@ -347,7 +354,7 @@ def tables(results: dict[str, Any]) -> tuple[str, str]:
             lay.append(f"| {name} | {w} | {k['plain']:.4f} | {k['gptq']:.4f} | {k['gptq_weighted']:.4f} | {i['plain']:.5f} | {i['gptq']:.5f} | "
                        + " / ".join(f"{v:.3f}" for v in rd.values()) + " |")  # fmt: skip
     fmt = lambda c: "-" if not c else f"{c['diff']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}]"  # noqa: E731
-    mod = ["| model (metric) | setting | file | post hoc | calibrated on dense inputs | calibrated (sequential), no training | + fine-tuning | lr picked, improved |",
+    mod = ["| model (metric) | setting | file | post hoc | calibrated on dense inputs | calibrated (sequential), no training | + fine-tuning | lr picked, improved, loss |",
            "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, r in results.items():
         m = r.get("model")
@@ -357,7 +364,7 @@ def tables(results: dict[str, Any]) -> tuple[str, str]:
                     *((f"--target-size {k}, allocated with data", v) for k, v in m.get("budgets_data", {}).items()), *m["uniform"].items()]
         for label, row in labelled:
             ft = row.get("calibrated + fine-tuned", {}).get("finetune") or {}
-            lr = f"{ft['lr']:g}, {'yes' if ft['improved'] else 'no'}" if ft else "-"
+            lr = f"{ft['lr']:g}, {'yes' if ft['improved'] else 'no'}, {ft.get('kd_loss', 'mse')}" if ft else "-"
             mod.append(f"| {name} ({m['metric']}) | {label} | {row['post hoc']['bytes'] / 1024:.0f} KB | {fmt(row['post hoc'])} | "
                        f"{fmt(row.get('calibrated, dense inputs'))} | {fmt(row.get('calibrated'))} | {fmt(row.get('calibrated + fine-tuned'))} | {lr} |")  # fmt: skip
     return "\n".join(lay), "\n".join(mod)

@@ -270,7 +270,7 @@ def main(verbose: int) -> None:
 @click.option("--seq-len", type=click.IntRange(min=2), default=512, show_default=True, help="Tokens per window of text --data.")
 @click.option("--kd-loss", type=click.Choice(["auto", "mse", "kl", "stft"]), default="auto", show_default=True,
               help="Distillation loss: MSE between outputs, KL between softmaxes, or a multi-resolution STFT loss for waveform "
-                   "outputs (auto: KL for text data, else MSE).")
+                   "outputs (auto: KL for text data, STFT when the model's output is a waveform, else MSE).")
 @click.option("--temperature", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True, help="Softmax temperature of --kd-loss kl.")
 @click.option("--kd-hidden", type=click.FloatRange(0), default=0.0, show_default=True,
               help="Weight of an added hidden-state MSE between student and teacher blocks (a transformer's layers; 0: off).")
@@ -390,12 +390,19 @@ def convert(ctx: click.Context, input_path: Path, output_path: Path, bond_dim, t
     if model_spec is not None:
         from mpocompress.text.data import is_text
 
-        if kd_loss == "auto":
+        auto_kd = kd_loss == "auto"
+        if auto_kd:
             kd_loss = "kl" if is_text(data_spec) else "mse"
         tune = TuneConfig(steps=steps, time=time_limit, lr=lr, train=train_sel, kd_weight=kd_weight, kd_loss=kd_loss, temperature=temperature,
                           kd_hidden=kd_hidden, task_loss=task_loss, batch_size=batch_size, ipkd=ipkd_rounds or 0, seed=seed, qat_grid=qat_grid,
                           curvature=curvature)  # fmt: skip
         extra.update(_tuning_inputs(model_spec, data_spec, val_spec, task, prune, seed, tune, input_path, seq_len))
+        if auto_kd and kd_loss == "mse" and extra["train_batches"]:  # a waveform output: the STFT loss
+            import dataclasses
+
+            from mpocompress.jobs.finetune import kd_loss_for
+
+            extra["tune"] = dataclasses.replace(tune, kd_loss=kd_loss_for(extra["model"], extra["train_batches"][0]))
         if calibration == "auto":  # measured: corrected targets help SE/encoder models, overfit on a language model
             calibration = "sequential-plain" if is_text(data_spec) else "sequential"
         sequential = {"sequential": True, "sequential-plain": "plain"}.get(calibration, False)

@@ -635,3 +635,24 @@ def test_stft_distillation_trains_a_waveform_model():
     before = evaluate(student, teacher, data[4:], cfg)
     finetune(student, teacher, data[:4], val_batches=data[4:], config=cfg)
     assert evaluate(student, teacher, data[4:], cfg) < 0.8 * before
+
+
+class _Shaped(nn.Module):
+    """Returns zeros of a fixed shape (what ``--kd-loss auto`` looks at)."""
+
+    def __init__(self, shape) -> None:
+        super().__init__()
+        self.shape = shape
+
+    def forward(self, x):
+        return torch.zeros(self.shape)
+
+
+@pytest.mark.parametrize(("shape", "loss"), [((32000,), "stft"), ((2, 16000), "stft"), ((2, 1, 16000), "stft"), ((2, 257, 100), "mse"),
+                                             ((2, 4096), "mse"), ((2, 100, 384), "mse"), ((2, 16000, 2), "mse")])  # fmt: skip
+def test_kd_loss_auto_picks_stft_for_waveform_outputs_only(shape, loss):
+    from mpocompress.jobs.finetune import kd_loss_for
+
+    model = _Shaped(shape).train()
+    assert kd_loss_for(model, torch.zeros(2, 3)) == loss
+    assert model.training  # left as it was
