@@ -390,19 +390,12 @@ def convert(ctx: click.Context, input_path: Path, output_path: Path, bond_dim, t
     if model_spec is not None:
         from mpocompress.text.data import is_text
 
-        auto_kd = kd_loss == "auto"
-        if auto_kd:
+        if auto_kd := kd_loss == "auto":
             kd_loss = "kl" if is_text(data_spec) else "mse"
         tune = TuneConfig(steps=steps, time=time_limit, lr=lr, train=train_sel, kd_weight=kd_weight, kd_loss=kd_loss, temperature=temperature,
                           kd_hidden=kd_hidden, task_loss=task_loss, batch_size=batch_size, ipkd=ipkd_rounds or 0, seed=seed, qat_grid=qat_grid,
                           curvature=curvature)  # fmt: skip
-        extra.update(_tuning_inputs(model_spec, data_spec, val_spec, task, prune, seed, tune, input_path, seq_len))
-        if auto_kd and kd_loss == "mse" and extra["train_batches"]:  # a waveform output: the STFT loss
-            import dataclasses
-
-            from mpocompress.jobs.finetune import kd_loss_for
-
-            extra["tune"] = dataclasses.replace(tune, kd_loss=kd_loss_for(extra["model"], extra["train_batches"][0]))
+        extra.update(_tuning_inputs(model_spec, data_spec, val_spec, task, prune, seed, tune, input_path, seq_len, auto_kd and kd_loss == "mse"))
         if calibration == "auto":  # measured: corrected targets help SE/encoder models, overfit on a language model
             calibration = "sequential-plain" if is_text(data_spec) else "sequential"
         sequential = {"sequential": True, "sequential-plain": "plain"}.get(calibration, False)
@@ -631,8 +624,10 @@ def _lr(value: str) -> float | None:
 
 
 def _tuning_inputs(model_spec: str, data_spec: str, val_spec: str | None, task: str, prune: str | None, seed: int, tune: Any,
-                   input_path: Path, seq_len: int) -> dict[str, Any]:  # fmt: skip
-    """The model and batches fine-tuning needs, from ``--model``/``--data``/``--val-data``."""
+                   input_path: Path, seq_len: int, waveform_kd: bool = False) -> dict[str, Any]:  # fmt: skip
+    """The model and batches fine-tuning needs, from ``--model``/``--data``/``--val-data``; with
+    ``waveform_kd`` (``--kd-loss auto`` on tensor data) the tuning's loss becomes the STFT loss when
+    the model's output is a waveform (:func:`mpocompress.jobs.finetune.kd_loss_for`)."""
     from mpocompress.jobs.inputs import import_object, read_batches
     from mpocompress.text.data import is_text
 
@@ -657,8 +652,14 @@ def _tuning_inputs(model_spec: str, data_spec: str, val_spec: str | None, task: 
         from mpocompress.speech.data import folder_batches as reader
     elif is_text(data_spec) or (val_spec is not None and is_text(val_spec)):
         reader = _text_reader(input_path, seq_len)
-    return {"tune": tune, "model": factory(), "train_batches": reader(data_spec, batch_size),
-            "val_batches": reader(val_spec, batch_size) if val_spec else None}  # fmt: skip
+    model, train = factory(), reader(data_spec, batch_size)
+    if waveform_kd and train:
+        import dataclasses
+
+        from mpocompress.jobs.finetune import kd_loss_for
+
+        tune = dataclasses.replace(tune, kd_loss=kd_loss_for(model, train[0]))
+    return {"tune": tune, "model": model, "train_batches": train, "val_batches": reader(val_spec, batch_size) if val_spec else None}
 
 
 def _text_reader(input_path: Path, seq_len: int) -> Any:

@@ -183,7 +183,7 @@ def test_convert_fine_tunes_and_the_output_loads_and_runs(tmp_path, factory_file
     assert ft["train_batches"] == 7 and ft["val_batches"] == 1  # 32 rows / 4, last 10 % held out
     assert ft["val_kd_loss"]["finetuned"] < ft["val_kd_loss"]["compressed"]
     assert ft["val_task_loss"]["finetuned"] < ft["val_task_loss"]["compressed"]
-    assert ft["config"]["kd_weight"] == 0.5
+    assert ft["config"]["kd_weight"] == 0.5 and ft["config"]["kd_loss"] == "mse"  # a mask, not a waveform
     assert "fine-tuned" in res.stderr
     assert all(r["refine"].get("finetuned") for r in rep["layers"])
     model = load_compressed_(se_lstm(), out)
@@ -656,3 +656,21 @@ def test_kd_loss_auto_picks_stft_for_waveform_outputs_only(shape, loss):
     model = _Shaped(shape).train()
     assert kd_loss_for(model, torch.zeros(2, 3)) == loss
     assert model.training  # left as it was
+
+
+def test_convert_distills_a_waveform_model_with_the_stft_loss_by_default(tmp_path):
+    """--kd-loss auto looks at the model's output: a waveform (B, T) gets the STFT loss."""
+    factory = tmp_path / "wave.py"
+    factory.write_text(
+        "from torch import nn\n\n\nclass Wave(nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.proj = nn.Linear(16, 16)\n\n    def forward(self, x):\n"
+        "        return self.proj(x.reshape(x.shape[0], -1, 16)).reshape(x.shape[0], -1)\n\n\ndef build():\n    return Wave()\n"
+    )
+    torch.manual_seed(0)
+    ckpt, data = tmp_path / "wave.safetensors", tmp_path / "waves.safetensors"
+    save_file({"proj.weight": torch.randn(16, 16) * 0.2, "proj.bias": torch.zeros(16)}, str(ckpt))
+    save_file({"inputs": torch.randn(8, 12_000) * 0.1}, str(data))
+    res = run("convert", ckpt, "-o", tmp_path / "out.safetensors", "--quantize", "kmeans:4", "--model", f"{factory}:build",
+              "--data", data, "--batch-size", "2", "--steps", "2", "--calibration", "none", "--json")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["finetune"]["config"]["kd_loss"] == "stft"
