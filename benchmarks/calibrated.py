@@ -235,16 +235,18 @@ def _three_ways(name, spec, src, out_dir, label, config, recipe, batches, pairs,
     ``ft_seconds``), at the same bytes; only the ``ways`` named."""
     row: dict[str, Any] = {}
     tunes = {"post hoc": (None, True), "calibrated, dense inputs": (TuneConfig(steps=0), False), "calibrated": (TuneConfig(steps=0), True),
-             "calibrated + fine-tuned": (TuneConfig(steps=100_000, time=ft_seconds), True)}  # fmt: skip
+             "calibrated + fine-tuned": (TuneConfig(steps=100_000, time=ft_seconds or None), True)}  # fmt: skip
     for way in ways:
         if way == "calibrated + fine-tuned" and not ft_seconds:
             continue
         tune, sequential = tunes[way]
-        if way == "calibrated + fine-tuned":  # the loss `--kd-loss auto` picks (STFT for a waveform output)
-            tune = dataclasses.replace(tune, kd_loss=kd_loss_for(spec["build"](load_state_dict(src)), batches[0]))
         path = out_dir / f"{label.replace(' ', '_').replace(':', '')}-{re.sub(r'[^a-z]+', '_', way)}.safetensors"
-        kw = {} if tune is None else {"model": spec["build"](load_state_dict(src)), "train_batches": batches, "tune": tune,
-                                      "sequential": sequential}  # fmt: skip
+        kw: dict[str, Any] = {}
+        if tune is not None:
+            model = spec["build"](load_state_dict(src))
+            if tune.steps:  # the loss `--kd-loss auto` picks (STFT for a waveform output)
+                tune = dataclasses.replace(tune, kd_loss=kd_loss_for(model, batches[0]))
+            kw = {"model": model, "train_batches": batches, "tune": tune, "sequential": sequential}
         t0 = time.perf_counter()
         report = convert(src, path, config, recipe=recipe, force=True, **kw)
         row[way] = {"seconds": time.perf_counter() - t0, **_score(name, spec, path, pairs, dense_outs, base)}
