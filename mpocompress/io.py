@@ -523,7 +523,7 @@ def guard_outputs(outputs: list[tuple[Path, str]], inputs: list[Path], force: bo
     a folder holding one; through symlinks, hard links and ``..``), two outputs at one path, an
     output whose folder is missing, an existing output without ``force``, and with ``force`` anything
     that is not recognisably an earlier output of this tool of that kind (see :data:`OUTPUT_KINDS`).
-    A conversion's work folder (``.NAME.partial``) must be ours too.
+    A conversion's work folder (``.NAME.partial``) must be ours too (or empty).
     """
     seen: dict[Path, Path] = {}
     resolved_inputs = [i.resolve() for i in inputs]
@@ -554,10 +554,21 @@ def guard_outputs(outputs: list[tuple[Path, str]], inputs: list[Path], force: bo
                         raise OutputError(f"{output}: holds {f.name}, a hard link to an input")
         if kind == "checkpoint":
             work = partial_path(output)
+            # an empty folder is taken too: it holds nothing to lose, and it is what another torchrun rank
+            # sees for a moment while rank 0 takes the lock (mkdir, then the lock file)
             if (work.exists() or work.is_symlink()) and not (
-                work.is_dir() and not work.is_symlink() and ((work / "job.json").is_file() or (work / LOCK_NAME).is_file())
+                work.is_dir()
+                and not work.is_symlink()
+                and ((work / "job.json").is_file() or (work / LOCK_NAME).is_file() or _empty_folder(work))
             ):
                 raise OutputError(f"{work}: exists and is not an mpocompress work folder; move it away first")
+
+
+def _empty_folder(path: Path) -> bool:
+    try:
+        return not any(path.iterdir())
+    except OSError:
+        return False
 
 
 def check_output(output: Path, inputs: list[Path], force: bool, kind: str = "checkpoint") -> None:

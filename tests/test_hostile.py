@@ -383,3 +383,20 @@ def test_mutated_headers_and_metadata_never_crash(tmp_path_factory, small_compre
     # the CLI maps the same to exit 0 or 3, never 1
     res = run("inspect", path, "--json")
     assert res.exit_code in (0, 3), res.stderr
+
+
+def test_a_foreign_work_folder_is_refused_and_an_empty_one_taken(tmp_path, trained_like):
+    """``.NAME.partial`` holding someone's file: exit 4, the file untouched. An empty one (what a
+    second torchrun rank sees for a moment while rank 0 takes the lock) holds nothing to lose: used,
+    then removed with the conversion's work folder."""
+    out = tmp_path / "o.safetensors"
+    work = tmp_path / ".o.safetensors.partial"
+    work.mkdir()
+    (work / "notes.txt").write_text("mine")
+    res = run("convert", trained_like, "-o", out, "--ratio", 3)
+    one_line_error(res, 4, "not an mpocompress work folder")
+    assert (work / "notes.txt").read_text() == "mine" and not out.exists()
+    (work / "notes.txt").unlink()
+    res = run("convert", trained_like, "-o", out, "--ratio", 3)
+    assert res.exit_code == 0, res.stderr
+    assert out.is_file() and not work.exists()
