@@ -14,6 +14,7 @@ from mpocompress.cli import main
 from mpocompress.codecs import parse_codec
 from mpocompress.config import TuneConfig
 from mpocompress.data import example_checkpoint
+from mpocompress.format import decode_meta
 from mpocompress.jobs.calibrate import record_grams
 from mpocompress.jobs.finetune import (
     distill_loss,
@@ -194,7 +195,7 @@ def test_convert_fine_tunes_and_the_output_loads_and_runs(tmp_path, factory_file
     from safetensors import safe_open
 
     with safe_open(str(out), "pt") as f:
-        meta = json.loads(f.metadata()["mpocompress"])
+        meta = decode_meta(f.metadata()["mpocompress"])
     assert meta["finetune"]["steps"] == ft["steps"]
     # the same result from the package's own factories
     res2 = run("convert", example_checkpoint(), "-o", tmp_path / "ft2.safetensors", "--ratio", "10",

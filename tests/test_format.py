@@ -1,14 +1,13 @@
 """Golden tests of the on-disk format (docs/format.md): a change to any byte is a format change."""
 
 import hashlib
-import json
 
 import torch
 from safetensors.torch import save_file
 
 from mpocompress import MPOConfig
 from mpocompress.codecs import pack_bits, unpack_bits
-from mpocompress.format import FORMAT_VERSION, META_KEY, part_suffixes
+from mpocompress.format import FORMAT_VERSION, META_KEY, decode_meta, part_suffixes
 from mpocompress.io import read_safetensors_header
 from mpocompress.jobs.convert import convert
 from mpocompress.jobs.decompress import load_state_dict
@@ -41,7 +40,7 @@ def test_golden_file(tmp_path):
     out = tmp_path / "g.mpc.safetensors"
     convert(src, out, MPOConfig(prune="magnitude:0.4375", quantize="kmeans:4"))
     header, start = read_safetensors_header(out)
-    meta = json.loads(header["__metadata__"][META_KEY])
+    meta = decode_meta(header["__metadata__"][META_KEY])
     layout = {k: v for k, v in header.items() if k != "__metadata__"}
     assert layout == {
         "fc.bias": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
@@ -58,7 +57,8 @@ def test_golden_file(tmp_path):
         # kept positions 0,1,3,5,6 | 8,11,13,14 (row-major), bit 0 first
         + bytes([0b01101011, 0b01101001])
     ).hexdigest()[:16]
-    assert meta["format"] == "mpocompress" and meta["format_version"] == FORMAT_VERSION == 1
+    assert meta["format"] == "mpocompress" and meta["format_version"] == FORMAT_VERSION == 2
+    assert header["__metadata__"][META_KEY].startswith("{")  # short: plain JSON
     entry = _rounded(meta["layers"]["fc.weight"])
     assert entry == {
         "kind": "linear", "shape": [4, 4], "dtype": "float32", "matrix_shape": [4, 4], "method": "dense",
@@ -77,3 +77,70 @@ def test_golden_file(tmp_path):
 
 def test_part_suffixes_come_from_the_codec_registry():
     assert set(part_suffixes()) == {".mask", ".rows", ".cols", ".indices", ".values", ".codebook", ".codes", ".scale", ".zero_point"}
+
+
+def _many_layers(tmp_path, n=40):
+    torch.manual_seed(0)
+    src = tmp_path / "many.safetensors"
+    save_file({f"l{i}.weight": torch.randn(16, 16) for i in range(n)}, str(src))
+    return src
+
+
+def test_long_metadata_is_stored_compressed_and_reads_back(tmp_path):
+    """40 layers' entries: stored as "zlib:" + base64, several times smaller than the JSON, decoded
+    to the same document; every reader (load, inspect) goes through it."""
+    import json
+
+    from mpocompress.format import COMPRESS_META_ABOVE, ZLIB_PREFIX, encode_meta
+
+    out = tmp_path / "o.safetensors"
+    convert(_many_layers(tmp_path), out, MPOConfig(quantize="kmeans:16"))
+    raw = read_safetensors_header(out)[0]["__metadata__"][META_KEY]
+    meta = decode_meta(raw)
+    plain = json.dumps(meta, sort_keys=True)
+    assert raw.startswith(ZLIB_PREFIX) and len(plain) > COMPRESS_META_ABOVE and len(raw) < len(plain) / 4
+    assert encode_meta(meta) == raw and len(meta["layers"]) == 40
+    assert load_state_dict(out).keys() == {f"l{i}.weight" for i in range(40)}
+
+
+def test_format_version_1_files_still_read(tmp_path):
+    """A file as version 1 wrote it (plain JSON, format_version 1) decompresses as before."""
+    import json
+
+    from safetensors import safe_open
+
+    out = tmp_path / "o.safetensors"
+    convert(_many_layers(tmp_path, 3), out, MPOConfig(quantize="kmeans:16"))
+    with safe_open(str(out), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = decode_meta(f.metadata()[META_KEY])
+    meta["format_version"] = 1
+    old = tmp_path / "v1.safetensors"
+    save_file(tensors, str(old), metadata={"format": "pt", META_KEY: json.dumps(meta)})
+    a, b = load_state_dict(out), load_state_dict(old)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_corrupt_compressed_metadata_is_bad_input(tmp_path, monkeypatch):
+    """Not base64, not zlib, or a zlib bomb (unpacking beyond the cap): exit 3 with one line, no crash."""
+    import base64
+    import zlib
+
+    from click.testing import CliRunner
+    from safetensors import safe_open
+
+    import mpocompress.format as fmt
+    from mpocompress.cli import main
+
+    out = tmp_path / "o.safetensors"
+    convert(_many_layers(tmp_path, 3), out, MPOConfig(quantize="kmeans:16"))
+    with safe_open(str(out), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    monkeypatch.setattr(fmt, "MAX_META_BYTES", 1 << 16)
+    bomb = fmt.ZLIB_PREFIX + base64.b64encode(zlib.compress(b"{" + b" " * (1 << 20) + b"}", 9)).decode()
+    for raw in ("zlib:not base64!", "zlib:" + base64.b64encode(b"not zlib").decode(), bomb):
+        bad = tmp_path / "bad.safetensors"
+        save_file(tensors, str(bad), metadata={"format": "pt", META_KEY: raw})
+        res = CliRunner().invoke(main, ["decompress", str(bad), "-o", str(tmp_path / "d.safetensors")])
+        assert res.exit_code == 3, res.output
+        assert "corrupt mpocompress metadata" in res.output and "Traceback" not in res.output

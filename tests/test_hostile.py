@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from mpocompress import MPOConfig
 from mpocompress.cli import main
 from mpocompress.errors import InputError, Interrupted
-from mpocompress.format import read_meta
+from mpocompress.format import FORMAT_VERSION, decode_meta, encode_meta, read_meta
 from mpocompress.io import open_checkpoint, read_safetensors_header
 from mpocompress.jobs.convert import convert
 from mpocompress.jobs.decompress import load_state_dict
@@ -253,9 +253,9 @@ def test_full_or_read_only_output_folder_exits_4(tmp_path, trained_like, monkeyp
 
 def _tamper(path: Path, out: Path, edit) -> None:
     header, start = read_safetensors_header(path)
-    meta = json.loads(header["__metadata__"]["mpocompress"])
+    meta = decode_meta(header["__metadata__"]["mpocompress"])
     edit(meta)
-    header["__metadata__"]["mpocompress"] = json.dumps(meta)
+    header["__metadata__"]["mpocompress"] = encode_meta(meta)
     raw = path.read_bytes()
     new = json.dumps(header).encode()
     new += b" " * (-(len(new) + 8) % 8)
@@ -280,7 +280,7 @@ def test_tampered_or_newer_metadata_is_refused_by_every_reader(tmp_path, trained
         with pytest.raises(InputError) as e:
             load_state_dict(bad)
         if what == "newer":
-            assert "99" in str(e.value) and "(1)" in str(e.value)
+            assert "99" in str(e.value) and f"({FORMAT_VERSION})" in str(e.value)
             with pytest.raises(InputError, match="newer"):
                 load_compressed_(torch.nn.Module(), bad)
         one_line_error(run("decompress", bad, "-o", tmp_path / "d.safetensors"), 3, str(bad))

@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 import mpocompress
 from mpocompress.config import Gates, MPOConfig
 from mpocompress.errors import GateError, InputError, OutputError
+from mpocompress.format import decode_meta
 from mpocompress.jobs.convert import convert
 from mpocompress.jobs.decompress import decompress, load_state_dict
 from mpocompress.jobs.inspect import inspect_checkpoint as inspect
@@ -39,7 +40,7 @@ def test_compressed_layers_and_report_bytes_match_the_file(tmp_path, trained_lik
     assert totals["layers_compressed"] == 3
     with safe_open(str(out), "pt") as f:
         stored = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys())
-        meta = json.loads(f.metadata()["mpocompress"])
+        meta = decode_meta(f.metadata()["mpocompress"])
     assert stored == totals["bytes"]
     assert totals["dense_bytes"] / totals["bytes"] == pytest.approx(totals["ratio"])
     assert report.output_file_bytes < report.input_file_bytes / 3
@@ -62,13 +63,13 @@ def test_golden_header(tmp_path):
     raw = out.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
     header = json.loads(raw[8 : 8 + n])
-    meta = json.loads(header.pop("__metadata__")["mpocompress"])
+    meta = decode_meta(header.pop("__metadata__")["mpocompress"])
     assert header == {
         "fc.bias": {"dtype": "F32", "shape": [6], "data_offsets": [0, 24]},
         "fc.weight_cores.0": {"dtype": "F32", "shape": [1, 6, 1, 1], "data_offsets": [24, 48]},
         "fc.weight_cores.1": {"dtype": "F32", "shape": [1, 1, 8, 1], "data_offsets": [48, 80]},
     }
-    assert meta["format"] == "mpocompress" and meta["format_version"] == 1
+    assert meta["format"] == "mpocompress" and meta["format_version"] == 2
     layer = meta["layers"]["fc.weight"]
     assert {k: layer[k] for k in ("kind", "shape", "dtype", "matrix_shape", "padded_shape", "out_modes", "in_modes", "bond_dims", "cores")} == {
         "kind": "linear", "shape": [6, 8], "dtype": "float32", "matrix_shape": [6, 8], "padded_shape": [6, 8],

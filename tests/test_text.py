@@ -16,6 +16,7 @@ from torch import nn
 from mpocompress.cli import main
 from mpocompress.config import TuneConfig
 from mpocompress.errors import InputError
+from mpocompress.format import decode_meta
 from mpocompress.jobs.decompress import load_state_dict
 from mpocompress.jobs.finetune import batch_loss, distill_loss, hidden_blocks, hidden_loss
 from mpocompress.nn.layers import MPOLinear
@@ -59,7 +60,7 @@ def test_tied_weights_are_stored_once_and_tied_again_on_load(tmp_path):
 
     with safe_open(str(out), "pt") as f:
         keys = set(f.keys())
-        meta = json.loads(f.metadata()["mpocompress"])
+        meta = decode_meta(f.metadata()["mpocompress"])
     assert "head.weight" not in keys and meta["tied"] == {"head.weight": "embed.weight"}
     sd = load_state_dict(out)
     assert torch.equal(sd["head.weight"], sd["embed.weight"])
