@@ -1,12 +1,13 @@
 """The on-disk format, in one place: the only writer and reader of mpocompress metadata.
 
 A compressed checkpoint is a safetensors file (or a sharded folder) whose header metadata holds one
-JSON document under :data:`META_KEY` (docs/format.md; compressed when long: :func:`encode_meta`): the format version, the config, and one entry
-per compressed layer (its kind, shape, dtype, method, MPO modes and cores, codec parts). Everything
-that writes or reads that document goes through here: :func:`layer_entry` and :func:`file_metadata`
-build it, :func:`read_meta` checks the version and validates every entry, :func:`stored_tensors` and
-:func:`rebuild` turn stored tensors back into cores or dense weights. No files are opened here: a
-checkpoint object (:class:`mpocompress.io.Checkpoint`) is passed in.
+JSON document under :data:`META_KEY` (docs/format.md; stored compressed when long: :func:`encode_meta`):
+the format version, the config, and one entry per compressed layer (its kind, shape, dtype, method,
+MPO modes and cores, codec parts). Everything that writes or reads that document goes through here:
+:func:`layer_entry` and :func:`file_metadata` build it, :func:`read_meta` checks the version and
+validates every entry, :func:`stored_tensors` and :func:`rebuild` turn stored tensors back into cores
+or dense weights. No files are opened here: a checkpoint object (:class:`mpocompress.io.Checkpoint`)
+is passed in.
 """
 
 from __future__ import annotations
