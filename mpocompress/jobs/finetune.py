@@ -172,8 +172,9 @@ def kd_loss_for(model: nn.Module, batch: Any) -> str:
     """``--kd-loss auto`` for tensor data: ``"stft"`` when the model's output on ``batch`` is a
     waveform -- shape ``(T,)``, ``(B, T)`` or ``(B, 1, ..., T)`` with ``T >=``
     :data:`WAVEFORM_MIN_SAMPLES` -- else ``"mse"``. Our choice, measured on Conv-TasNet (a waveform
-    enhancer; ``docs/methods.md``): 300 s of MSE distillation halved the held-out loss and lowered
-    PESQ-WB (12.5 % of the file: -0.041 -> -0.073), the STFT loss raised it (-0.041 -> -0.018)."""
+    enhancer; ``docs/methods.md``, stop 29): 300 s of MSE distillation halved the held-out loss and
+    lowered PESQ-WB (12.5 % of the file: -0.041 -> -0.073), the STFT loss raised it (-0.041 -> -0.018;
+    since format 2's larger weight budget: -0.078 -> -0.029)."""
     xs, _ = split_batch(batch)
     was = model.training
     model.eval()
