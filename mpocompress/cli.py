@@ -311,12 +311,16 @@ def main(verbose: int) -> None:
 @click.option("--methods", metavar="LIST", callback=lambda c, p, v: _methods(v),
               help="With --target-size: what the layers may be stored as, comma-separated: codec (casts, int8, k-means), svd "
                    "(2 cores), mpo (3+ cores), prune, lowrank (= svd,mpo). Default: all; keeping a layer dense is always allowed.")
+@click.option("--passthrough-dtype", type=click.Choice(["auto", "keep", "float16", "bfloat16"]), default="auto", show_default=True,
+              help="Store the tensors left uncompressed (biases, norm gains, buffers) as this float dtype where it changes each by "
+                   "<= 0.1 % (bfloat16: 1 %; others are kept); reading restores their dtype. auto: float16 with --target-size/"
+                   "--target-ratio, else keep.")
 @_errors
 @click.pass_context
 def convert(ctx: click.Context, input_path: Path, output_path: Path, bond_dim, tol, ratio, cores, svd, prune, quantize, prune_scope, recipe_path, include, exclude, seed,
             as_json, report_path, force, strict, max_error, min_ratio, max_shard_size, als_sweeps, activations_path, model_spec, data_spec,
             val_spec, steps, calibration, calibration_samples, time_limit, lr, train_sel, kd_weight, task_loss, batch_size, task, workers,
-            ipkd_rounds, target_size, target_ratio, seq_len, kd_loss, temperature, kd_hidden, sensitivity, methods, qat_grid, curvature) -> None:  # fmt: skip
+            ipkd_rounds, target_size, target_ratio, seq_len, kd_loss, temperature, kd_hidden, sensitivity, methods, qat_grid, curvature, passthrough_dtype) -> None:  # fmt: skip
     """Compress the weight matrices of INPUT into MPO cores and write a compact checkpoint.
 
     \b
@@ -382,7 +386,7 @@ def convert(ctx: click.Context, input_path: Path, output_path: Path, bond_dim, t
     from mpocompress.report import check_gates
 
     shard_bytes = parse_size(max_shard_size)
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = {"narrow": {"auto": "float16" if target is not None else None, "keep": None}.get(passthrough_dtype, passthrough_dtype)}
     if activations_path is not None:
         from mpocompress.jobs.inputs import read_activations
 

@@ -35,8 +35,10 @@ META_KEY = "mpocompress"
 
 
 #: version of the on-disk format written here (docs/format.md); readers refuse newer versions.
-#: 2: the metadata document may be stored compressed (:func:`encode_meta`); 1 is read as before
-FORMAT_VERSION = 2
+#: 2: the metadata document may be stored compressed (:func:`encode_meta`); 3: tensors passed through
+#: may be stored in a narrower float dtype (``"narrowed"``: name -> their own dtype, restored on
+#: reading by :func:`stored_tensors`). Older versions are read as before
+FORMAT_VERSION = 3
 #: a metadata document longer than this (characters of JSON) is stored zlib-compressed, base64-encoded,
 #: after :data:`ZLIB_PREFIX` -- per-layer entries are ~1 KB each, 22 % of a 148-layer Conv-TasNet file
 #: at 6.25 % of its size, and compress ~10x (docs/format.md)
@@ -118,8 +120,10 @@ def file_metadata(
     finetune: dict[str, Any] | None = None,
     source: str = "convert",
     tied: dict[str, str] | None = None,
+    narrowed: dict[str, str] | None = None,
 ) -> dict[str, str]:
     """The safetensors ``__metadata__`` of a compressed checkpoint: ``{"format": "pt", META_KEY: json}``.
+    ``narrowed``: tensors passed through that are stored narrower, by name, with their own dtype.
 
     Raises:
         ValueError: a layer entry that :func:`read_meta` would refuse (so nothing unreadable is written).
@@ -142,6 +146,8 @@ def file_metadata(
         meta["finetune"] = finetune
     if tied:  # names that were the very same tensor as another (tied weights): stored once
         meta["tied"] = dict(tied)
+    if narrowed:
+        meta["narrowed"] = dict(sorted(narrowed.items()))
     return {"format": "pt", META_KEY: encode_meta(meta)}
 
 
@@ -207,6 +213,9 @@ def read_meta(ckpt: StoredCheckpoint) -> dict[str, Any] | None:
     tied = meta.get("tied", {})
     if not isinstance(tied, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tied.items()):
         raise InputError(f"{ckpt.path}: corrupt mpocompress metadata ('tied' is not a mapping of names)")
+    narrowed = meta.get("narrowed", {})
+    if not isinstance(narrowed, dict) or not all(isinstance(k, str) and v in DTYPES for k, v in narrowed.items()):
+        raise InputError(f"{ckpt.path}: corrupt mpocompress metadata ('narrowed' is not a mapping of names to float dtypes)")
     return meta
 
 
@@ -313,7 +322,8 @@ def rebuild(entry: dict[str, Any], cores: list[torch.Tensor], name: str) -> torc
 
 def stored_tensors(ckpt: StoredCheckpoint, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Every tensor of a compressed checkpoint with codec parts decoded: MPO cores as float cores,
-    codec-only weights as dense weights, all else as stored.
+    codec-only weights as dense weights, tensors stored narrower in their own dtype again, all else
+    as stored.
 
     Raises:
         InputError: a tensor the metadata names is missing.
@@ -325,6 +335,12 @@ def stored_tensors(ckpt: StoredCheckpoint, meta: dict[str, Any]) -> dict[str, to
     if missing:
         raise InputError(f"{ckpt.path}: metadata names tensor {missing[0]!r}, which the file lacks")
     out = {n: ckpt.get(n) for n in ckpt.keys() if n not in parts}
+    for name, dtype in meta.get("narrowed", {}).items():
+        if name not in out:
+            raise InputError(f"{ckpt.path}: metadata names tensor {name!r}, which the file lacks")
+        if not out[name].is_floating_point():
+            raise InputError(f"{ckpt.path}: tensor {name!r} is stored as {out[name].dtype}, not as a float to widen")
+        out[name] = out[name].to(getattr(torch, dtype))
     for name, entry in meta["layers"].items():
         if entry.get("encoded"):
             try:

@@ -104,6 +104,7 @@ def render_report(report: dict[str, Any], console: Console) -> None:
         f"[bold]total[/bold]: {t['layers_compressed']} of {t['layers']} layers compressed, "
         f"{t['layers_kept_dense']} kept dense, {t['passthrough_tensors']} other tensors "
         + ("stored as they are (fine-tuned where trained)" if report.get("finetune") else "unchanged")
+        + (f" ({t['passthrough_narrowed']} of them stored in 16 bits)" if t.get("passthrough_narrowed") else "")
     )
     console.print(
         f"  tensors {human_bytes(t['dense_bytes'])} -> {human_bytes(t['bytes'])} "

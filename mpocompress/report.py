@@ -66,6 +66,10 @@ class Report:
     passthrough_params: int
     passthrough_bytes: int
     input_file_bytes: int
+    #: the pass-through tensors' bytes in the input (more than ``passthrough_bytes`` when some were
+    #: stored narrower: ``passthrough_narrowed`` of them); None: the same
+    passthrough_dense_bytes: int | None = None
+    passthrough_narrowed: int = 0
     output_file_bytes: int | None = None
     gates: dict[str, Any] = field(default_factory=dict)
     #: fine-tuning summary (held-out losses before/after, steps, time), when the model was trained
@@ -80,7 +84,8 @@ class Report:
     def totals(self) -> dict[str, Any]:
         """Totals over the whole checkpoint: bytes, params, ratios, errors."""
         mpo = [r for r in self.rows if r.status != "dense"]
-        dense_bytes = sum(r.dense_bytes for r in self.rows) + self.passthrough_bytes
+        pass_dense = self.passthrough_bytes if self.passthrough_dense_bytes is None else self.passthrough_dense_bytes
+        dense_bytes = sum(r.dense_bytes for r in self.rows) + pass_dense
         stored_bytes = sum(r.bytes for r in self.rows) + self.passthrough_bytes
         errors = [r.rel_error for r in mpo]
         return {
@@ -88,6 +93,7 @@ class Report:
             "layers_compressed": len(mpo),
             "layers_kept_dense": len(self.rows) - len(mpo),
             "passthrough_tensors": self.passthrough_tensors,
+            "passthrough_narrowed": self.passthrough_narrowed,
             "dense_params": sum(r.dense_params for r in self.rows) + self.passthrough_params,
             "params": sum(r.params for r in self.rows) + self.passthrough_params,
             "dense_bytes": dense_bytes,

@@ -533,3 +533,26 @@ def test_low_rank_alone_measures_every_whitened_rank_exactly_on_held_out_inputs(
         e = w.double() - whitened_svd(w, g, o.overrides["bond_dim"]).to_matrix().double()
         direct = float(torch.einsum("oi,ij,oj->", e, h, e) / torch.einsum("oi,ij,oj->", w.double(), h, w.double()))
         assert o.error == pytest.approx(direct, rel=1e-6, abs=1e-12)
+
+
+def test_target_size_stores_other_tensors_in_float16_and_gives_their_bytes_to_the_layers(tmp_path, trained_like):
+    """With a target, the tensors left uncompressed (here the biases) are stored in float16 by
+    default, the plan counts them so, and ``--passthrough-dtype keep`` keeps them; without a target
+    nothing is narrowed unless asked."""
+    out = tmp_path / "o.safetensors"
+    target = trained_like.stat().st_size // 6
+    plans = {}
+    for choice in ("auto", "keep"):
+        res = run("convert", trained_like, "-o", out, "--target-size", target, "--passthrough-dtype", choice, "--json", "--force")
+        assert res.exit_code == 0, res.stderr
+        data = json.loads(res.stdout)
+        plans[choice] = data["allocation"]
+        assert data["totals"]["passthrough_narrowed"] == (3 if choice == "auto" else 0)
+        assert out.stat().st_size <= target
+    assert plans["keep"]["fixed_bytes"] == 4 * (96 + 160 + 64) == 2 * plans["auto"]["fixed_bytes"]
+    assert plans["auto"]["budget_bytes"] > plans["keep"]["budget_bytes"]  # (the header passes may move both)
+    assert plans["auto"]["predicted_damage"] <= plans["keep"]["predicted_damage"]
+    res = run("convert", trained_like, "-o", out, "--ratio", "3", "--json", "--force")
+    assert json.loads(res.stdout)["totals"]["passthrough_narrowed"] == 0
+    res = run("convert", trained_like, "-o", out, "--ratio", "3", "--passthrough-dtype", "bfloat16", "--json", "--force")
+    assert json.loads(res.stdout)["totals"]["passthrough_narrowed"] == 3

@@ -57,7 +57,7 @@ def test_golden_file(tmp_path):
         # kept positions 0,1,3,5,6 | 8,11,13,14 (row-major), bit 0 first
         + bytes([0b01101011, 0b01101001])
     ).hexdigest()[:16]
-    assert meta["format"] == "mpocompress" and meta["format_version"] == FORMAT_VERSION == 2
+    assert meta["format"] == "mpocompress" and meta["format_version"] == FORMAT_VERSION == 3
     assert header["__metadata__"][META_KEY].startswith("{")  # short: plain JSON
     entry = _rounded(meta["layers"]["fc.weight"])
     assert entry == {
@@ -144,3 +144,53 @@ def test_corrupt_compressed_metadata_is_bad_input(tmp_path, monkeypatch):
         res = CliRunner().invoke(main, ["decompress", str(bad), "-o", str(tmp_path / "d.safetensors")])
         assert res.exit_code == 3, res.output
         assert "corrupt mpocompress metadata" in res.output and "Traceback" not in res.output
+
+
+def test_tensors_passed_through_may_be_stored_narrower(tmp_path):
+    """``narrow="float16"``: biases and norm gains are stored in 16 bits, named in the metadata with
+    their own dtype, and every reader gets that dtype back; a tensor float16 would change (a tiny
+    running variance, a value out of range) and integer buffers are kept exactly."""
+    from mpocompress.nn.surgery import load_compressed_
+
+    g = torch.Generator().manual_seed(0)
+    sd = {
+        "lin.weight": torch.randn(48, 32, generator=g), "lin.bias": torch.randn(48, generator=g),
+        "norm.weight": 1 + 0.1 * torch.randn(48, generator=g), "norm.running_var": torch.full((48,), 1e-7),
+        "norm.big": torch.full((4,), 1e6), "norm.num_batches_tracked": torch.tensor(7),
+    }  # fmt: skip
+    src = tmp_path / "in.safetensors"
+    save_file(sd, str(src))
+    kept, narrow = tmp_path / "kept.safetensors", tmp_path / "narrow.safetensors"
+    a = convert(src, kept, MPOConfig(quantize="int8", include=("lin.weight",)))
+    b = convert(src, narrow, MPOConfig(quantize="int8", include=("lin.weight",)), narrow="float16")
+    header = read_safetensors_header(narrow)[0]
+    meta = decode_meta(header["__metadata__"][META_KEY])
+    assert meta["narrowed"] == {"lin.bias": "float32", "norm.weight": "float32"}
+    assert header["lin.bias"]["dtype"] == "F16" and header["norm.running_var"]["dtype"] == "F32"
+    assert header["norm.big"]["dtype"] == "F32" and header["norm.num_batches_tracked"]["dtype"] == "I64"
+    assert b.totals()["passthrough_narrowed"] == 2 and a.totals()["passthrough_narrowed"] == 0
+    assert b.totals()["dense_bytes"] == a.totals()["dense_bytes"]
+    assert a.totals()["bytes"] - b.totals()["bytes"] == 2 * 48 * 2
+    dense = load_state_dict(narrow)
+    for name, t in sd.items():
+        assert dense[name].dtype == t.dtype, name
+    assert torch.equal(dense["lin.bias"], sd["lin.bias"].half().float()) and not torch.equal(dense["lin.bias"], sd["lin.bias"])
+    assert torch.equal(dense["norm.running_var"], sd["norm.running_var"])
+    model = torch.nn.Module()
+    model.lin = torch.nn.Linear(32, 48)
+    model.norm = torch.nn.Module()
+    for name in ("weight", "running_var", "big", "num_batches_tracked"):
+        model.norm.register_buffer(name, torch.zeros_like(sd[f"norm.{name}"]))
+    load_compressed_(model, narrow)
+    assert model.lin.bias.dtype == torch.float32 and torch.equal(model.lin.bias.detach(), dense["lin.bias"])
+
+
+def test_narrowing_keeps_only_what_it_does_not_change():
+    from mpocompress.codecs import narrowed
+
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    assert narrowed(x, "float16").dtype == torch.float16 and narrowed(x.double(), "bfloat16").dtype == torch.bfloat16
+    assert narrowed(x * 1e5, "float16") is None and narrowed(x * 1e5, "bfloat16") is not None  # overflow
+    assert narrowed(x * 1e-7, "float16") is None  # underflow: subnormal float16 loses the values
+    assert narrowed(x.half(), "float16") is None and narrowed(torch.arange(3), "float16") is None
+    assert narrowed(torch.tensor([1.0, float("nan")]), "float16") is None and narrowed(torch.zeros(0), "float16") is None

@@ -69,7 +69,7 @@ def test_golden_header(tmp_path):
         "fc.weight_cores.0": {"dtype": "F32", "shape": [1, 6, 1, 1], "data_offsets": [24, 48]},
         "fc.weight_cores.1": {"dtype": "F32", "shape": [1, 1, 8, 1], "data_offsets": [48, 80]},
     }
-    assert meta["format"] == "mpocompress" and meta["format_version"] == 2
+    assert meta["format"] == "mpocompress" and meta["format_version"] == 3
     layer = meta["layers"]["fc.weight"]
     assert {k: layer[k] for k in ("kind", "shape", "dtype", "matrix_shape", "padded_shape", "out_modes", "in_modes", "bond_dims", "cores")} == {
         "kind": "linear", "shape": [6, 8], "dtype": "float32", "matrix_shape": [6, 8], "padded_shape": [6, 8],

@@ -16,7 +16,7 @@ docs/methods.md.
 """
 
 from mpocompress.codecs.base import CODECS, Codec, codec_names, parse_codec, register
-from mpocompress.codecs.casts import BF16, FP16
+from mpocompress.codecs.casts import BF16, FP16, narrowed
 from mpocompress.codecs.chain import decode, encode, nbytes, split_chain
 from mpocompress.codecs.int8 import Int8
 from mpocompress.codecs.kmeans import (
@@ -55,6 +55,6 @@ __all__ = [
     "BF16", "CODECS", "FP16", "KMEANS_DP_POINTS", "LINEAR_BLOCK", "POSITION_PARTS", "SEOFP", "Channel", "Codec", "Int8",
     "KMeans", "Magnitude", "Units", "channel_mask", "channel_scores", "codec_names", "decode", "encode", "kmeans_1d_many",
     "kmeans_1d_solve", "KMeansProblem", "RowKMeans",
-    "kmeans_1d", "magnitude_mask", "magnitude_threshold", "nbytes", "pack_bits", "parse_codec", "part_names",
+    "kmeans_1d", "magnitude_mask", "magnitude_threshold", "narrowed", "nbytes", "pack_bits", "parse_codec", "part_names",
     "register", "seofp_codes", "seofp_decode", "split_chain", "unpack_bits",
 ]  # fmt: skip

@@ -39,3 +39,28 @@ class BF16(_Cast):
 
     name = "bf16"
     dtype = torch.bfloat16
+
+
+#: how far (relative L2 error) a tensor passed through may move when stored in a narrower float dtype:
+#: float16 rounds normal values by <= 2^-11 (~3e-4 relative L2 on real biases and norm gains);
+#: bfloat16 by <= 2^-8. A tensor out of float16's range (overflow, or tiny values such as a
+#: batch-norm variance of 1e-7 lost to underflow) misses it and is kept as it is.
+NARROW_TOLERANCE = {"float16": 1e-3, "bfloat16": 1e-2}
+
+
+def narrowed(values: torch.Tensor, dtype: str) -> torch.Tensor | None:
+    """``values`` (a float32/float64 tensor) stored as ``dtype`` (``"float16"``/``"bfloat16"``), or
+    None when that would change it: a value overflowing, or a relative L2 error over
+    :data:`NARROW_TOLERANCE`. Non-floating, already-narrow, empty and non-finite tensors give None."""
+    if values.dtype not in (torch.float32, torch.float64) or values.numel() == 0:
+        return None
+    if not bool(torch.isfinite(values).all()):
+        return None  # NaN/Inf: kept exactly as they are
+    narrow = values.to(getattr(torch, dtype))
+    back = narrow.to(values.dtype)
+    if not bool(torch.isfinite(back).all()):
+        return None  # out of range
+    ref = values.double()
+    norm = float(torch.linalg.vector_norm(ref))
+    err = float(torch.linalg.vector_norm(ref - back.double()))
+    return narrow if err <= NARROW_TOLERANCE[dtype] * norm else None

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from mpocompress.codecs import narrowed
 from mpocompress.config import MPOConfig, Recipe, apply_overrides
 from mpocompress.core.allocate import FAMILIES, Allocation, Option, allocate, family
 from mpocompress.errors import ConfigError, GateError
@@ -357,6 +358,15 @@ class BudgetPlan:
         }
 
 
+def _passthrough_bytes(ckpt: Checkpoint, name: str, narrow: str | None) -> int:
+    """The bytes ``convert`` with ``narrow`` stores a tensor passed through in (read only when a
+    narrower dtype could apply)."""
+    if narrow is None or ckpt.dtype(name) not in ("float32", "float64"):
+        return ckpt.nbytes(name)
+    t = narrowed(ckpt.get(name), narrow)
+    return ckpt.nbytes(name) if t is None else nbytes_of(t)
+
+
 def plan_budget(
     input_path: str | Path,
     target: int,
@@ -372,9 +382,11 @@ def plan_budget(
     kd_loss: str = "mse",
     weights: Weights | None = None,
     methods: tuple[str, ...] | None = None,
+    narrow: str | None = "float16",
 ) -> tuple[BudgetPlan, dict[str, list[Option]]]:
     """Measure the curves and the layers' weights (unless given: an earlier pass's ``curves`` and
-    ``plan.weights``) and allocate ``target`` bytes for the whole output file.
+    ``plan.weights``) and allocate ``target`` bytes for the whole output file (the tensors passed
+    through counted as ``convert`` with ``narrow`` stores them).
 
     ``config`` supplies ``include``/``exclude`` (the options themselves are chosen here); layers a
     user ``recipe`` matches keep the recipe's setting and their measured bytes count as fixed.
@@ -394,7 +406,7 @@ def plan_budget(
         layers = select_layers(ckpt, config.include, config.exclude)
         shapes = {n: ckpt.shape(n) for n in ckpt.keys()}
         chosen = set(layers)
-        fixed = sum(ckpt.nbytes(n) for n in ckpt.keys() if n not in chosen)  # header sizes: no reads
+        fixed = sum(_passthrough_bytes(ckpt, n, narrow) for n in ckpt.keys() if n not in chosen)
         free: list[str] = []
         for n in layers:
             cfg = recipe.config_for(n, config) if recipe is not None else config
@@ -590,11 +602,14 @@ def convert_to_size(
     sensitivity: str = "auto",
     kd_loss: str | None = None,
     methods: tuple[str, ...] | None = None,
+    narrow: str | None = "float16",
     **convert_kwargs: Any,
 ) -> Any:
     """Plan, convert, and check the file against ``target`` (redone with the overshoot taken off
     when the header was larger than estimated). ``calibration_model``/``calibration_batches`` make the
-    damage data-driven (:func:`sensitivities`); ``methods`` limits the options (:func:`plan_budget`); ``convert_kwargs`` go to
+    damage data-driven (:func:`sensitivities`); ``methods`` limits the options (:func:`plan_budget`); the
+    tensors passed through are stored as ``narrow`` where it keeps them (:func:`mpocompress.codecs.narrowed`;
+    None: as they are), their bytes saved given to the layers; ``convert_kwargs`` go to
     :func:`mpocompress.jobs.convert.convert` (fine-tuning, if asked, runs after the allocation).
     Returns the :class:`~mpocompress.report.Report`, with the plan under ``report.allocation``."""
     from mpocompress.jobs.convert import convert
@@ -607,10 +622,11 @@ def convert_to_size(
     for attempt in range(MAX_PASSES):
         plan, curves = plan_budget(input_path, target, config, recipe=recipe, model=calibration_model,
                                    batches=calibration_batches, progress=progress, header=header, curves=curves,
-                                   sensitivity=sensitivity, kd_loss=kd_loss, weights=weights, methods=methods)  # fmt: skip
+                                   sensitivity=sensitivity, kd_loss=kd_loss, weights=weights, methods=methods,
+                                   narrow=narrow)  # fmt: skip
         sensitivity, weights = plan.sensitivity, plan.weights  # (measured once, for every pass)
         report = convert(input_path, output_path, plan.config, recipe=plan.recipe, force=force or attempt > 0,
-                         progress=progress, **convert_kwargs)  # fmt: skip
+                         progress=progress, narrow=narrow, **convert_kwargs)  # fmt: skip
         size = path_size(Path(output_path))
         report.allocation = {**plan.to_dict(), "written_bytes": size, "passes": attempt + 1}
         measured = size - report.totals()["bytes"] + HEADER_MARGIN  # header and other overhead, as written
@@ -627,7 +643,8 @@ def convert_to_size(
     if best is not None:  # the header changes with the choices and the passes did not settle: the
         # largest pass that fitted, converted again (the conversion is deterministic)
         size, plan = best
-        report = convert(input_path, output_path, plan.config, recipe=plan.recipe, force=True, progress=progress, **convert_kwargs)
+        report = convert(input_path, output_path, plan.config, recipe=plan.recipe, force=True, progress=progress, narrow=narrow,
+                         **convert_kwargs)  # fmt: skip
         written = path_size(Path(output_path))
         report.allocation = {**plan.to_dict(), "written_bytes": written, "passes": MAX_PASSES + 1}
         if written <= target:

@@ -102,6 +102,7 @@ def convert(
     calibrate: bool = True,
     calibration_samples: int | None = None,
     sequential: bool | str = True,
+    narrow: str | None = None,
 ) -> Report:
     """Convert a dense checkpoint into MPO cores and write the compact checkpoint.
 
@@ -149,6 +150,9 @@ def convert(
             (:func:`mpocompress.jobs.calibrate.compress_sequentially_`; ``"plain"``: each layer fitted
             to its own outputs there, not the dense layer's); False: every layer to its
             inputs in the dense model.
+        narrow: store the tensors passed through (biases, norm gains, buffers: every tensor not
+            selected) as this float dtype (``"float16"``/``"bfloat16"``) where that keeps each
+            within :data:`mpocompress.codecs.casts.NARROW_TOLERANCE`; reading restores their dtype.
 
     Returns:
         The :class:`~mpocompress.report.Report` (also stored, without file sizes, in the output).
@@ -178,7 +182,7 @@ def convert(
                 progress=progress, recipe=recipe, activations=activations, tune=tune, model=model,
                 train_batches=train_batches, val_batches=val_batches, tune_progress=tune_progress,
                 workers=workers, strict=strict, calibrate=calibrate, calibration_samples=calibration_samples,
-                sequential=sequential,
+                sequential=sequential, narrow=narrow,
             )  # fmt: skip
         finally:
             lock.release()
@@ -208,6 +212,7 @@ def _convert_locked(
     calibrate: bool = True,
     calibration_samples: int | None = None,
     sequential: bool | str = True,
+    narrow: str | None = None,
 ) -> Report:
     """The body of :func:`convert`, run while this job holds the output's lock."""
     layers = select_layers(ckpt, config.include, config.exclude)
@@ -252,7 +257,7 @@ def _convert_locked(
     job = Job(
         input_path=input_path, output_path=output_path, config=config, recipe=recipe, layers=set(layers),
         shapes=shapes, groups=groups, fingerprint="", threshold=threshold, tune=tune is not None,
-        tuned=tuned, plans=plans, activations=dict(activations or {}), strict=strict,
+        tuned=tuned, plans=plans, activations=dict(activations or {}), strict=strict, narrow=narrow,
     )  # fmt: skip
     job.fingerprint = job_fingerprint(ckpt, job)
     store = GroupStore(output_path, job.fingerprint, len(groups))
@@ -278,13 +283,15 @@ def _convert_locked(
                      work={"groups": len(groups), "reused_groups": reused, "workers": workers, "ranks": world})  # fmt: skip
     report.calibration = calibration
     meta_layers: dict[str, Any] = {}
+    narrowed: dict[str, str] = {}
     for i in range(len(groups)):
         meta_layers.update(records[i]["entries"])
+        narrowed.update(records[i].get("narrowed", {}))
     metadata = file_metadata(
         config.to_dict(), meta_layers, recipe=recipe.to_list() if recipe is not None else [],
         totals={k: v for k, v in report.totals().items() if not k.startswith(("output_", "file_"))},
         finetune={k: v for k, v in tune_summary.items() if k != "history"} if tune_summary is not None else None,
-        tied=ckpt.tied,
+        tied=ckpt.tied, narrowed=narrowed,
     )  # fmt: skip
     if rank == 0:
         side = side_files(input_path) if output_path.suffix != ".safetensors" else []
@@ -364,7 +371,7 @@ def _run_groups(
 
 def _gather(store: GroupStore, records: dict[int, dict[str, Any]], n_groups: int, rank: int) -> None:
     """Fill in the records of groups other ranks converted (rank 0 verifies each from the work folder)."""
-    empty = {"rows": [], "entries": {}, "passthrough": [0, 0, 0]}
+    empty = {"rows": [], "entries": {}, "passthrough": [0, 0, 0, 0], "narrowed": {}}
     for i in range(n_groups):
         if i not in records:
             if rank > 0:  # rank 0 verifies every group, packs and reports
@@ -390,7 +397,7 @@ def _report(
     """The conversion's report from every group's record."""
     order = range(n_groups)
     rows = [LayerRow(**{k: v for k, v in r.items() if k != "ratio"}) for i in order for r in records[i]["rows"]]
-    pass_n, pass_params, pass_bytes = (sum(records[i]["passthrough"][k] for i in order) for k in range(3))
+    pass_n, pass_params, pass_bytes, pass_dense = (sum(records[i]["passthrough"][k] for i in order) for k in range(4))
     return Report(
         input=str(input_path),
         output=str(output_path),
@@ -399,6 +406,8 @@ def _report(
         passthrough_tensors=pass_n,
         passthrough_params=pass_params,
         passthrough_bytes=pass_bytes,
+        passthrough_dense_bytes=pass_dense,
+        passthrough_narrowed=sum(len(records[i].get("narrowed", {})) for i in order),
         input_file_bytes=ckpt.nbytes_on_disk,
         finetune=tune_summary,
         work=work,

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from mpocompress import __version__
+from mpocompress.codecs import narrowed
 from mpocompress.config import MPOConfig, Recipe
 from mpocompress.errors import ConfigError, InputError
 from mpocompress.format import FORMAT_VERSION
@@ -43,6 +44,9 @@ class Job:
     plans: dict[str, LayerPlan] = field(default_factory=dict)
     activations: dict[str, torch.Tensor] = field(default_factory=dict)
     strict: bool = False
+    #: store the tensors passed through (not selected) as this float dtype where it keeps them
+    #: (:func:`mpocompress.codecs.narrowed`); None: as they are
+    narrow: str | None = None
 
 
 def _hash_tensors(h: Any, tensors: dict[str, torch.Tensor]) -> None:
@@ -67,6 +71,7 @@ def job_fingerprint(ckpt: Checkpoint, job: Job) -> str:
         "groups": job.groups,
         "threshold": job.threshold,
         "tune": job.tune,
+        "narrow": job.narrow,
     }
     h.update(json.dumps(desc, sort_keys=True, default=str).encode())
     _hash_tensors(h, job.tuned)
@@ -83,11 +88,13 @@ def convert_group(
     job: Job, ckpt: Checkpoint, i: int, progress: Progress | None = None, done: int = 0, total: int = 0
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Convert group ``i``: returns the tensors to write and the group's record (report rows,
-    metadata entries, pass-through counts)."""
+    metadata entries, pass-through counts ``[tensors, params, bytes stored, bytes before]``, the
+    pass-through tensors stored narrower with their own dtype)."""
     out: dict[str, torch.Tensor] = {}
     rows: list[dict[str, Any]] = []
     entries: dict[str, Any] = {}
-    passthrough = [0, 0, 0]
+    passthrough = [0, 0, 0, 0]
+    narrowed_dtypes: dict[str, str] = {}
     for name in job.groups[i]:
         reference = ckpt.get(name)
         t = job.tuned.get(name, reference)
@@ -97,8 +104,12 @@ def convert_group(
                 progress(name, done + len(rows), total)
             cfg = job.config if job.recipe is None else job.recipe.config_for(name, job.config)
         if cfg is None:  # not selected, or the recipe skips it
-            out[name] = t
-            passthrough = [passthrough[0] + 1, passthrough[1] + t.numel(), passthrough[2] + nbytes_of(t)]
+            narrow = narrowed(t, job.narrow) if job.narrow is not None and name not in job.layers else None
+            if narrow is not None:
+                narrowed_dtypes[name] = dtype_name(t.dtype)
+            out[name] = t if narrow is None else narrow
+            passthrough = [passthrough[0] + 1, passthrough[1] + t.numel(), passthrough[2] + nbytes_of(out[name]),
+                           passthrough[3] + nbytes_of(t)]  # fmt: skip
             continue
         if not job.tune and any(c.name == "units" for c in cfg.chain):
             raise ConfigError(
@@ -123,7 +134,7 @@ def convert_group(
         if entry:
             entries[name] = entry
         out.update(stored)
-    return out, {"rows": rows, "entries": entries, "passthrough": passthrough}
+    return out, {"rows": rows, "entries": entries, "passthrough": passthrough, "narrowed": narrowed_dtypes}
 
 
 @contextmanager
