@@ -201,3 +201,27 @@ def test_torchrun_data_parallel_finetune(tmp_path):
     assert ft["steps"] == 6
     assert ft["val_kd_loss"]["finetuned"] < ft["val_kd_loss"]["compressed"]  # the start is kept if no better
     assert out.is_file()
+
+
+def test_torchrun_a_rank_with_bad_input_stops_every_rank_with_its_message(tmp_path, many):
+    """Bad input met by rank 1 only (a NaN weight under --strict, in a group rank 1 converts): rank 1
+    exits 3 with its message, and rank 0 stops with exit 3 too, naming rank 1 and the cause -- not
+    with a broken process group reported as an internal error; nothing is written."""
+    from mpocompress.io import open_checkpoint
+    from mpocompress.jobs.plan import GROUP_MAX_BYTES, plan_groups
+
+    sd = load_state_dict(many)
+    with open_checkpoint(many) as ckpt:
+        groups = plan_groups(ckpt, ckpt.keys(), min(SHARD, GROUP_MAX_BYTES))
+    victim = next(n for i, g in enumerate(groups) if i % 2 == 1 for n in g if n.endswith(".weight") and sd[n].dtype == torch.float32)
+    sd[victim][0, 0] = float("nan")
+    bad = tmp_path / "bad.safetensors"
+    save_file(sd, str(bad))
+    out = tmp_path / "out"
+    res = torchrun("convert", str(bad), "-o", str(out), "--ratio", "3", "--max-shard-size", str(SHARD), "--strict")
+    assert res.returncode != 0
+    lines = [line for line in res.stderr.splitlines() if line.startswith("mpocompress: error:")]
+    assert any(victim in line and "rank" not in line for line in lines), res.stderr[-3000:]  # rank 1's own
+    assert any("rank 1 of 2 stopped" in line and victim in line for line in lines), res.stderr[-3000:]  # rank 0's
+    assert "internal error" not in res.stderr and "exitcode  : 1" not in res.stderr
+    assert not out.exists()

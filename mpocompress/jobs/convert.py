@@ -25,7 +25,7 @@ from mpocompress.io import (
     path_size,
     side_files,
 )
-from mpocompress.jobs.dist import barrier, rank_world, shared_error
+from mpocompress.jobs.dist import barrier, rank_world, shared_error, together
 from mpocompress.jobs.plan import (
     DEFAULT_MAX_SHARD_BYTES,
     GROUP_MAX_BYTES,
@@ -276,27 +276,32 @@ def _convert_locked(
     todo = [i for i in mine if i not in records]
     if reused:
         log.info("resuming: %d group(s) verified in %s, %d to do", reused, store.path, len(todo))
-    _run_groups(job, ckpt, store, todo, records, workers=workers, progress=progress, n_layers=len(layers))
-    barrier()
-    _gather(store, records, len(groups), rank)
-    report = _report(ckpt, input_path, output_path, config, recipe, records, len(groups), tune_summary,
-                     work={"groups": len(groups), "reused_groups": reused, "workers": workers, "ranks": world})  # fmt: skip
-    report.calibration = calibration
-    meta_layers: dict[str, Any] = {}
-    narrowed: dict[str, str] = {}
-    for i in range(len(groups)):
-        meta_layers.update(records[i]["entries"])
-        narrowed.update(records[i].get("narrowed", {}))
-    metadata = file_metadata(
-        config.to_dict(), meta_layers, recipe=recipe.to_list() if recipe is not None else [],
-        totals={k: v for k, v in report.totals().items() if not k.startswith(("output_", "file_"))},
-        finetune={k: v for k, v in tune_summary.items() if k != "history"} if tune_summary is not None else None,
-        tied=ckpt.tied, narrowed=narrowed,
-    )  # fmt: skip
-    if rank == 0:
-        side = side_files(input_path) if output_path.suffix != ".safetensors" else []
-        _finish(store, output_path, metadata, max_shard_bytes, side)
-    barrier()
+    try:
+        with together():  # (a rank that fails stops every rank with its message, not a broken process group)
+            _run_groups(job, ckpt, store, todo, records, workers=workers, progress=progress, n_layers=len(layers))
+    except Exception:
+        if world > 1 and rank == 0 and not any(store.group_file(i).exists() for i in range(len(groups))):
+            store.discard()  # (every rank has stopped writing by now)
+        raise
+    with together():  # (rank 0 verifies, reports and packs; the others wait for its outcome)
+        _gather(store, records, len(groups), rank)
+        report = _report(ckpt, input_path, output_path, config, recipe, records, len(groups), tune_summary,
+                         work={"groups": len(groups), "reused_groups": reused, "workers": workers, "ranks": world})  # fmt: skip
+        report.calibration = calibration
+        meta_layers: dict[str, Any] = {}
+        narrowed: dict[str, str] = {}
+        for i in range(len(groups)):
+            meta_layers.update(records[i]["entries"])
+            narrowed.update(records[i].get("narrowed", {}))
+        metadata = file_metadata(
+            config.to_dict(), meta_layers, recipe=recipe.to_list() if recipe is not None else [],
+            totals={k: v for k, v in report.totals().items() if not k.startswith(("output_", "file_"))},
+            finetune={k: v for k, v in tune_summary.items() if k != "history"} if tune_summary is not None else None,
+            tied=ckpt.tied, narrowed=narrowed,
+        )  # fmt: skip
+        if rank == 0:
+            side = side_files(input_path) if output_path.suffix != ".safetensors" else []
+            _finish(store, output_path, metadata, max_shard_bytes, side)
     return report
 
 
@@ -357,7 +362,7 @@ def _run_groups(
                     raise
     except BaseException as e:
         kept = sum(store.group_file(i).exists() for i in range(len(groups)))
-        if not kept:
+        if not kept and rank_world()[1] == 1:  # (under torchrun other ranks may still be writing there)
             store.discard()
         if isinstance(e, KeyboardInterrupt):
             raise Interrupted(

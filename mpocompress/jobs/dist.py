@@ -8,8 +8,22 @@ CLI calls when ``torchrun`` has set ``WORLD_SIZE``.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
+
+from mpocompress.errors import (
+    EXIT_GATE,
+    EXIT_INPUT,
+    EXIT_OUTPUT,
+    EXIT_USAGE,
+    ConfigError,
+    GateError,
+    InputError,
+    MPOCompressError,
+    OutputError,
+)
 
 
 def rank_world() -> tuple[int, int]:
@@ -72,3 +86,44 @@ def shared_error(message: str | None) -> str | None:
     box = [message]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+#: the error a rank raises for another rank's failure, by that failure's exit code (same code
+#: everywhere; anything else is an internal error)
+_PEER_ERRORS: dict[int, type[MPOCompressError]] = {
+    EXIT_USAGE: ConfigError, EXIT_INPUT: InputError, EXIT_OUTPUT: OutputError, EXIT_GATE: GateError,
+}  # fmt: skip
+
+
+@contextmanager
+def together() -> Iterator[None]:
+    """Run a step on every rank such that a failure on one stops all of them cleanly.
+
+    Under ``torchrun`` a rank that fails would leave the others waiting at their next collective
+    until the process group breaks, and they would die of a communication error reported as an
+    internal error (exit 1) -- the real cause, say bad input on rank 1, named only in that rank's
+    log. Here every rank's outcome is exchanged after the step: the failing rank raises its own
+    error, every other rank an error with the same exit code naming the first failing rank and its
+    message. In one process this is a plain ``yield``.
+    """
+    rank, world = rank_world()
+    if world == 1:
+        yield
+        return
+    import torch.distributed as dist
+
+    error: Exception | None = None
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - every rank must reach the exchange below
+        error = e
+    line = (str(error).splitlines() or [type(error).__name__])[0] if error is not None else None
+    mine = None if error is None else [getattr(error, "exit_code", 1), line]
+    every: list = [None] * world
+    dist.all_gather_object(every, mine)
+    if error is not None:
+        raise error
+    failed = next(((r, f) for r, f in enumerate(every) if f is not None), None)
+    if failed is not None:
+        r, (code, message) = failed
+        raise _PEER_ERRORS.get(code, MPOCompressError)(f"rank {r} of {world} stopped, so this rank did: {message}")
