@@ -230,9 +230,10 @@ def _score(name: str, spec: dict[str, Any], path: Path, pairs, dense_outs, base)
 
 
 def _three_ways(name, spec, src, out_dir, label, config, recipe, batches, pairs, dense_outs, base, ft_seconds,
-               ways: tuple[str, ...] = WAYS) -> dict[str, Any]:
+               ways: tuple[str, ...] = WAYS, narrow: str | None = None) -> dict[str, Any]:
     """Post hoc, calibrated (dense inputs / sequential; no training) and + fine-tuned (when
-    ``ft_seconds``), at the same bytes; only the ``ways`` named."""
+    ``ft_seconds``), at the same bytes; only the ``ways`` named (``narrow``: the plan's dtype of the
+    tensors passed through)."""
     row: dict[str, Any] = {}
     tunes = {"post hoc": (None, True), "calibrated, dense inputs": (TuneConfig(steps=0), False), "calibrated": (TuneConfig(steps=0), True),
              "calibrated + fine-tuned": (TuneConfig(steps=100_000, time=ft_seconds or None), True)}  # fmt: skip
@@ -248,7 +249,7 @@ def _three_ways(name, spec, src, out_dir, label, config, recipe, batches, pairs,
                 tune = dataclasses.replace(tune, kd_loss=kd_loss_for(model, batches[0]))
             kw = {"model": model, "train_batches": batches, "tune": tune, "sequential": sequential}
         t0 = time.perf_counter()
-        report = convert(src, path, config, recipe=recipe, force=True, **kw)
+        report = convert(src, path, config, recipe=recipe, force=True, narrow=narrow, **kw)
         row[way] = {"seconds": time.perf_counter() - t0, **_score(name, spec, path, pairs, dense_outs, base)}
         if report.finetune is not None:
             ft = report.finetune
@@ -282,13 +283,13 @@ def finetune_variants(name: str, share: float, seconds: float, field: str, value
     ref = reference(name)
     spec, src = ref["spec"], ref["spec"]["ckpt"]
     data = {"model": spec["build"](load_state_dict(src)), "batches": ref["batches"]} if with_data else {}
-    plan, _ = plan_budget(src, int(ref["size"] * share), MPOConfig(quantize="int8"), **data)
+    plan, _ = plan_budget(src, int(ref["size"] * share), MPOConfig(quantize="int8"), narrow="float16", **data)
     out = WORK / out_dir
     out.mkdir(exist_ok=True)
     for value in values:
         t0 = time.perf_counter()
         path = out / f"{name}-{share}-{value}{'-data' if with_data else ''}.safetensors"
-        rep = convert(src, path, plan.config, recipe=plan.recipe, force=True, model=spec["build"](load_state_dict(src)),
+        rep = convert(src, path, plan.config, recipe=plan.recipe, force=True, model=spec["build"](load_state_dict(src)), narrow=plan.narrow,
                       train_batches=ref["batches"], tune=TuneConfig(steps=100_000, time=seconds, **{field: value}), sequential=True)  # fmt: skip
         sc = _score(name, spec, path, ref["test"], ref["dense_outs"], ref["base"])
         ft = rep.finetune or {}
@@ -320,17 +321,17 @@ def model_table(name: str, spec: dict[str, Any], batches: list[Any], pairs, ft_s
     for share in SHARES[:1] if quick else SHARES:
         key = f"{share:.2%}"
         if rows in ("all", "finetune"):
-            plan, _ = plan_budget(src, int(input_bytes * share), MPOConfig(quantize="int8"))
+            plan, _ = plan_budget(src, int(input_bytes * share), MPOConfig(quantize="int8"), narrow="float16")  # (as --target-size)
             ways = WAYS if rows == "all" else ("calibrated + fine-tuned",)
-            cells = _three_ways(name, spec, src, out_dir, f"target {share}", plan.config, plan.recipe, *args, ft_seconds, ways)
+            cells = _three_ways(name, spec, src, out_dir, f"target {share}", plan.config, plan.recipe, *args, ft_seconds, ways, plan.narrow)
             res["budgets"][key] = {**res["budgets"].get(key, {}), **cells}
         if rows in ("all", "data"):
             t0 = time.perf_counter()
             plan, _ = plan_budget(src, int(input_bytes * share), MPOConfig(quantize="int8"), model=spec["build"](load_state_dict(src)),
-                                  batches=batches)  # fmt: skip
+                                  batches=batches, narrow="float16")  # fmt: skip
             planned = time.perf_counter() - t0
             ways = ("post hoc", "calibrated", "calibrated + fine-tuned")
-            cells = _three_ways(name, spec, src, out_dir, f"target-data {share}", plan.config, plan.recipe, *args, ft_seconds, ways)
+            cells = _three_ways(name, spec, src, out_dir, f"target-data {share}", plan.config, plan.recipe, *args, ft_seconds, ways, plan.narrow)
             res["budgets_data"][key] = {**cells, "plan_seconds": planned, "sensitivity": plan.sensitivity}
     if rows == "all":
         for label, cfg in UNIFORM.items():

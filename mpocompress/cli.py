@@ -784,7 +784,8 @@ def _inspect_plan(path: Path, target_size: str, include: tuple[str, ...], exclud
         input_bytes = ckpt.nbytes_on_disk
     target = parse_target(target_size, input_bytes)
     with _Progress("measuring") as progress:
-        plan, _ = plan_budget(path, target, MPOConfig(quantize="int8", include=include, exclude=exclude), progress=progress, methods=methods)
+        plan, _ = plan_budget(path, target, MPOConfig(quantize="int8", include=include, exclude=exclude), progress=progress, methods=methods,
+                              narrow="float16")  # (what convert --target-size does by default)
     data = {"path": str(path), "input_bytes": input_bytes, "plan": plan.to_dict()}
     if as_json:
         click.echo(json.dumps(data, indent=2))

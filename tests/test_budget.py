@@ -225,6 +225,7 @@ def test_inspect_plans_without_writing(tmp_path, trained_like):
     plan = json.loads(res.stdout)["plan"]
     assert plan["allocated_bytes"] + plan["fixed_bytes"] + plan["header_estimate"] <= plan["target_bytes"]
     assert [p.name for p in tmp_path.iterdir()] == ["trained.safetensors"]
+    assert plan["passthrough_dtype"] == "float16" and plan["fixed_bytes"] == 2 * (96 + 160 + 64)  # as convert --target-size
 
 
 def test_data_driven_damage_weights_layers_by_their_effect(tmp_path):

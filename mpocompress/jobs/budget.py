@@ -334,6 +334,9 @@ class BudgetPlan:
     weights: Weights | None = None
     #: the methods the options were limited to (None: all)
     methods: tuple[str, ...] | None = None
+    #: the dtype the tensors passed through were counted in: ``convert(..., narrow=plan.narrow)``
+    #: writes what was planned
+    narrow: str | None = None
 
     @property
     def damage(self) -> str:
@@ -354,6 +357,7 @@ class BudgetPlan:
             "header_estimate": self.header_estimate,
             "damage": self.damage,
             "methods": list(self.methods) if self.methods is not None else "all",
+            "passthrough_dtype": self.narrow or "kept",
             **self.allocation.to_dict(),
         }
 
@@ -382,11 +386,12 @@ def plan_budget(
     kd_loss: str = "mse",
     weights: Weights | None = None,
     methods: tuple[str, ...] | None = None,
-    narrow: str | None = "float16",
+    narrow: str | None = None,
 ) -> tuple[BudgetPlan, dict[str, list[Option]]]:
     """Measure the curves and the layers' weights (unless given: an earlier pass's ``curves`` and
     ``plan.weights``) and allocate ``target`` bytes for the whole output file (the tensors passed
-    through counted as ``convert`` with ``narrow`` stores them).
+    through counted as ``convert`` with ``narrow`` stores them: convert the plan with
+    ``narrow=plan.narrow``; :func:`convert_to_size` does).
 
     ``config`` supplies ``include``/``exclude`` (the options themselves are chosen here); layers a
     user ``recipe`` matches keep the recipe's setting and their measured bytes count as fixed.
@@ -451,7 +456,7 @@ def plan_budget(
     ours = Recipe(tuple((recipe.rules if recipe is not None else ()) + tuple(rules)))
     base = dataclasses.replace(config, bond_dim=None, tol=None, ratio=None, prune=None, quantize="int8", als_sweeps=0)
     plan = BudgetPlan(target=target, fixed_bytes=fixed, header_estimate=header, allocation=alloc, recipe=ours,
-                      config=base, data_driven=data, sensitivity=sensitivity, weights=weights, methods=methods)  # fmt: skip
+                      config=base, data_driven=data, sensitivity=sensitivity, weights=weights, methods=methods, narrow=narrow)  # fmt: skip
     return plan, curves
 
 
