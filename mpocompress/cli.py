@@ -284,7 +284,7 @@ def main(verbose: int) -> None:
 @click.option("--calibration-samples", type=click.IntRange(min=1), metavar="N", help="Calibrate on at most N samples of --data.")
 @click.option("--time", "time_limit", type=click.FloatRange(min=0, min_open=True), help="Fine-tuning seconds at most (whichever of --steps/--time comes first).")
 @click.option("--lr", default="auto", show_default=True, callback=lambda c, p, v: _lr(v),
-              help="Fine-tuning learning rate (Adam), or 'auto': a short probe of 1e-3..3e-5 picks the best on held-out data.")
+              help="Fine-tuning learning rate (Adam), or 'auto': a short probe of 1e-3..3e-5 (going up while the top rate is best) picks the best on held-out data.")
 @click.option("--train", "train_sel", type=click.Choice(["all", "central", "outer"]), default="all", show_default=True,
               help="What trains: all parameters, only each MPO's central core, or only its outer cores.")
 @click.option("--kd-weight", type=click.FloatRange(0, 1), default=1.0, show_default=True,

@@ -1,6 +1,7 @@
 """Fine-tuning with distillation, IPKD, and their use through convert (API and CLI)."""
 
 import copy
+import math
 import json
 
 import pytest
@@ -405,10 +406,33 @@ def test_lr_probe_picks_a_rate_that_helps_and_reports_it(teacher, data):
     student = copy.deepcopy(teacher)
     compress_(student, MPOConfig(ratio=10, cores=3))
     res = finetune(student, teacher, train, val_batches=val, steps=20, eval_every=5)
-    assert set(res.lr_probe) == set(LR_CANDIDATES)
+    assert set(res.lr_probe) >= set(LR_CANDIDATES)
     assert res.lr == min(res.lr_probe, key=lambda r: (res.lr_probe[r], r))
     assert res.improved and res.val_best < res.val_before
     assert res.to_dict()["lr"] == res.lr
+
+
+@pytest.mark.parametrize(("best", "probed"), [(3e-3, [1e-3, 3e-4, 1e-4, 3e-5, 3e-3, 9e-3]), (1e-2, [1e-3, 3e-4, 1e-4, 3e-5, 3e-3, 9e-3]),
+                                              (3e-4, [1e-3, 3e-4, 1e-4, 3e-5])])  # fmt: skip
+def test_probe_goes_up_while_its_top_rate_is_the_best(teacher, data, monkeypatch, best, probed):
+    """A probe whose largest rate is the best tries the next one up (x3) while that is better, to
+    at most 1e-2; one that is best inside the range tries nothing more."""
+    from mpocompress.jobs import finetune as ft
+
+    calls = []
+
+    def fake(self, lr, start, grids, steps, found):  # held-out loss: lowest at `best`, 1.0 at the start
+        calls.append(lr)
+        found[lr] = 0.5 + 0.1 * abs(math.log(lr / best))
+        return steps
+
+    monkeypatch.setattr(ft._Trainer, "_probe_rate", fake)
+    train, val = data
+    student = copy.deepcopy(teacher)
+    compress_(student, MPOConfig(ratio=10, cores=3))
+    res = finetune(student, teacher, train, val_batches=val, steps=8, eval_every=4, val_before=1.0)
+    assert calls == pytest.approx(probed)
+    assert res.lr == pytest.approx(min(probed, key=lambda r: abs(math.log(r / best))))
 
 
 def test_probe_falls_back_to_the_smallest_rate_when_nothing_helps(teacher, data):

@@ -489,34 +489,49 @@ class _Trainer:
         return float(loss.detach())
 
     def probe(self, start: dict[str, torch.Tensor], val_before: float) -> tuple[float, dict[str, float]]:
-        """Each of :data:`LR_CANDIDATES` for a few steps from ``start``; the rate with the lowest
-        held-out loss (the smallest when none improves on the start)."""
-        from mpocompress.config import LR_CANDIDATES, LR_PROBE_STEPS
+        """Each of :data:`LR_CANDIDATES` for a few steps from ``start``, then, while the largest rate
+        tried is the best and helps, the next one up (x :data:`LR_STEP_UP`, to :data:`LR_PROBE_MAX`);
+        the rate with the lowest held-out loss (the smallest when none improves on the start)."""
+        from mpocompress.config import LR_CANDIDATES, LR_PROBE_MAX, LR_PROBE_STEPS, LR_STEP_UP
 
-        found = {}
+        found: dict[float, float] = {}
         steps = max(2, min(LR_PROBE_STEPS, self.config.steps // 4))  # a short run gets a short probe
         grids = self.quant.state()
         for lr in LR_CANDIDATES:
-            self.student.load_state_dict(start)
-            self.quant.load(grids)
-            opt = self.optimizer(lr)
-            self.student.train()
-            i = 0
-            while i < steps:
-                for g in opt.param_groups:
-                    g["lr"] = g["scale"] * lr * (i + 1) / steps
-                t0 = time.perf_counter()
-                self.step(opt, i)
-                if not found and i == 0 and self.config.time is not None:
-                    # the probe takes at most a quarter of --time (at least 2 steps per rate)
-                    per_step = self.agreed(time.perf_counter() - t0)
-                    steps = max(2, min(steps, int(0.25 * self.config.time / (per_step * len(LR_CANDIDATES)))))
-                i += 1
-            found[lr] = self.evaluate()
+            steps = self._probe_rate(lr, start, grids, steps, found)
+        while True:
+            best = min(found, key=lambda r: (found[r], r))
+            up = float(f"{max(found) * LR_STEP_UP:.3g}")
+            if best != max(found) or found[best] >= val_before or up > LR_PROBE_MAX * (1 + 1e-9):
+                break
+            steps = self._probe_rate(up, start, grids, steps, found)
         self.student.load_state_dict(start)
         self.quant.load(grids)
-        best = min(found, key=lambda r: (found[r], r))
         return (best if found[best] < val_before else min(LR_CANDIDATES)), found
+
+    def _probe_rate(self, lr: float, start: dict[str, torch.Tensor], grids: Any, steps: int, found: dict[float, float]) -> int:
+        """``steps`` steps at ``lr`` (warming up) from ``start``; its held-out loss into ``found``.
+        Returns the steps per rate from now on (fewer when the first step shows the probe would take
+        over a quarter of ``time``)."""
+        from mpocompress.config import LR_CANDIDATES
+
+        self.student.load_state_dict(start)
+        self.quant.load(grids)
+        opt = self.optimizer(lr)
+        self.student.train()
+        i = 0
+        while i < steps:
+            for g in opt.param_groups:
+                g["lr"] = g["scale"] * lr * (i + 1) / steps
+            t0 = time.perf_counter()
+            self.step(opt, i)
+            if not found and i == 0 and self.config.time is not None:
+                # the probe takes at most a quarter of --time (at least 2 steps per rate)
+                per_step = self.agreed(time.perf_counter() - t0)
+                steps = max(2, min(steps, int(0.25 * self.config.time / (per_step * len(LR_CANDIDATES)))))
+            i += 1
+        found[lr] = self.evaluate()
+        return steps
 
     def close(self) -> None:
         for n, p in self.student.named_parameters():
