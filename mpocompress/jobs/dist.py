@@ -106,7 +106,7 @@ def together() -> Iterator[None]:
     error, every other rank an error with the same exit code naming the first failing rank and its
     message. In one process this is a plain ``yield``.
     """
-    rank, world = rank_world()
+    world = rank_world()[1]
     if world == 1:
         yield
         return
