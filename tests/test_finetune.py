@@ -1,8 +1,8 @@
 """Fine-tuning with distillation, IPKD, and their use through convert (API and CLI)."""
 
 import copy
-import math
 import json
+import math
 
 import pytest
 import torch
