@@ -275,11 +275,13 @@ def reference(name: str) -> dict[str, Any]:
             "base": dev.dense_scores(name, dense_outs, test), "size": size}  # fmt: skip
 
 
-def finetune_variants(name: str, share: float, seconds: float, field: str, values: list[str], out_dir: str, with_data: bool = False) -> None:
+def finetune_variants(name: str, share: float, seconds: float, field: str, values: list[Any], out_dir: str, with_data: bool = False,
+                      kd_loss_auto: bool = False) -> None:  # fmt: skip
     """The data-free ``--target-size`` conversion at ``share`` of the file (``with_data``: the
     allocation with data, planned on the calibration batches), sequentially calibrated, then
     ``seconds`` of fine-tuning with ``--lr auto`` for each ``TuneConfig(field=value)``; one JSON
-    line per value (change from dense with a paired 95 % CI, steps, rate, held-out losses)."""
+    line per value (change from dense with a paired 95 % CI, steps, rate, held-out losses).
+    ``kd_loss_auto``: distil with the loss ``--kd-loss auto`` picks (STFT for a waveform output), else MSE."""
     ref = reference(name)
     spec, src = ref["spec"], ref["spec"]["ckpt"]
     data = {"model": spec["build"](load_state_dict(src)), "batches": ref["batches"]} if with_data else {}
@@ -289,11 +291,16 @@ def finetune_variants(name: str, share: float, seconds: float, field: str, value
     for value in values:
         t0 = time.perf_counter()
         path = out / f"{name}-{share}-{value}{'-data' if with_data else ''}.safetensors"
-        rep = convert(src, path, plan.config, recipe=plan.recipe, force=True, model=spec["build"](load_state_dict(src)), narrow=plan.narrow,
-                      train_batches=ref["batches"], tune=TuneConfig(steps=100_000, time=seconds, **{field: value}), sequential=True)  # fmt: skip
+        model = spec["build"](load_state_dict(src))
+        tune = TuneConfig(steps=100_000, time=seconds, **{field: value})
+        if kd_loss_auto:
+            tune = dataclasses.replace(tune, kd_loss=kd_loss_for(model, ref["batches"][0]))
+        rep = convert(src, path, plan.config, recipe=plan.recipe, force=True, model=model, narrow=plan.narrow,
+                      train_batches=ref["batches"], tune=tune, sequential=True)  # fmt: skip
         sc = _score(name, spec, path, ref["test"], ref["dense_outs"], ref["base"])
         ft = rep.finetune or {}
-        print(json.dumps({"model": name, "share": share, "allocation": "data" if with_data else "no data", field: value, "diff": round(sc["diff"], 4),
+        print(json.dumps({"model": name, "share": share, "allocation": "data" if with_data else "no data", field: value, "kd_loss": tune.kd_loss,
+                          "diff": round(sc["diff"], 4),
                           "ci": [round(sc["low"], 4), round(sc["high"], 4)], "steps": ft.get("steps"), "lr": ft.get("lr"),
                           "lr_probe": ft.get("lr_probe"), "val_kd_loss": ft.get("val_kd_loss"),
                           "seconds": round(time.perf_counter() - t0)}), flush=True)  # fmt: skip

@@ -489,16 +489,21 @@ class _Trainer:
         return float(loss.detach())
 
     def probe(self, start: dict[str, torch.Tensor], val_before: float) -> tuple[float, dict[str, float]]:
-        """Each of :data:`LR_CANDIDATES` for a few steps from ``start``, then, while the largest rate
-        tried is the best and helps, the next one up (x :data:`LR_STEP_UP`, to :data:`LR_PROBE_MAX`);
-        the rate with the lowest held-out loss (the smallest when none improves on the start)."""
+        """:data:`LR_CANDIDATES`, largest first, each for a few steps from ``start``, until one is worse
+        than the rate before it once some rate has improved on the start (the held-out loss is taken
+        to be unimodal in the rate, as in a learning-rate range test); then, while the largest rate
+        tried is the best and helps, the next one up (x :data:`LR_STEP_UP`, to :data:`LR_PROBE_MAX`).
+        Returns the rate with the lowest held-out loss (the smallest candidate when none improves on
+        the start) and every rate's loss."""
         from mpocompress.config import LR_CANDIDATES, LR_PROBE_MAX, LR_PROBE_STEPS, LR_STEP_UP
 
         found: dict[float, float] = {}
         steps = max(2, min(LR_PROBE_STEPS, self.config.steps // 4))  # a short run gets a short probe
         grids = self.quant.state()
-        for lr in LR_CANDIDATES:
+        for previous, lr in zip((None, *LR_CANDIDATES), LR_CANDIDATES):
             steps = self._probe_rate(lr, start, grids, steps, found)
+            if previous is not None and found[lr] > found[previous] and min(found.values()) < val_before:
+                break
         while True:
             best = min(found, key=lambda r: (found[r], r))
             up = float(f"{max(found) * LR_STEP_UP:.3g}")
