@@ -387,11 +387,14 @@ def plan_budget(
     weights: Weights | None = None,
     methods: tuple[str, ...] | None = None,
     narrow: str | None = None,
+    fixed: int | None = None,
 ) -> tuple[BudgetPlan, dict[str, list[Option]]]:
     """Measure the curves and the layers' weights (unless given: an earlier pass's ``curves`` and
     ``plan.weights``) and allocate ``target`` bytes for the whole output file (the tensors passed
     through counted as ``convert`` with ``narrow`` stores them: convert the plan with
-    ``narrow=plan.narrow``; :func:`convert_to_size` does).
+    ``narrow=plan.narrow``; :func:`convert_to_size` does). ``fixed``: an earlier pass's
+    ``plan.fixed_bytes`` (the tensors passed through and the layers a recipe fixes are then not read
+    again).
 
     ``config`` supplies ``include``/``exclude`` (the options themselves are chosen here); layers a
     user ``recipe`` matches keep the recipe's setting and their measured bytes count as fixed.
@@ -410,19 +413,17 @@ def plan_budget(
     with open_checkpoint(input_path) as ckpt:
         layers = select_layers(ckpt, config.include, config.exclude)
         shapes = {n: ckpt.shape(n) for n in ckpt.keys()}
-        chosen = set(layers)
-        fixed = sum(_passthrough_bytes(ckpt, n, narrow) for n in ckpt.keys() if n not in chosen)
-        free: list[str] = []
-        for n in layers:
-            cfg = recipe.config_for(n, config) if recipe is not None else config
-            if cfg is not config:  # a user's recipe rule fixes this layer: it is not reallocated
-                if cfg is None:
+        rules = {n: recipe.config_for(n, config) if recipe is not None else config for n in layers}
+        free = [n for n in layers if rules[n] is config]  # (a user's recipe rule fixes the others: not reallocated)
+        if fixed is None:  # (a later pass reuses the first's)
+            chosen = set(layers)
+            fixed = sum(_passthrough_bytes(ckpt, n, narrow) for n in ckpt.keys() if n not in chosen)
+            for n in layers:
+                if rules[n] is None:
                     fixed += nbytes_of(ckpt.get(n))
-                else:
-                    _, _, stored = compress_tensor(n, ckpt.get(n), cfg, shapes)
+                elif rules[n] is not config:
+                    _, _, stored = compress_tensor(n, ckpt.get(n), rules[n], shapes)
                     fixed += sum(nbytes_of(v) for v in stored.values())
-            else:
-                free.append(n)
         if sensitivity not in SENSITIVITIES:
             raise ConfigError(f"sensitivity must be one of {', '.join(SENSITIVITIES)}, got {sensitivity!r}")
         data = model is not None and bool(batches)
@@ -619,7 +620,7 @@ def convert_to_size(
     Returns the :class:`~mpocompress.report.Report`, with the plan under ``report.allocation``."""
     from mpocompress.jobs.convert import convert
 
-    header, curves, weights = None, None, None
+    header, curves, weights, fixed = None, None, None, None
     force = convert_kwargs.pop("force", False)
     if kd_loss is None:  # the fine-tuning's distillation loss, if any (KL for logits)
         kd_loss = getattr(convert_kwargs.get("tune"), "kd_loss", "mse")
@@ -628,8 +629,8 @@ def convert_to_size(
         plan, curves = plan_budget(input_path, target, config, recipe=recipe, model=calibration_model,
                                    batches=calibration_batches, progress=progress, header=header, curves=curves,
                                    sensitivity=sensitivity, kd_loss=kd_loss, weights=weights, methods=methods,
-                                   narrow=narrow)  # fmt: skip
-        sensitivity, weights = plan.sensitivity, plan.weights  # (measured once, for every pass)
+                                   narrow=narrow, fixed=fixed)  # fmt: skip
+        sensitivity, weights, fixed = plan.sensitivity, plan.weights, plan.fixed_bytes  # (measured once, for every pass)
         report = convert(input_path, output_path, plan.config, recipe=plan.recipe, force=force or attempt > 0,
                          progress=progress, narrow=narrow, **convert_kwargs)  # fmt: skip
         size = path_size(Path(output_path))

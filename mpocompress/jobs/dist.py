@@ -117,8 +117,7 @@ def together() -> Iterator[None]:
         yield
     except Exception as e:  # noqa: BLE001 - every rank must reach the exchange below
         error = e
-    line = (str(error).splitlines() or [type(error).__name__])[0] if error is not None else None
-    mine = None if error is None else [getattr(error, "exit_code", 1), line]
+    mine = None if error is None else [getattr(error, "exit_code", 1), (str(error).splitlines() or [type(error).__name__])[0]]
     every: list = [None] * world
     dist.all_gather_object(every, mine)
     if error is not None:
