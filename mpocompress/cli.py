@@ -307,7 +307,7 @@ def main(verbose: int) -> None:
 @click.option("--sensitivity", type=click.Choice(["auto", "fisher", "output-fisher", "probe"]), default="auto", show_default=True,
               help="With --target-size and --data: weigh layers by probing each one's effect on the output (a forward pass per batch, "
                    "layer and option family), by a Fisher estimate (a backward pass per batch), by the Fisher of each layer's output times "
-                   "its output error (output-fisher), or auto: probe up to 64 layers, Fisher beyond (output-fisher when --methods has no codec).")
+                   "its output error (output-fisher), or auto: probe up to 128 layers, Fisher beyond (output-fisher when --methods has no codec).")
 @click.option("--methods", metavar="LIST", callback=lambda c, p, v: _methods(v),
               help="With --target-size: what the layers may be stored as, comma-separated: codec (casts, int8, k-means), svd "
                    "(2 cores), mpo (3+ cores), prune, lowrank (= svd,mpo). Default: all; keeping a layer dense is always allowed.")

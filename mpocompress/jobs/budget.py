@@ -73,8 +73,16 @@ SENSITIVITIES = ("auto", "fisher", "output-fisher", "probe")
 #: beyond (our choice, from ``benchmarks/budget_ranking.py``: probing ranks layers by their true
 #: effect better on every model measured, Spearman 0.88 / 0.89 / 0.59 against the Fisher estimate's
 #: -0.31 / 0.79 / 0.41 on silero-vad / Resemblyzer / SmolLM2, but it costs a forward pass per batch,
-#: layer and option family: 211 layers on SmolLM2, against one backward pass per batch for Fisher)
-AUTO_PROBE_LAYERS = 64
+#: layer and option family: 211 layers on SmolLM2, against one backward pass per batch for Fisher).
+#: Layers under :data:`PROBE_MIN_NUMEL` entries are not probed and not counted.
+AUTO_PROBE_LAYERS = 128
+#: the probe runs on at most this many of the batches, spread evenly (our choice: the probes of all
+#: layers see the same batches, so their ranking is paired; Conv-TasNet's 32 batches made a plan of
+#: ~110 minutes)
+PROBE_BATCHES = 8
+#: a layer with fewer entries is not probed (its weights: each family's median over the probed
+#: layers): Conv-TasNet's 49 PReLU slopes (1 entry each) were a third of its probes and hold ~0 bytes
+PROBE_MIN_NUMEL = 256
 
 
 def parse_target(text: str, input_bytes: int) -> int:
@@ -138,10 +146,11 @@ def sensitivities(
     model.eval()
     kd = TuneConfig(kd_weight=1.0, kd_loss=kd_loss)
     weights: Weights = {}
+    batches = spread(batches, PROBE_BATCHES)
     for i, (name, options) in enumerate(curves.items()):
         if progress is not None:
             progress(name, i, len(curves))
-        if name not in own:
+        if name not in own or own[name].numel() < PROBE_MIN_NUMEL:
             continue
         original = own[name].detach().clone()
         for fam in FAMILIES:
@@ -154,12 +163,19 @@ def sensitivities(
                 loss = evaluate(model, teacher, batches, kd)
                 own[name].copy_(original)
             weights.setdefault(name, {})[fam] = loss / probe.error
-    medians = {}  # layers the model lacks get each family's median weight
+    medians = {}  # layers the model lacks (or too small to probe) get each family's median weight
     for fam in FAMILIES:
         values = sorted(w[fam] for w in weights.values() if fam in w)
         if values:
             medians[fam] = values[len(values) // 2]
     return {n: weights.get(n, medians) for n in curves} if weights else {}
+
+
+def spread(items: list[Any], most: int) -> list[Any]:
+    """At most ``most`` of ``items``, evenly spaced, the first included (all of them when few enough)."""
+    if len(items) <= most:
+        return list(items)
+    return [items[(i * len(items)) // most] for i in range(most)]
 
 
 def weight_of(weights: Weights | None, name: str, option: Option) -> float:
@@ -418,8 +434,8 @@ def plan_budget(
     With ``model`` and ``batches``, ``sensitivity`` says how the data weighs the layers:
     ``"fisher"`` (weight-error curves, each layer weighted by :func:`fisher_weights`: one backward
     pass per batch), ``"probe"`` (output-error curves on recorded inputs, each layer weighted by
-    :func:`sensitivities`: a forward pass per batch, layer and option family), or ``"auto"``: probe up to
-    :data:`AUTO_PROBE_LAYERS` layers, Fisher beyond (and probe when the model runs outside autograd);
+    :func:`sensitivities`: a forward pass per batch (at most :data:`PROBE_BATCHES`), layer and option
+    family), or ``"auto"``: probe up to :data:`AUTO_PROBE_LAYERS` layers, Fisher beyond (and probe when the model runs outside autograd);
     ``"output-fisher"``: output-error curves, each layer weighted by the Fisher of its output
     (:func:`fisher_weights` with ``outputs``), what ``"auto"`` uses beyond the probe's layer count when
     ``methods`` (the options allowed: :data:`mpocompress.core.allocate.METHODS`; None: all) has no codec.
@@ -447,7 +463,8 @@ def plan_budget(
         measure = curves is None or (data and weights is None)  # (a later pass reuses both)
         if sensitivity == "auto":
             lowrank_only = methods is not None and "codec" not in methods
-            sensitivity = "probe" if len(free) <= AUTO_PROBE_LAYERS else "output-fisher" if lowrank_only else "fisher"
+            probed = sum(1 for n in free if math.prod(shapes[n]) >= PROBE_MIN_NUMEL)
+            sensitivity = "probe" if probed <= AUTO_PROBE_LAYERS else "output-fisher" if lowrank_only else "fisher"
         if measure and data and "fisher" in sensitivity and not differentiable(model, batches[0], free):
             log.warning("the model's output has no gradient with respect to its weights (run outside autograd): "
                         "weighing the layers by probing each instead of by their Fisher sensitivity")  # fmt: skip
