@@ -579,32 +579,35 @@ def test_header_estimate_covers_the_written_header_without_wasting_the_budget(tm
 
 def test_probe_sees_a_few_batches_and_skips_tiny_layers(tmp_path, monkeypatch):
     """The probe runs on at most ``PROBE_BATCHES`` batches spread over the set (the same for every
-    layer); a layer under ``PROBE_MIN_NUMEL`` entries is not probed and takes each family's median."""
+    layer); a layer under ``PROBE_MIN_NUMEL`` entries is not probed and takes each family's largest
+    weight (its bytes are next to nothing)."""
     from mpocompress.io import open_checkpoint
     from mpocompress.jobs import finetune
 
     assert budget.spread(list(range(32)), 8) == [0, 4, 8, 12, 16, 20, 24, 28] and budget.spread([1, 2], 8) == [1, 2]
 
-    class Two(torch.nn.Module):
+    class Three(torch.nn.Module):
         def __init__(self):
             super().__init__()
             g = torch.Generator().manual_seed(0)
             self.big = torch.nn.Parameter(torch.randn(32, 32, generator=g))
+            self.other = torch.nn.Parameter(torch.randn(32, 32, generator=g))
             self.slope = torch.nn.Parameter(torch.full((1, 1), 0.3))  # (a PReLU slope as an ONNX export stores it)
 
         def forward(self, x):
-            y = x @ self.big.T
+            y = x @ self.big.T + 10 * (x @ self.other.T)  # (``other`` matters more)
             return torch.where(y > 0, y, self.slope * y)
 
-    model = Two()
+    model = Three()
     src = tmp_path / "m.safetensors"
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(src))
     with open_checkpoint(src) as ckpt:
-        curves = {n: measure_options(n, ckpt.get(n), {n: ckpt.shape(n)}) for n in ("big", "slope")}
+        curves = {n: measure_options(n, ckpt.get(n), {n: ckpt.shape(n)}) for n in ("big", "other", "slope")}
     seen = []
     real = finetune.evaluate
     monkeypatch.setattr(finetune, "evaluate", lambda s, t, b, c=None: seen.append(len(b)) or real(s, t, b, c))
     with open_checkpoint(src) as ckpt:
         weights = budget.sensitivities(model, [torch.randn(4, 32) for _ in range(20)], curves, ckpt)
-    assert seen and set(seen) == {budget.PROBE_BATCHES}  # one evaluation per probed family of ``big`` alone
-    assert len(seen) == len(weights["big"]) and weights["slope"] == weights["big"]  # (one layer: the medians are its own)
+    assert seen and set(seen) == {budget.PROBE_BATCHES}  # one evaluation per probed family of ``big`` and ``other``
+    assert len(seen) == len(weights["big"]) + len(weights["other"])
+    assert all(weights["other"][f] > weights["big"][f] for f in weights["big"]) and weights["slope"] == weights["other"]

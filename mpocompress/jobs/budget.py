@@ -80,8 +80,9 @@ AUTO_PROBE_LAYERS = 128
 #: layers see the same batches, so their ranking is paired; Conv-TasNet's 32 batches made a plan of
 #: ~110 minutes)
 PROBE_BATCHES = 8
-#: a layer with fewer entries is not probed (its weights: each family's median over the probed
-#: layers): Conv-TasNet's 49 PReLU slopes (1 entry each) were a third of its probes and hold ~0 bytes
+#: a layer with fewer entries is not probed (its weights: each family's largest over the probed
+#: layers, so it stays near dense): Conv-TasNet's 49 PReLU slopes (1 entry each) were a third of its
+#: probes and hold ~0 bytes; silero-vad's output layer (128 entries) must not look cheap
 PROBE_MIN_NUMEL = 256
 
 
@@ -163,12 +164,12 @@ def sensitivities(
                 loss = evaluate(model, teacher, batches, kd)
                 own[name].copy_(original)
             weights.setdefault(name, {})[fam] = loss / probe.error
-    medians = {}  # layers the model lacks (or too small to probe) get each family's median weight
-    for fam in FAMILIES:
+    medians, largest = {}, {}  # layers the model lacks get each family's median weight; layers too small
+    for fam in FAMILIES:  # to probe its largest (their bytes are next to nothing: spend them)
         values = sorted(w[fam] for w in weights.values() if fam in w)
         if values:
-            medians[fam] = values[len(values) // 2]
-    return {n: weights.get(n, medians) for n in curves} if weights else {}
+            medians[fam], largest[fam] = values[len(values) // 2], values[-1]
+    return {n: weights.get(n, largest if n in own else medians) for n in curves} if weights else {}
 
 
 def spread(items: list[Any], most: int) -> list[Any]:
